@@ -1,0 +1,43 @@
+"""Tyche: measure and map the inside of trained networks.
+
+Four methods share one set of pieces (sites and hooks, data, divergence, ablation,
+distributed helpers, result I/O):
+
+- ``tyche.basin``: basin volume, the log-probability that a random parameter vector keeps
+  the model's behaviour within a KL cutoff.
+- ``tyche.causal``: causal bases, directions whose ablation changes the output most.
+
+Heavy submodules (transformers, matplotlib) are imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "VolumeConfig": "tyche.basin.config",
+    "VolumeEstimator": "tyche.basin.estimator",
+    "VolumeResult": "tyche.basin.result",
+    "estimate_basin": "tyche.basin.core",
+    "model_loss": "tyche.basin.model_loss",
+    "remove_subspace": "tyche.ablation",
+    "extract_causal_basis": "tyche.causal.extraction",
+    "extract_causal_bases": "tyche.causal.extraction",
+    "CausalBasis": "tyche.causal.result",
+    "chunk_and_tokenize": "tyche.data",
+    "resolve_sites": "tyche.sites",
+    "read_activations": "tyche.sites",
+    "replace_activations": "tyche.sites",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tyche' has no attribute {name!r}")

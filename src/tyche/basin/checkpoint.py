@@ -1,0 +1,73 @@
+"""Checkpoints of finished basin samples, so an interrupted run resumes and loses none.
+
+Each rank owns one safetensors file in the checkpoint folder, rewritten atomically after
+every batch; ``settings.json`` guards against resuming with different settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+#: the per-sample fields a checkpoint keeps, all 1-D and indexed like ``index``
+FIELDS = ("index", "radii", "deltas", "props", "logabsint", "estimates", "n_evals")
+
+
+def field_dtype(field: str) -> torch.dtype:
+    return torch.long if field in ("index", "n_evals") else torch.float64
+
+
+class SampleCheckpoint:
+    """Finished samples of one run, kept in ``folder``."""
+
+    def __init__(self, folder: str | Path, settings: dict[str, Any], *, resume: bool, rank: int):
+        self.folder = Path(folder)
+        self.rank = rank
+        self.records: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
+        meta = self.folder / "settings.json"
+        if resume and meta.exists():
+            saved = json.loads(meta.read_text())
+            diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            if diff:
+                raise ValueError(
+                    f"cannot resume from {self.folder}: its settings differ (saved, now): {diff}; "
+                    "use a new --checkpoint folder or the original settings"
+                )
+        elif not resume and any(self.folder.glob("samples-rank*.safetensors")):
+            raise ValueError(
+                f"{self.folder} already holds samples of another run; pass resume=True "
+                "(--resume) to continue it, or choose an empty folder"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not meta.exists():
+            meta.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        self.path = self.folder / f"samples-rank{rank}.safetensors"
+        if resume and self.path.exists():  # keep what this rank wrote before
+            old = load_file(str(self.path))
+            self.records = {k: [old[k]] for k in FIELDS}
+
+    def load_finished(self) -> dict[str, torch.Tensor]:
+        """Every sample finished by any rank of an earlier run, sorted by index."""
+        parts = [load_file(str(p)) for p in sorted(self.folder.glob("samples-rank*.safetensors"))]
+        if not parts:
+            return {k: torch.empty(0, dtype=field_dtype(k)) for k in FIELDS}
+        merged = {k: torch.cat([p[k] for p in parts]) for k in FIELDS}
+        order = torch.argsort(merged["index"])
+        merged = {k: v[order] for k, v in merged.items()}
+        keep = torch.ones_like(merged["index"], dtype=torch.bool)
+        keep[1:] = merged["index"][1:] != merged["index"][:-1]
+        return {k: v[keep] for k, v in merged.items()}
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        """Record one finished batch and rewrite this rank's file atomically."""
+        for k in FIELDS:
+            self.records[k].append(batch[k].detach().cpu())
+        data = {k: torch.cat(v).contiguous() for k, v in self.records.items()}
+        tmp = self.path.with_suffix(".tmp")
+        save_file(data, str(tmp))
+        os.replace(tmp, self.path)

@@ -1,0 +1,89 @@
+"""`VolumeEstimator`: the seed-compatible interface (`VolumeEstimator.from_config(cfg).run()`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tyche.basin.config import VolumeConfig
+from tyche.basin.core import estimate_basin
+from tyche.basin.model_loss import ModelLoss
+from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
+from tyche.basin.result import VolumeResult
+from tyche.data import chunk_and_tokenize
+
+
+class VolumeEstimator:
+    """Estimates the basin volume of ``config.model`` on ``config.dataset`` (see VolumeConfig)."""
+
+    def __init__(self, config: VolumeConfig):
+        if config.model is None or config.tokenizer is None or config.dataset is None:
+            raise ValueError("VolumeConfig needs model, tokenizer and dataset")
+        self.config = config
+        device = next(config.model.parameters()).device
+        self.tokens = chunk_and_tokenize(
+            config.dataset, config.tokenizer, text_key=config.text_key,
+            max_seq_len=config.max_seq_len, chunking=config.chunking,
+            max_examples=config.val_size,
+        )
+        if config.val_size is not None:
+            self.tokens = {k: v[: config.val_size] for k, v in self.tokens.items()}
+        self.tokens = {k: v.to(device) for k, v in self.tokens.items()}
+        cache_device = "cpu" if config.cache_mode == "cpu" else None
+        strategy = "inplace" if config.implicit_vectors else config.strategy
+        self.loss = ModelLoss(
+            config.model, self.tokens, include=config.include, exclude=config.exclude,
+            data_batch_size=config.data_batch_size, strategy=strategy, cache_device=cache_device,
+        )
+        self.preconditioner = self._preconditioner()
+
+    @classmethod
+    def from_config(cls, config: VolumeConfig) -> VolumeEstimator:
+        return cls(config)
+
+    def _preconditioner(self) -> torch.Tensor | None:
+        cfg, layout = self.config, self.loss.layout
+        if cfg.preconditioner is not None:
+            return torch.as_tensor(cfg.preconditioner)
+        if cfg.preconditioner_type is None:
+            return None
+        if cfg.preconditioner_type == "adam":
+            if cfg.optimizer_state is None:
+                raise ValueError('preconditioner_type="adam" needs optimizer_state (a state dict, '
+                                 "a name -> moments mapping, or a path to optimizer.pt)")
+            return adam_preconditioner(
+                cfg.optimizer_state, list(layout.names), list(layout.shapes),
+                order=cfg.adam_order, eps=cfg.preconditioner_eps,
+                exponent=cfg.preconditioner_exponent,
+            )
+        if cfg.preconditioner_type == "fisher":
+            fisher = fisher_diagonal(self.config.model, self.tokens, names=list(layout.names))
+            return diag_preconditioner(fisher, eps=cfg.preconditioner_eps,
+                                       exponent=cfg.preconditioner_exponent)
+        raise ValueError(f"unknown preconditioner_type {cfg.preconditioner_type!r}: use 'adam', "
+                         "'fisher' or None")
+
+    def _loss_fn(self):
+        l2 = self.config.l2_reg
+        if not l2:
+            return self.loss
+        return lambda offsets: self.loss(offsets) + 0.5 * l2 * (offsets.float() ** 2).sum(-1)
+
+    def run(self) -> VolumeResult:
+        cfg = self.config
+        batch = cfg.model_batch_size or (1 if self.loss.n_params > 10_000_000 else 8)
+        extra: dict[str, Any] = {"model_hash": _hash(cfg.model), "val_size": cfg.val_size,
+                                 "max_seq_len": cfg.max_seq_len, "l2_reg": cfg.l2_reg}
+        return estimate_basin(
+            self._loss_fn(), self.loss.anchor, cutoff=cfg.cutoff, sigma=cfg.sigma,
+            n_samples=cfg.n_samples, prior=cfg.prior, preconditioner=self.preconditioner,
+            batch_size=batch, rtol=cfg.rtol, seed=cfg.seed, progress=cfg.tqdm,
+            checkpoint=cfg.checkpoint, resume=cfg.resume, extra_settings=extra,
+        )
+
+
+def _hash(model: torch.nn.Module) -> str:
+    from tyche.io import model_hash
+
+    return model_hash(model)

@@ -1,0 +1,159 @@
+"""`model_loss`: the batched behavioural loss of a model around its trained parameters.
+
+L(δ) = KL(p_θ ‖ p_{θ+δ}), the masked mean over tokens (language models) or examples
+(classifiers), in nats, where δ moves only the selected parameters. The anchor's log-probs
+are computed once and cached; perturbed evaluations are batched over directions.
+
+Strategies for a batch of B offsets:
+- ``"vmap"``: ``torch.func.functional_call`` under ``torch.vmap``: all B models in one
+  batched forward pass (fastest for small models; memory grows with B).
+- ``"loop"``: ``functional_call`` once per offset, the module untouched.
+- ``"inplace"``: writes θ+δ into the parameters, runs the model, then copies θ back, so
+  the weights are restored bit for bit (one extra copy of θ, no per-offset copies: for
+  large models).
+``"auto"`` tries vmap on the first call and falls back to loop if the model refuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tyche.basin.params import ParameterLayout, select_parameters
+from tyche.divergence import AnchorCache
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+Strategy = Literal["auto", "vmap", "loop", "inplace"]
+
+
+def _batches(inputs: Inputs, mask: torch.Tensor | None, batch_size: int | None):
+    """Split the evaluation data into (model kwargs or tensor, mask) chunks of batch_size rows."""
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise ValueError(f"inputs must hold 'input_ids'; got keys {sorted(inputs)}")
+        n = inputs["input_ids"].shape[0]
+        if mask is None:
+            mask = inputs.get("attention_mask")
+    elif isinstance(inputs, torch.Tensor):
+        n = inputs.shape[0]
+    else:
+        raise TypeError("inputs must be a tensor (classifier) or a dict with input_ids (LM)")
+    if n == 0:
+        raise ValueError("inputs are empty: model_loss needs at least one example")
+    size = batch_size or n
+    for s in range(0, n, size):
+        part = (
+            {k: v[s : s + size] for k, v in inputs.items()}
+            if isinstance(inputs, Mapping)
+            else inputs[s : s + size]
+        )
+        yield part, None if mask is None else mask[s : s + size]
+
+
+class ModelLoss:
+    """Callable δ (B, D) → KL(anchor ‖ perturbed) (B,) in nats, for the selected parameters.
+
+    Attributes:
+        anchor: θ, the selected parameters flattened, shape (D,), detached copy.
+        layout: names, shapes and offsets of the selected parameters in θ.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        *,
+        include: str | Sequence[str] = "*",
+        exclude: str | Sequence[str] | None = None,
+        mask: torch.Tensor | None = None,
+        data_batch_size: int | None = None,
+        strategy: Strategy = "auto",
+        cache_device: torch.device | str | None = None,
+    ):
+        if strategy not in ("auto", "vmap", "loop", "inplace"):
+            raise ValueError(f"strategy must be auto, vmap, loop or inplace; got {strategy!r}")
+        self.model = model
+        self.strategy = strategy
+        named = select_parameters(model, include, exclude)
+        self.layout = ParameterLayout.of(named)
+        self.params = dict(named)
+        self.anchor = self.layout.flatten([p for _, p in named]).clone()
+        device = next(iter(self.params.values())).device
+        model.eval()
+        batches = [_with_mask(_to(x, device), m) for x, m in _batches(inputs, mask, data_batch_size)]
+        store = device if cache_device is None else torch.device(cache_device)
+        self.cache = AnchorCache.from_model(model, batches, device=store)
+        self.cache_bytes = self.cache.nbytes
+        self.n_params = self.layout.size
+
+    def _kl(self, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """Mean KL(anchor ‖ model) over all evaluation positions for one setting (scalar)."""
+        return self.cache.mean_kl(self.model if params is None else _Perturbed(self.model, params))
+
+    def _perturbed(self, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: self.params[n].detach() + d.to(self.params[n].dtype) for n, d in delta.items()}
+
+    @torch.no_grad()
+    def __call__(self, offsets: torch.Tensor) -> torch.Tensor:
+        """KL(anchor ‖ θ+δ_b) for each row δ_b of ``offsets`` (B, D); returns (B,) float32."""
+        if offsets.dim() != 2 or offsets.shape[1] != self.n_params:
+            raise ValueError(
+                f"offsets must have shape (B, {self.n_params}); got {tuple(offsets.shape)}"
+            )
+        if self.strategy in ("auto", "vmap"):
+            try:
+                split = self.layout.split(offsets)
+                return torch.vmap(lambda d: self._kl(self._perturbed(d)))(split)
+            except Exception:
+                if self.strategy == "vmap":
+                    raise
+                self.strategy = "loop"
+        if self.strategy == "loop":
+            return torch.stack([self._kl(self._perturbed(self.layout.split(o))) for o in offsets])
+        return torch.stack([self._inplace(o) for o in offsets])
+
+    def _inplace(self, offset: torch.Tensor) -> torch.Tensor:
+        """Write θ+δ into the parameters, evaluate, and restore θ exactly."""
+        anchor = self.layout.split(self.anchor)
+        delta = self.layout.split(offset)
+        try:
+            for n, p in self.params.items():
+                p.copy_(anchor[n] + delta[n].to(p.dtype))
+            return self._kl(None)
+        finally:
+            for n, p in self.params.items():
+                p.copy_(anchor[n])
+
+
+class _Perturbed(nn.Module):
+    """``model`` run with ``params`` substituted (``functional_call``); the module is untouched."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.inner = model
+        self.substitute = dict(params)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.inner, self.substitute, args, kwargs, strict=False)
+
+
+def _with_mask(x: Inputs, mask: torch.Tensor | None) -> Inputs:
+    """Attach an explicit evaluation mask to LM inputs as their attention_mask."""
+    if mask is None or not isinstance(x, Mapping):
+        if mask is not None:
+            raise ValueError("mask is only supported for language-model inputs (a dict)")
+        return x
+    return {**x, "attention_mask": mask.to(x["input_ids"].device)}
+
+
+def _to(x: Inputs, device: torch.device) -> Inputs:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, Mapping) else x.to(device)
+
+
+def model_loss(model: nn.Module, inputs: Inputs, **kwargs: Any) -> ModelLoss:
+    """Build the batched KL loss of ``model`` on ``inputs``; see :class:`ModelLoss`."""
+    return ModelLoss(model, inputs, **kwargs)

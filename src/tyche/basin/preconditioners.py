@@ -1,0 +1,349 @@
+"""Unit-determinant preconditioners for importance-sampling basin directions.
+
+A preconditioner P maps a uniform direction u to v = P u; the estimator weights a sample by
+|det P|·|Pu|^{-D}, and every P here has det P = 1 (mean log-eigenvalue 0). A diagonal P is a
+positive vector p (v = p ⊙ u); a matrix P is a symmetric positive-definite (D, D) tensor
+applied in parameter space (v = P u). Spectra s (Adam's ν, a Fisher diagonal) map to
+p_i ∝ 1/(|s_i|^exponent + eps): low-curvature coordinates are stretched (≈ F^{-1/2} at ½).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+
+def _spectrum_to_scales(spec: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
+    """p_i = 1/(|s_i|^exponent + eps) in float64, with a clear error on division by zero."""
+    if not (math.isfinite(eps) and eps >= 0 and math.isfinite(exponent) and exponent >= 0):
+        raise ValueError(f"eps and exponent must be finite and >= 0, got {eps!r}, {exponent!r}")
+    denom = spec.abs().to(torch.float64).pow(exponent) + eps
+    if not (denom > 0).all():
+        raise ValueError(
+            f"{int((denom <= 0).sum())} spectrum entries are zero and eps=0, so 1/(|s|^exponent"
+            " + eps) divides by zero; use eps > 0"
+        )
+    return 1.0 / denom
+
+
+def normalize_unit_det(p: torch.Tensor) -> torch.Tensor:
+    """p / exp(mean log p) for a positive vector p (D,): the diagonal P = diag(p) gets det 1.
+
+    The mean is taken in float64; the result has p's dtype.
+    """
+    p = torch.as_tensor(p)
+    if p.dim() != 1 or p.numel() == 0:
+        raise ValueError(f"expected a non-empty 1-D tensor, got shape {tuple(p.shape)}")
+    if not torch.isfinite(p).all():
+        raise ValueError("the preconditioner contains NaN or inf entries")
+    if not (p > 0).all():
+        raise ValueError(
+            f"the preconditioner has {int((p <= 0).sum())} non-positive entries; "
+            "all entries must be > 0"
+        )
+    logp = p.to(torch.float64).log()
+    out = torch.exp(logp - logp.mean())
+    return out.to(p.dtype) if p.is_floating_point() else out
+
+
+def diag_preconditioner(
+    spec: torch.Tensor, *, eps: float = 1e-3, exponent: float = 0.5
+) -> torch.Tensor:
+    """Diagonal preconditioner p (D,) from a spectrum s (D,): p_i ∝ 1/(|s_i|^exponent + eps).
+
+    s is e.g. Adam's ``exp_avg_sq`` or a Fisher diagonal (units: squared gradient); eps is in
+    units of |s|^exponent. p is normalised to unit determinant (mean log p = 0, in float64)
+    and returned in s's floating dtype (float32 for integer input), on s's device.
+    """
+    spec = torch.as_tensor(spec)
+    if spec.dim() != 1 or spec.numel() == 0:
+        raise ValueError(f"spec must be a non-empty 1-D tensor, got shape {tuple(spec.shape)}")
+    if not torch.isfinite(spec).all():
+        raise ValueError(f"spec has {int((~torch.isfinite(spec)).sum())} NaN/inf entries")
+    dtype = spec.dtype if spec.is_floating_point() else torch.float32
+    return normalize_unit_det(_spectrum_to_scales(spec, eps, exponent)).to(dtype)
+
+
+def _symmetric_eigh(m: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition (float64) of a square, finite, symmetric matrix m."""
+    m = torch.as_tensor(m)
+    if m.dim() != 2 or m.shape[0] != m.shape[1] or m.numel() == 0:
+        raise ValueError(f"{what} must be a square (D, D) matrix, got shape {tuple(m.shape)}")
+    if not torch.isfinite(m).all():
+        raise ValueError(f"{what} contains NaN or inf entries")
+    m64 = m.to(torch.float64)
+    scale = float(m64.abs().max())
+    tol = 100 * torch.finfo(m.dtype if m.is_floating_point() else torch.float32).eps * scale
+    asym = float((m64 - m64.T).abs().max())
+    if asym > tol:
+        raise ValueError(f"{what} is not symmetric (max |M - Mᵀ| = {asym:.3g}); pass (M + Mᵀ)/2")
+    return torch.linalg.eigh((m64 + m64.T) / 2)
+
+
+def normalize_unit_det_matrix(m: torch.Tensor) -> torch.Tensor:
+    """M / det(M)^{1/D} for a symmetric positive-definite M (D, D): unit determinant.
+
+    Computed in float64 from the eigenvalues; returned in M's dtype.
+    """
+    lam, _ = _symmetric_eigh(m, "the preconditioner matrix")
+    if not (lam > 0).all():
+        raise ValueError(
+            f"the preconditioner matrix is not positive definite (smallest eigenvalue "
+            f"{float(lam.min()):.3g}); pass a symmetric positive-definite matrix"
+        )
+    m = torch.as_tensor(m)
+    out = (m + m.T).to(torch.float64) / 2 * torch.exp(-lam.log().mean())
+    return out.to(m.dtype) if m.is_floating_point() else out
+
+
+def matrix_preconditioner(
+    h: torch.Tensor, *, eps: float = 1e-3, exponent: float = 0.5
+) -> torch.Tensor:
+    """P = V diag(p) Vᵀ (D, D) for H = V Λ Vᵀ, p_k ∝ 1/(|λ_k|^exponent + eps), det P = 1.
+
+    P acts in parameter space: P v_k = p_k v_k for every eigenvector v_k of H (the original
+    code returned V diag(p), i.e. coordinates in the eigenbasis). Symmetric positive
+    definite; computed in float64 and returned in H's dtype.
+    """
+    lam, vecs = _symmetric_eigh(h, "H")
+    p = normalize_unit_det(_spectrum_to_scales(lam, eps, exponent))
+    out = (vecs * p) @ vecs.T
+    out = (out + out.T) / 2
+    h = torch.as_tensor(h)
+    return out.to(h.dtype) if h.is_floating_point() else out
+
+
+def user_preconditioner(pre: Any, dim: int) -> torch.Tensor:
+    """Validate a user's ``preconditioner=``: a positive (D,) vector or a (D, D) SPD matrix.
+
+    Returns it normalised to unit determinant (same dtype). Raises ValueError/TypeError
+    naming what is wrong (length mismatch, non-positive, NaN/inf, not symmetric/PD).
+    """
+    try:
+        pre = torch.as_tensor(pre)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"preconditioner must be a tensor, got {type(pre).__name__}") from exc
+    expected = {1: (dim,), 2: (dim, dim)}.get(pre.dim())
+    if expected is None:
+        raise ValueError(
+            f"the preconditioner must be a (D,) vector or a (D, D) matrix, got shape "
+            f"{tuple(pre.shape)}"
+        )
+    if tuple(pre.shape) != expected:
+        kind = "vector" if pre.dim() == 1 else "matrix"
+        raise ValueError(
+            f"the preconditioner {kind} has shape {tuple(pre.shape)} but the basin "
+            f"has D = {dim} parameters; expected {expected}"
+        )
+    return normalize_unit_det(pre) if pre.dim() == 1 else normalize_unit_det_matrix(pre)
+
+
+def _state_by_name(
+    state: Any, names: Sequence[str], optimizer_param_names: Sequence[str] | None
+) -> Mapping[str, Any]:
+    """Name -> per-parameter moments, from any of the accepted optimizer-state formats."""
+    if isinstance(state, (str, os.PathLike)):
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"optimizer_state must be a mapping or a path, got {type(state).__name__}")
+    if not ("state" in state and "param_groups" in state):
+        return state  # already name -> {"exp_avg": ..., "exp_avg_sq": ...}
+    groups = state["param_groups"]
+    ids = [i for g in groups for i in g["params"]]
+    if all("param_names" in g for g in groups):
+        order = [n for g in groups for n in g["param_names"]]
+    else:
+        order = list(optimizer_param_names if optimizer_param_names is not None else names)
+    if len(order) != len(ids):
+        raise ValueError(
+            f"the optimizer state holds {len(ids)} parameters but {len(order)} names were given "
+            "to map them; pass optimizer_param_names= the names of all parameters in the "
+            "order they were given to the optimizer"
+        )
+    return {n: state["state"].get(i) for n, i in zip(order, ids)}
+
+
+def adam_preconditioner(
+    optimizer_state: Any,
+    names: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    *,
+    order: int = 2,
+    eps: float = 1e-3,
+    exponent: float = 0.5,
+    optimizer_param_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Diagonal preconditioner (D,) from Adam moments of the selected parameters.
+
+    Args:
+        optimizer_state: one of (a) a name -> {"exp_avg", "exp_avg_sq"} mapping (the zoo's
+            format); (b) a ``torch.optim`` state dict {"state": {int: {...}}, "param_groups":
+            [{"params": [int, ...]}, ...]}: integer ids are matched to names through the
+            groups' "param_names" when present (optimizers built from named_parameters()),
+            else through ``optimizer_param_names`` (default ``names``), which must list ALL
+            the optimizer's parameters in the order they were passed to it; (c) a path to such
+            a state dict, e.g. a HF Trainer ``optimizer.pt`` (loaded with weights_only=True).
+        names, shapes: the selected parameters, in the order of the flat basin vector.
+        order: 2 uses ``exp_avg_sq`` (ν), 1 uses ``exp_avg`` (its absolute value).
+        eps, exponent: as in `diag_preconditioner`.
+
+    Returns:
+        p (D,), D = Σ numel(shape), unit determinant, float32 (float64 if ν is float64).
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (exp_avg) or 2 (exp_avg_sq), got {order!r}")
+    if len(names) != len(shapes):
+        raise ValueError(f"got {len(names)} names but {len(shapes)} shapes")
+    by_name = _state_by_name(optimizer_state, names, optimizer_param_names)
+    key = "exp_avg_sq" if order == 2 else "exp_avg"
+    has = [n for n, v in by_name.items() if isinstance(v, Mapping) and key in v]
+    missing = [n for n in names if n not in set(has)]
+    if missing:
+        known = ", ".join(has[:5]) or "nothing"
+        raise ValueError(
+            f"{len(missing)} selected parameters have no {key!r} in the optimizer state, e.g. "
+            f"{', '.join(missing[:5])}; the state has entries for: {known}"
+        )
+    moments = [torch.as_tensor(by_name[n][key]).detach() for n in names]
+    for name, shape, moment in zip(names, shapes, moments):
+        if tuple(moment.shape) != tuple(shape):
+            raise ValueError(
+                f"{key} of {name!r} has shape {tuple(moment.shape)} but the "
+                f"parameter has shape {tuple(shape)}"
+            )
+    dtype = torch.promote_types(moments[0].dtype, torch.float32)
+    spec = torch.cat([m.reshape(-1).to("cpu", dtype) for m in moments])
+    return diag_preconditioner(spec, eps=eps, exponent=exponent)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    logits = getattr(out, "logits", out)
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def _rows(x: Any, idx: slice | int | torch.Tensor) -> Any:
+    """x[idx] for a tensor or for every tensor of a dict."""
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    names: Sequence[str],
+    n_draws: int = 1,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    exact: bool = False,
+) -> torch.Tensor:
+    """Diagonal of the Fisher information of the model's output distribution, (D,).
+
+    F_i = mean over positions of E_{y~p_θ(·|x)} [(∂ log p_θ(y|x)/∂θ_i)²], the Hessian of the
+    mean KL(p_θ ‖ p_{θ+δ}) at δ = 0 (nats per squared parameter unit). Positions are the N
+    examples of a classifier (``inputs`` a tensor (N, ...) or kwargs dict; logits (N, C)) or
+    the unmasked tokens of a causal LM (dict with input_ids (N, T) and optional
+    attention_mask (N, T); logits (N, T, V)). ``names`` are the selected parameters, in order.
+
+    Sampled (default): ``n_draws`` labels per position from p_θ (drawn on ``generator``'s
+    device), per-example gradients of Σ_t log p(y_t) with torch.func (vmap over examples ×
+    draws, or a loop where the forward is not vmappable, e.g. HF attention masks). Squaring
+    a per-sequence sum is unbiased for the per-token sum: the scores of independently drawn
+    tokens have zero mean, so cross terms vanish in expectation (they add variance only).
+    ``exact=True`` sums over all labels weighted by p_θ: exact, memory ∝ C·D (T·V·D) per
+    example, so for small outputs only. Memory of a sampled chunk ∝ batch_size·D.
+
+    Returns F (D,) on the parameters' device, float32 (or the parameters' wider dtype).
+    """
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if not names or unknown:
+        raise ValueError(
+            f"names must be parameter names of the model; unknown: {unknown[:5]}; "
+            f"the model has e.g. {list(params)[:5]}"
+        )
+    for label, v in (("n_draws", n_draws), ("batch_size", batch_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
+    noisy = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    if any(m.training and isinstance(m, noisy) for m in model.modules()):
+        raise ValueError("the model has dropout/batch-norm in training mode; call model.eval()")
+    sel = {n: params[n].detach() for n in names}
+    device = sel[names[0]].device
+    as_kwargs = isinstance(inputs, Mapping)
+    if as_kwargs:
+        inputs = {k: torch.as_tensor(v).to(device) for k, v in inputs.items()}
+    else:
+        inputs = torch.as_tensor(inputs).to(device)
+    n_examples = len(next(iter(inputs.values()))) if as_kwargs else len(inputs)
+    if n_examples == 0:
+        raise ValueError("inputs hold no examples")
+
+    def log_probs(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+        out = functional_call(model, p, (), x) if as_kwargs else functional_call(model, p, (x,))
+        return _logits(out).log_softmax(-1)
+
+    def single(x: Any):  # log-probs of one unbatched example as a function of the parameters
+        x = _rows(x, None)
+        return lambda q: log_probs(q, x)[0]
+
+    def exact_term(x, w):  # Σ_{t,c} w_{t,c} (∂ log p_{t,c}/∂θ)², with w = p·mask
+        jac = jacrev(single(x))(sel)
+        return {k: torch.tensordot(w, j.square(), dims=w.dim()) for k, j in jac.items()}
+
+    def sampled_term(x, y, w):  # (∂/∂θ Σ_t w_t log p(y_t))²
+        lp = single(x)
+        g = grad(lambda q: (lp(q).gather(-1, y[..., None])[..., 0] * w).sum())(sel)
+        return {k: v.square() for k, v in g.items()}
+
+    vmappable = True
+
+    def summed(fn, *args):  # Σ over dim 0 of fn applied to each row of args
+        nonlocal vmappable
+        if vmappable:
+            try:
+                return {k: v.sum(0) for k, v in vmap(fn)(*args).items()}
+            except RuntimeError as exc:
+                if "vmap" not in str(exc):
+                    raise
+                vmappable = False
+        outs = [fn(*(_rows(a, b) for a in args)) for b in range(len(args[1]))]
+        return {k: sum(o[k] for o in outs) for k in sel}
+
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sel.items()}
+
+    def add(part: dict[str, torch.Tensor]) -> None:
+        for k in total:
+            total[k] += part[k].double()
+
+    n_positions = 0.0
+    step = batch_size if exact else max(1, batch_size // n_draws)
+    group = min(n_draws, batch_size)  # draws per vmapped call
+    with torch.no_grad():
+        for start in range(0, n_examples, step):
+            x = _rows(inputs, slice(start, start + step))
+            logp = log_probs(sel, x)
+            mask = x.get("attention_mask") if as_kwargs and logp.dim() == 3 else None
+            w = torch.ones(logp.shape[:-1], device=device) if mask is None else mask.to(logp.dtype)
+            n_positions += float(w.sum())
+            if exact:
+                add(summed(exact_term, x, logp.exp() * w[..., None]))
+                continue
+            probs = logp.exp().reshape(-1, logp.shape[-1])
+            probs = probs.to(generator.device if generator is not None else device)
+            for done in range(0, n_draws, group):
+                m = min(group, n_draws - done)  # draws in this call, tiled draw-major
+                y = torch.multinomial(probs, m, replacement=True, generator=generator)
+                y = y.T.reshape(m * len(logp), *logp.shape[1:-1]).to(device)
+                tile = torch.arange(len(logp), device=device).repeat(m)
+                add(summed(sampled_term, _rows(x, tile), y, w[tile]))
+    if n_positions == 0:
+        raise ValueError("the attention mask leaves no positions to average over")
+    flat = torch.cat([total[n].reshape(-1) for n in names])
+    flat /= n_positions * (1 if exact else n_draws)
+    return flat.to(torch.promote_types(sel[names[0]].dtype, torch.float32))

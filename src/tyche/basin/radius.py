@@ -1,0 +1,288 @@
+"""Radius search: along each direction, the radius where the loss rise reaches the cutoff.
+
+For directions i = 0..n-1 the caller supplies Δ_i(r) = L(θ + r v̂_i) − L(θ). We look for a
+radius r_i with |Δ_i(r_i) − cutoff| ≤ rtol·cutoff and return that radius together with the
+Δ *measured there* (the original code returned a radius one update past the measured one,
+up to 2× too large, and accepted NaN losses; neither can happen here).
+
+Near a minimum Δ(r) ≈ k r², a straight line in (log r, log Δ). The search therefore works in
+log-log coordinates x = log r, f = log(Δ/cutoff) (the root is f = 0):
+
+* until the crossing is bracketed, extrapolate along the line through the last two points on
+  the same side (slope 2 from a single point), with the step factor clamped to [1/30, 30];
+* once bracketed, interpolate: inverse quadratic through the last three points, else the
+  secant through the last two, else regula falsi on the bracket ends — whichever first lands
+  strictly inside the bracket — and bisect in log r when none does, or when three steps in a
+  row fail to halve the bracket (a safeguarded, Brent-like root finder).
+
+On a quadratic the second evaluation is exact; on smooth losses the mean is 3–4.5
+evaluations per direction at rtol = 1e-2 (see tests/test_basin_radius.py). A NaN or infinite
+Δ counts as "above the cutoff" (never accepted); a negative or zero Δ counts as "below".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+RiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+MAX_STEP = math.log(30.0)  # largest step in log r before the crossing is bracketed
+MIN_SLOPE, MAX_SLOPE = 0.5, 8.0  # clamp on log-log slopes used for extrapolation
+COLLAPSE = 1e-12  # relative bracket width at which the search gives up
+
+
+@dataclass(frozen=True)
+class RadiusSearch:
+    """Result of `search_radii` for n directions (all tensors (n,), on the CPU).
+
+    radii: radius at which ``deltas`` was measured and accepted (same units as the radii
+        passed to ``rise_fn``), float64.
+    deltas: Δ measured at exactly ``radii``; |deltas − cutoff| ≤ rtol·cutoff, float64.
+    n_evals: number of ``rise_fn`` evaluations spent on each direction, int64.
+    low, high: final bracket: largest radius measured below the band (0 = the anchor) and
+        smallest radius measured above it or non-finite (inf if none), float64.
+    """
+
+    radii: torch.Tensor
+    deltas: torch.Tensor
+    n_evals: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    cutoff: float
+    rtol: float
+
+    @property
+    def mean_evals(self) -> float:
+        """Average number of loss evaluations per direction."""
+        return float(self.n_evals.double().mean())
+
+
+@dataclass
+class _Ray:
+    """Search state of one direction, in x = log r and f = log(Δ/cutoff)."""
+
+    index: int
+    r: float  # next radius to evaluate
+    x_lo: float = -math.inf  # bracket: f(x_lo) < band (−inf: the anchor r = 0)
+    f_lo: float = -math.inf  # −inf when Δ ≤ 0 there
+    x_hi: float = math.inf  # bracket: f(x_hi) > band or non-finite (inf: none yet)
+    f_hi: float = math.inf  # +inf when Δ is NaN/inf there
+    prev_lo: tuple[float, float] | None = None  # the bracket end replaced last time
+    prev_hi: tuple[float, float] | None = None
+    history: list[tuple[float, float]] = field(default_factory=list)  # last 3 finite (x, f)
+    width_ref: float = math.inf  # bracket width at the last halving (stall guard)
+    stalls: int = 0
+    n_evals: int = 0
+    radius: float = math.nan
+    delta: float = math.nan
+    done: bool = field(default=False)
+
+
+def _slope(a: tuple[float, float] | None, x: float, f: float) -> float:
+    """Log-log slope between point a and (x, f), clamped; 2 (a quadratic) when unusable."""
+    if a is None or not (math.isfinite(a[1]) and math.isfinite(f)) or a[0] == x:
+        return 2.0
+    s = (f - a[1]) / (x - a[0])
+    return min(max(s, MIN_SLOPE), MAX_SLOPE) if s > 0 else 2.0
+
+
+def _inverse_quadratic(
+    a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]
+) -> float:
+    """x at f = 0 of the quadratic x(f) through three points (NaN if two f coincide)."""
+    (xa, fa), (xb, fb), (xc, fc) = a, b, c
+    if fa in (fb, fc) or fb == fc:
+        return math.nan
+    return (
+        xa * fb * fc / ((fa - fb) * (fa - fc))
+        + xb * fa * fc / ((fb - fa) * (fb - fc))
+        + xc * fa * fb / ((fc - fa) * (fc - fb))
+    )
+
+
+def _record(ray: _Ray, x: float, delta: float, cutoff: float) -> None:
+    """Put the measured point (x, Δ) on the right side of the bracket."""
+    if not math.isfinite(delta):
+        f = math.inf
+    else:
+        f = math.log(delta / cutoff) if delta > 0 else -math.inf
+    if f < 0:
+        ray.prev_lo = (ray.x_lo, ray.f_lo) if math.isfinite(ray.x_lo) else None
+        ray.x_lo, ray.f_lo = x, f
+    else:
+        ray.prev_hi = (ray.x_hi, ray.f_hi) if math.isfinite(ray.x_hi) else None
+        ray.x_hi, ray.f_hi = x, f
+    if math.isfinite(f):
+        ray.history = [*ray.history[-2:], (x, f)]
+
+
+def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
+    """Next x = log r to evaluate for an unfinished ray (raises if the search is stuck)."""
+    if math.isinf(ray.x_hi):  # nothing above the band yet: extrapolate upwards
+        if ray.x_lo >= log_max:
+            raise ValueError(
+                f"no boundary found along direction {ray.index} up to max_radius="
+                f"{max_radius:.6g} (loss rise there is {math.exp(ray.f_lo):.6g}×cutoff); "
+                "increase max_radius or the cutoff may be above the loss's range"
+            )
+        if math.isfinite(ray.f_lo):
+            step = -ray.f_lo / _slope(ray.prev_lo, ray.x_lo, ray.f_lo)
+            step = min(max(step, 1e-6), MAX_STEP)
+        else:
+            step = MAX_STEP
+        return min(ray.x_lo + step, log_max)
+    if math.isinf(ray.x_lo):  # nothing below yet: extrapolate downwards from the high end
+        step = -MAX_STEP
+        if math.isfinite(ray.f_hi):
+            step = max(-ray.f_hi / _slope(ray.prev_hi, ray.x_hi, ray.f_hi), -MAX_STEP)
+        return ray.x_hi + min(step, -1e-6)
+
+    width = ray.x_hi - ray.x_lo
+    if width < COLLAPSE:
+        r = math.exp(ray.x_hi)
+        if math.isinf(ray.f_hi):
+            raise ValueError(
+                f"loss is NaN/inf at radius r={r:.6g} along direction {ray.index}, between "
+                f"the anchor and the cutoff (the loss rise just below is "
+                f"{math.exp(ray.f_lo):.6g}×cutoff); lower the cutoff, use float32/float64 "
+                "weights, or check the model for overflow"
+            )
+        raise ValueError(
+            f"the loss rise jumps across the cutoff band at radius r={r:.6g} along direction "
+            f"{ray.index} (from {math.exp(ray.f_lo):.6g}× to {math.exp(ray.f_hi):.6g}×cutoff); "
+            "the loss is discontinuous there: increase rtol or change the cutoff"
+        )
+    if width <= ray.width_ref / 2:
+        ray.width_ref, ray.stalls = width, 0
+    else:
+        ray.stalls += 1
+    tries = []  # interpolations, best first; the first inside the bracket is taken
+    pts = ray.history
+    if len(pts) == 3:
+        tries.append(_inverse_quadratic(*pts))
+    if len(pts) >= 2 and pts[-1][1] != pts[-2][1]:
+        (x0, f0), (x1, f1) = pts[-2:]
+        tries.append(x1 - f1 * (x1 - x0) / (f1 - f0))
+    if math.isfinite(ray.f_lo) and math.isfinite(ray.f_hi):  # regula falsi
+        tries.append(ray.x_hi - ray.f_hi * width / (ray.f_hi - ray.f_lo))
+    elif math.isfinite(ray.f_hi):  # Δ ≤ 0 at the low end: model from the high end
+        tries.append(ray.x_hi - ray.f_hi / _slope(ray.prev_hi, ray.x_hi, ray.f_hi))
+    elif math.isfinite(ray.f_lo):  # NaN/inf at the high end: model from the low end
+        tries.append(ray.x_lo - ray.f_lo / _slope(ray.prev_lo, ray.x_lo, ray.f_lo))
+    x = next((t for t in tries if ray.x_lo < t < ray.x_hi), math.nan)
+    if math.isnan(x) or ray.stalls >= 3:
+        x = ray.x_lo + width / 2  # bisection in log r
+        ray.width_ref, ray.stalls = width, 0
+    return x
+
+
+def _initial_radii(
+    init_radius: float | torch.Tensor | Sequence[float] | None, n: int, max_radius: float
+) -> list[float]:
+    if init_radius is None:
+        init = torch.ones(n, dtype=torch.float64)
+    else:
+        init = torch.as_tensor(init_radius, dtype=torch.float64).reshape(-1)
+        if init.numel() == 1:
+            init = init.expand(n)
+        elif init.numel() != n:
+            raise ValueError(
+                f"init_radius must be a scalar or have {n} entries, got {init.numel()}"
+            )
+    if not (torch.isfinite(init).all() and (init > 0).all()):
+        raise ValueError(f"init_radius must be positive and finite, got {init_radius!r}")
+    if (init > max_radius).any():
+        raise ValueError(f"init_radius exceeds max_radius={max_radius:.6g}")
+    return init.tolist()
+
+
+def search_radii(
+    rise_fn: RiseFn,
+    n: int,
+    *,
+    cutoff: float,
+    rtol: float = 1e-2,
+    init_radius: float | torch.Tensor | Sequence[float] | None = None,
+    max_radius: float = 1e8,
+    max_evals: int = 60,
+) -> RadiusSearch:
+    """Find, for n directions, a radius where the loss rise is within rtol·cutoff of cutoff.
+
+    Args:
+        rise_fn: ``rise_fn(index, radius) -> delta``: index LongTensor (m,) of directions in
+            range(n), radius float64 CPU tensor (m,), returns the loss rise Δ (m,) at those
+            radii. Called once per round with every unfinished direction, so the caller can
+            batch the forward passes. Δ may be negative (below), NaN or inf (above).
+        n: number of directions (≥ 1).
+        cutoff: target loss rise (> 0), e.g. nats of KL.
+        rtol: relative tolerance on Δ: accept |Δ − cutoff| ≤ rtol·cutoff, 0 < rtol < 1.
+        init_radius: first radius to try, scalar or (n,); default 1.0.
+        max_radius: largest radius tried; no crossing below it raises.
+        max_evals: evaluations allowed per direction before raising.
+
+    Returns:
+        `RadiusSearch`; the result for direction i depends only on Δ_i, not on the batch.
+
+    Raises:
+        ValueError: bad arguments; no crossing up to max_radius; NaN/inf loss between the
+        anchor and the cutoff; a jump across the band; more than max_evals evaluations.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"cutoff must be positive and finite, got {cutoff!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
+    if not (math.isfinite(max_radius) and max_radius > 0):
+        raise ValueError(f"max_radius must be positive and finite, got {max_radius!r}")
+    if not isinstance(max_evals, int) or max_evals < 1:
+        raise ValueError(f"max_evals must be an integer >= 1, got {max_evals!r}")
+    log_max = math.log(max_radius)
+    rays = [_Ray(i, r) for i, r in enumerate(_initial_radii(init_radius, n, max_radius))]
+    active = list(rays)
+    while active:
+        radii = [ray.r for ray in active]
+        index = torch.tensor([ray.index for ray in active], dtype=torch.long)
+        out = rise_fn(index, torch.tensor(radii, dtype=torch.float64))
+        out = torch.as_tensor(out)
+        if out.shape != (len(active),):
+            raise ValueError(
+                f"rise_fn returned shape {tuple(out.shape)} for {len(active)} directions; "
+                f"it must return one loss rise per direction, shape ({len(active)},)"
+            )
+        deltas = out.detach().to("cpu", torch.float64).tolist()
+        still = []
+        for ray, r, delta in zip(active, radii, deltas):
+            ray.n_evals += 1
+            if math.isfinite(delta) and abs(delta - cutoff) <= rtol * cutoff:
+                ray.radius, ray.delta, ray.done = r, delta, True
+                continue
+            _record(ray, math.log(r), delta, cutoff)
+            if ray.n_evals >= max_evals:
+                lo = math.exp(ray.x_lo)
+                raise ValueError(
+                    f"radius search along direction {ray.index} did not converge in "
+                    f"{max_evals} evaluations; the crossing lies in [{lo:.6g}, "
+                    f"{math.exp(ray.x_hi):.6g}] (last Δ={delta:.6g}, cutoff={cutoff:.6g}); "
+                    "raise max_evals or rtol, or check that the loss is continuous"
+                )
+            ray.r = math.exp(_propose(ray, log_max, max_radius))
+            still.append(ray)
+        active = still
+
+    def col(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype)
+
+    return RadiusSearch(
+        radii=col([ray.radius for ray in rays]),
+        deltas=col([ray.delta for ray in rays]),
+        n_evals=col([ray.n_evals for ray in rays], torch.long),
+        low=col([math.exp(ray.x_lo) for ray in rays]),
+        high=col([math.exp(ray.x_hi) for ray in rays]),
+        cutoff=float(cutoff),
+        rtol=float(rtol),
+    )

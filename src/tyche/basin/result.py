@@ -1,0 +1,128 @@
+"""`VolumeResult`: the per-sample record of a basin-volume run and its aggregates."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tyche.io import ResultIO
+
+#: below this effective sample size the log-mean-exp is dominated by one or two samples
+LOW_ESS = 1.5
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log(mean(exp(x))) along ``dim``, stable for values of any magnitude."""
+    return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> float:
+    """Kish's ESS, (Σw)²/Σw², of importance weights given in log space."""
+    w = torch.exp(log_weights.double() - log_weights.max())
+    return float(w.sum() ** 2 / (w**2).sum())
+
+
+def bootstrap_interval(
+    estimates: torch.Tensor, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the log-mean-exp of ``estimates`` (nats)."""
+    n = estimates.numel()
+    if n < 2:
+        v = float(estimates.reshape(-1)[0])
+        return (v, v)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (n_boot, n), generator=g)
+    stats = log_mean_exp(estimates.double().cpu()[idx], dim=1)
+    lo, hi = torch.quantile(stats, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=stats.dtype))
+    return (float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class VolumeResult(ResultIO):
+    """One basin-volume estimate: per-sample values (length n_samples) and their aggregates.
+
+    ``estimates[i]`` is the log of an unbiased importance-sampling estimate of the prior
+    probability (Gaussian prior) or of the volume (uniform prior) of the region, in nats;
+    exp(estimates) averages to the answer, so ``log_prob`` is their log-mean-exp.
+    """
+
+    UNITS = {
+        "estimates": "nats (natural log of probability, or of volume for prior='uniform')",
+        "radii": "parameter-space Euclidean distance from the anchor",
+        "deltas": "nats (loss rise at the returned radius)",
+        "props": "|P u| (dimensionless)",
+        "mults": "radius / props",
+        "logabsint": "nats (log of the radial integral)",
+        "cutoff": "nats",
+        "sigma": "parameter units (prior standard deviation)",
+    }
+
+    estimates: torch.Tensor
+    radii: torch.Tensor
+    deltas: torch.Tensor
+    props: torch.Tensor
+    mults: torch.Tensor
+    logabsint: torch.Tensor
+    n_evals: torch.Tensor
+    cutoff: float
+    sigma: float
+    n_params: int
+    prior: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.estimates.numel())
+
+    @property
+    def log_prob(self) -> float:
+        """log-mean-exp of the per-sample estimates (nats): the estimator's answer."""
+        return float(log_mean_exp(self.estimates.double()))
+
+    @property
+    def max(self) -> float:
+        """Largest per-sample estimate (nats); what the original paper's figures plot."""
+        return float(self.estimates.max())
+
+    @property
+    def ess(self) -> float:
+        """Effective sample size of the importance weights exp(estimates)."""
+        return effective_sample_size(self.estimates)
+
+    @property
+    def is_lower_bound(self) -> bool:
+        """True when one or two samples dominate: the answer is then only a lower bound."""
+        return self.ess < LOW_ESS and self.n_samples > 1
+
+    def interval(self, level: float = 0.95, n_boot: int = 2000) -> tuple[float, float]:
+        """Bootstrap confidence interval of ``log_prob`` (nats)."""
+        return bootstrap_interval(self.estimates, level=level, n_boot=n_boot)
+
+    @property
+    def evals_per_direction(self) -> float:
+        return float(self.n_evals.double().mean())
+
+    def warn_if_bound(self) -> None:
+        if self.is_lower_bound:
+            warnings.warn(
+                f"effective sample size {self.ess:.2f} of {self.n_samples}: the log-mean-exp is "
+                "dominated by the largest sample, so it is only a lower bound on the log-"
+                "probability; use a preconditioner or more samples.",
+                stacklevel=2,
+            )
+
+    def summary(self) -> dict[str, float]:
+        lo, hi = self.interval()
+        return {
+            "log_prob": self.log_prob,
+            "ci_low": lo,
+            "ci_high": hi,
+            "max": self.max,
+            "ess": self.ess,
+            "evals_per_direction": self.evals_per_direction,
+            "n_samples": float(self.n_samples),
+        }

@@ -1,0 +1,60 @@
+"""Token batches and activations for causal basis extraction on a model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tyche.causal.objective import IGNORE_INDEX
+from tyche.sites import read_activations
+
+__all__ = ["next_token_labels", "read_site_activations", "token_inputs"]
+
+
+def token_inputs(data: Any) -> dict[str, Tensor]:
+    """``input_ids`` (N, T) and ``attention_mask`` (N, T) from a token dict or tensor."""
+    if isinstance(data, Tensor):
+        data = {"input_ids": data}
+    if not isinstance(data, Mapping) or "input_ids" not in data:
+        raise TypeError(
+            "data must be a LongTensor (N, T) of token ids or a dict with "
+            "'input_ids' (and 'attention_mask'), e.g. from tyche.data.chunk_and_tokenize"
+        )
+    ids = data["input_ids"]
+    if ids.ndim != 2 or ids.is_floating_point() or ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty integer tensor (N, T), got {ids.shape}")
+    mask = data.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}"
+        )
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def next_token_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Labels (N, T) for position t = the token at t + 1 (``-100`` at the end and padding)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    valid = torch.zeros_like(attention_mask, dtype=torch.bool)
+    valid[:, :-1] = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
+    return torch.where(valid, labels, IGNORE_INDEX)
+
+
+@torch.no_grad()
+def read_site_activations(
+    model: nn.Module, tokens: Mapping[str, Tensor], sites: list[str], batch_size: int
+) -> dict[str, Tensor]:
+    """Activations (N, T, d) in float32 at each site, read in batches of ``batch_size`` rows."""
+    device = next(model.parameters()).device
+    pieces: dict[str, list[Tensor]] = {s: [] for s in sites}
+    n = tokens["input_ids"].shape[0]
+    with read_activations(model, sites) as acts:
+        for start in range(0, n, batch_size):
+            model(**{k: v[start : start + batch_size].to(device) for k, v in tokens.items()})
+            for s in sites:
+                pieces[s].append(acts[s].float())
+    return {s: torch.cat(p) if p else torch.empty(0) for s, p in pieces.items()}

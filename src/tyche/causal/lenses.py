@@ -1,0 +1,258 @@
+"""Targets for causal basis extraction: maps from hidden states at one site to logits.
+
+Any callable ``h (..., d) -> logits (..., V)`` is a target. Three are provided:
+
+* :class:`LogitLens`: the model's final norm and unembedding applied to ``h`` directly.
+* :class:`TunedLens`: a learned affine translator per site before the logit lens,
+  ``f_s(h) = LogitLens(h + A_s h + b_s)``, trained by :func:`train_tuned_lens` to match the
+  model's final logits by KL (``A_s, b_s`` start at zero, so an untrained lens is the logit
+  lens). ``lens.for_site(name)`` is the target for one site.
+* :class:`ModelFromSite`: the rest of the model, run from a hooked site on a fixed batch of
+  inputs, so ablating a direction "inside the real model" is the same call as for a lens.
+
+Targets may expose ``readout_matrix() -> (V, d)`` (the linear part of the map, ignoring the
+norm's centring and scaling), used to seed the search for causal directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tyche.io import ResultIO, model_hash
+from tyche.sites import Site, final_norm, resolve_sites, unembedding
+
+__all__ = ["LensAtSite", "LogitLens", "ModelFromSite", "TunedLens", "TunedLensWeights"]
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    """A view that keeps ``module`` out of the owner's parameters and state dict."""
+    holder = _Detached()
+    object.__setattr__(holder, "inner", module)
+    return holder
+
+
+class _Detached(nn.Module):
+    inner: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+class LogitLens(nn.Module):
+    """``h -> unembed(norm(h))``: read hidden states with the model's own output head.
+
+    Build it with :meth:`from_model`; ``norm`` may be ``nn.Identity()``. The modules are the
+    model's own (not copies): the lens moves and changes with the model.
+    """
+
+    def __init__(self, norm: nn.Module, unembed: nn.Module) -> None:
+        super().__init__()
+        self.norm = _frozen(norm)
+        self.unembed = _frozen(unembed)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> LogitLens:
+        """The logit lens of an HF causal LM (GPT-2, GPT-NeoX, Llama and alike)."""
+        return cls(final_norm(model), unembedding(model))
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Logits (..., V) for hidden states (..., d)."""
+        return self.unembed(self.norm(h))
+
+    def readout_matrix(self) -> Tensor:
+        """(V, d): the unembedding times the norm's per-channel gain (centring ignored)."""
+        weight = getattr(self.unembed.inner, "weight", None)
+        if not isinstance(weight, Tensor) or weight.ndim != 2:
+            raise TypeError("the unembedding has no (V, d) weight matrix")
+        gain = getattr(self.norm.inner, "weight", None)
+        if isinstance(gain, Tensor) and gain.shape == weight.shape[1:]:
+            return weight.detach() * gain.detach()
+        return weight.detach()
+
+
+class LensAtSite(nn.Module):
+    """One site's tuned lens as a target: ``h -> LogitLens(h + A h + b)``."""
+
+    def __init__(self, lens: TunedLens, index: int) -> None:
+        super().__init__()
+        self.lens, self.index = _frozen(lens), index
+
+    @property
+    def site(self) -> str:
+        return self.lens.inner.sites[self.index]
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.lens.inner(h, self.index)
+
+    def readout_matrix(self) -> Tensor:
+        """(V, d): ``W (I + A)`` with ``W`` the logit lens's readout (the bias is not linear)."""
+        lens: TunedLens = self.lens.inner
+        translator = lens.translators[self.index].weight.detach()
+        eye = torch.eye(translator.shape[0], dtype=translator.dtype, device=translator.device)
+        return lens.logit_lens.readout_matrix() @ (eye + translator)
+
+
+@dataclass(frozen=True)
+class TunedLensWeights(ResultIO):
+    """What a saved tuned lens holds: one affine translator per site.
+
+    Attributes:
+        weight: (L, d, d) translator matrices ``A_s`` (the lens adds ``A_s h + b_s`` to h).
+        bias: (L, d) translator biases ``b_s``.
+        sites: the L site names, in order.
+        model_hash: hash of the model the lens was trained on (``tyche.io.model_hash``).
+        kl_logit_lens: per site, mean KL(model ‖ logit lens) in nats on the training data.
+        kl_tuned_lens: per site, mean KL(model ‖ tuned lens) in nats after training.
+        settings: training settings.
+    """
+
+    UNITS = {"kl_logit_lens": "nats", "kl_tuned_lens": "nats"}
+
+    weight: Tensor
+    bias: Tensor
+    sites: list[str]
+    model_hash: str | None = None
+    kl_logit_lens: list[float] = field(default_factory=list)
+    kl_tuned_lens: list[float] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+class TunedLens(nn.Module):
+    """A logit lens with a learned affine translator ``h -> h + A_s h + b_s`` per site.
+
+    Args:
+        model: the HF causal LM whose final norm and unembedding are used.
+        sites: site names or patterns (e.g. ``"resid_pre.*"``) the lens reads.
+    """
+
+    def __init__(self, model: nn.Module, sites: str | Sequence[str]) -> None:
+        super().__init__()
+        resolved = resolve_sites(model, sites)
+        self.sites: list[str] = [s.name for s in resolved]
+        self.logit_lens = LogitLens.from_model(model)  # holds no parameters of its own
+        object.__setattr__(self, "_model", model)
+        ref = self.logit_lens.readout_matrix()
+        d = ref.shape[1]
+        self.translators = nn.ModuleList(nn.Linear(d, d) for _ in self.sites)
+        for t in self.translators:
+            nn.init.zeros_(t.weight)
+            nn.init.zeros_(t.bias)
+        self.translators.to(device=ref.device, dtype=ref.dtype)
+        self.stats: dict[str, Any] = {}
+
+    def index(self, site: str | int) -> int:
+        """Position of ``site`` (a name or an index) among the lens's sites."""
+        if isinstance(site, int):
+            if not 0 <= site < len(self.sites):
+                raise IndexError(f"site index {site} out of range for {len(self.sites)} sites")
+            return site
+        if site not in self.sites:
+            raise KeyError(f"the tuned lens has no site {site!r}; it has {self.sites}")
+        return self.sites.index(site)
+
+    def forward(self, h: Tensor, site: str | int) -> Tensor:
+        """Logits (..., V) of the lens for hidden states ``h`` (..., d) at ``site``."""
+        translator = self.translators[self.index(site)]
+        return self.logit_lens(h + translator(h))
+
+    def for_site(self, site: str | int) -> LensAtSite:
+        """The target ``h -> logits`` for one site."""
+        return LensAtSite(self, self.index(site))
+
+    def weights(self) -> TunedLensWeights:
+        """The translators as a saveable result."""
+        return TunedLensWeights(
+            weight=torch.stack([t.weight.detach().cpu() for t in self.translators]),
+            bias=torch.stack([t.bias.detach().cpu() for t in self.translators]),
+            sites=list(self.sites),
+            model_hash=model_hash(self._model),
+            kl_logit_lens=list(self.stats.get("kl_logit_lens", [])),
+            kl_tuned_lens=list(self.stats.get("kl_tuned_lens", [])),
+            settings=dict(self.stats.get("settings", {})),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the translators to the folder ``path`` (safetensors + JSON)."""
+        return self.weights().save(path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, *, strict: bool = True) -> TunedLens:
+        """Load a lens saved by :meth:`save` onto ``model``.
+
+        With ``strict`` (default) the model must be the one the lens was trained on (same
+        ``model_hash``); otherwise a ``ValueError`` says so.
+        """
+        saved = TunedLensWeights.load(path)
+        if strict and saved.model_hash is not None and saved.model_hash != model_hash(model):
+            raise ValueError(
+                f"the tuned lens at {path} was trained on a model with hash {saved.model_hash}, "
+                f"not this one ({model_hash(model)}); pass strict=False to use it anyway"
+            )
+        lens = cls(model, saved.sites)
+        if tuple(saved.weight.shape[1:]) != tuple(lens.translators[0].weight.shape):
+            raise ValueError(
+                f"the saved translators are {tuple(saved.weight.shape[1:])}, "
+                f"but the model width needs {tuple(lens.translators[0].weight.shape)}"
+            )
+        with torch.no_grad():
+            for t, w, b in zip(lens.translators, saved.weight, saved.bias):
+                t.weight.copy_(w)
+                t.bias.copy_(b)
+        lens.stats = {
+            "kl_logit_lens": saved.kl_logit_lens,
+            "kl_tuned_lens": saved.kl_tuned_lens,
+            "settings": saved.settings,
+        }
+        return lens
+
+
+class ModelFromSite(nn.Module):
+    """The rest of ``model`` from ``site``, on a fixed batch: ``h -> model(inputs).logits``.
+
+    The whole model runs on ``inputs`` with the activation at ``site`` replaced by ``h``
+    (``(B, T, d)``, the shape the site has on these inputs), so the logits depend on ``h``
+    exactly as they do inside the real model. Earlier layers run too (and are wasted work);
+    gradients reach ``h`` through every later layer. Hidden states for it come from
+    ``tyche.sites.read_activations(model, site)`` on the same inputs.
+    """
+
+    def __init__(self, model: nn.Module, site: str | Site, inputs: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        sites = resolve_sites(model, site)
+        if len(sites) != 1:
+            raise ValueError(
+                f"ModelFromSite needs exactly one site, {site!r} matches {[s.name for s in sites]}"
+            )
+        self.site = sites[0]
+        self.model = _frozen(model)
+        if "input_ids" not in inputs and "inputs_embeds" not in inputs:
+            raise ValueError("inputs must hold 'input_ids' (and usually 'attention_mask')")
+        self.inputs = dict(inputs)
+
+    def select(self, rows: slice) -> ModelFromSite:
+        """The same target on rows ``rows`` of the batch."""
+        return ModelFromSite(
+            self.model.inner, self.site, {k: v[rows] for k, v in self.inputs.items()}
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        from tyche.sites import replace_activations
+
+        def swap(activation: Tensor) -> Tensor:
+            if activation.shape != h.shape:
+                raise ValueError(
+                    f"ModelFromSite({self.site.name}): hidden states have shape "
+                    f"{tuple(h.shape)} but the site has {tuple(activation.shape)} on these "
+                    "inputs; read the hidden states from the same inputs"
+                )
+            return h
+
+        with replace_activations(self.model.inner, {self.site: swap}):
+            out = self.model.inner(**self.inputs)
+        return getattr(out, "logits", out)

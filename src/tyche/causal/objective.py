@@ -1,0 +1,264 @@
+"""The causal-basis objective: the energy of ablating directions in fixed hidden states.
+
+For a *target* ``f`` (hidden states ``(..., d)`` -> logits ``(..., V)``), hidden states ``h``
+and directions ``V`` (d, m, orthonormal) the energy is
+
+* ``objective="kl"``: the mean over selected positions of ``KL(softmax f(h) ‖ softmax f(h'))``,
+* ``objective="ce"``: the mean over labelled positions of ``CE(f(h'), y) - CE(f(h), y)``,
+
+in nats, where ``h' = h - (h - r) V Vᵀ`` is ``h`` with span(V) ablated (``tyche.ablation``).
+
+Under ``torchrun`` each rank holds its own shard of ``h``: every sum (of energies, gradients,
+counts, the mean used by mean ablation, second moments) is all-reduced, so N ranks see the
+same objective, gradient and statistics as one process holding all the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
+from tyche.distributed import all_reduce_sum
+from tyche.divergence import masked_kl
+
+__all__ = ["AblationObjective", "Objective", "Target", "target_for_rows"]
+
+Objective = Literal["kl", "ce"]
+#: maps hidden states (..., d) to logits (..., V)
+Target = Callable[[Tensor], Tensor]
+IGNORE_INDEX = -100
+
+
+def target_for_rows(target: Target, rows: slice) -> Target:
+    """The target restricted to rows ``rows`` of the leading dimension.
+
+    Targets tied to a batch of inputs (``ModelFromSite``) expose ``select(rows)``; any other
+    callable is assumed to act on each row independently.
+    """
+    select = getattr(target, "select", None)
+    return select(rows) if callable(select) else target
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is (half precision is too coarse here)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _logits(out: object) -> Tensor:
+    """Logits from a target's output (a tensor or an object with ``.logits``)."""
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"the target must return logits as a Tensor, got {type(out).__name__}")
+    return logits
+
+
+class AblationObjective:
+    """Energy of ablating directions in fixed hidden states (this rank's shard of them).
+
+    Args:
+        target: hidden states (..., d) -> logits (..., V).
+        hiddens: (..., d) floating point, finite; the leading dimension is split into chunks
+            of ``batch_size`` rows for each evaluation.
+        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
+        objective: ``"kl"`` or ``"ce"``.
+        mask: ``hiddens.shape[:-1]`` bool/0-1: positions that are ablated, enter the mean and
+            the resampling pool, and are averaged over (None: all).
+        labels: ``hiddens.shape[:-1]`` long: the class each position's logits should predict
+            (already shifted for next-token prediction; ``-100`` = none). Needed for ``"ce"``.
+        generator: draws the one resampling derangement used for every evaluation (so the
+            objective is deterministic).
+        batch_size: rows of the leading dimension per forward pass (None: all at once).
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        hiddens: Tensor,
+        *,
+        mode: AblationMode = "mean",
+        objective: Objective = "kl",
+        mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(hiddens, Tensor) or not hiddens.is_floating_point():
+            raise TypeError("hiddens must be a floating-point tensor of shape (..., d)")
+        if hiddens.ndim < 2:
+            raise ValueError(f"hiddens must have shape (N, d) or (B, T, d), got {hiddens.shape}")
+        if not torch.isfinite(hiddens).all():
+            bad = int((~torch.isfinite(hiddens)).sum())
+            raise ValueError(f"hiddens contains {bad} NaN/inf values; clean the activations first")
+        if mode not in ABLATION_MODES:
+            raise ValueError(f"unknown ablation mode {mode!r}; choose one of {ABLATION_MODES}")
+        if objective not in ("kl", "ce"):
+            raise ValueError(f"unknown objective {objective!r}; choose 'kl' or 'ce'")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
+        self.target, self.mode, self.objective = target, mode, objective
+        self.hiddens = hiddens.detach()
+        self.batch_size = batch_size or max(hiddens.shape[0], 1)
+        lead = hiddens.shape[:-1]
+        self.keep = self._check_mask(mask, lead).to(hiddens.device)
+        self.weight = self.keep
+        if objective == "ce":
+            if labels is None:
+                raise ValueError("objective='ce' needs labels (the next token of each position)")
+            if tuple(labels.shape) != tuple(lead) or labels.is_floating_point():
+                raise ValueError(
+                    f"labels must be an integer tensor of shape {tuple(lead)}, "
+                    f"got {labels.dtype} {tuple(labels.shape)}"
+                )
+            labels = labels.to(hiddens.device)
+            self.weight = self.keep & (labels != IGNORE_INDEX)
+            self.labels = torch.where(self.weight, labels, IGNORE_INDEX).long()
+        self.n_positions = int(all_reduce_sum(self.weight.sum().double()).item())
+        if self.n_positions == 0:
+            raise ValueError("no positions to average over: the mask (and labels) select nothing")
+        self.delta = self._ablation_offsets(generator)
+        self.clean = self._clean_statistics()
+
+    @staticmethod
+    def _check_mask(mask: Tensor | None, lead: torch.Size) -> Tensor:
+        if mask is None:
+            return torch.ones(lead, dtype=torch.bool)
+        if tuple(mask.shape) != tuple(lead):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but hiddens needs {tuple(lead)} "
+                "(all dimensions of hiddens except the last)"
+            )
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be bool or contain only 0 and 1")
+        return mask != 0 if mask.dtype != torch.bool else mask
+
+    def _ablation_offsets(self, generator: torch.Generator | None) -> Tensor:
+        """``h - r`` on selected positions (0 elsewhere): ablation is ``h - (h - r) V Vᵀ``."""
+        h = self.hiddens
+        keep = self.keep[..., None].to(h.dtype)
+        if self.mode == "zero":
+            return h * keep
+        if self.mode == "mean":
+            self.mean = self.masked_sum(h) / self.n_selected
+            return (h - self.mean) * keep
+        donors = resample_donors(h.shape[:-1], self.keep.cpu(), generator).to(h.device)
+        flat = h.reshape(-1, h.shape[-1])
+        return (h - flat[donors].reshape(h.shape)) * keep
+
+    @property
+    def n_selected(self) -> int:
+        """Number of positions selected by the mask, over every rank."""
+        if not hasattr(self, "_n_selected"):
+            self._n_selected = int(all_reduce_sum(self.keep.sum().double()).item())
+            if self._n_selected == 0:
+                raise ValueError("the mask selects no position")
+        return self._n_selected
+
+    def masked_sum(self, x: Tensor) -> Tensor:
+        """Sum over every rank of the rows of ``x`` (..., m) at selected positions; (m,)."""
+        return all_reduce_sum(x[self.keep].double().sum(0)).to(x.dtype)
+
+    def second_moment(self, centred: bool) -> Tensor:
+        """(d, d) float64 covariance (``centred``) or uncentred second moment of the data."""
+        flat = self.hiddens[self.keep].double()
+        n = self.n_selected
+        total = all_reduce_sum(torch.cat([flat.T @ flat, flat.sum(0)[None]], 0))
+        moment, mean = total[:-1] / n, total[-1] / n
+        return moment - torch.outer(mean, mean) if centred else moment
+
+    def chunks(self) -> Iterator[slice]:
+        """Slices of the leading dimension, ``batch_size`` rows each."""
+        n = self.hiddens.shape[0]
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+    @torch.no_grad()
+    def _clean_statistics(self) -> Tensor | list[Tensor]:
+        """Clean log-probs per chunk (KL), or the global clean cross-entropy sum (CE)."""
+        if self.objective == "kl":
+            out = []
+            for rows in self.chunks():
+                logits = _logits(target_for_rows(self.target, rows)(self.hiddens[rows]))
+                self._check_logits(logits, rows)
+                out.append(_upcast(logits).log_softmax(-1))
+            return out
+        total = self.hiddens.new_zeros((), dtype=torch.float64)
+        for rows in self.chunks():
+            logits = _logits(target_for_rows(self.target, rows)(self.hiddens[rows]))
+            self._check_logits(logits, rows)
+            total = total + self._cross_entropy_sum(logits, rows).double()
+        return all_reduce_sum(total)
+
+    def _check_logits(self, logits: Tensor, rows: slice) -> None:
+        if tuple(logits.shape[:-1]) != tuple(self.hiddens[rows].shape[:-1]):
+            raise ValueError(
+                f"the target returned logits of shape {tuple(logits.shape)} for hidden states "
+                f"{tuple(self.hiddens[rows].shape)}; it must keep every leading dimension"
+            )
+        if not torch.isfinite(logits).all():
+            raise ValueError("the target returned NaN/inf logits on the clean hidden states")
+
+    def _cross_entropy_sum(self, logits: Tensor, rows: slice) -> Tensor:
+        return F.cross_entropy(
+            _upcast(logits).reshape(-1, logits.shape[-1]),
+            self.labels[rows].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    def _chunk_sum(self, rows: slice, vectors: Tensor) -> Tensor:
+        """Sum over the chunk's counted positions of the per-position energy."""
+        h = self.hiddens[rows]
+        ablated = h - (self.delta[rows] @ vectors) @ vectors.T
+        logits = _logits(target_for_rows(self.target, rows)(ablated))
+        if self.objective == "kl":
+            kl = masked_kl(
+                self.clean[rows.start // self.batch_size],
+                _upcast(logits),
+                self.weight[rows],
+                reduction="token",
+            )
+            return kl.sum()
+        return self._cross_entropy_sum(logits, rows)
+
+    def _finish(self, total: Tensor) -> Tensor:
+        if self.objective == "ce":
+            total = total - self.clean
+        energy = total / self.n_positions
+        if not torch.isfinite(energy):
+            raise FloatingPointError(
+                "the ablation energy is not finite; the target overflowed on ablated hidden "
+                "states (try float32/float64 hidden states or a smaller batch)"
+            )
+        return energy
+
+    @torch.no_grad()
+    def energy(self, vectors: Tensor) -> float:
+        """Energy (nats) of ablating span(``vectors``) jointly; ``vectors`` (d,) or (d, m)."""
+        vectors = (vectors[:, None] if vectors.ndim == 1 else vectors).to(self.hiddens)
+        total = self.hiddens.new_zeros((), dtype=torch.float64)
+        for rows in self.chunks():
+            total = total + self._chunk_sum(rows, vectors).double()
+        return float(self._finish(all_reduce_sum(total)))
+
+    def value_and_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Energy of ablating the unit vector ``v`` (d,) and its gradient wrt ``v`` (d,).
+
+        The gradient treats ``v`` as a free vector in the ablation formula; chain it through
+        any parametrisation of ``v``. Both are identical on every rank.
+        """
+        v_leaf = v.detach().to(self.hiddens).clone().requires_grad_(True)
+        total = torch.zeros((), dtype=torch.float64, device=v_leaf.device)
+        grad = torch.zeros_like(v_leaf, dtype=torch.float64)
+        with torch.enable_grad():
+            for rows in self.chunks():
+                s = self._chunk_sum(rows, v_leaf[:, None])
+                (g,) = torch.autograd.grad(s, v_leaf)
+                total, grad = total + s.detach().double(), grad + g.double()
+        packed = all_reduce_sum(torch.cat([grad, total[None]]))
+        energy = self._finish(packed[-1])
+        return energy, (packed[:-1] / self.n_positions).to(v_leaf.dtype)

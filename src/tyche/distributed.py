@@ -1,0 +1,188 @@
+"""Small ``torch.distributed`` helpers shared by every method.
+
+Every function works unchanged in a single plain process (no ``torchrun``, no process group):
+rank 0 of world size 1, reductions and gathers return their input, ``barrier`` does nothing.
+Under ``torchrun`` call :func:`init_distributed` once; it reads the usual environment variables
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and picks the gloo
+backend on CPU and nccl on CUDA.
+
+Work is split with :func:`shard_range` (contiguous blocks whose sizes differ by at most one),
+results are combined with :func:`all_reduce_sum` / :func:`all_gather_cat`, and only rank 0
+prints (:func:`rank0_print`) or shows progress bars (:func:`progress`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+__all__ = [
+    "all_gather_cat",
+    "all_reduce_sum",
+    "barrier",
+    "default_device",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "progress",
+    "rank0_print",
+    "shard_range",
+]
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised and has more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group (1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def init_distributed() -> None:
+    """Initialise the default process group from ``torchrun`` environment variables.
+
+    Does nothing when ``WORLD_SIZE`` is unset or 1, or when a group already exists (so it is
+    safe to call more than once). Uses nccl when CUDA is available, gloo otherwise, and sets
+    the current CUDA device to ``LOCAL_RANK``.
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but the environment lacks {missing}; "
+            "start the program with `torchrun --nproc_per_node=N ...`."
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(default_device())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+
+
+def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """The contiguous block of ``range(n)`` that ``rank`` should handle.
+
+    Blocks of all ranks partition ``range(n)`` in rank order; their sizes differ by at most
+    one (the first ``n % world_size`` ranks get one extra item). A rank may get an empty range
+    when ``n < world_size``.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if n < 0:
+        raise ValueError(f"shard_range needs n >= 0, got {n}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return range(start, stop)
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """nccl needs CUDA tensors; gloo takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return default_device() if t.device.type != "cuda" else t.device
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``t`` over all ranks (a new tensor, same device/dtype as ``t``).
+
+    Every rank must pass a tensor of the same shape and dtype. Single process: a copy of ``t``.
+    """
+    if not is_distributed():
+        return t.clone()
+    buf = t.detach().to(_comm_device(t)).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along ``dim``, in rank order.
+
+    Sizes along ``dim`` may differ between ranks (including 0); all other dimensions and the
+    dtype must match. The sizes are gathered first, every piece is padded to the largest,
+    gathered, and trimmed back. Single process: ``t`` itself.
+    """
+    if not is_distributed():
+        return t
+    if t.dim() == 0:
+        t = t.reshape(1)
+    dim = dim % t.dim()
+    device = _comm_device(t)
+    world = get_world_size()
+    size = torch.tensor([t.shape[dim]], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    moved = t.detach().to(device).contiguous()
+    if moved.shape[dim] < longest:
+        pad_shape = list(moved.shape)
+        pad_shape[dim] = longest - moved.shape[dim]
+        moved = torch.cat([moved, moved.new_zeros(pad_shape)], dim=dim)
+    pieces = [torch.empty_like(moved) for _ in range(world)]
+    dist.all_gather(pieces, moved)
+    trimmed = [p.narrow(dim, 0, c) for p, c in zip(pieces, counts)]
+    return torch.cat(trimmed, dim=dim).to(t.device)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def rank0_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (``flush=True`` by default)."""
+    if get_rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    disable: bool = False,
+    **kwargs: Any,
+) -> tqdm:
+    """A tqdm progress bar shown on rank 0 only (and not at all when ``disable=True``).
+
+    Iterating it yields the items of ``iterable`` on every rank; ``update``/``close`` work as
+    in tqdm. Extra keyword arguments go to tqdm.
+    """
+    return tqdm(iterable, total=total, desc=desc, disable=disable or get_rank() != 0, **kwargs)

@@ -1,0 +1,93 @@
+"""Matplotlib figures for Tyche's results (PNG files; the Agg backend, no screen needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def basin_histogram(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Histogram of per-sample log-estimates (nats), one colour per labelled VolumeResult,
+    with each run's log-mean-exp as a vertical line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, res) in enumerate(results.items()):
+        color = f"C{i}"
+        ax.hist(res.estimates.numpy(), bins=min(30, max(5, res.n_samples // 3)), alpha=0.5,
+                color=color, label=f"{label} (n={res.n_samples})")
+        ax.axvline(res.log_prob, color=color, linestyle="--")
+    ax.set_xlabel("per-sample log-probability estimate (nats)")
+    ax.set_ylabel("directions")
+    ax.set_title("Basin volume: per-direction estimates (dashed: log-mean-exp)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def basin_cutoff_scan(
+    cutoffs: Sequence[float], results: Mapping[str, Sequence[Any]], n_params: int,
+    path: str | Path,
+) -> Path:
+    """log-probability against log(cutoff) per label, with the quadratic-basin slope D/2."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    logc = [math.log(c) for c in cutoffs]
+    for i, (label, runs) in enumerate(results.items()):
+        ys = [r.log_prob for r in runs]
+        ax.plot(logc, ys, "o-", color=f"C{i}", label=label)
+        lo = [r.interval()[0] for r in runs]
+        hi = [r.interval()[1] for r in runs]
+        ax.fill_between(logc, lo, hi, color=f"C{i}", alpha=0.2)
+    first = next(iter(results.values()))
+    y0 = first[0].log_prob
+    ax.plot(logc, [y0 + n_params / 2 * (x - logc[0]) for x in logc], "k:",
+            label=f"slope D/2 = {n_params / 2:,.0f} per e-fold")
+    ax.set_xlabel("ln(cutoff / nats)")
+    ax.set_ylabel("log-probability of the basin (nats)")
+    ax.set_title("Basin volume against KL cutoff")
+    ax.legend()
+    return _save(fig, path)
+
+
+def energy_comparison(
+    layers: Sequence[str], series: Mapping[str, Sequence[Sequence[float]] | torch.Tensor],
+    path: str | Path, ylabel: str = "energy (nats)",
+) -> Path:
+    """Per-layer curves of energies against rank, one panel per layer."""
+    plt = _pyplot()
+    n = len(layers)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for j, layer in enumerate(layers):
+        ax = axes[j // cols][j % cols]
+        for i, (label, values) in enumerate(series.items()):
+            ax.plot(list(values[j]), "o-", ms=3, color=f"C{i}", label=label)
+        ax.set_title(layer, fontsize=9)
+        ax.set_yscale("log")
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path

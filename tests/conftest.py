@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny random GPT-2, GPT-NeoX and Llama models, a tiny tokenizer, a batch.
+
+Every model is built from a config (no hub access), has vocab 512, 2 layers, width 64 and
+4 heads, and its parameter count is asserted so a silent config change is caught.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+VOCAB = 512
+WIDTH = 64
+LAYERS = 2
+HEADS = 4
+
+#: expected parameter counts, asserted by the fixtures
+PARAM_COUNTS = {"gpt2": 103_936, "neox": 132_608, "llama": 139_584}
+
+WORDS = (
+    "the a of and to in is was that he she it his her for on with as at by this be "
+    "king queen lord lady love death night day sword crown blood heart fair sweet "
+    "come go speak hear see know think make take give stand fall rise"
+).split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tyche_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Point the zoo cache at a per-session folder unless the caller set one."""
+    if "TYCHE_CACHE" not in os.environ:
+        os.environ["TYCHE_CACHE"] = str(tmp_path_factory.mktemp("tyche-cache"))
+
+
+def _finish(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    n = sum(p.numel() for p in model.parameters())
+    assert n == PARAM_COUNTS[family], f"{family}: {n} parameters"
+    return model.eval()
+
+
+def build_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+        n_inner=2 * WIDTH, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+    return _finish(GPT2LMHeadModel(cfg), "gpt2")
+
+
+def build_neox(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=2 * WIDTH, max_position_embeddings=64,
+        rotary_pct=0.25, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+    return _finish(GPTNeoXForCausalLM(cfg), "neox")
+
+
+def build_llama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=2 * WIDTH,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+    return _finish(LlamaForCausalLM(cfg), "llama")
+
+
+BUILDERS = {"gpt2": build_gpt2, "neox": build_neox, "llama": build_llama}
+
+
+@pytest.fixture(scope="session")
+def gpt2_model() -> torch.nn.Module:
+    return build_gpt2()
+
+
+@pytest.fixture(scope="session")
+def neox_model() -> torch.nn.Module:
+    return build_neox()
+
+
+@pytest.fixture(scope="session")
+def llama_model() -> torch.nn.Module:
+    return build_llama()
+
+
+@pytest.fixture(params=["gpt2", "neox", "llama"])
+def hf_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """Each of the three families in turn (session-cached builds; do not mutate)."""
+    return request.getfixturevalue(f"{request.param}_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level fast tokenizer: ids 0 = <|endoftext|> (eos, bos), 1 = <|pad|>, 2 = <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1, "<unk>": 2}
+    for w in WORDS + [".", ",", "!", "?"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        pad_token="<|pad|>", unk_token="<unk>", padding_side="right",
+    )
+    assert len(fast) <= VOCAB
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_texts() -> list[str]:
+    """Twenty deterministic pseudo-sentences over the tiny tokenizer's words."""
+    g = torch.Generator().manual_seed(0)
+    texts = []
+    for i in range(20):
+        n = 6 + i % 9
+        idx = torch.randint(len(WORDS), (n,), generator=g).tolist()
+        texts.append(" ".join(WORDS[j] for j in idx) + ".")
+    return texts
+
+
+@pytest.fixture()
+def token_batch() -> dict[str, torch.Tensor]:
+    """input_ids (4, 16) over ids 3..511 and attention_mask with row 1's last 3 positions off."""
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (4, 16), generator=g)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, -3:] = 0
+    input_ids[1, -3:] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}

@@ -1,0 +1,231 @@
+"""estimate_basin against closed forms: balls, ellipsoids, noncentral chi-square masses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from tyche.basin.core import estimate_basin
+from tyche.basin.radial import log_unit_ball_volume
+
+
+def quadratic(curv: torch.Tensor, rot: torch.Tensor | None = None, calls: list | None = None):
+    """Δ(δ) = ½ Σ_i k_i (Rᵀδ)_i²: the region under cutoff c is an ellipsoid."""
+
+    def loss(offsets: torch.Tensor) -> torch.Tensor:
+        if calls is not None:
+            calls.append(offsets.shape[0])
+        x = offsets.double() if rot is None else offsets.double() @ rot
+        return 0.5 * (x**2 * curv).sum(-1)
+
+    return loss
+
+
+def log_ellipsoid_volume(curv: torch.Tensor, cutoff: float) -> float:
+    d = curv.numel()
+    return float(log_unit_ball_volume(d)) + float(0.5 * torch.log(2 * cutoff / curv).sum())
+
+
+def test_ball_volume_uniform_prior_is_exact_per_sample():
+    d, c = 7, 0.3
+    curv = torch.full((d,), 2.0, dtype=torch.float64)
+    res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=c,
+                         n_samples=5, prior="uniform", rtol=1e-8, progress=False)
+    expect = log_ellipsoid_volume(curv, c)
+    assert torch.allclose(res.estimates, torch.full((5,), expect, dtype=torch.float64), atol=1e-6)
+    assert abs(res.log_prob - expect) < 1e-6
+
+
+def test_matched_diagonal_preconditioner_gives_ellipsoid_volume_with_zero_variance():
+    d, c = 12, 1e-2
+    curv = torch.logspace(-2, 3, d, dtype=torch.float64)
+    pre = curv**-0.5  # maps the sphere onto the ellipsoid's shape
+    res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=c,
+                         n_samples=6, prior="uniform", preconditioner=pre, rtol=1e-9,
+                         progress=False)
+    expect = log_ellipsoid_volume(curv, c)
+    assert res.estimates.std() < 1e-6
+    assert abs(res.log_prob - expect) < 1e-6
+    assert res.ess == pytest.approx(6.0)
+
+
+def test_matrix_preconditioner_acts_in_parameter_space():
+    d, c = 6, 0.5
+    g = torch.Generator().manual_seed(3)
+    rot, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    curv = torch.logspace(-1, 2, d, dtype=torch.float64)
+    hess = rot @ torch.diag(curv) @ rot.T
+    pre = rot @ torch.diag(curv**-0.5) @ rot.T  # H^{-1/2}, not its eigen-coordinates
+    res = estimate_basin(quadratic(curv, rot), torch.zeros(d, dtype=torch.float64), cutoff=c,
+                         n_samples=4, prior="uniform", preconditioner=pre, rtol=1e-9,
+                         progress=False)
+    assert torch.allclose(hess, hess.T)
+    assert res.estimates.std() < 1e-6
+    assert abs(res.log_prob - log_ellipsoid_volume(curv, c)) < 1e-6
+
+
+def test_naive_monte_carlo_converges_to_ellipsoid_volume():
+    d, c = 3, 0.2
+    curv = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=c,
+                         n_samples=400, prior="uniform", batch_size=64, progress=False)
+    lo, hi = res.interval(level=0.999)
+    expect = log_ellipsoid_volume(curv, c)
+    assert lo - 0.02 < expect < hi + 0.02  # 0.02 nats: rtol-limited radius accuracy
+    assert abs(res.log_prob - expect) < 0.1
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_gaussian_prior_ball_matches_noncentral_chi_square(d):
+    """P(|X − θ| < ρ) for X ~ N(0, σ²I) is a noncentral χ² CDF."""
+    sigma, rho = 0.7, 0.9
+    g = torch.Generator().manual_seed(d)
+    theta = torch.randn(d, generator=g, dtype=torch.float64)
+    curv = torch.full((d,), 1.0, dtype=torch.float64)
+    c = 0.5 * rho**2
+    res = estimate_basin(quadratic(curv), theta, cutoff=c, sigma=sigma, n_samples=600,
+                         batch_size=200, rtol=1e-6, progress=False)
+    lam = float(theta @ theta) / sigma**2
+    expect = math.log(stats.ncx2.cdf(rho**2 / sigma**2, d, lam))
+    lo, hi = res.interval(level=0.999)
+    assert lo - 1e-3 < expect < hi + 1e-3
+    assert abs(res.log_prob - expect) < 0.1
+    assert res.sigma == sigma
+
+
+def test_default_sigma_is_anchor_rms_and_recorded():
+    theta = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    res = estimate_basin(quadratic(torch.ones(2, dtype=torch.float64)), theta, cutoff=0.1,
+                         n_samples=2, progress=False)
+    assert res.sigma == pytest.approx(math.sqrt(25 / 2))
+    assert res.settings["sigma"] == res.sigma
+
+
+def test_deltas_within_rtol_and_radii_reproduce_them():
+    d, c = 50, 1e-2
+    curv = torch.logspace(-1, 1, d, dtype=torch.float64)
+
+    def loss(off):  # smooth but not quadratic
+        x = off.double()
+        return 0.5 * (x**2 * curv).sum(-1) + (x**4).sum(-1) + 0.1 * (x**3 * curv).sum(-1)
+
+    anchor = torch.zeros(d, dtype=torch.float64)
+    res = estimate_basin(loss, anchor, cutoff=c, n_samples=40, batch_size=7, progress=False)
+    assert ((res.deltas - c).abs() <= 1e-2 * c).all()
+    # independent recomputation of each delta at the returned radius
+    from tyche.basin.sampling import unit_directions
+
+    u = unit_directions(0, list(range(40)), d, dtype=torch.float64)
+    again = loss(res.radii[:, None] * u) - loss(torch.zeros(1, d))
+    assert torch.allclose(again, res.deltas, rtol=1e-9, atol=0)
+    assert res.evals_per_direction <= 5.0
+
+
+def test_results_do_not_depend_on_batch_size():
+    d = 20
+    curv = torch.logspace(-1, 1, d, dtype=torch.float64)
+    theta = torch.linspace(-1, 1, d, dtype=torch.float64)
+    runs = [
+        estimate_basin(quadratic(curv), theta, cutoff=0.05, n_samples=9, batch_size=b,
+                       seed=11, progress=False)
+        for b in (1, 4, 9)
+    ]
+    for r in runs[1:]:
+        assert torch.equal(r.estimates, runs[0].estimates)
+        assert torch.equal(r.radii, runs[0].radii)
+
+
+def test_resume_after_interrupted_run_loses_nothing(tmp_path):
+    d = 10
+    curv = torch.logspace(-1, 1, d, dtype=torch.float64)
+    theta = torch.ones(d, dtype=torch.float64)
+    kw = dict(cutoff=0.05, n_samples=12, batch_size=3, seed=5, progress=False)
+    full = estimate_basin(quadratic(curv), theta, **kw)
+
+    calls: list[int] = []
+    inner = quadratic(curv, calls=calls)
+
+    def flaky(off):
+        if len(calls) > 6:  # dies part-way through the run
+            raise KeyboardInterrupt
+        return inner(off)
+
+    with pytest.raises(KeyboardInterrupt):
+        estimate_basin(flaky, theta, checkpoint=tmp_path / "ck", **kw)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ck" / "samples-rank0.safetensors"))
+    n_done = saved["index"].numel()
+    assert 0 < n_done < 12
+    with pytest.raises(ValueError, match="resume"):
+        estimate_basin(quadratic(curv), theta, checkpoint=tmp_path / "ck", **kw)
+    with pytest.raises(ValueError, match="settings differ"):
+        estimate_basin(quadratic(curv), theta, checkpoint=tmp_path / "ck", resume=True,
+                       **{**kw, "cutoff": 0.1})
+    calls.clear()
+    resumed = estimate_basin(quadratic(curv, calls=calls), theta, checkpoint=tmp_path / "ck",
+                             resume=True, **kw)
+    assert torch.equal(resumed.estimates, full.estimates)
+    assert torch.equal(resumed.n_evals, full.n_evals)
+    # only the unfinished directions (plus the anchor and the pilot) were evaluated again
+    unfinished = torch.ones(12, dtype=torch.bool)
+    unfinished[saved["index"]] = False
+    expect = 1 + resumed.settings["pilot_evals"] + int(full.n_evals[unfinished].sum())
+    assert sum(calls) == expect
+
+
+def test_lower_bound_warning_when_one_sample_dominates():
+    d = 200
+    curv = torch.logspace(-4, 4, d, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="lower bound"):
+        res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=1e-2,
+                             n_samples=20, prior="uniform", progress=False)
+    assert res.ess < 1.5 and res.is_lower_bound
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cutoff": 0.0}, "cutoff"),
+        ({"cutoff": -1.0}, "cutoff"),
+        ({"cutoff": float("nan")}, "cutoff"),
+        ({"n_samples": 0}, "n_samples"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": -2.0}, "sigma"),
+        ({"prior": "laplace"}, "prior"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"preconditioner": torch.ones(3)}, "3"),
+        ({"preconditioner": -torch.ones(4)}, "positive"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    args = {"cutoff": 0.1, "n_samples": 2, "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        estimate_basin(quadratic(torch.ones(4, dtype=torch.float64)), torch.zeros(4), **args)
+
+
+def test_bad_loss_functions_raise():
+    theta = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one loss per row"):
+        estimate_basin(lambda off: off.sum(), theta, cutoff=0.1, n_samples=2, progress=False)
+    with pytest.raises(ValueError, match="anchor"):
+        estimate_basin(lambda off: torch.full((off.shape[0],), float("nan")), theta,
+                       cutoff=0.1, n_samples=2, progress=False)
+    with pytest.raises(ValueError, match="1-D"):
+        estimate_basin(quadratic(torch.ones(4)), torch.zeros(2, 2), cutoff=0.1, n_samples=2)
+
+    def nan_before_crossing(off):
+        r = off.double().norm(dim=-1)
+        out = 0.5 * r**2
+        out[r > 0.1] = float("nan")  # NaN long before the cutoff radius 1.0
+        return out
+
+    with pytest.raises(ValueError, match="NaN|nan"):
+        estimate_basin(nan_before_crossing, theta, cutoff=0.5, n_samples=2, progress=False)
+
+    with pytest.raises(ValueError, match="max_radius|boundary"):
+        estimate_basin(lambda off: torch.zeros(off.shape[0]) + 1e-3 * off.double().norm(dim=-1),
+                       theta, cutoff=0.5, n_samples=2, max_radius=10.0, progress=False)

@@ -1,0 +1,478 @@
+"""Tests for tyche.causal: greedy causal basis extraction, its targets, results and CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tyche.ablation import remove_subspace, resample_donors
+from tyche.causal import (
+    CausalBasis,
+    LogitLens,
+    ModelFromSite,
+    TunedLens,
+    extract_causal_bases,
+    extract_causal_basis,
+)
+from tyche.divergence import masked_kl
+from tyche.sites import read_activations, replace_activations
+
+MODES = ["zero", "mean", "resample"]
+
+
+class SoftmaxTarget(nn.Module):
+    """A small nonlinear target ``h -> W2 tanh(W1 h + b)``, deterministic from ``seed``."""
+
+    def __init__(self, d: int, vocab: int = 11, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(width, d, generator=g) / math.sqrt(d))
+        self.b = nn.Parameter(torch.randn(width, generator=g) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(vocab, width, generator=g) * 2)
+        self.requires_grad_(False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ self.w1.T + self.b) @ self.w2.T
+
+
+def random_hiddens(shape, seed: int = 1) -> torch.Tensor:
+    """Anisotropic, off-centre random hidden states (..., d)."""
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    scales = torch.linspace(0.3, 2.0, d)
+    return torch.randn(*shape, generator=g) * scales + torch.linspace(-1, 1, d)
+
+
+def manual_energy(target, h, vectors, mode, mask=None, seed=0):
+    """Direct recomputation: KL(clean ‖ ablated) averaged over masked positions."""
+    clean = target(h).log_softmax(-1)
+    gen = torch.Generator().manual_seed(seed)
+    ablated = remove_subspace(h, vectors, mode, mask=mask, generator=gen)
+    return float(masked_kl(clean, target(ablated), mask))
+
+
+# ----------------------------------------------------------------------------- tensors
+@pytest.mark.parametrize("mode", MODES)
+def test_basis_is_orthonormal_sorted_and_energies_reproduce(mode):
+    d = 6
+    target = SoftmaxTarget(d)
+    h = random_hiddens((5, 8, d))
+    mask = torch.ones(5, 8, dtype=torch.bool)
+    mask[2, 5:] = False
+    basis = extract_causal_basis(target, h, d, mode=mode, mask=mask, max_iter=50)
+    assert basis.vectors.shape == (d, d) and basis.k == d
+    gram = basis.vectors.T @ basis.vectors
+    assert (gram - torch.eye(d)).abs().max() < 1e-5
+    assert (basis.energies >= 0).all()
+    assert (basis.energies[:-1] >= basis.energies[1:]).all()
+    for i in range(d):  # each energy is that of ablating its vector alone
+        e = manual_energy(target, h, basis.vectors[:, i], mode, mask)
+        assert math.isclose(e, float(basis.energies[i]), rel_tol=1e-4, abs_tol=1e-7)
+    for i in [0, 2, d - 1]:  # the first i+1 vectors ablated jointly
+        e = manual_energy(target, h, basis.vectors[:, : i + 1], mode, mask)
+        assert math.isclose(e, float(basis.subspace_energies[i]), rel_tol=1e-4, abs_tol=1e-7)
+    assert basis.units == "nats" and basis.mode == mode and basis.n_positions == 37
+    assert len(basis.n_evals) == d and all(n > 0 for n in basis.n_evals)
+
+
+def _fibonacci_sphere(n: int) -> torch.Tensor:
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    phi = torch.acos(1 - 2 * i / n)
+    theta = math.pi * (1 + 5**0.5) * i
+    return torch.stack([phi.sin() * theta.cos(), phi.sin() * theta.sin(), phi.cos()], 1)
+
+
+@pytest.mark.parametrize("n_init", [4, 0])
+def test_greedy_directions_match_a_brute_force_search(n_init):
+    """Oracle: dense search over the sphere (first) and the orthogonal circle (second)."""
+    d = 3
+    target = SoftmaxTarget(d, seed=3)
+    h = random_hiddens((300, d), seed=4)
+    basis = extract_causal_basis(target, h, 2, mode="mean", max_iter=100, n_init=n_init)
+    # first direction: every point of an 8k Fibonacci sphere (spacing ~0.04 rad)
+    grid = _fibonacci_sphere(8000).float()
+    clean = target(h).log_softmax(-1)
+    mu = h.mean(0)
+
+    def energies(vs: torch.Tensor) -> torch.Tensor:
+        out = []
+        for chunk in vs.split(500):
+            coords = (h - mu) @ chunk.T  # (N, m)
+            ablated = h[None] - coords.T[..., None] * chunk[:, None, :]
+            logq = target(ablated).log_softmax(-1)
+            out.append((clean.exp() * (clean - logq)).sum(-1).mean(-1))
+        return torch.cat(out)
+
+    best_grid = float(energies(grid).max())
+    assert float(basis.energies.max()) >= best_grid - 1e-4
+    # second direction: the circle orthogonal to the direction found first
+    first = basis.vectors[:, 0]  # found first: it has the largest energy
+    q, _ = torch.linalg.qr(torch.cat([first[:, None], torch.eye(3)], 1))
+    a, b = q[:, 1], q[:, 2]
+    t = torch.linspace(0, math.pi, 4000)
+    circle = torch.outer(t.cos(), a) + torch.outer(t.sin(), b)
+    assert float(basis.energies[1]) >= float(energies(circle).max()) - 1e-4
+
+
+def test_each_direction_is_a_stationary_point_on_its_constraint_set():
+    """In float64 with a tight tolerance the gradient tangent to the constraint set vanishes."""
+    d = 8
+    target = SoftmaxTarget(d, seed=5).double()
+    h = random_hiddens((400, d), seed=6).double()
+    basis = extract_causal_basis(target, h, 3, mode="zero", max_iter=100, tol=1e-12)
+    assert basis.vectors.dtype == torch.float64
+    clean = target(h).log_softmax(-1)
+    for j in range(3):
+        earlier = basis.vectors[:, :j]
+        v = basis.vectors[:, j].clone().requires_grad_()
+        energy = masked_kl(clean, target(h - torch.outer(h @ v, v)))
+        (g,) = torch.autograd.grad(energy, v)
+        g = g - earlier @ (earlier.T @ g)  # tangent to the constraint set
+        g = g - (g @ v.detach()) * v.detach()
+        assert float(g.norm()) < 1e-4 * float(energy.detach()), (j, float(g.norm()))
+
+
+def test_a_fresh_lbfgs_is_made_for_every_direction(monkeypatch):
+    """The original reused a parameter edited behind L-BFGS's back; ours never does."""
+    made: list[torch.optim.LBFGS] = []
+    original = torch.optim.LBFGS
+
+    class Spy(original):  # type: ignore[misc, valid-type]
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self)
+            self.start = [p.detach().clone() for p in self.param_groups[0]["params"]]
+
+        def step(self, closure):
+            assert not self.state  # nothing carried over
+            out = super().step(closure)
+            return out
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Spy)
+    basis = extract_causal_basis(SoftmaxTarget(5), random_hiddens((64, 5)), 4, max_iter=20)
+    assert len(made) == 4
+    params = [opt.param_groups[0]["params"][0] for opt in made]
+    assert len({id(p) for p in params}) == 4
+    assert basis.k == 4
+
+
+def test_padding_does_not_change_the_basis():
+    d = 5
+    target = SoftmaxTarget(d, seed=2)
+    h = random_hiddens((4, 10, d))
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[3, 8:] = False
+    a = extract_causal_basis(target, h, 2, mask=mask, mode="mean", max_iter=40)
+    h2 = h.clone()
+    h2[~mask] = 50.0  # garbage at padding: must not enter the mean, pool or energy
+    b = extract_causal_basis(target, h2, 2, mask=mask, mode="mean", max_iter=40)
+    torch.testing.assert_close(a.energies, b.energies, rtol=1e-5, atol=1e-7)
+    cos = (a.vectors * b.vectors).sum(0).abs()
+    assert (cos > 1 - 1e-5).all()
+
+
+def test_resample_uses_one_fixed_derangement_from_the_generator():
+    d = 4
+    target = SoftmaxTarget(d)
+    h = random_hiddens((40, d))
+    a = extract_causal_basis(
+        target, h, 2, mode="resample", generator=torch.Generator().manual_seed(7)
+    )
+    b = extract_causal_basis(
+        target, h, 2, mode="resample", generator=torch.Generator().manual_seed(7)
+    )
+    torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=0)
+    donors = resample_donors((40,), None, torch.Generator().manual_seed(7))
+    flat = h - h[donors]
+    v = a.vectors[:, 0]
+    clean = target(h).log_softmax(-1)
+    e = float(masked_kl(clean, target(h - torch.outer(flat @ v, v))))
+    assert math.isclose(e, float(a.energies[0]), rel_tol=1e-4)
+
+
+def test_cross_entropy_objective_is_the_loss_increase():
+    d = 6
+    target = SoftmaxTarget(d, vocab=7)
+    h = random_hiddens((3, 12, d))
+    labels = torch.randint(0, 7, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels[0, -1] = -100
+    basis = extract_causal_basis(target, h, 2, objective="ce", labels=labels, max_iter=30)
+    keep = labels != -100
+    clean = F.cross_entropy(target(h)[keep], labels[keep])
+    for i in range(2):
+        ablated = remove_subspace(h, basis.vectors[:, i], "mean")
+        increase = F.cross_entropy(target(ablated)[keep], labels[keep]) - clean
+        assert math.isclose(float(increase), float(basis.energies[i]), rel_tol=1e-4)
+    assert basis.objective == "ce"
+    assert float(basis.energies[0]) > 0  # the top direction hurts the loss
+
+
+def test_min_energy_drops_weak_directions():
+    d = 6
+    target = SoftmaxTarget(d)
+    h = random_hiddens((100, d))
+    full = extract_causal_basis(target, h, d, max_iter=30)
+    cut = float(full.energies[2] + full.energies[3]) / 2
+    short = extract_causal_basis(target, h, d, max_iter=30, min_energy=cut)
+    assert short.k == 3 and (short.energies >= cut).all()
+
+
+def test_save_load_round_trip(tmp_path):
+    basis = extract_causal_basis(SoftmaxTarget(4), random_hiddens((30, 4)), 2, site="toy")
+    path = basis.save(tmp_path / "basis")
+    loaded = CausalBasis.load(path)
+    torch.testing.assert_close(loaded.vectors, basis.vectors, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.pca_energies, basis.pca_energies, rtol=0, atol=0)
+    assert loaded.site == "toy" and loaded.n_evals == basis.n_evals
+    assert '"energies": "nats"' in (path / "meta.json").read_text()
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.pkl"))
+
+
+def test_bad_input_raises_clear_errors():
+    target = SoftmaxTarget(4)
+    h = random_hiddens((3, 5, 4))
+    with pytest.raises(ValueError, match="k must be an int in 1..d=4"):
+        extract_causal_basis(target, h, 5)
+    with pytest.raises(ValueError, match="k must be an int"):
+        extract_causal_basis(target, h, 0)
+    bad = h.clone()
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        extract_causal_basis(target, bad, 2)
+    with pytest.raises(ValueError, match="mask has shape"):
+        extract_causal_basis(target, h, 2, mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs labels"):
+        extract_causal_basis(target, h, 2, objective="ce")
+    with pytest.raises(ValueError, match="unknown ablation mode"):
+        extract_causal_basis(target, h, 2, mode="median")
+    with pytest.raises(ValueError, match="selects nothing|no positions"):
+        extract_causal_basis(target, h, 2, mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="min_energy"):
+        extract_causal_basis(target, h, 2, min_energy=1e6)
+    with pytest.raises(ValueError, match="keep every leading dimension"):
+        extract_causal_basis(lambda x: target(x).sum(0), h, 2)
+
+
+# ----------------------------------------------------------------------------- targets
+def test_logit_lens_on_the_last_block_output_is_the_model(hf_model, token_batch):
+    site = "resid_post.1"
+    with read_activations(hf_model, site) as acts:
+        logits = hf_model(**token_batch).logits
+    lens = LogitLens.from_model(hf_model)
+    torch.testing.assert_close(lens(acts[site]), logits, rtol=1e-4, atol=1e-4)
+    assert lens.readout_matrix().shape == (512, 64)
+    assert sum(p.numel() for p in lens.parameters()) == 0  # a view, not a copy
+
+
+def test_model_from_site_is_the_model_and_ablates_inside_it(gpt2_model, token_batch):
+    site = "resid_pre.1"
+    with torch.no_grad(), read_activations(gpt2_model, site) as acts:
+        logits = gpt2_model(**token_batch).logits
+    h = acts[site]
+    target = ModelFromSite(gpt2_model, site, token_batch)
+    with torch.no_grad():
+        torch.testing.assert_close(target(h), logits, rtol=1e-5, atol=1e-5)
+        v = torch.linalg.qr(torch.randn(64, 2, generator=torch.Generator().manual_seed(0))).Q
+        mask = token_batch["attention_mask"]
+        for mode in ("zero", "mean"):  # the mode is passed through (the original's eval ignored it)
+            ablated = remove_subspace(h, v, mode, mask=mask)
+            with replace_activations(gpt2_model, {site: lambda x, a=ablated: a}):
+                expected = gpt2_model(**token_batch).logits
+            torch.testing.assert_close(target(ablated), expected, rtol=1e-5, atol=1e-5)
+        rows = target.select(slice(1, 3))
+        torch.testing.assert_close(rows(h[1:3]), logits[1:3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden states have shape"):
+        target(h[:2])
+
+
+def test_tuned_lens_readout_is_its_jacobian_without_the_norm(gpt2_model):
+    """The original's tuned-lens SVD start had the wrong shape when V != d; ours is W (I + A)."""
+    lens = TunedLens(gpt2_model, "resid_pre.*")
+    assert lens.sites == ["resid_pre.0", "resid_pre.1"]
+    with torch.no_grad():
+        for t in lens.translators:
+            t.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+            t.bias.normal_(0, 0.1)
+    lens.logit_lens = LogitLens(nn.Identity(), lens.logit_lens.unembed.inner)
+    at_site = lens.for_site("resid_pre.1")
+    h = torch.randn(64)
+    jac = torch.func.jacrev(at_site)(h)
+    assert at_site.readout_matrix().shape == (512, 64)
+    torch.testing.assert_close(at_site.readout_matrix(), jac, rtol=1e-4, atol=1e-5)
+
+
+def test_tuned_lens_trains_saves_and_loads(gpt2_model, neox_model, token_batch, tmp_path):
+    from tyche.causal.train_lens import train_tuned_lens
+
+    tokens = {k: v.repeat(2, 1) for k, v in token_batch.items()}
+    lens = train_tuned_lens(
+        gpt2_model, tokens, "resid_pre.*", steps=30, lr=3e-3, batch_size=4, show_progress=False
+    )
+    before, after = lens.stats["kl_logit_lens"], lens.stats["kl_tuned_lens"]
+    assert all(a < 0.8 * b for a, b in zip(after, before)), (before, after)
+    assert all(p.grad is None for p in gpt2_model.parameters())
+    lens.save(tmp_path / "lens")
+    loaded = TunedLens.load(tmp_path / "lens", gpt2_model)
+    h = torch.randn(2, 3, 64)
+    torch.testing.assert_close(loaded(h, "resid_pre.1"), lens(h, "resid_pre.1"))
+    assert loaded.stats["kl_tuned_lens"] == after
+    with pytest.raises(ValueError, match="trained on a model with hash"):
+        TunedLens.load(tmp_path / "lens", neox_model)
+
+
+# ----------------------------------------------------------------------------- models
+def test_extract_causal_bases_over_every_layer(hf_model, token_batch):
+    bases = extract_causal_bases(
+        hf_model, token_batch, 2, "resid_pre.*", max_iter=15, n_pca=4, progress=False
+    )
+    assert list(bases) == ["resid_pre.0", "resid_pre.1"]
+    for name, b in bases.items():
+        assert b.site == name and b.vectors.shape == (64, 2)
+        assert (b.vectors.T @ b.vectors - torch.eye(2)).abs().max() < 1e-5
+        assert b.energies[0] >= b.energies[1] >= 0
+        assert b.pca_energies.shape == (4,)
+        assert b.n_positions == 61  # 4 x 16 minus 3 padding positions
+        # the first direction beats every one of the top principal directions
+        assert float(b.energies[0]) >= float(b.pca_energies.max()) - 1e-6
+
+
+def test_model_target_and_ce_objective(gpt2_model, token_batch):
+    lens_basis = extract_causal_bases(
+        gpt2_model, token_batch, 1, "resid_pre.1", max_iter=10, n_pca=0, progress=False
+    )["resid_pre.1"]
+    model_basis = extract_causal_bases(
+        gpt2_model,
+        token_batch,
+        1,
+        "resid_pre.1",
+        target="model",
+        objective="ce",
+        max_iter=5,
+        n_pca=0,
+        progress=False,
+    )["resid_pre.1"]
+    assert model_basis.objective == "ce" and lens_basis.objective == "kl"
+    # recompute the CE increase inside the real model
+    from tyche.causal.activations import next_token_labels
+
+    labels = next_token_labels(token_batch["input_ids"], token_batch["attention_mask"])
+    v = model_basis.vectors[:, 0]
+    with torch.no_grad():
+        clean = gpt2_model(**token_batch).logits
+        with replace_activations(
+            gpt2_model,
+            {
+                "resid_pre.1": lambda x: remove_subspace(
+                    x, v, "mean", mask=token_batch["attention_mask"]
+                )
+            },
+        ):
+            ablated = gpt2_model(**token_batch).logits
+    keep = labels != -100
+    increase = F.cross_entropy(ablated[keep], labels[keep]) - F.cross_entropy(
+        clean[keep], labels[keep]
+    )
+    assert math.isclose(float(increase), float(model_basis.energies[0]), rel_tol=1e-3)
+
+
+def test_a_site_that_matches_nothing_raises(gpt2_model, token_batch):
+    with pytest.raises(ValueError, match="resid_mid"):
+        extract_causal_bases(gpt2_model, token_batch, 2, "resid_mid.*", progress=False)
+    with pytest.raises(ValueError, match="target must be"):
+        extract_causal_bases(gpt2_model, token_batch, 2, target="lens", progress=False)
+
+
+# ----------------------------------------------------------------------------- distributed
+@pytest.mark.distributed
+def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
+    """Sharded rows, all-reduced sums and a global mean: N ranks == one process (§1.5, bug 4)."""
+    from causal_dist_worker import problem
+
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    cmd = [
+        torchrun or "torchrun",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).with_name("causal_dist_worker.py")),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("zero", "mean"):
+        target, h, mask = problem()
+        single = extract_causal_basis(target, h, 3, mode=mode, mask=mask, max_iter=60)
+        both = [CausalBasis.load(out / f"{mode}_rank{r}") for r in (0, 1)]
+        torch.testing.assert_close(both[0].vectors, both[1].vectors, rtol=0, atol=0)
+        sharded = both[0]
+        assert sharded.n_positions == single.n_positions
+        cos = (sharded.vectors * single.vectors).sum(0).abs()
+        assert (cos > 1 - 1e-4).all(), cos
+        torch.testing.assert_close(sharded.energies, single.energies, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            sharded.subspace_energies, single.subspace_energies, rtol=1e-4, atol=1e-6
+        )
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_extracts_saves_prints_and_plots(
+    gpt2_model, tiny_tokenizer, tiny_texts, tmp_path, capsys
+):
+    from tyche.causal.cli import main
+
+    model_dir = tmp_path / "model"
+    gpt2_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(tiny_texts * 3))
+    common = [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(text),
+        "--seq_len",
+        "16",
+        "--n_sequences",
+        "6",
+        "--batch_size",
+        "3",
+    ]
+    main(["train-lens", *common, "--steps", "5", "--out", str(tmp_path / "lens")])
+    assert (tmp_path / "lens" / "tensors.safetensors").is_file()
+    out = tmp_path / "bases"
+    main(
+        [
+            *common,
+            "--k",
+            "2",
+            "--max_iter",
+            "5",
+            "--n_pca",
+            "3",
+            "--target",
+            "tuned",
+            "--lens",
+            str(tmp_path / "lens"),
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "resid_pre.0" in printed and "resid_pre.1" in printed and "PCA best" in printed
+    for site in ("resid_pre.0", "resid_pre.1"):
+        basis = CausalBasis.load(out / site)
+        assert basis.k == 2 and basis.site == site and basis.pca_energies.shape == (3,)
+    assert (out / "energies.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="needs --lens"):
+        main([*common, "--target", "tuned", "--out", str(out)])

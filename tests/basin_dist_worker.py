@@ -13,9 +13,16 @@ from tyche.basin.model_loss import ModelLoss
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5)).eval()
 loss = ModelLoss(model, torch.randn(32, 8))
-res = estimate_basin(loss, loss.anchor, cutoff=1e-2, n_samples=7, batch_size=2, seed=3,
-                     progress=False)
+res = estimate_basin(
+    loss, loss.anchor, cutoff=1e-2, n_samples=7, batch_size=2, seed=3, progress=False
+)
 if dist.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
-        json.dump({"world_size": dist.get_world_size(), "estimates": res.estimates.tolist(),
-                   "radii": res.radii.tolist()}, f)
+        json.dump(
+            {
+                "world_size": dist.get_world_size(),
+                "estimates": res.estimates.tolist(),
+                "radii": res.radii.tolist(),
+            },
+            f,
+        )

@@ -25,6 +25,18 @@ def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return SoftmaxTarget(6, seed=12), h, mask
 
 
+def model_problem() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny GPT-2 and 5 token rows (3 + 2 per rank) with padding in rows 1 and 4."""
+    from conftest import build_gpt2
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 512, (5, 12), generator=g)
+    mask = torch.ones(5, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[4, 5:] = 0
+    return build_gpt2(), {"input_ids": ids, "attention_mask": mask}
+
+
 def main(out: Path) -> None:
     from tyche.causal import extract_causal_basis
     from tyche.distributed import get_rank, init_distributed, shard_range
@@ -43,6 +55,13 @@ def main(out: Path) -> None:
             max_iter=60,
         )
         basis.save(out / f"{mode}_rank{get_rank()}")
+    # the model-level call shards the rows itself (the original gave every rank the same data)
+    from tyche.causal import extract_causal_bases
+
+    model, tokens = model_problem()
+    bases = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=20, n_pca=2,
+                                 progress=False)  # fmt: skip
+    bases["resid_pre.1"].save(out / f"model_rank{get_rank()}")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,15 @@ def build_gpt2(seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
-        n_inner=2 * WIDTH, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_inner=2 * WIDTH,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     return _finish(GPT2LMHeadModel(cfg), "gpt2")
 
@@ -62,9 +69,16 @@ def build_neox(seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, intermediate_size=2 * WIDTH, max_position_embeddings=64,
-        rotary_pct=0.25, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     return _finish(GPTNeoXForCausalLM(cfg), "neox")
 
@@ -74,9 +88,16 @@ def build_llama(seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=2 * WIDTH,
-        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     return _finish(LlamaForCausalLM(cfg), "llama")
 
@@ -119,8 +140,12 @@ def tiny_tokenizer():
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-        pad_token="<|pad|>", unk_token="<unk>", padding_side="right",
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        unk_token="<unk>",
+        padding_side="right",
     )
     assert len(fast) <= VOCAB
     return fast

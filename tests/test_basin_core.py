@@ -32,8 +32,15 @@ def log_ellipsoid_volume(curv: torch.Tensor, cutoff: float) -> float:
 def test_ball_volume_uniform_prior_is_exact_per_sample():
     d, c = 7, 0.3
     curv = torch.full((d,), 2.0, dtype=torch.float64)
-    res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=c,
-                         n_samples=5, prior="uniform", rtol=1e-8, progress=False)
+    res = estimate_basin(
+        quadratic(curv),
+        torch.zeros(d, dtype=torch.float64),
+        cutoff=c,
+        n_samples=5,
+        prior="uniform",
+        rtol=1e-8,
+        progress=False,
+    )
     expect = log_ellipsoid_volume(curv, c)
     assert torch.allclose(res.estimates, torch.full((5,), expect, dtype=torch.float64), atol=1e-6)
     assert abs(res.log_prob - expect) < 1e-6
@@ -43,9 +50,16 @@ def test_matched_diagonal_preconditioner_gives_ellipsoid_volume_with_zero_varian
     d, c = 12, 1e-2
     curv = torch.logspace(-2, 3, d, dtype=torch.float64)
     pre = curv**-0.5  # maps the sphere onto the ellipsoid's shape
-    res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=c,
-                         n_samples=6, prior="uniform", preconditioner=pre, rtol=1e-9,
-                         progress=False)
+    res = estimate_basin(
+        quadratic(curv),
+        torch.zeros(d, dtype=torch.float64),
+        cutoff=c,
+        n_samples=6,
+        prior="uniform",
+        preconditioner=pre,
+        rtol=1e-9,
+        progress=False,
+    )
     expect = log_ellipsoid_volume(curv, c)
     assert res.estimates.std() < 1e-6
     assert abs(res.log_prob - expect) < 1e-6
@@ -59,9 +73,16 @@ def test_matrix_preconditioner_acts_in_parameter_space():
     curv = torch.logspace(-1, 2, d, dtype=torch.float64)
     hess = rot @ torch.diag(curv) @ rot.T
     pre = rot @ torch.diag(curv**-0.5) @ rot.T  # H^{-1/2}, not its eigen-coordinates
-    res = estimate_basin(quadratic(curv, rot), torch.zeros(d, dtype=torch.float64), cutoff=c,
-                         n_samples=4, prior="uniform", preconditioner=pre, rtol=1e-9,
-                         progress=False)
+    res = estimate_basin(
+        quadratic(curv, rot),
+        torch.zeros(d, dtype=torch.float64),
+        cutoff=c,
+        n_samples=4,
+        prior="uniform",
+        preconditioner=pre,
+        rtol=1e-9,
+        progress=False,
+    )
     assert torch.allclose(hess, hess.T)
     assert res.estimates.std() < 1e-6
     assert abs(res.log_prob - log_ellipsoid_volume(curv, c)) < 1e-6
@@ -70,8 +91,15 @@ def test_matrix_preconditioner_acts_in_parameter_space():
 def test_naive_monte_carlo_converges_to_ellipsoid_volume():
     d, c = 3, 0.2
     curv = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
-    res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=c,
-                         n_samples=400, prior="uniform", batch_size=64, progress=False)
+    res = estimate_basin(
+        quadratic(curv),
+        torch.zeros(d, dtype=torch.float64),
+        cutoff=c,
+        n_samples=400,
+        prior="uniform",
+        batch_size=64,
+        progress=False,
+    )
     lo, hi = res.interval(level=0.999)
     expect = log_ellipsoid_volume(curv, c)
     assert lo - 0.02 < expect < hi + 0.02  # 0.02 nats: rtol-limited radius accuracy
@@ -86,8 +114,16 @@ def test_gaussian_prior_ball_matches_noncentral_chi_square(d):
     theta = torch.randn(d, generator=g, dtype=torch.float64)
     curv = torch.full((d,), 1.0, dtype=torch.float64)
     c = 0.5 * rho**2
-    res = estimate_basin(quadratic(curv), theta, cutoff=c, sigma=sigma, n_samples=600,
-                         batch_size=200, rtol=1e-6, progress=False)
+    res = estimate_basin(
+        quadratic(curv),
+        theta,
+        cutoff=c,
+        sigma=sigma,
+        n_samples=600,
+        batch_size=200,
+        rtol=1e-6,
+        progress=False,
+    )
     lam = float(theta @ theta) / sigma**2
     expect = math.log(stats.ncx2.cdf(rho**2 / sigma**2, d, lam))
     lo, hi = res.interval(level=0.999)
@@ -98,8 +134,13 @@ def test_gaussian_prior_ball_matches_noncentral_chi_square(d):
 
 def test_default_sigma_is_anchor_rms_and_recorded():
     theta = torch.tensor([3.0, -4.0], dtype=torch.float64)
-    res = estimate_basin(quadratic(torch.ones(2, dtype=torch.float64)), theta, cutoff=0.1,
-                         n_samples=2, progress=False)
+    res = estimate_basin(
+        quadratic(torch.ones(2, dtype=torch.float64)),
+        theta,
+        cutoff=0.1,
+        n_samples=2,
+        progress=False,
+    )
     assert res.sigma == pytest.approx(math.sqrt(25 / 2))
     assert res.settings["sigma"] == res.sigma
 
@@ -129,8 +170,9 @@ def test_results_do_not_depend_on_batch_size():
     curv = torch.logspace(-1, 1, d, dtype=torch.float64)
     theta = torch.linspace(-1, 1, d, dtype=torch.float64)
     runs = [
-        estimate_basin(quadratic(curv), theta, cutoff=0.05, n_samples=9, batch_size=b,
-                       seed=11, progress=False)
+        estimate_basin(
+            quadratic(curv), theta, cutoff=0.05, n_samples=9, batch_size=b, seed=11, progress=False
+        )
         for b in (1, 4, 9)
     ]
     for r in runs[1:]:
@@ -163,11 +205,13 @@ def test_resume_after_interrupted_run_loses_nothing(tmp_path):
     with pytest.raises(ValueError, match="resume"):
         estimate_basin(quadratic(curv), theta, checkpoint=tmp_path / "ck", **kw)
     with pytest.raises(ValueError, match="settings differ"):
-        estimate_basin(quadratic(curv), theta, checkpoint=tmp_path / "ck", resume=True,
-                       **{**kw, "cutoff": 0.1})
+        estimate_basin(
+            quadratic(curv), theta, checkpoint=tmp_path / "ck", resume=True, **{**kw, "cutoff": 0.1}
+        )
     calls.clear()
-    resumed = estimate_basin(quadratic(curv, calls=calls), theta, checkpoint=tmp_path / "ck",
-                             resume=True, **kw)
+    resumed = estimate_basin(
+        quadratic(curv, calls=calls), theta, checkpoint=tmp_path / "ck", resume=True, **kw
+    )
     assert torch.equal(resumed.estimates, full.estimates)
     assert torch.equal(resumed.n_evals, full.n_evals)
     # only the unfinished directions (plus the anchor and the pilot) were evaluated again
@@ -181,8 +225,14 @@ def test_lower_bound_warning_when_one_sample_dominates():
     d = 200
     curv = torch.logspace(-4, 4, d, dtype=torch.float64)
     with pytest.warns(UserWarning, match="lower bound"):
-        res = estimate_basin(quadratic(curv), torch.zeros(d, dtype=torch.float64), cutoff=1e-2,
-                             n_samples=20, prior="uniform", progress=False)
+        res = estimate_basin(
+            quadratic(curv),
+            torch.zeros(d, dtype=torch.float64),
+            cutoff=1e-2,
+            n_samples=20,
+            prior="uniform",
+            progress=False,
+        )
     assert res.ess < 1.5 and res.is_lower_bound
 
 
@@ -212,8 +262,13 @@ def test_bad_loss_functions_raise():
     with pytest.raises(ValueError, match="one loss per row"):
         estimate_basin(lambda off: off.sum(), theta, cutoff=0.1, n_samples=2, progress=False)
     with pytest.raises(ValueError, match="anchor"):
-        estimate_basin(lambda off: torch.full((off.shape[0],), float("nan")), theta,
-                       cutoff=0.1, n_samples=2, progress=False)
+        estimate_basin(
+            lambda off: torch.full((off.shape[0],), float("nan")),
+            theta,
+            cutoff=0.1,
+            n_samples=2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="1-D"):
         estimate_basin(quadratic(torch.ones(4)), torch.zeros(2, 2), cutoff=0.1, n_samples=2)
 
@@ -227,5 +282,11 @@ def test_bad_loss_functions_raise():
         estimate_basin(nan_before_crossing, theta, cutoff=0.5, n_samples=2, progress=False)
 
     with pytest.raises(ValueError, match="max_radius|boundary"):
-        estimate_basin(lambda off: torch.zeros(off.shape[0]) + 1e-3 * off.double().norm(dim=-1),
-                       theta, cutoff=0.5, n_samples=2, max_radius=10.0, progress=False)
+        estimate_basin(
+            lambda off: torch.zeros(off.shape[0]) + 1e-3 * off.double().norm(dim=-1),
+            theta,
+            cutoff=0.5,
+            n_samples=2,
+            max_radius=10.0,
+            progress=False,
+        )

@@ -76,8 +76,9 @@ def test_masked_positions_do_not_count(neox_model, token_batch):
 
 
 def test_hf_models_vmap_matches_loop(hf_model, token_batch):
-    off = 0.02 * torch.randn(2, sum(p.numel() for p in hf_model.parameters()),
-                             generator=torch.Generator().manual_seed(2))
+    off = 0.02 * torch.randn(
+        2, sum(p.numel() for p in hf_model.parameters()), generator=torch.Generator().manual_seed(2)
+    )
     looped = ModelLoss(hf_model, token_batch, strategy="loop")(off)
     auto = ModelLoss(hf_model, token_batch, strategy="auto")
     assert torch.allclose(auto(off), looped, rtol=1e-3, atol=1e-6)
@@ -87,9 +88,19 @@ def test_hf_models_vmap_matches_loop(hf_model, token_batch):
 def test_volume_estimator_seed_snippet(gpt2_model, tiny_tokenizer, tiny_texts):
     datasets = pytest.importorskip("datasets")
     dataset = datasets.Dataset.from_dict({"text": tiny_texts})
-    cfg = VolumeConfig(model=gpt2_model, tokenizer=tiny_tokenizer, dataset=dataset,
-                       text_key="text", n_samples=3, cutoff=1e-2, max_seq_len=16, val_size=4,
-                       cache_mode="cpu", chunking=False, tqdm=False)
+    cfg = VolumeConfig(
+        model=gpt2_model,
+        tokenizer=tiny_tokenizer,
+        dataset=dataset,
+        text_key="text",
+        n_samples=3,
+        cutoff=1e-2,
+        max_seq_len=16,
+        val_size=4,
+        cache_mode="cpu",
+        chunking=False,
+        tqdm=False,
+    )
     result = VolumeEstimator.from_config(cfg).run()
     assert result.estimates.shape == (3,)
     assert ((result.deltas - 1e-2).abs() <= 1e-4).all()
@@ -100,20 +111,38 @@ def test_volume_estimator_seed_snippet(gpt2_model, tiny_tokenizer, tiny_texts):
 
 def test_volume_estimator_bad_data(gpt2_model, tiny_tokenizer, tiny_texts):
     with pytest.raises(ValueError, match="text_key"):
-        VolumeEstimator.from_config(VolumeConfig(
-            model=gpt2_model, tokenizer=tiny_tokenizer, dataset={"body": tiny_texts},
-            text_key="text", n_samples=2))
+        VolumeEstimator.from_config(
+            VolumeConfig(
+                model=gpt2_model,
+                tokenizer=tiny_tokenizer,
+                dataset={"body": tiny_texts},
+                text_key="text",
+                n_samples=2,
+            )
+        )
     with pytest.raises(ValueError, match="empty|no text|no documents"):
-        VolumeEstimator.from_config(VolumeConfig(
-            model=gpt2_model, tokenizer=tiny_tokenizer, dataset=[], n_samples=2))
+        VolumeEstimator.from_config(
+            VolumeConfig(model=gpt2_model, tokenizer=tiny_tokenizer, dataset=[], n_samples=2)
+        )
 
 
 def test_adam_preconditioned_estimator_runs(gpt2_model, tiny_tokenizer, tiny_texts):
-    state = {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.rand_like(p)}
-             for n, p in gpt2_model.named_parameters()}
-    cfg = VolumeConfig(model=gpt2_model, tokenizer=tiny_tokenizer, dataset=tiny_texts,
-                       n_samples=2, max_seq_len=16, val_size=2, preconditioner_type="adam",
-                       optimizer_state=state, tqdm=False, l2_reg=1e-3)
+    state = {
+        n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.rand_like(p)}
+        for n, p in gpt2_model.named_parameters()
+    }
+    cfg = VolumeConfig(
+        model=gpt2_model,
+        tokenizer=tiny_tokenizer,
+        dataset=tiny_texts,
+        n_samples=2,
+        max_seq_len=16,
+        val_size=2,
+        preconditioner_type="adam",
+        optimizer_state=state,
+        tqdm=False,
+        l2_reg=1e-3,
+    )
     result = VolumeEstimator.from_config(cfg).run()
     assert (result.props != 1).all() and torch.isfinite(result.estimates).all()
 
@@ -130,9 +159,19 @@ def test_two_ranks_give_the_same_estimates_as_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two.json"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), str(out)],
-        check=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            str(worker),
+            str(out),
+        ],
+        check=True,
+        env=env,
+        timeout=120,
     )
     one = tmp_path / "one.json"
     subprocess.run([sys.executable, str(worker), str(one)], check=True, env=env, timeout=120)

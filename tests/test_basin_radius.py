@@ -289,6 +289,13 @@ def test_discontinuous_jump_over_the_band_raises():
         search_radii(elementwise(f), 1, cutoff=CUT)
 
 
+def test_rise_above_the_cutoff_at_every_radius_raises():
+    with pytest.raises(
+        ValueError, match="above the cutoff at every radius tried along direction 0"
+    ):
+        search_radii(elementwise(lambda i, r: 1.0), 1, cutoff=CUT, init_radius=1e-290)
+
+
 def test_max_evals_raises_with_the_bracket():
     with pytest.raises(
         ValueError, match=r"did not converge in 4 evaluations; the crossing lies in"

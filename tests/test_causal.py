@@ -396,7 +396,7 @@ def test_a_site_that_matches_nothing_raises(gpt2_model, token_batch):
 @pytest.mark.distributed
 def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
     """Sharded rows, all-reduced sums and a global mean: N ranks == one process (§1.5, bug 4)."""
-    from causal_dist_worker import problem
+    from causal_dist_worker import model_problem, problem
 
     out = tmp_path / "dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -423,6 +423,15 @@ def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
         torch.testing.assert_close(
             sharded.subspace_energies, single.subspace_energies, rtol=1e-4, atol=1e-6
         )
+    model, tokens = model_problem()
+    single = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=20, n_pca=2,
+                                  progress=False)["resid_pre.1"]  # fmt: skip
+    both = [CausalBasis.load(out / f"model_rank{r}") for r in (0, 1)]
+    torch.testing.assert_close(both[0].vectors, both[1].vectors, rtol=0, atol=0)
+    assert both[0].n_positions == single.n_positions == 5 * 12 - 3 - 7
+    assert ((both[0].vectors * single.vectors).sum(0).abs() > 1 - 1e-4).all()
+    torch.testing.assert_close(both[0].energies, single.energies, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(both[0].pca_energies, single.pca_energies, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- CLI

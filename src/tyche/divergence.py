@@ -127,7 +127,11 @@ def forward_logits(model: nn.Module | Callable[..., Any], batch: Batch) -> torch
     ``attention_mask``) or a tensor (passed positionally, e.g. classifier inputs ``(N, D)``).
     The output may be a tensor or an object/dict with ``logits`` (HuggingFace style).
     """
-    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    return logits_of(model(**batch) if isinstance(batch, Mapping) else model(batch))
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``out.logits`` or ``out["logits"]``."""
     if isinstance(out, torch.Tensor):
         return out
     logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", None)

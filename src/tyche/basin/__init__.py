@@ -11,5 +11,11 @@ from tyche.basin.estimator import VolumeEstimator
 from tyche.basin.model_loss import ModelLoss, model_loss
 from tyche.basin.result import VolumeResult
 
-__all__ = ["ModelLoss", "VolumeConfig", "VolumeEstimator", "VolumeResult", "estimate_basin",
-           "model_loss"]
+__all__ = [
+    "ModelLoss",
+    "VolumeConfig",
+    "VolumeEstimator",
+    "VolumeResult",
+    "estimate_basin",
+    "model_loss",
+]

@@ -73,14 +73,14 @@ def _setup(cmd: BasinCommand):
     zm = resolve_model(cmd.model)
     data = cmd.data or zm.default_data or "zoo:stdlib-docs"
     texts = resolve_texts(data)
-    tokens = chunk_and_tokenize(texts, zm.tokenizer, max_seq_len=cmd.max_seq_len,
-                                chunking=True, max_examples=cmd.val_size)
+    tokens = chunk_and_tokenize(
+        texts, zm.tokenizer, max_seq_len=cmd.max_seq_len, chunking=True, max_examples=cmd.val_size
+    )
     tokens = {k: v[: cmd.val_size] for k, v in tokens.items()}
     device = next(zm.model.parameters()).device
     tokens = {k: v.to(device) for k, v in tokens.items()}
     exclude = cmd.exclude.split(",") if cmd.exclude else None
-    big = sum(p.numel() for p in zm.model.parameters()) > 10_000_000
-    loss = ModelLoss(zm.model, tokens, exclude=exclude, strategy="inplace" if big else "auto")
+    loss = ModelLoss(zm.model, tokens, exclude=exclude)
     return loss, None, zm.optimizer_state, zm.name
 
 
@@ -90,13 +90,16 @@ def _preconditioner(kind: str, loss: ModelLoss, state, cmd: BasinCommand) -> tor
         return None
     if kind == "adam":
         if state is None:
-            raise ValueError(f"{cmd.model} has no saved optimizer state; drop 'adam' from "
-                             "--preconditioners or use fisher")
+            raise ValueError(
+                f"{cmd.model} has no saved optimizer state; drop 'adam' from "
+                "--preconditioners or use fisher"
+            )
         return adam_preconditioner(state, names, shapes, eps=cmd.eps, exponent=cmd.exponent)
     if kind == "fisher":
         x = loss.cache.batches[0]
-        return diag_preconditioner(fisher_diagonal(loss.model, x, names=names),
-                                   eps=cmd.eps, exponent=cmd.exponent)
+        return diag_preconditioner(
+            fisher_diagonal(loss.model, x, names=names), eps=cmd.eps, exponent=cmd.exponent
+        )
     raise ValueError(f"unknown preconditioner {kind!r}: choose from none, adam, fisher")
 
 
@@ -111,20 +114,32 @@ def run(cmd: BasinCommand) -> dict[str, VolumeResult]:
     if cmd.cutoff not in cutoffs:
         cutoffs.append(cmd.cutoff)
     cutoffs.sort()
-    dist.rank0_print(f"model {name}: D = {loss.n_params:,} parameters, "
-                     f"anchor cache {loss.cache_bytes / 2**20:.2f} MiB")
+    dist.rank0_print(
+        f"model {name}: D = {loss.n_params:,} parameters, "
+        f"anchor cache {loss.cache_bytes / 2**20:.2f} MiB"
+    )
     results: dict[str, list[VolumeResult]] = {}
     rows = []
+    if "adam" in kinds and state is None and len(kinds) > 1:
+        dist.rank0_print(f"note: {name} has no saved optimizer state; skipping 'adam'")
+        kinds.remove("adam")
     for kind in kinds:
         pre = _preconditioner(kind, loss, state, cmd)
         for c in cutoffs:
             t0 = time.perf_counter()
             ckpt = out / "checkpoints" / f"{kind}-{c:g}" if cmd.checkpoint else None
             res = estimate_basin(
-                loss, loss.anchor, cutoff=c, sigma=sigma, n_samples=cmd.n_samples,
-                preconditioner=pre, batch_size=cmd.batch_size, seed=cmd.seed,
+                loss,
+                loss.anchor,
+                cutoff=c,
+                sigma=sigma,
+                n_samples=cmd.n_samples,
+                preconditioner=pre,
+                batch_size=cmd.batch_size,
+                seed=cmd.seed,
                 checkpoint=ckpt,
-                resume=cmd.resume, extra_settings={"model": name, "preconditioner_kind": kind},
+                resume=cmd.resume,
+                extra_settings={"model": name, "preconditioner_kind": kind},
             )
             seconds = time.perf_counter() - t0
             results.setdefault(kind, []).append(res)
@@ -141,23 +156,29 @@ def run(cmd: BasinCommand) -> dict[str, VolumeResult]:
 
 
 def _report(rows, n_params: int, out: Path) -> None:
-    head = (f"{'preconditioner':<14} {'cutoff':>8} {'log P (nats)':>14} {'95% CI':>23} "
-            f"{'max':>12} {'ESS':>6} {'evals/dir':>9} {'time (s)':>9}")
+    head = (
+        f"{'preconditioner':<14} {'cutoff':>8} {'log P (nats)':>16} {'95% CI':>27} "
+        f"{'max':>12} {'ESS':>6} {'evals/dir':>9} {'time (s)':>9}"
+    )
     print(head)
     print("-" * len(head))
     table = []
     for kind, c, res, seconds in rows:
         lo, hi = res.interval()
-        print(f"{kind:<14} {c:>8.0e} {res.log_prob:>14,.1f} {f'[{lo:,.0f}, {hi:,.0f}]':>23} "
-              f"{res.max:>12,.1f} {res.ess:>6.2f} {res.evals_per_direction:>9.2f} {seconds:>9.1f}")
+        print(
+            f"{kind:<14} {c:>8.0e} {res.log_prob:>16,.1f} {f'[{lo:,.0f}, {hi:,.0f}]':>27} "
+            f"{res.max:>12,.1f} {res.ess:>6.2f} {res.evals_per_direction:>9.2f} {seconds:>9.1f}"
+        )
         table.append({"preconditioner": kind, "cutoff": c, **res.summary(), "seconds": seconds})
     if len(rows) > 1:
         c_small = [r for r in rows if r[0] == rows[0][0]]
         if len(c_small) > 1:
             (_, c0, r0, _), (_, c1, r1, _) = c_small[0], c_small[1]
             slope = (r1.log_prob - r0.log_prob) / (math.log(c1) - math.log(c0))
-            print(f"slope of log P against ln(cutoff) at the smallest cutoffs: {slope:,.0f} "
-                  f"(D/2 = {n_params / 2:,.0f})")
+            print(
+                f"slope of log P against ln(cutoff) at the smallest cutoffs: {slope:,.0f} "
+                f"(D/2 = {n_params / 2:,.0f})"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(table, indent=2))
     print(f"results, plots and summary.json in {out}/")

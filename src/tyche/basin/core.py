@@ -34,10 +34,19 @@ from tyche.basin.sampling import unit_directions
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _check_args(anchor: torch.Tensor, cutoff: float, sigma: float | None, n_samples: int,
-                prior: str, batch_size: int | None, rtol: float) -> None:
+def _check_args(
+    anchor: torch.Tensor,
+    cutoff: float,
+    sigma: float | None,
+    n_samples: int,
+    prior: str,
+    batch_size: int | None,
+    rtol: float,
+) -> None:
     if not isinstance(anchor, torch.Tensor) or anchor.dim() != 1 or anchor.numel() == 0:
-        raise ValueError("anchor must be a non-empty 1-D tensor θ of length D (the flat parameters)")
+        raise ValueError(
+            "anchor must be a non-empty 1-D tensor θ of length D (the flat parameters)"
+        )
     if not torch.isfinite(anchor).all():
         raise ValueError("anchor contains NaN or inf values")
     if not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff > 0):
@@ -117,7 +126,7 @@ def estimate_basin(
     theta_sq = float(theta64 @ theta64)
     if sigma is None:
         sigma = math.sqrt(theta_sq / dim) or 1.0
-    pre = None if preconditioner is None else user_preconditioner(preconditioner, dim)
+    pre = None if preconditioner is None else user_preconditioner(preconditioner.cpu(), dim)
     if max_radius is None:
         max_radius = 100.0 * (math.sqrt(theta_sq) + sigma * math.sqrt(dim))
     batch_size = batch_size or min(n_samples, 16)
@@ -125,10 +134,18 @@ def estimate_basin(
 
     base = _evaluate(loss_fn, torch.zeros(1, dim, dtype=anchor.dtype, device=anchor.device))
     if not torch.isfinite(base).all():
-        raise ValueError(f"loss_fn(0) (the loss at the anchor) is {float(base[0])}; it must be finite")
+        raise ValueError(
+            f"loss_fn(0) (the loss at the anchor) is {float(base[0])}; it must be finite"
+        )
     settings = {
-        "cutoff": cutoff, "sigma": sigma, "n_samples": n_samples, "prior": prior, "rtol": rtol,
-        "seed": seed, "n_params": dim, "max_radius": max_radius,
+        "cutoff": cutoff,
+        "sigma": sigma,
+        "n_samples": n_samples,
+        "prior": prior,
+        "rtol": rtol,
+        "seed": seed,
+        "n_params": dim,
+        "max_radius": max_radius,
         "preconditioner": "none" if pre is None else ("diagonal" if pre.dim() == 1 else "matrix"),
         **(extra_settings or {}),
     }
@@ -153,8 +170,9 @@ def estimate_basin(
             r = radius.to(anchor.device, anchor.dtype)[:, None]
             return _evaluate(loss_fn, r * vhat[idx.to(anchor.device)]) - base
 
-        found = search_radii(rise, len(indices), cutoff=cutoff, rtol=rtol,
-                             init_radius=init, max_radius=max_radius)
+        found = search_radii(
+            rise, len(indices), cutoff=cutoff, rtol=rtol, init_radius=init, max_radius=max_radius
+        )
         return vhat, props, found
 
     # A pilot search along direction 0 sets the starting radius of every other direction,
@@ -179,8 +197,10 @@ def estimate_basin(
             est = log_unit_ball_volume(dim) + dim * torch.log(radii)
         est = est - dim * torch.log(props)
         batch = {
-            "index": torch.tensor(indices, dtype=torch.long), "radii": radii,
-            "deltas": found.deltas.to(torch.float64), "props": props.double(),
+            "index": torch.tensor(indices, dtype=torch.long),
+            "radii": radii,
+            "deltas": found.deltas.to(torch.float64),
+            "props": props.double(),
             "logabsint": torch.as_tensor(logint, dtype=torch.float64).reshape(-1),
             "estimates": torch.as_tensor(est, dtype=torch.float64).reshape(-1),
             "n_evals": found.n_evals.to(torch.long),
@@ -203,14 +223,24 @@ def estimate_basin(
     if rec["index"].tolist() != list(range(n_samples)):
         raise RuntimeError("internal error: samples are missing or duplicated after gathering")
     result = VolumeResult(
-        estimates=rec["estimates"], radii=rec["radii"], deltas=rec["deltas"],
-        props=rec["props"], mults=rec["radii"] / rec["props"], logabsint=rec["logabsint"],
-        n_evals=rec["n_evals"], cutoff=float(cutoff), sigma=float(sigma), n_params=dim,
+        estimates=rec["estimates"],
+        radii=rec["radii"],
+        deltas=rec["deltas"],
+        props=rec["props"],
+        mults=rec["radii"] / rec["props"],
+        logabsint=rec["logabsint"],
+        n_evals=rec["n_evals"],
+        cutoff=float(cutoff),
+        sigma=float(sigma),
+        n_params=dim,
         prior=prior,
-        settings={**settings, "pilot_radius": init, "pilot_evals": int(pilot.n_evals.sum()),
-                  "batch_size": batch_size},
+        settings={
+            **settings,
+            "pilot_radius": init,
+            "pilot_evals": int(pilot.n_evals.sum()),
+            "batch_size": batch_size,
+        },
     )
-    result.warn_if_bound()
+    if dist.get_rank() == 0:
+        result.warn_if_bound()
     return result
-
-

@@ -23,8 +23,11 @@ class VolumeEstimator:
         self.config = config
         device = next(config.model.parameters()).device
         self.tokens = chunk_and_tokenize(
-            config.dataset, config.tokenizer, text_key=config.text_key,
-            max_seq_len=config.max_seq_len, chunking=config.chunking,
+            config.dataset,
+            config.tokenizer,
+            text_key=config.text_key,
+            max_seq_len=config.max_seq_len,
+            chunking=config.chunking,
             max_examples=config.val_size,
         )
         if config.val_size is not None:
@@ -33,8 +36,13 @@ class VolumeEstimator:
         cache_device = "cpu" if config.cache_mode == "cpu" else None
         strategy = "inplace" if config.implicit_vectors else config.strategy
         self.loss = ModelLoss(
-            config.model, self.tokens, include=config.include, exclude=config.exclude,
-            data_batch_size=config.data_batch_size, strategy=strategy, cache_device=cache_device,
+            config.model,
+            self.tokens,
+            include=config.include,
+            exclude=config.exclude,
+            data_batch_size=config.data_batch_size,
+            strategy=strategy,
+            cache_device=cache_device,
         )
         self.preconditioner = self._preconditioner()
 
@@ -50,19 +58,26 @@ class VolumeEstimator:
             return None
         if cfg.preconditioner_type == "adam":
             if cfg.optimizer_state is None:
-                raise ValueError('preconditioner_type="adam" needs optimizer_state (a state dict, '
-                                 "a name -> moments mapping, or a path to optimizer.pt)")
+                raise ValueError(
+                    'preconditioner_type="adam" needs optimizer_state (a state dict, '
+                    "a name -> moments mapping, or a path to optimizer.pt)"
+                )
             return adam_preconditioner(
-                cfg.optimizer_state, list(layout.names), list(layout.shapes),
-                order=cfg.adam_order, eps=cfg.preconditioner_eps,
+                cfg.optimizer_state,
+                list(layout.names),
+                list(layout.shapes),
+                order=cfg.adam_order,
+                eps=cfg.preconditioner_eps,
                 exponent=cfg.preconditioner_exponent,
             )
         if cfg.preconditioner_type == "fisher":
             fisher = fisher_diagonal(self.config.model, self.tokens, names=list(layout.names))
-            return diag_preconditioner(fisher, eps=cfg.preconditioner_eps,
-                                       exponent=cfg.preconditioner_exponent)
-        raise ValueError(f"unknown preconditioner_type {cfg.preconditioner_type!r}: use 'adam', "
-                         "'fisher' or None")
+            return diag_preconditioner(
+                fisher, eps=cfg.preconditioner_eps, exponent=cfg.preconditioner_exponent
+            )
+        raise ValueError(
+            f"unknown preconditioner_type {cfg.preconditioner_type!r}: use 'adam', 'fisher' or None"
+        )
 
     def _loss_fn(self):
         l2 = self.config.l2_reg
@@ -73,13 +88,27 @@ class VolumeEstimator:
     def run(self) -> VolumeResult:
         cfg = self.config
         batch = cfg.model_batch_size or (1 if self.loss.n_params > 10_000_000 else 8)
-        extra: dict[str, Any] = {"model_hash": _hash(cfg.model), "val_size": cfg.val_size,
-                                 "max_seq_len": cfg.max_seq_len, "l2_reg": cfg.l2_reg}
+        extra: dict[str, Any] = {
+            "model_hash": _hash(cfg.model),
+            "val_size": cfg.val_size,
+            "max_seq_len": cfg.max_seq_len,
+            "l2_reg": cfg.l2_reg,
+        }
         return estimate_basin(
-            self._loss_fn(), self.loss.anchor, cutoff=cfg.cutoff, sigma=cfg.sigma,
-            n_samples=cfg.n_samples, prior=cfg.prior, preconditioner=self.preconditioner,
-            batch_size=batch, rtol=cfg.rtol, seed=cfg.seed, progress=cfg.tqdm,
-            checkpoint=cfg.checkpoint, resume=cfg.resume, extra_settings=extra,
+            self._loss_fn(),
+            self.loss.anchor,
+            cutoff=cfg.cutoff,
+            sigma=cfg.sigma,
+            n_samples=cfg.n_samples,
+            prior=cfg.prior,
+            preconditioner=self.preconditioner,
+            batch_size=batch,
+            rtol=cfg.rtol,
+            seed=cfg.seed,
+            progress=cfg.tqdm,
+            checkpoint=cfg.checkpoint,
+            resume=cfg.resume,
+            extra_settings=extra,
         )
 
 

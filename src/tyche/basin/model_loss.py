@@ -11,11 +11,13 @@ Strategies for a batch of B offsets:
 - ``"inplace"``: writes θ+δ into the parameters, runs the model, then copies θ back, so
   the weights are restored bit for bit (one extra copy of θ, no per-offset copies: for
   large models).
-``"auto"`` tries vmap on the first call and falls back to loop if the model refuses it.
+``"auto"`` takes inplace above ``INPLACE_ABOVE`` selected parameters; below, it tries vmap
+on the first call and falls back to loop if the model refuses it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,6 +30,9 @@ from tyche.divergence import AnchorCache
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 Strategy = Literal["auto", "vmap", "loop", "inplace"]
+
+#: above this many selected parameters, strategy="auto" evaluates in place (no copies of θ)
+INPLACE_ABOVE = 10_000_000
 
 
 def _batches(inputs: Inputs, mask: torch.Tensor | None, batch_size: int | None):
@@ -84,11 +89,15 @@ class ModelLoss:
         self.anchor = self.layout.flatten([p for _, p in named]).clone()
         device = next(iter(self.params.values())).device
         model.eval()
-        batches = [_with_mask(_to(x, device), m) for x, m in _batches(inputs, mask, data_batch_size)]
+        batches = [
+            _with_mask(_to(x, device), m) for x, m in _batches(inputs, mask, data_batch_size)
+        ]
         store = device if cache_device is None else torch.device(cache_device)
         self.cache = AnchorCache.from_model(model, batches, device=store)
         self.cache_bytes = self.cache.nbytes
         self.n_params = self.layout.size
+        if strategy == "auto" and self.n_params > INPLACE_ABOVE:
+            self.strategy = "inplace"
 
     def _kl(self, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         """Mean KL(anchor ‖ model) over all evaluation positions for one setting (scalar)."""
@@ -107,7 +116,9 @@ class ModelLoss:
         if self.strategy in ("auto", "vmap"):
             try:
                 split = self.layout.split(offsets)
-                return torch.vmap(lambda d: self._kl(self._perturbed(d)))(split)
+                with warnings.catch_warnings():  # sdpa has no batching rule: a slower fallback
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    return torch.vmap(lambda d: self._kl(self._perturbed(d)))(split)
             except Exception:
                 if self.strategy == "vmap":
                     raise

@@ -40,9 +40,7 @@ def select_parameters(
     ]
     if not chosen:
         shown = ", ".join(n for n, _ in named[:8]) + (" ..." if len(named) > 8 else "")
-        raise ValueError(
-            f"no parameters match include={inc} exclude={exc}; the model has: {shown}"
-        )
+        raise ValueError(f"no parameters match include={inc} exclude={exc}; the model has: {shown}")
     return chosen
 
 
@@ -65,7 +63,9 @@ class ParameterLayout:
             tuple(n for n, _ in named), tuple(p.shape for _, p in named), tuple(offsets), total
         )
 
-    def flatten(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    def flatten(
+        self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Concatenate ``tensors`` (in layout order) into one vector of length ``size``."""
         return torch.cat([t.detach().reshape(-1).to(dtype or t.dtype) for t in tensors])
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from tyche.divergence import logits_of
+
 
 def _spectrum_to_scales(spec: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
     """p_i = 1/(|s_i|^exponent + eps) in float64, with a clear error on division by zero."""
@@ -222,11 +224,6 @@ def adam_preconditioner(
     return diag_preconditioner(spec, eps=eps, exponent=exponent)
 
 
-def _logits(out: Any) -> torch.Tensor:
-    logits = getattr(out, "logits", out)
-    return logits[0] if isinstance(logits, (tuple, list)) else logits
-
-
 def _rows(x: Any, idx: slice | int | torch.Tensor) -> Any:
     """x[idx] for a tensor or for every tensor of a dict."""
     return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
@@ -286,7 +283,7 @@ def fisher_diagonal(
 
     def log_probs(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
         out = functional_call(model, p, (), x) if as_kwargs else functional_call(model, p, (x,))
-        return _logits(out).log_softmax(-1)
+        return logits_of(out).log_softmax(-1)
 
     def single(x: Any):  # log-probs of one unbatched example as a function of the parameters
         x = _rows(x, None)

@@ -81,6 +81,8 @@ _LEVELS = (1.0, 4.0, 9.0, 16.0, 25.0, 36.0, 49.0)
 _NODES_PER_PANEL = 16
 _MAX_NEWTON_ITERS = 60
 _NEWTON_RTOL = 1e-9
+# Integrals per vectorised chunk (bounds memory at ~_CHUNK × 224 × 8 bytes per temporary).
+_CHUNK = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,15 +115,13 @@ def _as_float64(name: str, value: Number, device: torch.device) -> Tensor:
 
 def _require(ok: Tensor, name: str, what: str, value: Tensor) -> None:
     if not bool(torch.all(ok)):
-        bad = value[~ok] if value.dim() else value
-        first = float(bad.reshape(-1)[0])
+        ok, value = torch.broadcast_tensors(ok, value)
+        first = float(value[~ok].reshape(-1)[0])
         raise ValueError(f"{name} {what}; got {first!r} (at {int((~ok).sum())} position(s))")
 
 
 def _check_dim(n_dim: Tensor) -> None:
-    _require(
-        torch.isfinite(n_dim) & (n_dim >= 1), "n_dim", "must be a finite number >= 1", n_dim
-    )
+    _require(torch.isfinite(n_dim) & (n_dim >= 1), "n_dim", "must be a finite number >= 1", n_dim)
 
 
 def _check_upper(name: str, upper: Tensor) -> None:
@@ -150,20 +150,28 @@ def log_unit_sphere_area(n_dim: Number) -> Tensor:
 # the radial integral
 
 
-def _expm1mx(h: Tensor) -> Tensor:
-    """``e^h - 1 - h`` without cancellation (series for |h| < 0.25)."""
+def _expm1mx(h: Tensor, expm1_h: Tensor) -> Tensor:
+    """``e^h - 1 - h`` without cancellation (series for |h| < 0.25); a new tensor."""
     small = h.clamp(-0.25, 0.25)
-    series = torch.zeros_like(small)
-    for k in range(14, 1, -1):  # Horner on sum_{k>=2} h^k / k!
-        series = (series + 1.0 / math.factorial(k)) * small
-    series = series * small
-    return torch.where(h.abs() < 0.25, series, torch.expm1(h) - h)
+    series = torch.full_like(h, 1.0 / math.factorial(14))
+    for k in range(13, 1, -1):  # Horner on sum_{k>=2} h^k / k! = h² sum_{j>=0} h^j / (j+2)!
+        series.mul_(small).add_(1.0 / math.factorial(k))
+    series.mul_(small).mul_(small)
+    return torch.where(h.abs() < 0.25, series, expm1_h - h)
 
 
 def _drop(h: Tensor, d: Tensor, big_a: Tensor, rho: Tensor, rho_m1: Tensor) -> Tensor:
-    """Δ(h): nats below the maximum at log-radius offset h (see the module docstring)."""
+    """Δ(h): nats below the maximum at log-radius offset h (see the module docstring).
+
+    ``h`` has the full shape; the parameters broadcast against it.  Written with in-place
+    operations because the final evaluation runs on ``batch × 224`` nodes.
+    """
     e = torch.expm1(h)
-    return d * (rho * _expm1mx(h) + rho_m1 * h) + 0.5 * big_a * rho * e * (rho * e + 2.0 * rho_m1)
+    out = _expm1mx(h, e)
+    out.mul_(rho).addcmul_(rho_m1, h).mul_(d)  # D (ρ (e^h - 1 - h) + (ρ - 1) h)
+    rho_e = e.mul_(rho)
+    second = (rho_e + 2.0 * rho_m1).mul_(0.5 * big_a)
+    return out.addcmul_(rho_e, second)  # + (A/2) ρE (ρE + 2(ρ - 1))
 
 
 def _drop_slope(h: Tensor, d: Tensor, big_a: Tensor, rho: Tensor, rho_m1: Tensor) -> Tensor:
@@ -193,7 +201,7 @@ def _level_points(
         lo = torch.where(f <= 0, y, lo)
         hi = torch.where(f >= 0, y, hi)
         y_newton = y - f / slope
-        inside = (y_newton > lo) & (y_newton < hi)  # False for NaN/inf steps
+        inside = (y_newton >= lo) & (y_newton <= hi)  # False for NaN/inf steps
         y_next = torch.where(inside, y_newton, 0.5 * (lo + hi))
         converged = (y_next - y).abs() <= _NEWTON_RTOL * y_next
         y = y_next
@@ -252,9 +260,10 @@ def _log_radial_integral_c0(d: Tensor, a: Tensor, b: Tensor, upper: Tensor) -> T
     lo, hi = ends[..., :-1], ends[..., 1:]
     nodes, weights = _gauss_legendre(_NODES_PER_PANEL, str(d.device))
     half = col(0.5 * (hi - lo))
-    h = col(0.5 * (hi + lo)) + half * nodes
+    h = torch.addcmul(col(0.5 * (hi + lo)), half, nodes)  # (..., panels, nodes)
     p = tuple(col(col(t)) for t in (d, big_a, rho, rho_m1))
-    total = (half * weights * torch.exp(-_drop(h, *p))).sum(dim=(-1, -2))
+    integrand = _drop(h, *p).neg_().exp_().mul_(half)
+    total = integrand.sum(dim=-2) @ weights
     return log_peak + torch.log(total)
 
 
@@ -290,7 +299,14 @@ def log_radial_integral(n_dim: Number, a: Number, b: Number, c: Number, upper: N
         d, a_t, b_t, c_t, r_t = torch.broadcast_tensors(d, a_t, b_t, c_t, r_t)
     except RuntimeError as err:
         raise ValueError(f"arguments do not broadcast together: {err}") from err
-    return _log_radial_integral_c0(d, a_t, b_t, r_t) + c_t
+    shape = d.shape
+    flat = [t.reshape(-1) for t in (d, a_t, b_t, r_t)]
+    n = flat[0].numel()
+    pieces = [
+        _log_radial_integral_c0(*(t[i : i + _CHUNK] for t in flat)) for i in range(0, n, _CHUNK)
+    ]
+    out = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float64, device=device)
+    return out.reshape(shape) + c_t
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ RiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MAX_STEP = math.log(30.0)  # largest step in log r before the crossing is bracketed
 MIN_SLOPE, MAX_SLOPE = 0.5, 8.0  # clamp on log-log slopes used for extrapolation
 COLLAPSE = 1e-12  # relative bracket width at which the search gives up
+MIN_LOG_RADIUS = math.log(1e-300)  # below this the radius would underflow
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,6 @@ class _Ray:
     n_evals: int = 0
     radius: float = math.nan
     delta: float = math.nan
-    done: bool = field(default=False)
 
 
 def _slope(a: tuple[float, float] | None, x: float, f: float) -> float:
@@ -139,6 +139,12 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
         step = -MAX_STEP
         if math.isfinite(ray.f_hi):
             step = max(-ray.f_hi / _slope(ray.prev_hi, ray.x_hi, ray.f_hi), -MAX_STEP)
+        if ray.x_hi + step < MIN_LOG_RADIUS:
+            raise ValueError(
+                f"the loss rise is above the cutoff at every radius tried along direction "
+                f"{ray.index}, down to r={math.exp(ray.x_hi):.3g}; is the loss discontinuous "
+                "at the anchor?"
+            )
         return ray.x_hi + min(step, -1e-6)
 
     width = ray.x_hi - ray.x_lo
@@ -259,7 +265,7 @@ def search_radii(
         for ray, r, delta in zip(active, radii, deltas):
             ray.n_evals += 1
             if math.isfinite(delta) and abs(delta - cutoff) <= rtol * cutoff:
-                ray.radius, ray.delta, ray.done = r, delta, True
+                ray.radius, ray.delta = r, delta
                 continue
             _record(ray, math.log(r), delta, cutoff)
             if ray.n_evals >= max_evals:

@@ -37,7 +37,9 @@ def bootstrap_interval(
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(n, (n_boot, n), generator=g)
     stats = log_mean_exp(estimates.double().cpu()[idx], dim=1)
-    lo, hi = torch.quantile(stats, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=stats.dtype))
+    lo, hi = torch.quantile(
+        stats, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=stats.dtype)
+    )
     return (float(lo), float(hi))
 
 

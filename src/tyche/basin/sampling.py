@@ -26,7 +26,7 @@ def unit_directions(
     device, for every batch size and number of processes.
     """
     rows = []
-    for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices):
+    for i in indices.tolist() if isinstance(indices, torch.Tensor) else indices:
         g = torch.Generator().manual_seed(direction_seed(seed, i))
         z = torch.randn(dim, generator=g, dtype=torch.float64)
         rows.append((z / z.norm()).to(dtype))

@@ -12,6 +12,7 @@ from tyche.causal.extraction import extract_causal_bases, extract_causal_basis, 
 from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
 from tyche.causal.objective import AblationObjective
 from tyche.causal.result import CausalBasis
+from tyche.causal.train_lens import train_tuned_lens
 
 __all__ = [
     "AblationObjective",
@@ -22,4 +23,5 @@ __all__ = [
     "extract_causal_basis",
     "extract_causal_bases",
     "pca_directions",
+    "train_tuned_lens",
 ]

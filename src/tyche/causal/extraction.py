@@ -216,7 +216,10 @@ def extract_causal_basis(
     )
     moment = obj.second_moment(centred=mode != "zero")
     readout = _readout_directions(target, d) if n_init else None
-    bar = progress_bar(total=k, desc=site or "causal basis") if progress is True else progress
+    if progress is True:
+        bar = progress_bar(total=k, desc=site or "causal basis")
+    else:  # False/None: no bar; otherwise a bar owned by the caller
+        bar = None if progress is False or progress is None else progress
 
     found = hiddens.new_zeros(d, 0)
     energies: list[float] = []
@@ -227,16 +230,16 @@ def extract_causal_basis(
         start, n_start = _initial_direction(obj, found, moment, readout, n_init, generator)
         v, n_opt = _optimise_direction(obj, found, start, max_iter, tol)
         energy = obj.energy(v)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(energy=f"{energy:.4g}", evals=n_start + n_opt)
         if energy < min_energy:
             break
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(energy=f"{energy:.4g}", evals=n_start + n_opt)
         found = torch.cat([found, v[:, None]], 1)
         energies.append(energy)
         evals.append(n_start + n_opt)
         seconds.append(time.perf_counter() - start_time)
-    if progress is True and bar:
+    if progress is True and bar is not None:
         bar.close()
     if not energies:
         raise ValueError(
@@ -344,7 +347,7 @@ def extract_causal_bases(
                 progress=bar,
                 **options,
             )
-            bar.update(k - bases[name].k)  # directions skipped by min_energy
+            bar.update(k - bases[name].k)  # directions not found (min_energy)
         bar.close()
     finally:
         model.train(was_training)

@@ -62,7 +62,10 @@ class LogitLens(nn.Module):
         return cls(final_norm(model), unembedding(model))
 
     def forward(self, h: Tensor) -> Tensor:
-        """Logits (..., V) for hidden states (..., d)."""
+        """Logits (..., V) for hidden states (..., d) (cast to the unembedding's dtype)."""
+        weight = getattr(self.unembed.inner, "weight", None)
+        if isinstance(weight, Tensor) and weight.is_floating_point() and h.dtype != weight.dtype:
+            h = h.to(weight.dtype)
         return self.unembed(self.norm(h))
 
     def readout_matrix(self) -> Tensor:

@@ -160,14 +160,21 @@ class AblationObjective:
 
     def masked_sum(self, x: Tensor) -> Tensor:
         """Sum over every rank of the rows of ``x`` (..., m) at selected positions; (m,)."""
-        return all_reduce_sum(x[self.keep].double().sum(0)).to(x.dtype)
+        total = x.new_zeros(x.shape[-1], dtype=torch.float64)
+        for rows in self.chunks():
+            total += x[rows][self.keep[rows]].double().sum(0)
+        return all_reduce_sum(total).to(x.dtype)
 
     def second_moment(self, centred: bool) -> Tensor:
         """(d, d) float64 covariance (``centred``) or uncentred second moment of the data."""
-        flat = self.hiddens[self.keep].double()
-        n = self.n_selected
-        total = all_reduce_sum(torch.cat([flat.T @ flat, flat.sum(0)[None]], 0))
-        moment, mean = total[:-1] / n, total[-1] / n
+        d = self.hiddens.shape[-1]
+        total = self.hiddens.new_zeros(d + 1, d, dtype=torch.float64)
+        for rows in self.chunks():
+            flat = self.hiddens[rows][self.keep[rows]].double()
+            total[:-1] += flat.T @ flat
+            total[-1] += flat.sum(0)
+        total = all_reduce_sum(total)
+        moment, mean = total[:-1] / self.n_selected, total[-1] / self.n_selected
         return moment - torch.outer(mean, mean) if centred else moment
 
     def chunks(self) -> Iterator[slice]:

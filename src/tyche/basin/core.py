@@ -26,7 +26,11 @@ import torch
 from tyche import distributed as dist
 from tyche.basin.checkpoint import FIELDS, SampleCheckpoint, field_dtype
 from tyche.basin.preconditioners import user_preconditioner
-from tyche.basin.radial import log_radial_integral, log_unit_ball_volume, log_unit_sphere_area
+from tyche.basin.radial import (
+    log_gaussian_ray_mass,
+    log_radial_integral,
+    log_uniform_ray_volume,
+)
 from tyche.basin.radius import search_radii
 from tyche.basin.result import VolumeResult
 from tyche.basin.sampling import unit_directions
@@ -191,10 +195,10 @@ def estimate_basin(
         if prior == "gaussian":
             a = 1.0 / sigma**2
             logint = log_radial_integral(dim, a, -dots * a, -theta_sq * a / 2, radii)
-            est = logint + log_unit_sphere_area(dim) - dim / 2 * math.log(2 * math.pi * sigma**2)
+            est = log_gaussian_ray_mass(dim, sigma, dots, theta_sq, radii)
         else:
             logint = dim * torch.log(radii) - math.log(dim)
-            est = log_unit_ball_volume(dim) + dim * torch.log(radii)
+            est = log_uniform_ray_volume(dim, radii)
         est = est - dim * torch.log(props)
         batch = {
             "index": torch.tensor(indices, dtype=torch.long),

@@ -172,3 +172,33 @@ def token_batch() -> dict[str, torch.Tensor]:
     mask[1, -3:] = 0
     input_ids[1, -3:] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def run_torchrun(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 120):
+    """Run ``script`` under ``torchrun`` with ``nproc`` gloo ranks on the CPU; assert success.
+
+    Returns the CompletedProcess (stdout/stderr as text).
+    """
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    if sys.platform.startswith("linux"):  # containers whose hostname does not resolve
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        str(script),
+        *map(str, args),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_torchrun
 from tyche import VolumeConfig, VolumeEstimator
 from tyche.basin.model_loss import ModelLoss
 
@@ -146,32 +146,12 @@ def test_adam_preconditioned_estimator_runs(gpt2_model, tiny_tokenizer, tiny_tex
     assert (result.props != 1).all() and torch.isfinite(result.estimates).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_ranks_give_the_same_estimates_as_one(tmp_path):
     worker = Path(__file__).with_name("basin_dist_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            str(worker),
-            str(out),
-        ],
-        check=True,
-        env=env,
-        timeout=120,
-    )
+    run_torchrun(worker, out)
     one = tmp_path / "one.json"
     subprocess.run([sys.executable, str(worker), str(one)], check=True, env=env, timeout=120)
     a, b = json.loads(out.read_text()), json.loads(one.read_text())

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_torchrun
 from tyche import distributed as td
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -73,29 +70,9 @@ def test_init_distributed_requires_torchrun_env(monkeypatch):
         td.init_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_gloo_ranks_under_torchrun(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    if sys.platform.startswith("linux"):  # containers whose hostname does not resolve
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_torchrun(WORKER, tmp_path)
     assert proc.stdout.count("TYCHE-MARKER printed by rank 0") == 1
     assert "TYCHE-MARKER printed by rank 1" not in proc.stdout
 

@@ -160,15 +160,17 @@ def estimate_basin(
     done = store.load_finished() if store is not None and resume else None
     finished = set(done["index"].tolist()) if done is not None else set()
 
-    def directions(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit directions v̂ (B, D) in the anchor's dtype/device and props |Pu| (B,)."""
+    def directions(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit directions v̂ (B, D) in the anchor's dtype/device, props |Pu| (B,) and
+        v̂·θ (B,), the last two from the float64 directions."""
         u = unit_directions(seed, indices, dim, dtype=torch.float64)
         v = _apply(None if pre is None else pre.to(torch.float64), u)
         props = v.norm(dim=1)
-        return (v / props[:, None]).to(anchor.dtype).to(anchor.device), props
+        v = v / props[:, None]
+        return v.to(anchor.dtype).to(anchor.device), props, v @ theta64
 
     def search(indices: list[int], init: float | None):
-        vhat, props = directions(indices)
+        vhat, props, dots = directions(indices)
 
         def rise(idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
             r = radius.to(anchor.device, anchor.dtype)[:, None]
@@ -177,7 +179,7 @@ def estimate_basin(
         found = search_radii(
             rise, len(indices), cutoff=cutoff, rtol=rtol, init_radius=init, max_radius=max_radius
         )
-        return vhat, props, found
+        return props, dots, found
 
     # A pilot search along direction 0 sets the starting radius of every other direction,
     # identically on every rank and for every batch size.
@@ -189,9 +191,8 @@ def estimate_basin(
     bar = dist.progress(total=len(mine), desc="basin directions", disable=not progress)
     for start in range(0, len(mine), batch_size):
         indices = mine[start : start + batch_size]
-        vhat, props, found = search(indices, init)
+        props, dots, found = search(indices, init)
         radii = found.radii.to(torch.float64)
-        dots = (vhat.to("cpu", torch.float64) @ theta64).double()
         if prior == "gaussian":
             a = 1.0 / sigma**2
             logint = log_radial_integral(dim, a, -dots * a, -theta_sq * a / 2, radii)

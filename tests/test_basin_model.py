@@ -158,3 +158,36 @@ def test_two_ranks_give_the_same_estimates_as_one(tmp_path):
     assert a["world_size"] == 2 and b["world_size"] == 1
     assert a["estimates"] == b["estimates"]
     assert a["radii"] == b["radii"]
+
+
+def test_adam_preconditioner_from_trainer_optimizer_file(tiny_tokenizer, tiny_texts, tmp_path):
+    """A HF-Trainer-style optimizer.pt (decay group, then no-decay group) maps by name."""
+    from conftest import build_gpt2
+    from tyche.basin.preconditioners import adam_preconditioner
+
+    model = build_gpt2()
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if "bias" in n or "ln" in n]
+    decay = [p for n, p in named if not ("bias" in n or "ln" in n)]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+    batch = tiny_tokenizer(tiny_texts[:2], return_tensors="pt", padding=True)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    cfg = VolumeConfig(
+        model=model.eval(),
+        tokenizer=tiny_tokenizer,
+        dataset=tiny_texts,
+        n_samples=1,
+        max_seq_len=16,
+        val_size=2,
+        preconditioner_type="adam",
+        optimizer_state=str(tmp_path / "optimizer.pt"),
+        tqdm=False,
+    )
+    est = VolumeEstimator.from_config(cfg)
+    by_name = {n: opt.state[p] for n, p in named}
+    expect = adam_preconditioner(
+        by_name, [n for n, _ in named], [p.shape for _, p in named], eps=cfg.preconditioner_eps
+    )
+    assert torch.allclose(est.preconditioner, expect)

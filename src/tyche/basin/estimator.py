@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from tyche.basin.model_loss import ModelLoss
 from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
+from tyche.zoo.optim_state import load_trainer_optimizer
 
 
 class VolumeEstimator:
@@ -62,8 +64,11 @@ class VolumeEstimator:
                     'preconditioner_type="adam" needs optimizer_state (a state dict, '
                     "a name -> moments mapping, or a path to optimizer.pt)"
                 )
+            state = cfg.optimizer_state
+            if isinstance(state, (str, Path)):  # a HF Trainer optimizer.pt: map slots to names
+                state = load_trainer_optimizer(Path(state), cfg.model)
             return adam_preconditioner(
-                cfg.optimizer_state,
+                state,
                 list(layout.names),
                 list(layout.shapes),
                 order=cfg.adam_order,

@@ -281,6 +281,21 @@ def test_bad_loss_functions_raise():
     with pytest.raises(ValueError, match="NaN|nan"):
         estimate_basin(nan_before_crossing, theta, cutoff=0.5, n_samples=2, progress=False)
 
+    def nan_along_sample_5(off):  # only direction 5 meets a NaN before its crossing
+        from tyche.basin.sampling import unit_directions
+
+        u5 = unit_directions(0, [5], 4, dtype=torch.float64)[0]
+        r = off.double().norm(dim=-1)
+        out = 0.5 * r**2
+        along = (off.double() @ u5).abs() > 0.999 * r
+        out[along & (r > 0.1)] = float("nan")
+        return out
+
+    with pytest.raises(ValueError, match=r"r=[0-9.e-]+ along direction 5\b"):
+        estimate_basin(
+            nan_along_sample_5, theta, cutoff=0.5, n_samples=8, batch_size=3, progress=False
+        )
+
     with pytest.raises(ValueError, match="max_radius|boundary"):
         estimate_basin(
             lambda off: torch.zeros(off.shape[0]) + 1e-3 * off.double().norm(dim=-1),

@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def _pyplot() -> Any:
     import matplotlib
@@ -26,8 +24,13 @@ def basin_histogram(results: Mapping[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, res) in enumerate(results.items()):
         color = f"C{i}"
-        ax.hist(res.estimates.numpy(), bins=min(30, max(5, res.n_samples // 3)), alpha=0.5,
-                color=color, label=f"{label} (n={res.n_samples})")
+        ax.hist(
+            res.estimates.numpy(),
+            bins=min(30, max(5, res.n_samples // 3)),
+            alpha=0.5,
+            color=color,
+            label=f"{label} (n={res.n_samples})",
+        )
         ax.axvline(res.log_prob, color=color, linestyle="--")
     ax.set_xlabel("per-sample log-probability estimate (nats)")
     ax.set_ylabel("directions")
@@ -37,7 +40,9 @@ def basin_histogram(results: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def basin_cutoff_scan(
-    cutoffs: Sequence[float], results: Mapping[str, Sequence[Any]], n_params: int,
+    cutoffs: Sequence[float],
+    results: Mapping[str, Sequence[Any]],
+    n_params: int,
     path: str | Path,
 ) -> Path:
     """log-probability against log(cutoff) per label, with the quadratic-basin slope D/2."""
@@ -52,8 +57,12 @@ def basin_cutoff_scan(
         ax.fill_between(logc, lo, hi, color=f"C{i}", alpha=0.2)
     first = next(iter(results.values()))
     y0 = first[0].log_prob
-    ax.plot(logc, [y0 + n_params / 2 * (x - logc[0]) for x in logc], "k:",
-            label=f"slope D/2 = {n_params / 2:,.0f} per e-fold")
+    ax.plot(
+        logc,
+        [y0 + n_params / 2 * (x - logc[0]) for x in logc],
+        "k:",
+        label=f"slope D/2 = {n_params / 2:,.0f} per e-fold",
+    )
     ax.set_xlabel("ln(cutoff / nats)")
     ax.set_ylabel("log-probability of the basin (nats)")
     ax.set_title("Basin volume against KL cutoff")
@@ -61,26 +70,39 @@ def basin_cutoff_scan(
     return _save(fig, path)
 
 
-def energy_comparison(
-    layers: Sequence[str], series: Mapping[str, Sequence[Sequence[float]] | torch.Tensor],
-    path: str | Path, ylabel: str = "energy (nats)",
-) -> Path:
-    """Per-layer curves of energies against rank, one panel per layer."""
+def causal_energies(bases: Mapping[str, Any], path: str | Path) -> Path:
+    """One panel per site: energy of each causal direction and of each top principal direction.
+
+    Energies (log scale, nats) against the direction's rank; a last panel shows, per site, the
+    first causal direction's energy next to the best principal direction's. Saved as PNG.
+    """
     plt = _pyplot()
-    n = len(layers)
+    n = len(bases) + 1
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for j, layer in enumerate(layers):
-        ax = axes[j // cols][j % cols]
-        for i, (label, values) in enumerate(series.items()):
-            ax.plot(list(values[j]), "o-", ms=3, color=f"C{i}", label=label)
-        ax.set_title(layer, fontsize=9)
-        ax.set_yscale("log")
-    for j in range(n, rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][0].legend(fontsize=8)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    flat = axes.ravel()
+    for ax, (site, b) in zip(flat, bases.items()):
+        ax.semilogy(range(1, b.k + 1), b.energies.clamp_min(1e-12), "o-", ms=3, label="causal")
+        if b.pca_energies is not None:
+            pca = b.pca_energies.clamp_min(1e-12)
+            ax.semilogy(range(1, len(pca) + 1), pca, "s--", ms=3, label="PCA")
+        ax.set_title(site, fontsize=9)
+        ax.set_xlabel("direction")
+        ax.set_ylabel(f"energy ({b.units})")
+    flat[0].legend(fontsize=8)
+    summary = flat[len(bases)]
+    sites = list(bases)
+    x = range(len(sites))
+    summary.semilogy(x, [float(b.energies[0]) for b in bases.values()], "o-", label="causal #1")
+    best_pca = [float(b.pca_energies.max()) if b.pca_energies is not None else math.nan
+                for b in bases.values()]  # fmt: skip
+    summary.semilogy(x, best_pca, "s--", label="best PCA")
+    summary.set_xticks(list(x), sites, rotation=45, ha="right", fontsize=7)
+    summary.set_title("first causal vs best principal direction", fontsize=9)
+    summary.legend(fontsize=8)
+    for ax in flat[n:]:
+        ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 

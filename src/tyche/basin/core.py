@@ -177,7 +177,13 @@ def estimate_basin(
             return _evaluate(loss_fn, r * vhat[idx.to(anchor.device)]) - base
 
         found = search_radii(
-            rise, len(indices), cutoff=cutoff, rtol=rtol, init_radius=init, max_radius=max_radius
+            rise,
+            len(indices),
+            cutoff=cutoff,
+            rtol=rtol,
+            init_radius=init,
+            max_radius=max_radius,
+            labels=indices,
         )
         return props, dots, found
 

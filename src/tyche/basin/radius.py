@@ -68,6 +68,7 @@ class _Ray:
 
     index: int
     r: float  # next radius to evaluate
+    label: int = -1  # how error messages name this direction (the caller's sample index)
     x_lo: float = -math.inf  # bracket: f(x_lo) < band (−inf: the anchor r = 0)
     f_lo: float = -math.inf  # −inf when Δ ≤ 0 there
     x_hi: float = math.inf  # bracket: f(x_hi) > band or non-finite (inf: none yet)
@@ -125,7 +126,7 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
     if math.isinf(ray.x_hi):  # nothing above the band yet: extrapolate upwards
         if ray.x_lo >= log_max:
             raise ValueError(
-                f"no boundary found along direction {ray.index} up to max_radius="
+                f"no boundary found along direction {ray.label} up to max_radius="
                 f"{max_radius:.6g} (loss rise there is {math.exp(ray.f_lo):.6g}×cutoff); "
                 "increase max_radius or the cutoff may be above the loss's range"
             )
@@ -142,7 +143,7 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
         if ray.x_hi + step < MIN_LOG_RADIUS:
             raise ValueError(
                 f"the loss rise is above the cutoff at every radius tried along direction "
-                f"{ray.index}, down to r={math.exp(ray.x_hi):.3g}; is the loss discontinuous "
+                f"{ray.label}, down to r={math.exp(ray.x_hi):.3g}; is the loss discontinuous "
                 "at the anchor?"
             )
         return ray.x_hi + min(step, -1e-6)
@@ -152,14 +153,14 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
         r = math.exp(ray.x_hi)
         if math.isinf(ray.f_hi):
             raise ValueError(
-                f"loss is NaN/inf at radius r={r:.6g} along direction {ray.index}, between "
+                f"loss is NaN/inf at radius r={r:.6g} along direction {ray.label}, between "
                 f"the anchor and the cutoff (the loss rise just below is "
                 f"{math.exp(ray.f_lo):.6g}×cutoff); lower the cutoff, use float32/float64 "
                 "weights, or check the model for overflow"
             )
         raise ValueError(
             f"the loss rise jumps across the cutoff band at radius r={r:.6g} along direction "
-            f"{ray.index} (from {math.exp(ray.f_lo):.6g}× to {math.exp(ray.f_hi):.6g}×cutoff); "
+            f"{ray.label} (from {math.exp(ray.f_lo):.6g}× to {math.exp(ray.f_hi):.6g}×cutoff); "
             "the loss is discontinuous there: increase rtol or change the cutoff"
         )
     if width <= ray.width_ref / 2:
@@ -215,6 +216,7 @@ def search_radii(
     init_radius: float | torch.Tensor | Sequence[float] | None = None,
     max_radius: float = 1e8,
     max_evals: int = 60,
+    labels: Sequence[int] | None = None,
 ) -> RadiusSearch:
     """Find, for n directions, a radius where the loss rise is within rtol·cutoff of cutoff.
 
@@ -229,6 +231,7 @@ def search_radii(
         init_radius: first radius to try, scalar or (n,); default 1.0.
         max_radius: largest radius tried; no crossing below it raises.
         max_evals: evaluations allowed per direction before raising.
+        labels: how error messages name direction i (default i), e.g. global sample indices.
 
     Returns:
         `RadiusSearch`; the result for direction i depends only on Δ_i, not on the batch.
@@ -248,7 +251,12 @@ def search_radii(
     if not isinstance(max_evals, int) or max_evals < 1:
         raise ValueError(f"max_evals must be an integer >= 1, got {max_evals!r}")
     log_max = math.log(max_radius)
-    rays = [_Ray(i, r) for i, r in enumerate(_initial_radii(init_radius, n, max_radius))]
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels must have {n} entries, got {len(labels)}")
+    names = list(range(n)) if labels is None else [int(v) for v in labels]
+    rays = [
+        _Ray(i, r, label=names[i]) for i, r in enumerate(_initial_radii(init_radius, n, max_radius))
+    ]
     active = list(rays)
     while active:
         radii = [ray.r for ray in active]
@@ -271,7 +279,7 @@ def search_radii(
             if ray.n_evals >= max_evals:
                 lo = math.exp(ray.x_lo)
                 raise ValueError(
-                    f"radius search along direction {ray.index} did not converge in "
+                    f"radius search along direction {ray.label} did not converge in "
                     f"{max_evals} evaluations; the crossing lies in [{lo:.6g}, "
                     f"{math.exp(ray.x_hi):.6g}] (last Δ={delta:.6g}, cutoff={cutoff:.6g}); "
                     "raise max_evals or rtol, or check that the loss is continuous"

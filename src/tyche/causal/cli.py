@@ -16,13 +16,18 @@ table per layer and plots each layer's energies next to those of its top PCA dir
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import simple_parsing
 import torch
+
+if TYPE_CHECKING:
+    from tyche.causal.result import CausalBasis
 
 __all__ = ["CausalConfig", "TrainLensConfig", "main"]
 
@@ -67,6 +72,8 @@ class CausalConfig(DataConfig):
     """stop at a site once a direction's energy is below this (nats)"""
     tol: float = 1e-7
     """relative energy change that ends a direction's search"""
+    n_starts: int = 1
+    """L-BFGS runs per direction from the best candidate starts; the best is kept"""
     n_pca: int = 16
     """top principal directions whose energies are reported for comparison"""
     out: str = "runs/causal"
@@ -116,8 +123,8 @@ def run_causal(cfg: CausalConfig) -> dict:
     """Run ``tyche causal`` with a parsed config; returns ``{site: CausalBasis}``."""
     from tyche.causal.extraction import extract_causal_bases
     from tyche.causal.lenses import TunedLens
-    from tyche.causal.plots import energy_table, plot_energies
     from tyche.distributed import get_rank, rank0_print
+    from tyche.plotting import causal_energies
 
     if cfg.target == "tuned" and not cfg.lens:
         raise ValueError("--target tuned needs --lens FOLDER (train one: tyche causal train-lens)")
@@ -158,7 +165,7 @@ def run_causal(cfg: CausalConfig) -> dict:
                                  "n_evals": b.n_evals} for s, b in bases.items()}}  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if cfg.plot:
-            rank0_print(f"figure: {plot_energies(bases, out / 'energies.png')}")
+            rank0_print(f"figure: {causal_energies(bases, out / 'energies.png')}")
         rank0_print(f"saved {len(bases)} bases under {out}/")
     return bases
 
@@ -200,3 +207,35 @@ def main(argv: list[str]) -> None:
     )  # fmt: skip
     init_distributed()
     run_causal(cfg)
+
+
+def energy_table(bases: Mapping[str, CausalBasis], n_show: int = 4) -> str:
+    """A text table: per site the leading energies, the joint energy, the best PCA energy.
+
+    Columns: ``E1..En`` single-direction energies (nats), ``joint`` the energy of ablating all
+    k together, ``PCA best`` the largest energy among the top principal directions, ``E1/PCA``
+    their ratio, ``evals/dir`` mean objective evaluations per direction, ``s/dir`` seconds.
+    """
+    n_show = max(1, min(n_show, max((b.k for b in bases.values()), default=1)))
+    width = max([len("site")] + [len(s) for s in bases])
+    head = [f"{'site':<{width}}"] + [f"{'E' + str(i + 1):>9}" for i in range(n_show)]
+    head += [f"{'joint':>9}", f"{'PCA best':>9}", f"{'E1/PCA':>7}", f"{'evals/dir':>9}",
+             f"{'s/dir':>7}"]  # fmt: skip
+    lines = ["  ".join(head)]
+    for site, b in bases.items():
+        row = [f"{site:<{width}}"]
+        row += [f"{float(b.energies[i]):9.4g}" if i < b.k else f"{'':>9}" for i in range(n_show)]
+        row.append(f"{float(b.subspace_energies[-1]):9.4g}")
+        if b.pca_energies is not None and b.pca_energies.numel():
+            best = float(b.pca_energies.max())
+            ratio = float(b.energies[0]) / best if best > 0 else math.inf
+            row += [f"{best:9.4g}", f"{ratio:7.2f}"]
+        else:
+            row += [f"{'-':>9}", f"{'-':>7}"]
+        evals = sum(b.n_evals) / max(len(b.n_evals), 1)
+        secs = sum(b.seconds) / max(len(b.seconds), 1)
+        row += [f"{evals:9.1f}", f"{secs:7.2f}"]
+        lines.append("  ".join(row))
+    unit = next(iter(bases.values())).units if bases else "nats"
+    lines.append(f"(energies in {unit}: mean KL(clean ‖ ablated) per position, or CE increase)")
+    return "\n".join(lines)

@@ -15,11 +15,14 @@ parameter behind the optimiser's back. A fresh optimiser is made for every direc
 The search for each direction starts from the best (by energy) of a few candidates: the top
 principal directions of the hidden states in the complement of ``B`` and, when the target
 exposes ``readout_matrix()``, the top right-singular vectors of that readout (projected into
-the complement). ``n_init=0`` starts from a random direction instead.
+the complement). ``n_init=0`` starts from a random direction instead. The objective has
+several local maxima; ``n_starts > 1`` runs L-BFGS from that many of the best candidates and
+keeps the best result (a more global search at ``n_starts`` times the cost).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,44 +84,58 @@ def _readout_directions(target: Target, d: int) -> Tensor | None:
     return vh.T
 
 
-def _initial_direction(
+def _random_directions(d: int, m: int, found: Tensor, generator: torch.Generator) -> Tensor:
+    """``m`` random unit directions (d, m) orthogonal to ``found``, from ``generator``."""
+    w = _project_out(torch.randn(d, m, generator=generator, dtype=torch.float64), found.double())
+    return w / w.norm(dim=0)
+
+
+def _starting_directions(
     objective: AblationObjective,
     found: Tensor,
     moment: Tensor,
     readout: Tensor | None,
     n_init: int,
+    n_starts: int,
     generator: torch.Generator,
-) -> tuple[Tensor, int]:
-    """The best of the candidate directions (unit, ⟂ ``found``) and the evaluations spent."""
+) -> tuple[Tensor, list[float], int]:
+    """The ``n_starts`` best candidates (d, n_starts), unit and ⟂ ``found``, their energies,
+    and the number of candidates evaluated.
+
+    Candidates: the top ``n_init`` principal directions of the data in the complement of
+    ``found`` and the top ``n_init`` readout directions projected into it; random directions
+    make up the number when there are too few (or ``n_init=0``).
+    """
     h = objective.hiddens
     d = h.shape[-1]
-    if n_init == 0:
-        w = torch.randn(d, generator=generator, dtype=torch.float64)
-        w = _project_out(w, found.double())
-        return (w / w.norm()).to(h), 0
-    candidates = [pca_directions(moment, n_init, found)]
-    if readout is not None:
-        candidates.append(readout[:, :n_init].to(moment))
-    pool = _project_out(torch.cat(candidates, 1), found.to(moment))
-    norms = pool.norm(dim=0)
-    pool = pool[:, norms > 1e-6] / norms[norms > 1e-6]
-    if pool.shape[1] == 0:  # the data has no variance left outside `found`
-        return _initial_direction(objective, found, moment, None, 0, generator)
-    energies = [objective.energy(pool[:, i].to(h)) for i in range(pool.shape[1])]
-    best = int(torch.tensor(energies).argmax())
-    return pool[:, best].to(h), len(energies)
+    pool = moment.new_zeros(d, 0)
+    if n_init:
+        candidates = [pca_directions(moment, n_init, found)]
+        if readout is not None:
+            candidates.append(readout[:, :n_init].to(moment))
+        pool = _project_out(torch.cat(candidates, 1), found.to(moment))
+        norms = pool.norm(dim=0)
+        pool = pool[:, norms > 1e-6] / norms[norms > 1e-6]
+    if pool.shape[1] < n_starts:  # too few candidates (or none): add random directions
+        extra = _random_directions(d, n_starts - pool.shape[1], found, generator)
+        pool = torch.cat([pool, extra.to(pool)], 1)
+    pool = pool.to(h)
+    energies = torch.tensor([objective.energy(pool[:, i]) for i in range(pool.shape[1])])
+    best = energies.argsort(descending=True)[:n_starts]
+    return pool[:, best], energies[best].tolist(), pool.shape[1]
 
 
 def _optimise_direction(
     objective: AblationObjective,
     found: Tensor,
     start: Tensor,
+    start_energy: float,
     max_iter: int,
     tol: float,
 ) -> tuple[Tensor, int]:
     """Maximise the energy over unit vectors ⟂ ``found`` from ``start``; (v, evaluations)."""
     w = torch.nn.Parameter(start.detach().clone())
-    scale = max(abs(objective.energy(start)), 1e-12)
+    scale = max(abs(start_energy), 1e-12)
     optimiser = torch.optim.LBFGS(
         [w],
         lr=1.0,
@@ -147,6 +164,25 @@ def _optimise_direction(
     return u / u.norm(), n_evals
 
 
+def _best_direction(
+    objective: AblationObjective,
+    found: Tensor,
+    starts: Tensor,
+    start_energies: list[float],
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, float, int]:
+    """Optimise from every start; the best direction, its energy and the evaluations spent."""
+    best_v, best_energy, n_evals = starts[:, 0], -math.inf, 0
+    for i, e0 in enumerate(start_energies):
+        v, n = _optimise_direction(objective, found, starts[:, i], e0, max_iter, tol)
+        energy = objective.energy(v)
+        n_evals += n + 1
+        if energy > best_energy:
+            best_v, best_energy = v, energy
+    return best_v, best_energy, n_evals
+
+
 def extract_causal_basis(
     target: Target,
     hiddens: Tensor,
@@ -160,6 +196,7 @@ def extract_causal_basis(
     min_energy: float = 0.0,
     tol: float = 1e-7,
     n_init: int = 4,
+    n_starts: int = 1,
     n_pca: int = 16,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
@@ -183,9 +220,14 @@ def extract_causal_basis(
         max_iter: L-BFGS iterations per direction.
         min_energy: stop when a direction's energy falls below this; it is not included.
         tol: relative tolerance on energy change (and gradient) that ends a direction's search.
-        n_init: candidates of each kind the search of each direction starts from (0: random).
+        n_init: candidates of each kind (principal, readout) screened for each direction's
+            start; 0: random starts only.
+        n_starts: L-BFGS runs per direction, from the best ``n_starts`` candidates by energy;
+            the best result is kept (the objective has several local maxima; cost grows
+            linearly).
         n_pca: also report the energies of the top ``n_pca`` principal directions (0: skip).
-        batch_size: rows of the leading dimension per forward pass (None: all at once).
+        batch_size: rows of the leading dimension per forward pass (None: chunks of about
+            1024 positions).
         generator: CPU generator for the random start (``n_init=0``) and the resampling
             derangement (held fixed for the whole extraction). Default: seeded with 0, so
             every rank under torchrun starts identically.
@@ -201,8 +243,8 @@ def extract_causal_basis(
     d = hiddens.shape[-1]
     if not isinstance(k, int) or not 1 <= k <= d:
         raise ValueError(f"k must be an int in 1..d={d} (the hidden size), got {k!r}")
-    if max_iter < 0 or n_init < 0 or n_pca < 0:
-        raise ValueError("max_iter, n_init and n_pca must be >= 0")
+    if max_iter < 0 or n_init < 0 or n_pca < 0 or n_starts < 1:
+        raise ValueError("max_iter, n_init and n_pca must be >= 0 and n_starts >= 1")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     obj = AblationObjective(
         target,
@@ -227,17 +269,19 @@ def extract_causal_basis(
     seconds: list[float] = []
     for _ in range(k):
         start_time = time.perf_counter()
-        start, n_start = _initial_direction(obj, found, moment, readout, n_init, generator)
-        v, n_opt = _optimise_direction(obj, found, start, max_iter, tol)
-        energy = obj.energy(v)
+        starts, start_energies, n_screened = _starting_directions(
+            obj, found, moment, readout, n_init, n_starts, generator
+        )
+        v, energy, n_opt = _best_direction(obj, found, starts, start_energies, max_iter, tol)
         if energy < min_energy:
             break
+        n_evals = n_screened + n_opt
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(energy=f"{energy:.4g}", evals=n_start + n_opt)
+            bar.set_postfix(energy=f"{energy:.4g}", evals=n_evals)
         found = torch.cat([found, v[:, None]], 1)
         energies.append(energy)
-        evals.append(n_start + n_opt)
+        evals.append(n_evals)
         seconds.append(time.perf_counter() - start_time)
     if progress is True and bar is not None:
         bar.close()
@@ -253,11 +297,13 @@ def extract_causal_basis(
     pca_energies = None
     if n_pca:
         pcs = pca_directions(obj.second_moment(centred=True), min(n_pca, d)).to(hiddens)
-        pca_energies = torch.tensor([obj.energy(pcs[:, i]) for i in range(pcs.shape[1])])
+        pca_energies = torch.tensor(
+            [obj.energy(pcs[:, i]) for i in range(pcs.shape[1])], dtype=torch.float64
+        )
     return CausalBasis(
         vectors=vectors.detach().cpu(),
-        energies=torch.tensor(energies)[order],
-        subspace_energies=torch.tensor(subspace),
+        energies=torch.tensor(energies, dtype=torch.float64)[order],
+        subspace_energies=torch.tensor(subspace, dtype=torch.float64),
         site=site,
         mode=mode,
         objective=objective,
@@ -271,6 +317,7 @@ def extract_causal_basis(
             "min_energy": min_energy,
             "tol": tol,
             "n_init": n_init,
+            "n_starts": n_starts,
             "k_requested": k,
         },
     )
@@ -302,7 +349,7 @@ def extract_causal_bases(
         batch_size: rows of ``data`` per forward pass.
         seed: seeds the generator of every site's extraction (same on every rank).
         options: passed to :func:`extract_causal_basis` (``mode``, ``objective``,
-            ``max_iter``, ``min_energy``, ``tol``, ``n_init``, ``n_pca``).
+            ``max_iter``, ``min_energy``, ``tol``, ``n_init``, ``n_starts``, ``n_pca``).
 
     Returns:
         ``{site name: CausalBasis}`` in layer order; identical on every rank.

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from tyche.sites import Site, final_norm, resolve_sites, unembedding
 __all__ = ["LensAtSite", "LogitLens", "ModelFromSite", "TunedLens", "TunedLensWeights"]
 
 
-def _frozen(module: nn.Module) -> nn.Module:
+def _frozen(module: nn.Module) -> _Detached:
     """A view that keeps ``module`` out of the owner's parameters and state dict."""
     holder = _Detached()
     object.__setattr__(holder, "inner", module)
@@ -115,7 +115,7 @@ class TunedLensWeights(ResultIO):
         settings: training settings.
     """
 
-    UNITS = {"kl_logit_lens": "nats", "kl_tuned_lens": "nats"}
+    UNITS: ClassVar[dict[str, str]] = {"kl_logit_lens": "nats", "kl_tuned_lens": "nats"}
 
     weight: Tensor
     bias: Tensor

@@ -32,6 +32,9 @@ Objective = Literal["kl", "ce"]
 #: maps hidden states (..., d) to logits (..., V)
 Target = Callable[[Tensor], Tensor]
 IGNORE_INDEX = -100
+#: with ``batch_size=None``, chunks hold about this many positions (measured fastest on CPU:
+#: 512-1024 positions per chunk evaluate ~2x faster than 8192 at once)
+AUTO_CHUNK_POSITIONS = 1024
 
 
 def target_for_rows(target: Target, rows: slice) -> Target:
@@ -72,7 +75,8 @@ class AblationObjective:
             (already shifted for next-token prediction; ``-100`` = none). Needed for ``"ce"``.
         generator: draws the one resampling derangement used for every evaluation (so the
             objective is deterministic).
-        batch_size: rows of the leading dimension per forward pass (None: all at once).
+        batch_size: rows of the leading dimension per forward pass (None: about
+            ``AUTO_CHUNK_POSITIONS`` positions per pass).
     """
 
     def __init__(
@@ -102,7 +106,8 @@ class AblationObjective:
             raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
         self.target, self.mode, self.objective = target, mode, objective
         self.hiddens = hiddens.detach()
-        self.batch_size = batch_size or max(hiddens.shape[0], 1)
+        per_row = max(int(torch.Size(hiddens.shape[1:-1]).numel()), 1)
+        self.batch_size = batch_size or max(AUTO_CHUNK_POSITIONS // per_row, 1)
         lead = hiddens.shape[:-1]
         self.keep = self._check_mask(mask, lead).to(hiddens.device)
         self.weight = self.keep

@@ -29,8 +29,9 @@ class CausalBasis(ResultIO):
         mode: the ablation used, ``"zero"``, ``"mean"`` or ``"resample"``.
         objective: ``"kl"`` or ``"ce"``.
         n_positions: number of positions (over every rank) the energies average over.
-        n_evals: objective evaluations (forward + backward passes over the data) spent by
-            the optimiser on each column, in the order of ``vectors``.
+        n_evals: passes of the objective over the data spent on each column, in the order
+            of ``vectors``: candidate screening (forward only), L-BFGS (forward + backward)
+            and the final energy.
         seconds: wall-clock seconds spent on each column, in the order of ``vectors``.
         pca_energies: (m,) energies of the top-m principal directions of the same hidden
             states under the same ablation (a baseline), or None if not computed.

@@ -247,6 +247,7 @@ def test_lower_bound_warning_when_one_sample_dominates():
         ({"sigma": -2.0}, "sigma"),
         ({"prior": "laplace"}, "prior"),
         ({"batch_size": 0}, "batch_size"),
+        ({"resume": True}, "checkpoint"),
         ({"preconditioner": torch.ones(3)}, "3"),
         ({"preconditioner": -torch.ones(4)}, "positive"),
     ],

@@ -125,6 +125,8 @@ def estimate_basin(
         resume: continue the run saved in ``checkpoint`` (its settings must match).
     """
     _check_args(anchor, cutoff, sigma, n_samples, prior, batch_size, rtol)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint folder of the run to continue")
     dim = anchor.numel()
     theta64 = anchor.detach().to("cpu", torch.float64)
     theta_sq = float(theta64 @ theta64)

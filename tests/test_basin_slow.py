@@ -18,9 +18,19 @@ def test_hf_interface_on_smollm2():
     except ZooError as exc:
         pytest.skip(str(exc))
     texts = resolve_texts("zoo:shakespeare")[:4]
-    cfg = VolumeConfig(model=zm.model, tokenizer=zm.tokenizer, dataset={"text": texts},
-                       text_key="text", n_samples=2, cutoff=1e-2, max_seq_len=32, val_size=2,
-                       cache_mode="cpu", chunking=True, tqdm=False)
+    cfg = VolumeConfig(
+        model=zm.model,
+        tokenizer=zm.tokenizer,
+        dataset={"text": texts},
+        text_key="text",
+        n_samples=2,
+        cutoff=1e-2,
+        max_seq_len=32,
+        val_size=2,
+        cache_mode="cpu",
+        chunking=True,
+        tqdm=False,
+    )
     est = VolumeEstimator.from_config(cfg)
     assert est.loss.strategy == "inplace"  # 134.5M parameters: no copies of θ
     before = next(zm.model.parameters()).detach().clone()

@@ -28,8 +28,11 @@ def _usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "Run `tyche <command> --help` for a command's options.",
-              "Every command also runs under `torchrun --nproc_per_node=N -m tyche <command>`."]
+    lines += [
+        "",
+        "Run `tyche <command> --help` for a command's options.",
+        "Every command also runs under `torchrun --nproc_per_node=N -m tyche <command>`.",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Names for places inside a model, and context-managed hooks that read or replace them.
+"""Names for places inside a model: sites, their aliases, and resolving patterns to them.
 
 A *site* is one tensor of a forward pass: the input or the output of one module. Sites are
 named in two ways.
@@ -33,21 +33,25 @@ input and ``transformer.h.*.mlp`` every MLP, while ``transformer.h.*`` is the bl
 Resolved sites come in the order of a depth-first walk of the module tree (a module's input
 before its submodules, its output after them), which puts blocks in layer order.
 
-Hooks never outlive their ``with`` block, also when the forward pass raises. Tensors keep
-the device and dtype of the module that produced them.
+The hooks that read or replace the tensors at sites (:func:`read_activations`,
+:func:`replace_activations`, :class:`Activations`) live in :mod:`tyche.hooks`; they are
+re-exported here, so ``from tyche.sites import read_activations`` keeps working.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from torch import nn
+
+if TYPE_CHECKING:  # at run time these come from tyche.hooks on first access (see __getattr__)
+    from tyche.hooks import Activations, read_activations, replace_activations
+    from tyche.hooks import Replacement as Replacement  # not in __all__, kept importable
 
 __all__ = [
     "Activations",
@@ -72,10 +76,8 @@ _NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_norm", "norm_f")
 _EMBED_NAMES = ("wte", "embed_tokens", "embed_in", "tok_embeddings", "token_embedding", "embed")
 _UNEMBED_NAMES = ("lm_head", "embed_out", "unembed")
 _HEAD_COUNT_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
-_INPUT_KWARGS = ("hidden_states", "hidden_state", "x", "input", "inputs_embeds")
 
 Where = Literal["input", "output"]
-Replacement = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -362,172 +364,13 @@ def resolve_sites(model: nn.Module, patterns: str | Site | Sequence[str | Site])
     return _resolve(_Catalog(model), patterns)
 
 
-# ----------------------------------------------------------------------------- hooks
-class Activations(dict):
-    """``dict[site name, Tensor]`` filled by a forward pass; a missing key says why."""
-
-    def __missing__(self, key: object) -> torch.Tensor:
-        raise KeyError(
-            f"no activation recorded for {key!r}: run a forward pass inside the `with` block "
-            f"and check the site was reached (recorded so far: {sorted(self)})"
-        )
+# ----------------------------------------------------------------------------- re-exports
+#: names defined in tyche.hooks and re-exported here. tyche.hooks imports this module, so
+#: they are fetched on first access rather than imported at the top (no import cycle).
+_FROM_HOOKS = ("Activations", "Replacement", "read_activations", "replace_activations")
 
 
-def _first_tensor(output: Any, site: Site) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    if isinstance(output, dict) and output:
-        first = next(iter(output.values()))
-        if isinstance(first, torch.Tensor):
-            return first
-    raise TypeError(f"{site.name}: module output of type {type(output).__name__} holds no tensor")
-
-
-def _with_first(output: Any, new: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return new
-    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
-        return type(output)(new, *output[1:])
-    if isinstance(output, tuple | list):
-        return type(output)([new, *output[1:]])
-    output[next(iter(output))] = new  # dict-like model output, created afresh by each call
-    return output
-
-
-def _input_tensor(args: tuple, kwargs: dict, site: Site) -> tuple[int | str, torch.Tensor]:
-    if args and isinstance(args[0], torch.Tensor):
-        return 0, args[0]
-    for key in _INPUT_KWARGS:
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return key, kwargs[key]
-    raise TypeError(
-        f"{site.name}: {type(site.module).__name__} got no tensor as first positional argument "
-        f"nor as one of the keyword arguments {_INPUT_KWARGS}; pick another site"
-    )
-
-
-def _view(tensor: torch.Tensor, site: Site) -> torch.Tensor:
-    if site.n_heads is None:
-        return tensor
-    if tensor.shape[-1] % site.n_heads:
-        raise ValueError(f"{site.name}: width {tensor.shape[-1]} not divisible by {site.n_heads}")
-    return tensor.unflatten(-1, (site.n_heads, -1))
-
-
-def _replaced(tensor: torch.Tensor, site: Site, replacement: Replacement) -> torch.Tensor:
-    view = _view(tensor, site)
-    if isinstance(replacement, torch.Tensor):
-        try:
-            new = torch.broadcast_to(replacement.to(view.device, view.dtype), view.shape)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{site.name}: substitute of shape {tuple(replacement.shape)} does not "
-                f"broadcast to the activation's shape {tuple(view.shape)}"
-            ) from err
-    else:
-        new = replacement(view)
-        if not isinstance(new, torch.Tensor):
-            kind = type(new).__name__
-            raise TypeError(f"{site.name}: replacement function returned {kind}, not a Tensor")
-        if new.shape != view.shape:
-            raise ValueError(
-                f"{site.name}: replacement function returned shape {tuple(new.shape)}, "
-                f"expected {tuple(view.shape)}"
-            )
-        new = new.to(view.device, view.dtype)
-    return new.reshape(tensor.shape)
-
-
-def _hook(site: Site, transform: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
-    """Register ``transform`` on the site; a non-None return value replaces the tensor."""
-    if site.where == "output":
-
-        def forward_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            new = transform(_first_tensor(output, site))
-            return None if new is None else _with_first(output, new)
-
-        return site.module.register_forward_hook(forward_hook)
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        key, tensor = _input_tensor(args, kwargs, site)
-        new = transform(tensor)
-        if new is None:
-            return None
-        if key == 0:
-            return (new, *args[1:]), kwargs
-        return args, {**kwargs, key: new}
-
-    return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-
-@contextmanager
-def _hooks_removed_on_exit(registrations: Iterator[Any]) -> Iterator[None]:
-    handles: list[Any] = []
-    try:
-        for handle in registrations:  # one at a time, so a failed registration undoes the rest
-            handles.append(handle)
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def read_activations(
-    model: nn.Module, sites: str | Site | Sequence[str | Site], *, detach: bool = True
-) -> Iterator[Activations]:
-    """Record the tensors at ``sites`` during forward passes inside the ``with`` block.
-
-    Yields an :class:`Activations` dict keyed by site name; a later call of the same module
-    overwrites the entry. ``attn_heads`` entries are ``(B, T, n_heads, d_head)`` views.
-    ``detach=False`` keeps the autograd graph, so gradients with respect to the stored tensors
-    (head views included) can be taken.
-    """
-    resolved = resolve_sites(model, sites)
-    store = Activations()
-
-    def recorder(site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        def record(tensor: torch.Tensor) -> torch.Tensor | None:
-            view = _view(tensor, site)
-            store[site.name] = view.detach() if detach else view
-            if detach or view is tensor:
-                return None
-            return view.reshape(tensor.shape)  # route the graph through the stored view
-
-        return record
-
-    with _hooks_removed_on_exit(_hook(s, recorder(s)) for s in resolved):
-        yield store
-
-
-@contextmanager
-def replace_activations(
-    model: nn.Module, mapping: Mapping[str | Site, Replacement]
-) -> Iterator[list[Site]]:
-    """Replace the tensors at sites during forward passes inside the ``with`` block.
-
-    ``mapping`` maps a site, alias, or glob to ``fn(tensor) -> tensor`` (same shape; for
-    ``attn_heads`` the ``(B, T, n_heads, d_head)`` view) or to a tensor substituted for the
-    activation (broadcast to its shape, cast to its device and dtype). Yields the resolved
-    sites. Hooks run in registration order, so reads opened inside see replaced values.
-    """
-    if not isinstance(mapping, Mapping) or not mapping:
-        raise TypeError("replace_activations needs a non-empty mapping {site: fn or tensor}")
-    catalog = _Catalog(model)
-    plan: dict[Site, Replacement] = {}
-    for key, replacement in mapping.items():
-        if not (callable(replacement) or isinstance(replacement, torch.Tensor)):
-            raise TypeError(f"replacement for {key!r} must be callable or a Tensor")
-        for site in _resolve(catalog, key):
-            if site in plan:
-                raise ValueError(f"site {site.name} is targeted by two keys of the mapping")
-            plan[site] = replacement
-    ordered = sorted(plan, key=catalog.order_key)
-
-    def replacer(site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda tensor: _replaced(tensor, site, plan[site])
-
-    with _hooks_removed_on_exit(_hook(s, replacer(s)) for s in ordered):
-        yield ordered
+def __getattr__(name: str) -> Any:
+    if name in _FROM_HOOKS:
+        return getattr(importlib.import_module("tyche.hooks"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,3 +48,37 @@ def test_basin_command_resume_and_bad_options(tmp_path):
     with pytest.raises(ValueError, match="unknown preconditioner"):
         main([*args[:-2], "--preconditioners", "magic", "--out", str(tmp_path / "x")])
     assert torch.equal(VolumeResult.load(out / "none-cutoff0.01").estimates, first.estimates)
+
+
+def test_basin_command_on_a_local_hf_folder_and_text_file(
+    tmp_path, capsys, tiny_tokenizer, tiny_texts
+):
+    from conftest import build_neox
+
+    folder = tmp_path / "model"
+    build_neox().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(tiny_texts * 4))
+    out = tmp_path / "run"
+    main(
+        [
+            "basin",
+            "--model",
+            str(folder),
+            "--data",
+            str(text),
+            "--n_samples",
+            "2",
+            "--val_size",
+            "2",
+            "--max_seq_len",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "no saved optimizer state; skipping 'adam'" in printed
+    result = VolumeResult.load(out / "none-cutoff0.01")
+    assert result.n_params == 132_608 and torch.isfinite(result.estimates).all()

@@ -42,7 +42,7 @@ class VolumeConfig:
     rtol: float = 1e-2
     """Every reported delta lies within rtol·cutoff of the cutoff."""
     model_batch_size: int | None = None
-    """Directions evaluated together (default 1 for LMs above 10M parameters, else 8)."""
+    """Directions evaluated together (default 1 above 10M selected parameters, else 8)."""
     data_batch_size: int | None = None
     """Sequences per forward pass (default: all of them)."""
     include: str | list[str] = "*"

@@ -9,10 +9,11 @@ import torch
 
 from tyche.basin.config import VolumeConfig
 from tyche.basin.core import estimate_basin
-from tyche.basin.model_loss import ModelLoss
+from tyche.basin.model_loss import INPLACE_ABOVE, ModelLoss
 from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
+from tyche.io import model_hash
 from tyche.zoo.optim_state import load_trainer_optimizer
 
 
@@ -92,9 +93,9 @@ class VolumeEstimator:
 
     def run(self) -> VolumeResult:
         cfg = self.config
-        batch = cfg.model_batch_size or (1 if self.loss.n_params > 10_000_000 else 8)
+        batch = cfg.model_batch_size or (1 if self.loss.n_params > INPLACE_ABOVE else 8)
         extra: dict[str, Any] = {
-            "model_hash": _hash(cfg.model),
+            "model_hash": model_hash(cfg.model),
             "val_size": cfg.val_size,
             "max_seq_len": cfg.max_seq_len,
             "l2_reg": cfg.l2_reg,
@@ -115,9 +116,3 @@ class VolumeEstimator:
             resume=cfg.resume,
             extra_settings=extra,
         )
-
-
-def _hash(model: torch.nn.Module) -> str:
-    from tyche.io import model_hash
-
-    return model_hash(model)

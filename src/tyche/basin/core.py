@@ -28,8 +28,8 @@ from tyche.basin.checkpoint import FIELDS, SampleCheckpoint, field_dtype
 from tyche.basin.preconditioners import user_preconditioner
 from tyche.basin.radial import (
     log_gaussian_ray_mass,
-    log_radial_integral,
     log_uniform_ray_volume,
+    log_unit_sphere_area,
 )
 from tyche.basin.radius import search_radii
 from tyche.basin.result import VolumeResult
@@ -202,9 +202,9 @@ def estimate_basin(
         props, dots, found = search(indices, init)
         radii = found.radii.to(torch.float64)
         if prior == "gaussian":
-            a = 1.0 / sigma**2
-            logint = log_radial_integral(dim, a, -dots * a, -theta_sq * a / 2, radii)
             est = log_gaussian_ray_mass(dim, sigma, dots, theta_sq, radii)
+            # the radial integral alone: the ray mass less its constant (no second quadrature)
+            logint = est - log_unit_sphere_area(dim) + dim / 2 * math.log(2 * math.pi * sigma**2)
         else:
             logint = dim * torch.log(radii) - math.log(dim)
             est = log_uniform_ray_volume(dim, radii)

@@ -9,13 +9,23 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: demo test test-slow lint bench venv smollm2 clean
+# `make test PYTEST_X=` lists every failure instead of stopping at the first (CI does this)
+PYTEST_X ?= -x
+
+.PHONY: demo test test-portable test-slow lint bench venv smollm2 clean
 
 demo: $(STAMP)
 	$(BIN)/tyche basin
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q $(PYTEST_X) --durations=15
+
+# The fast suite three ways: 1 and 2 OpenMP threads, then 1 torch thread with the generic
+# (non-vectorised) CPU kernels, so reductions split and round differently each time.
+test-portable: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_X)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_X)
+	TYCHE_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_X)
 
 test-slow: $(STAMP) smollm2
 	$(BIN)/python -m pytest -q -m slow --durations=15

@@ -16,7 +16,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+# Threads follow OMP_NUM_THREADS unless TYCHE_TEST_THREADS says otherwise, so the portable
+# runs (`make test-portable`) really change how reductions are split across threads.
+if os.environ.get("TYCHE_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["TYCHE_TEST_THREADS"]))
 
 VOCAB = 512
 WIDTH = 64

@@ -220,10 +220,12 @@ def test_adam_from_unnamed_state_dict_with_groups_needs_the_optimizer_order():
     shapes = [params[n].shape for n in names]
     p = adam_preconditioner(state, names, shapes, optimizer_param_names=decay + no_decay)
     torch.testing.assert_close(p, expected(model, opt, names), rtol=1e-6, atol=0)
-    # without the order, ids are matched to `names` (model order): wrong shapes are caught
-    with pytest.raises(ValueError, match="has shape"):
+    # given the model, the reader finds the Trainer-style order by itself
+    torch.testing.assert_close(adam_preconditioner(state, names, shapes, model=model), p)
+    # without either, ids are matched to `names` (model order): wrong shapes are caught
+    with pytest.raises(ValueError, match="could not match"):
         adam_preconditioner(state, names, shapes)
-    with pytest.raises(ValueError, match="optimizer_param_names"):
+    with pytest.raises(ValueError, match="could not match"):
         adam_preconditioner(state, names[:2], shapes[:2])
 
 
@@ -244,7 +246,7 @@ def test_adam_from_zoo_mapping_and_errors():
         adam_preconditioner(zoo, names, shapes, order=3)
     with pytest.raises(ValueError, match="no 'exp_avg_sq'"):  # a fresh optimizer has no state
         adam_preconditioner(torch.optim.Adam(model.named_parameters()).state_dict(), names, shapes)
-    with pytest.raises(TypeError, match="mapping or a path"):
+    with pytest.raises(TypeError, match="optimizer state must be a path"):
         adam_preconditioner(3, names, shapes)
 
 

@@ -12,8 +12,8 @@ from conftest import BUILDERS
 from tyche import distributed as dist
 from tyche.data import chunk_and_tokenize, iter_batches
 from tyche.divergence import AnchorCache, masked_kl
+from tyche.hooks import read_activations
 from tyche.io import ResultIO, model_hash
-from tyche.sites import read_activations
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tyche.hooks import read_activations, replace_activations
 from tyche.sites import (
     Site,
     alias_sites,
@@ -15,8 +16,6 @@ from tyche.sites import (
     embedding,
     final_norm,
     n_layers,
-    read_activations,
-    replace_activations,
     resolve_sites,
     unembedding,
 )

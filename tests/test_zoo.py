@@ -18,6 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from tyche.optim_state import (
+    adam_state_by_name,
+    load_optimizer_state,
+    save_optimizer_state,
+)
 from tyche.zoo import (
     DigitsMLPConfig,
     ShakespeareLMConfig,
@@ -36,13 +41,9 @@ from tyche.zoo import (
 )
 from tyche.zoo import fashion_mnist as fm
 from tyche.zoo import text as zoo_text
+from tyche.zoo.catalogue import get_entry
 from tyche.zoo.digits import build_digits_mlp, digits_split, l2_loss
-from tyche.zoo.optim_state import (
-    adam_state_by_name,
-    load_optimizer_state,
-    save_optimizer_state,
-)
-from tyche.zoo.registry import atomic_folder, get_entry, package_dir
+from tyche.zoo.entry import atomic_folder, package_dir
 from tyche.zoo.shakespeare_lm import (
     encode_corpus,
     held_out_loss,

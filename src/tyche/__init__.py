@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from tyche._version import __version__
 
 #: public name -> module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
@@ -43,8 +43,8 @@ _LAZY: dict[str, str] = {
     "ResultIO": "tyche.io",
     "Site": "tyche.sites",
     "resolve_sites": "tyche.sites",
-    "read_activations": "tyche.sites",
-    "replace_activations": "tyche.sites",
+    "read_activations": "tyche.hooks",
+    "replace_activations": "tyche.hooks",
     "n_layers": "tyche.sites",
     "blocks": "tyche.sites",
     "final_norm": "tyche.sites",

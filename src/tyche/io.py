@@ -196,7 +196,7 @@ def save_result(obj: Any, path: str | os.PathLike[str]) -> Path:
     """
     if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
         raise TypeError(f"save_result needs a dataclass instance, got {type(obj).__name__}")
-    from tyche import __version__
+    from tyche._version import __version__
 
     path = Path(path)
     if path.exists() and not path.is_dir():

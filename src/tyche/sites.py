@@ -33,36 +33,28 @@ input and ``transformer.h.*.mlp`` every MLP, while ``transformer.h.*`` is the bl
 Resolved sites come in the order of a depth-first walk of the module tree (a module's input
 before its submodules, its output after them), which puts blocks in layer order.
 
-The hooks that read or replace the tensors at sites (:func:`read_activations`,
-:func:`replace_activations`, :class:`Activations`) live in :mod:`tyche.hooks`; they are
-re-exported here, so ``from tyche.sites import read_activations`` keeps working.
+The hooks that read or replace the tensors at sites (``read_activations``,
+``replace_activations``, ``Activations``) live in :mod:`tyche.hooks`, which imports this
+module; this module imports nothing of Tyche.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from torch import nn
 
-if TYPE_CHECKING:  # at run time these come from tyche.hooks on first access (see __getattr__)
-    from tyche.hooks import Activations, read_activations, replace_activations
-    from tyche.hooks import Replacement as Replacement  # not in __all__, kept importable
-
 __all__ = [
-    "Activations",
     "Site",
     "alias_sites",
     "blocks",
     "embedding",
     "final_norm",
     "n_layers",
-    "read_activations",
-    "replace_activations",
     "resolve_sites",
     "unembedding",
 ]
@@ -362,15 +354,3 @@ def resolve_sites(model: nn.Module, patterns: str | Site | Sequence[str | Site])
     Raises ``ValueError`` naming close matches when a pattern matches nothing.
     """
     return _resolve(_Catalog(model), patterns)
-
-
-# ----------------------------------------------------------------------------- re-exports
-#: names defined in tyche.hooks and re-exported here. tyche.hooks imports this module, so
-#: they are fetched on first access rather than imported at the top (no import cycle).
-_FROM_HOOKS = ("Activations", "Replacement", "read_activations", "replace_activations")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_HOOKS:
-        return getattr(importlib.import_module("tyche.hooks"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

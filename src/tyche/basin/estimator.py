@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +13,6 @@ from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
 from tyche.io import model_hash
-from tyche.zoo.optim_state import load_trainer_optimizer
 
 
 class VolumeEstimator:
@@ -65,16 +63,14 @@ class VolumeEstimator:
                     'preconditioner_type="adam" needs optimizer_state (a state dict, '
                     "a name -> moments mapping, or a path to optimizer.pt)"
                 )
-            state = cfg.optimizer_state
-            if isinstance(state, (str, Path)):  # a HF Trainer optimizer.pt: map slots to names
-                state = load_trainer_optimizer(Path(state), cfg.model)
             return adam_preconditioner(
-                state,
+                cfg.optimizer_state,
                 list(layout.names),
                 list(layout.shapes),
                 order=cfg.adam_order,
                 eps=cfg.preconditioner_eps,
                 exponent=cfg.preconditioner_exponent,
+                model=cfg.model,
             )
         if cfg.preconditioner_type == "fisher":
             fisher = fisher_diagonal(self.config.model, self.tokens, names=list(layout.names))

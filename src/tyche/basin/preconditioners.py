@@ -10,7 +10,6 @@ p_i ∝ 1/(|s_i|^exponent + eps): low-curvature coordinates are stretched (≈ F
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from tyche.divergence import logits_of
+from tyche.optim_state import read_optimizer_state
 
 
 def _spectrum_to_scales(spec: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
@@ -146,31 +146,6 @@ def user_preconditioner(pre: Any, dim: int) -> torch.Tensor:
     return normalize_unit_det(pre) if pre.dim() == 1 else normalize_unit_det_matrix(pre)
 
 
-def _state_by_name(
-    state: Any, names: Sequence[str], optimizer_param_names: Sequence[str] | None
-) -> Mapping[str, Any]:
-    """Name -> per-parameter moments, from any of the accepted optimizer-state formats."""
-    if isinstance(state, (str, os.PathLike)):
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"optimizer_state must be a mapping or a path, got {type(state).__name__}")
-    if not ("state" in state and "param_groups" in state):
-        return state  # already name -> {"exp_avg": ..., "exp_avg_sq": ...}
-    groups = state["param_groups"]
-    ids = [i for g in groups for i in g["params"]]
-    if all("param_names" in g for g in groups):
-        order = [n for g in groups for n in g["param_names"]]
-    else:
-        order = list(optimizer_param_names if optimizer_param_names is not None else names)
-    if len(order) != len(ids):
-        raise ValueError(
-            f"the optimizer state holds {len(ids)} parameters but {len(order)} names were given "
-            "to map them; pass optimizer_param_names= the names of all parameters in the "
-            "order they were given to the optimizer"
-        )
-    return {n: state["state"].get(i) for n, i in zip(order, ids)}
-
-
 def adam_preconditioner(
     optimizer_state: Any,
     names: Sequence[str],
@@ -180,17 +155,17 @@ def adam_preconditioner(
     eps: float = 1e-3,
     exponent: float = 0.5,
     optimizer_param_names: Sequence[str] | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """Diagonal preconditioner (D,) from Adam moments of the selected parameters.
 
     Args:
-        optimizer_state: one of (a) a name -> {"exp_avg", "exp_avg_sq"} mapping (the zoo's
-            format); (b) a ``torch.optim`` state dict {"state": {int: {...}}, "param_groups":
-            [{"params": [int, ...]}, ...]}: integer ids are matched to names through the
-            groups' "param_names" when present (optimizers built from named_parameters()),
-            else through ``optimizer_param_names`` (default ``names``), which must list ALL
-            the optimizer's parameters in the order they were passed to it; (c) a path to such
-            a state dict, e.g. a HF Trainer ``optimizer.pt`` (loaded with weights_only=True).
+        optimizer_state: anything :func:`tyche.optim_state.read_optimizer_state` reads: a
+            name -> {"exp_avg", "exp_avg_sq"} mapping (the zoo's format), a ``torch.optim``
+            state dict, or a path to one (a HF Trainer ``optimizer.pt``) or to our
+            safetensors file. Index-keyed states are mapped to names through their own
+            "param_names", else ``optimizer_param_names`` (ALL the optimizer's parameters in
+            the order given to it), else ``model``'s parameters, else ``names``.
         names, shapes: the selected parameters, in the order of the flat basin vector.
         order: 2 uses ``exp_avg_sq`` (ν), 1 uses ``exp_avg`` (its absolute value).
         eps, exponent: as in `diag_preconditioner`.
@@ -202,7 +177,12 @@ def adam_preconditioner(
         raise ValueError(f"order must be 1 (exp_avg) or 2 (exp_avg_sq), got {order!r}")
     if len(names) != len(shapes):
         raise ValueError(f"got {len(names)} names but {len(shapes)} shapes")
-    by_name = _state_by_name(optimizer_state, names, optimizer_param_names)
+    by_name = read_optimizer_state(
+        optimizer_state,
+        model,
+        param_names=optimizer_param_names,
+        shapes=None if model is not None else dict(zip(names, shapes)),
+    )
     key = "exp_avg_sq" if order == 2 else "exp_avg"
     has = [n for n, v in by_name.items() if isinstance(v, Mapping) and key in v]
     missing = [n for n in names if n not in set(has)]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tyche.causal.objective import IGNORE_INDEX
-from tyche.sites import read_activations
+from tyche.hooks import read_activations
 
 __all__ = ["next_token_labels", "read_site_activations", "token_inputs"]
 

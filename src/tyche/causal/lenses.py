@@ -222,7 +222,7 @@ class ModelFromSite(nn.Module):
     (``(B, T, d)``, the shape the site has on these inputs), so the logits depend on ``h``
     exactly as they do inside the real model. Earlier layers run too (and are wasted work);
     gradients reach ``h`` through every later layer. Hidden states for it come from
-    ``tyche.sites.read_activations(model, site)`` on the same inputs.
+    ``tyche.hooks.read_activations(model, site)`` on the same inputs.
     """
 
     def __init__(self, model: nn.Module, site: str | Site, inputs: Mapping[str, Tensor]) -> None:
@@ -245,7 +245,7 @@ class ModelFromSite(nn.Module):
         )
 
     def forward(self, h: Tensor) -> Tensor:
-        from tyche.sites import replace_activations
+        from tyche.hooks import replace_activations
 
         def swap(activation: Tensor) -> Tensor:
             if activation.shape != h.shape:

@@ -19,7 +19,7 @@ from tyche.causal.activations import token_inputs
 from tyche.causal.lenses import TunedLens
 from tyche.distributed import all_reduce_sum, get_world_size, progress, shard_range
 from tyche.divergence import masked_kl
-from tyche.sites import read_activations
+from tyche.hooks import read_activations
 
 __all__ = ["evaluate_lens", "train_tuned_lens"]
 

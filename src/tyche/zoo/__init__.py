@@ -18,20 +18,14 @@ Everything trained or converted is cached under ``$TYCHE_CACHE`` (default
 
 from __future__ import annotations
 
+from tyche.optim_state import OptimizerState
+from tyche.zoo.catalogue import entries, get_entry
 from tyche.zoo.digits import DigitsMLP, DigitsMLPConfig, load_digits_mlp, train_digits_mlp
+from tyche.zoo.entry import UnknownEntryError, ZooEntry, ZooError, cache_root
 from tyche.zoo.fashion_mnist import FashionMNIST, load_fashion_mnist
-from tyche.zoo.optim_state import OptimizerState
-from tyche.zoo.registry import (
-    UnknownEntryError,
-    ZooEntry,
-    ZooError,
-    cache_root,
-    entries,
-    get_entry,
-)
-from tyche.zoo.resolve import ZooModel, resolve_model
+from tyche.zoo.resolve import ZooModel, resolve_model, resolve_texts
 from tyche.zoo.shakespeare_lm import ShakespeareLMConfig, train_shakespeare_lm
-from tyche.zoo.text import load_shakespeare, resolve_texts
+from tyche.zoo.text import load_shakespeare
 
 __all__ = [
     "DigitsMLP",

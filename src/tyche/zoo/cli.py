@@ -7,14 +7,8 @@ import json
 import sys
 from typing import Any
 
-from tyche.zoo.registry import (
-    UnknownEntryError,
-    ZooError,
-    cache_root,
-    entries,
-    get_entry,
-    human_size,
-)
+from tyche.zoo.catalogue import entries, get_entry
+from tyche.zoo.entry import UnknownEntryError, ZooError, cache_root, human_size
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyche.zoo.optim_state import (
+from tyche.optim_state import (
     OptimizerState,
     adam_state_by_name,
     load_optimizer_state,
     save_optimizer_state,
 )
-from tyche.zoo.registry import METRICS_FILE, ZooEntry, ZooError, atomic_folder, write_json
+from tyche.zoo.entry import METRICS_FILE, ZooEntry, ZooError, atomic_folder, write_json
 
 
 @dataclass(frozen=True)

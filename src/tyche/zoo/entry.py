@@ -1,4 +1,7 @@
-"""The zoo's registry: named models and data sets that work offline.
+"""A zoo entry's base class and the helpers entries share (cache folder, atomic writes).
+
+The list of entries lives in :mod:`tyche.zoo.catalogue`, which imports the entry modules;
+the entry modules import only this module, so nothing imports back up.
 
 Every entry has a ``name``, a ``kind`` ("model" or "data"), a one-line ``description``,
 and three methods: ``is_ready()`` (usable now without training or converting),
@@ -142,6 +145,10 @@ class ZooEntry:
         """Train/convert/check and cache the entry (idempotent); return its metrics dict."""
         raise NotImplementedError
 
+    def texts(self) -> list[str]:
+        """A text data entry's documents (``resolve_texts``); other entries have none."""
+        raise ValueError(f"zoo:{self.name} is not text data; text corpora: see `tyche zoo list`")
+
     def metrics(self) -> dict[str, Any]:
         """The cached metrics (``zoo.json``), or ``{}`` when not prepared."""
         file = self.path / METRICS_FILE
@@ -163,49 +170,3 @@ class ZooEntry:
             "default_data": self.default_data,
             "metrics": self.metrics(),
         }
-
-
-def _build_registry() -> dict[str, ZooEntry]:
-    # Imported here: the entry modules import this module for the base class.
-    from tyche.zoo.digits import DigitsMLPEntry
-    from tyche.zoo.fashion_mnist import FashionMNISTEntry
-    from tyche.zoo.shakespeare_lm import ShakespeareLMEntry
-    from tyche.zoo.smollm2 import SmolLM2Entry
-    from tyche.zoo.text import ShakespeareEntry, StdlibDocsEntry
-
-    entries: list[ZooEntry] = [
-        DigitsMLPEntry(),
-        ShakespeareLMEntry(),
-        SmolLM2Entry(),
-        ShakespeareEntry(),
-        StdlibDocsEntry(),
-        FashionMNISTEntry(),
-    ]
-    return {entry.name: entry for entry in entries}
-
-
-_REGISTRY: dict[str, ZooEntry] = {}
-
-
-def entries() -> dict[str, ZooEntry]:
-    """All registered entries by name, models first."""
-    if not _REGISTRY:
-        _REGISTRY.update(_build_registry())
-    return dict(_REGISTRY)
-
-
-def get_entry(name: str, kind: str | None = None) -> ZooEntry:
-    """The entry called ``name`` (a leading ``zoo:`` is allowed), optionally of one kind.
-
-    Raises :class:`UnknownEntryError` listing the known names (of that kind) otherwise.
-    """
-    bare = name.removeprefix("zoo:")
-    known = entries()
-    entry = known.get(bare)
-    if entry is None or (kind is not None and entry.kind != kind):
-        names = [n for n, e in known.items() if kind is None or e.kind == kind]
-        what = f"zoo {kind}" if kind else "zoo entry"
-        raise UnknownEntryError(
-            f"unknown {what} {bare!r}; known: {', '.join(names)} (see `tyche zoo list`)"
-        )
-    return entry

@@ -1,0 +1,1 @@
+"""Codebook features: sparse, discrete bottlenecks inside any transformer."""

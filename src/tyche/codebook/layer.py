@@ -209,6 +209,9 @@ class GroupedCodebookLayer(nn.Module):
         self.collected: list[torch.Tensor] | None = None
         #: interventions applied to the chosen ids (set by ``tyche.codebook.intervene``)
         self.edits: tuple[CodeEdit, ...] = ()
+        #: keep the last input (``(..., G, d)``, detached) in ``last_input``
+        self.keep_input = False
+        self.last_input: torch.Tensor | None = None
         self.last_ids: torch.Tensor | None = None
         self.recent: torch.Tensor | None = None
         self._mse_sum = torch.zeros((), dtype=torch.float64)
@@ -306,6 +309,8 @@ class GroupedCodebookLayer(nn.Module):
             self.collected.append(grouped.detach().reshape(-1, self.n_groups, self.dim))
             return x
         lead = grouped.shape[:-2]
+        if self.keep_input:
+            self.last_input = grouped.detach()
         xhat = self._normalise(grouped).reshape(-1, self.n_groups, self.dim)  # (n, G, d)
         n = xhat.shape[0]
         with torch.no_grad():

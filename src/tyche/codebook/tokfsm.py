@@ -246,26 +246,16 @@ def first_transition_accuracy(model: nn.Module, fsm: FSM) -> float:
 
 @torch.no_grad()
 def sample(model: nn.Module, fsm: FSM, n: int, seq_len: int, *, seed: int = 0) -> torch.Tensor:
-    """``n`` sequences of ``seq_len`` tokens sampled from BOS at temperature 1 (seeded; the
-    global RNG is left as it was)."""
+    """``n`` sequences of ``seq_len`` tokens sampled from BOS at temperature 1, seeded by
+    ``seed`` (the global RNG is not used). Any model mapping ``input_ids`` to ``.logits``."""
     device = _device(model)
-    start = torch.full((n, 1), fsm.bos_id, dtype=torch.long, device=device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=start,
-            attention_mask=torch.ones_like(start),
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            max_new_tokens=seq_len - 1,
-            min_new_tokens=seq_len - 1,
-            pad_token_id=fsm.bos_id,
-            eos_token_id=None,
-        )
-    return out.cpu()
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.full((n, 1), fsm.bos_id, dtype=torch.long, device=device)
+    for _ in range(seq_len - 1):
+        probs = torch.softmax(model(input_ids=seqs).logits[:, -1].float(), dim=-1).cpu()
+        nxt = torch.multinomial(probs, 1, generator=g).to(device)
+        seqs = torch.cat([seqs, nxt], dim=1)
+    return seqs.cpu()
 
 
 def transition_accuracy(

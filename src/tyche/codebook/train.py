@@ -165,11 +165,11 @@ def _optimizer(model: CodebookModel, cfg: TrainConfig) -> torch.optim.AdamW:
     codes = [p for p in model.codebook_parameters() if p.requires_grad]
     ids = {id(p) for p in codes}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": codes, "lr": cfg.code_lr or cfg.lr, "weight_decay": 0.0}]
+    groups = [{"params": codes, "lr": cfg.code_lr or cfg.lr, "weight_decay": 0.0}] if codes else []
     if rest:
         groups.append({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-    if not codes:
-        raise ValueError("the model has no trainable codebook parameters")
+    if not groups:
+        raise ValueError("nothing to train: the model has no trainable parameters")
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 

@@ -13,6 +13,7 @@ from tyche.zoo.fashion_mnist import FashionMNISTEntry
 from tyche.zoo.shakespeare_lm import ShakespeareLMEntry
 from tyche.zoo.smollm2 import SmolLM2Entry
 from tyche.zoo.text import ShakespeareEntry, StdlibDocsEntry
+from tyche.zoo.tokfsm import TokFSMEntry
 
 __all__ = ["entries", "get_entry"]
 
@@ -23,6 +24,7 @@ def _all_entries() -> list[ZooEntry]:
         DigitsMLPEntry(),
         ShakespeareLMEntry(),
         SmolLM2Entry(),
+        TokFSMEntry(),
         ShakespeareEntry(),
         StdlibDocsEntry(),
         FashionMNISTEntry(),

@@ -1,0 +1,161 @@
+"""``zoo:tokfsm``: the codebook paper's TokFSM model, with codebooks, and its baseline.
+
+Recipe (seeded, CPU, float32): the FSM of the paper's size (100 states, 10 successors each,
+two digit tokens per state, seed 0); a GPT-NeoX of the paper's layout (4 layers, width 128,
+4 heads, MLP 512, vocabulary 11) with k = 1 codebooks on every attention head and every MLP
+output, trained from scratch on fresh random walks; and the same model without codebooks
+trained on the same batches for the same number of steps. The folder holds the codebook
+model (``CodebookModel.save_pretrained``: the base model loads in ``transformers`` alone),
+``fsm.json`` (successor table, digit encoding, special tokens), ``baseline/`` and
+``zoo.json`` with both models' metrics: first-transition accuracy over all states, sampled
+transition accuracy, held-out loss, code purity and the timing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tyche.codebook.attach import CodebookModel, attach
+from tyche.codebook.steering import state_forcing
+from tyche.codebook.tokfsm import (
+    FSM,
+    code_purity,
+    first_transition_accuracy,
+    transition_accuracy,
+)
+from tyche.codebook.train import TrainConfig, evaluate_lm, train_codebooks
+from tyche.zoo.entry import METRICS_FILE, ZooEntry, atomic_folder, write_json
+
+
+@dataclass(frozen=True)
+class TokFSMConfig:
+    """Settings of ``zoo:tokfsm`` (defaults: the cached model)."""
+
+    seed: int = 0
+    n_states: int = 100
+    n_edges: int = 10
+    n_layers: int = 4
+    hidden: int = 128
+    n_heads: int = 4
+    mlp: int = 512
+    rotary_pct: float = 1.0
+    seq_len: int = 64
+    batch_size: int = 32
+    steps: int = 1500
+    lr: float = 1e-2
+    warmup_steps: int = 100
+    num_codes: int = 256
+    k: int = 1
+    sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
+    eval_samples: int = 100
+    eval_sequences: int = 64
+    threads: int | None = 2
+
+
+def build_base(cfg: TokFSMConfig, fsm: FSM) -> torch.nn.Module:
+    """A freshly initialised GPT-NeoX for the FSM's tokens (seeded)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = GPTNeoXConfig(
+        vocab_size=fsm.vocab_size,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.mlp,
+        max_position_embeddings=2 * cfg.seq_len,
+        rotary_pct=cfg.rotary_pct,
+        bos_token_id=fsm.bos_id,
+        eos_token_id=fsm.bos_id,
+        pad_token_id=fsm.bos_id,
+        tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+def _evaluate(model: CodebookModel, fsm: FSM, cfg: TokFSMConfig, held: torch.Tensor) -> dict:
+    model.eval()
+    out = {
+        "first_transition_accuracy": first_transition_accuracy(model, fsm),
+        **transition_accuracy(model, fsm, n=cfg.eval_samples, seq_len=cfg.seq_len),
+        **{f"held_out_{k}": v for k, v in evaluate_lm(model, held).items()},
+    }
+    return out
+
+
+def train_tokfsm(out_dir: Path, config: TokFSMConfig | None = None, *,
+                 progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train the codebook model and the baseline; save both atomically; return metrics."""
+    cfg = config or TokFSMConfig()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed)
+        held = fsm.batch(cfg.eval_sequences, cfg.seq_len, torch.Generator().manual_seed(2**31 - 1))
+        train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                                log_every=max(1, cfg.steps // 20))  # fmt: skip
+
+        def batches(step: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            return fsm.batch(cfg.batch_size, cfg.seq_len, g)
+
+        metrics: dict[str, Any] = {"config": asdict(cfg), "loss_floor": fsm.loss_floor}
+        models = {}
+        for name in ("baseline", "codebooks"):
+            base = build_base(cfg, fsm)
+            if name == "codebooks":
+                model = attach(base, list(cfg.sites), cfg.num_codes, cfg.k, seed=cfg.seed)
+            else:
+                model = CodebookModel(base)
+                model._rehook()
+            model.tokenizer = fsm.tokenizer()
+            result = train_codebooks(model, batches, train_cfg, show_progress=progress)
+            report = _evaluate(model, fsm, cfg, held)
+            report.update(train_seconds=result.seconds, steps_per_second=result.steps_per_second,
+                          history=result.history)  # fmt: skip
+            if name == "codebooks":
+                purity = code_purity(model, fsm, seq_len=cfg.seq_len)
+                report["purity"] = purity
+                report["state_forcing"] = state_forcing(model, fsm, sites="mlp_out.*")
+            metrics[name] = report
+            models[name] = model
+        metrics["transition_ratio"] = (metrics["codebooks"]["transition_accuracy"]
+                                       / max(metrics["baseline"]["transition_accuracy"], 1e-9))  # fmt: skip
+        metrics["step_time_ratio"] = (metrics["baseline"]["steps_per_second"]
+                                      / metrics["codebooks"]["steps_per_second"])  # fmt: skip
+        metrics["torch_threads"] = torch.get_num_threads()
+        with atomic_folder(Path(out_dir)) as tmp:
+            models["codebooks"].save_pretrained(tmp)
+            models["baseline"].base.save_pretrained(tmp / "baseline")
+            models["baseline"].tokenizer.save_pretrained(tmp / "baseline")
+            fsm.save(tmp)
+            fsm.save(tmp / "baseline")
+            write_json(tmp / METRICS_FILE, metrics)
+        return metrics
+    finally:
+        torch.set_num_threads(threads)
+
+
+class TokFSMEntry(ZooEntry):
+    """Zoo entry that trains and caches the TokFSM codebook model and its baseline."""
+
+    name = "tokfsm"
+    kind = "model"
+    description = "TokFSM GPT-NeoX (4x128) with k=1 codebooks on every head and MLP + baseline"
+    default_data = "fsm:zoo:tokfsm"
+
+    def prepare(self, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+        if self.is_ready() and not force:
+            return self.metrics()
+        start = time.perf_counter()
+        metrics = train_tokfsm(self.path, progress=progress)
+        metrics["total_seconds"] = time.perf_counter() - start
+        write_json(self.path / METRICS_FILE, metrics)
+        return metrics

@@ -129,6 +129,26 @@ class CodebookModel(nn.Module):
         if self._hooks is not None:
             self._site_names = [s.name for s in self._hooks.sites]
 
+    def __deepcopy__(self, memo: dict) -> CodebookModel:
+        """A copy whose hooks call its own codebooks (hooks are not copied, they are re-placed)."""
+        import copy
+
+        hooked = self._hooks is not None
+        if hooked:
+            self._hooks.remove()  # type: ignore[union-attr]
+            self._hooks = None
+        try:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        finally:
+            if hooked:
+                self._rehook()
+        if hooked:
+            new._rehook()
+        return new
+
     def detach(self) -> nn.Module:
         """Remove the codebooks' hooks and return the base model (as it was before)."""
         if self._hooks is not None:

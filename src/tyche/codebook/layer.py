@@ -60,7 +60,7 @@ Similarity = Literal["inner_product", "cosine", "euclidean"]
 Loss = Literal["aeloss", "fullaeloss", "vqvae", "base"]
 SIMILARITIES: tuple[str, ...] = ("inner_product", "cosine", "euclidean")
 LOSSES: tuple[str, ...] = ("aeloss", "fullaeloss", "vqvae", "base")
-#: inputs kept per group for dead-code replacement (a random subset of the latest batch)
+#: inputs kept per group for dead-code replacement (an evenly spaced subset of the last batch)
 RECENT_INPUTS = 4096
 
 
@@ -302,12 +302,12 @@ class GroupedCodebookLayer(nn.Module):
         return ids.transpose(0, 1)  # (n, G, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collected is not None:
+            self.collected.append(self._grouped(x).detach().reshape(-1, self.n_groups, self.dim))
+            return x
         if not self.snap:
             return x
         grouped = self._grouped(x)
-        if self.collected is not None:
-            self.collected.append(grouped.detach().reshape(-1, self.n_groups, self.dim))
-            return x
         lead = grouped.shape[:-2]
         if self.keep_input:
             self.last_input = grouped.detach()
@@ -359,9 +359,8 @@ class GroupedCodebookLayer(nn.Module):
             self._mse_sum = self._mse_sum.to(err.device) + err.sum().double()
             self._mse_count += err.numel()
             if self.keep_recent:
-                n = xhat.shape[0]
-                pick = torch.randperm(n, device=xhat.device)[:RECENT_INPUTS]
-                self.recent = xhat.detach()[pick].clone()
+                stride = max(1, xhat.shape[0] // RECENT_INPUTS)  # deterministic subset
+                self.recent = xhat.detach()[::stride][:RECENT_INPUTS].clone()
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()

@@ -70,6 +70,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     freeze_base: bool = False
+    #: steps at the start with the codebooks passing their inputs through (a warm start of
+    #: the model); the codebooks snap from this step on (after k-means, with ``kmeans_init``)
+    snap_after: int = 0
     kmeans_init: bool = False
     kmeans_tokens: int = 16384
     #: replace codes unused for this many steps (0: never)
@@ -84,7 +87,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "replace_dead_every", "checkpoint_every"):
+        for name in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "code_lr"):
@@ -297,25 +300,38 @@ def train_codebooks(
     start, history = 0, []
     if resume:
         start, history = _load_checkpoint(model, opt, cfg, out_path)
-    elif cfg.kmeans_init:
-        model.kmeans_init((batches(-1 - i) for i in range(10_000)),
-                          max_tokens=cfg.kmeans_tokens, seed=cfg.seed)  # fmt: skip
+    snapping = {s: layer.snap for s, layer in model.layers().items()}
+    if start <= cfg.snap_after:
+        model.set_snap(False)
     replacing = cfg.replace_dead_every > 0
     for layer in model.codebooks.values():
         layer.keep_recent = replacing
-        layer.reset_usage()
+        if not resume:  # a resumed run keeps the usage counted since the last replacement
+            layer.reset_usage()
         layer.take_metrics()
     model.train()
+    cuda = [model.device] if model.device.type == "cuda" else []
     before = {s: layer.usage.clone() for s, layer in model.layers().items()}
     losses: list[torch.Tensor] = []
     began = time.perf_counter()
     bar = progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="codebooks",
                    unit="step", disable=not show_progress)  # fmt: skip
     for step in bar:
+        if step == cfg.snap_after:
+            if cfg.kmeans_init:
+                model.kmeans_init((batches(-1 - i) for i in range(10_000)),
+                                  max_tokens=cfg.kmeans_tokens, seed=cfg.seed)  # fmt: skip
+            for site, on in snapping.items():
+                model.codebook(site).snap = on
+            before = {s: layer.usage.clone() for s, layer in model.layers().items()}
         for group, peak in zip(opt.param_groups, peaks):
             group["lr"] = peak * cfg.lr_factor(step)
         opt.zero_grad(set_to_none=True)
-        losses.append(compute_gradients(model, batches(step)))
+        # dropout draws from the global RNG: seed it by step (and rank), so a resumed run
+        # takes exactly the steps an uninterrupted one would; the caller's RNG is restored
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + get_rank())
+            losses.append(compute_gradients(model, batches(step)))
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                            cfg.grad_clip)  # fmt: skip
@@ -338,6 +354,8 @@ def train_codebooks(
             _save_checkpoint(model, opt, done, cfg, history, out_path)
     bar.close()
     seconds = time.perf_counter() - began
+    for site, on in snapping.items():
+        model.codebook(site).snap = on
     for layer in model.codebooks.values():
         layer.keep_recent, layer.recent = False, None
     model.eval()

@@ -45,6 +45,12 @@ def test_cache_layout_and_round_trip(built) -> None:
         for t in range(16):
             assert again.token_text(r, t) == built[2].token_text(r, t)
     assert json.loads((cache.folder / "manifest.json").read_text())["model_name"] == "tiny"
+    # a word-level tokenizer: the pieces keep the spaces its decoder puts between words
+    assert cache.texts[0] == built[2].texts[0] and " " in cache.texts[0]
+    from tyche.codebook.cache import token_pieces
+
+    pieces = token_pieces(None, rows[:1, :3])
+    assert pieces == [[f"<{int(t)}>" for t in rows[0, :3]]]
     assert cache.neurons["mlp_out.0"].shape == (rows.shape[0], 16, 64)
 
 

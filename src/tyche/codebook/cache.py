@@ -47,12 +47,29 @@ FORMAT = "tyche-codebook-cache"
 FORMAT_VERSION = 1
 
 
-def token_pieces(tokenizer: Any, ids: torch.Tensor) -> dict[int, str]:
-    """The text of each distinct token id in ``ids`` (decoded alone), ``{id: text}``."""
-    unique = sorted(set(ids.reshape(-1).tolist()))
+def token_pieces(tokenizer: Any, ids: torch.Tensor) -> list[list[str]]:
+    """The text of every token of ``ids`` ``(n, T)``, such that joining a row's pieces gives
+    its text.
+
+    A token's piece is what it adds to the decoded text after the previous token:
+    ``decode([prev, t])`` minus ``decode([prev])`` (so word-level and SentencePiece
+    tokenizers keep the spaces between words), or ``decode([t])`` for the first token and
+    where the decoded pair does not extend the previous token's text. Each distinct pair is
+    decoded once. Without a tokenizer a token is shown as ``<id>``.
+    """
+    rows = ids.tolist()
     if tokenizer is None:
-        return {i: f"<{i}>" for i in unique}
-    return {i: tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in unique}
+        return [[f"<{t}>" for t in row] for row in rows]
+    singles = sorted({t for row in rows for t in row})
+    alone = dict(zip(singles, tokenizer.batch_decode([[t] for t in singles],
+                                                     clean_up_tokenization_spaces=False)))  # fmt: skip
+    pairs = sorted({(a, b) for row in rows for a, b in zip(row, row[1:])})
+    joined = tokenizer.batch_decode([list(p) for p in pairs], clean_up_tokenization_spaces=False)
+    after: dict[tuple[int, int], str] = {}
+    for (a, b), text in zip(pairs, joined):
+        head = alone[a]
+        after[(a, b)] = text[len(head) :] if text.startswith(head) else alone[b]
+    return [[alone[row[0]]] + [after[(a, b)] for a, b in zip(row, row[1:])] for row in rows]
 
 
 @dataclass
@@ -195,10 +212,8 @@ def build_cache(
         save_file({s: torch.cat(v).contiguous() for s, v in dense.items()}, str(out / NEURONS))
     elif (out / NEURONS).exists():
         (out / NEURONS).unlink()
-    pieces = token_pieces(tokenizer, input_ids)
     texts, offsets = [], torch.zeros(input_ids.shape[0], input_ids.shape[1] + 1, dtype=torch.long)
-    for r, row in enumerate(input_ids.tolist()):
-        parts = [pieces[t] for t in row]
+    for r, parts in enumerate(token_pieces(tokenizer, input_ids)):
         lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
         offsets[r, 1:] = lengths.cumsum(0)
         texts.append("".join(parts))

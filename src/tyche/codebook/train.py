@@ -318,7 +318,7 @@ def train_codebooks(
                    unit="step", disable=not show_progress)  # fmt: skip
     for step in bar:
         if step == cfg.snap_after:
-            if cfg.kmeans_init:
+            if cfg.kmeans_init and model.sites:
                 model.kmeans_init((batches(-1 - i) for i in range(10_000)),
                                   max_tokens=cfg.kmeans_tokens, seed=cfg.seed)  # fmt: skip
             for site, on in snapping.items():
@@ -337,9 +337,6 @@ def train_codebooks(
                                            cfg.grad_clip)  # fmt: skip
         opt.step()
         done = step + 1
-        if replacing and done % cfg.replace_dead_every == 0 and done < cfg.steps:
-            _replace_dead(model, opt, cfg, step)
-            before = {s: layer.usage.clone() for s, layer in model.layers().items()}
         if done % cfg.log_every == 0 or done == cfg.steps:
             row = {"step": done, "loss": float(torch.stack(losses).mean()),
                    "lr": opt.param_groups[-1]["lr"], **_window_stats(model, before),
@@ -348,6 +345,9 @@ def train_codebooks(
             losses = []
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", dead=f"{row['dead_fraction']:.2f}")
+        if replacing and done % cfg.replace_dead_every == 0 and done < cfg.steps:
+            _replace_dead(model, opt, cfg, step)
+            before = {s: layer.usage.clone() for s, layer in model.layers().items()}
         if out_path is not None and get_rank() == 0 and (
             (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
         ):

@@ -46,15 +46,19 @@ class TokFSMConfig:
     rotary_pct: float = 1.0
     seq_len: int = 64
     batch_size: int = 32
-    steps: int = 1500
+    steps: int = 1600
     lr: float = 1e-2
     warmup_steps: int = 100
     num_codes: int = 256
     k: int = 1
+    #: steps before the codebooks snap (then k-means initialised); the baseline trains on
+    #: the same batches for the same total number of steps
+    snap_after: int = 1000
+    replace_dead_every: int = 100
     sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
     eval_samples: int = 100
     eval_sequences: int = 64
-    threads: int | None = 2
+    threads: int | None = 1
 
 
 def build_base(cfg: TokFSMConfig, fsm: FSM) -> torch.nn.Module:
@@ -100,6 +104,8 @@ def train_tokfsm(out_dir: Path, config: TokFSMConfig | None = None, *,
         held = fsm.batch(cfg.eval_sequences, cfg.seq_len, torch.Generator().manual_seed(2**31 - 1))
         train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                 warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                                snap_after=cfg.snap_after, kmeans_init=True,
+                                replace_dead_every=cfg.replace_dead_every,
                                 log_every=max(1, cfg.steps // 20))  # fmt: skip
 
         def batches(step: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import build_neox  # noqa: E402
-
 from tyche import distributed as td  # noqa: E402
 from tyche.codebook.attach import attach  # noqa: E402
 from tyche.codebook.train import (  # noqa: E402

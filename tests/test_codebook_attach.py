@@ -20,8 +20,13 @@ def cb_model(hf_model: torch.nn.Module) -> CodebookModel:
 
 
 def test_sites_and_layouts(cb_model: CodebookModel) -> None:
-    assert cb_model.sites == ["attn_heads.0", "mlp_out.0", "attn_heads.1", "mlp_out.1",
-                              "resid_post.1"]  # fmt: skip
+    assert cb_model.sites == [
+        "attn_heads.0",
+        "mlp_out.0",
+        "attn_heads.1",
+        "mlp_out.1",
+        "resid_post.1",
+    ]
     heads = cb_model.codebook("attn_heads.0")
     assert (heads.n_groups, heads.dim, heads.num_codes, heads.k) == (4, 16, 24, 2)
     mlp = cb_model.codebook("mlp_out.1")
@@ -54,8 +59,9 @@ def test_snap_off_is_the_base_model(hf_model, cb_model: CodebookModel, token_bat
         cb_model(**token_batch)
 
 
-def test_save_and_load_round_trip(cb_model: CodebookModel, token_batch, tmp_path,
-                                  tiny_tokenizer) -> None:  # fmt: skip
+def test_save_and_load_round_trip(
+    cb_model: CodebookModel, token_batch, tmp_path, tiny_tokenizer
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cb_model.codebook("mlp_out.0").snap = False
@@ -64,8 +70,9 @@ def test_save_and_load_round_trip(cb_model: CodebookModel, token_batch, tmp_path
     assert loaded.sites == cb_model.sites
     assert loaded.fingerprint() == cb_model.fingerprint()
     assert loaded.codebook("mlp_out.0").snap is False
-    torch.testing.assert_close(loaded(**token_batch).logits, cb_model(**token_batch).logits,
-                               rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        loaded(**token_batch).logits, cb_model(**token_batch).logits, rtol=0, atol=0
+    )
     assert loaded.tokenizer is not None and len(loaded.tokenizer) == len(tiny_tokenizer)
     # the folder is a plain transformers model too: the base without codebooks
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -23,17 +23,83 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
     text = root / "text.txt"
     text.write_text("\n\n".join(tiny_texts * 6))
     trained = root / "trained"
-    main(["codebook", "train", "--model", str(folder), "--data", str(text), "--seq_len", "16",
-          "--seed", "1", "--sites", "attn_heads.1,mlp_out.*", "--num_codes", "24", "--k", "2",
-          "--similarity", "cosine", "--loss", "fullaeloss", "--beta", "0.5", "--steps", "4",
-          "--batch_size", "4", "--lr", "2e-3", "--code_lr", "3e-3", "--weight_decay", "0.05",
-          "--warmup_steps", "1", "--schedule", "constant", "--kmeans_init", "True",
-          "--replace_dead_every", "2", "--log_every", "2", "--checkpoint_every", "2",
-          "--eval_sequences", "4", "--out", str(trained)])  # fmt: skip
+    main(
+        [
+            "codebook",
+            "train",
+            "--model",
+            str(folder),
+            "--data",
+            str(text),
+            "--seq_len",
+            "16",
+            "--seed",
+            "1",
+            "--sites",
+            "attn_heads.1,mlp_out.*",
+            "--num_codes",
+            "24",
+            "--k",
+            "2",
+            "--similarity",
+            "cosine",
+            "--loss",
+            "fullaeloss",
+            "--beta",
+            "0.5",
+            "--steps",
+            "4",
+            "--batch_size",
+            "4",
+            "--lr",
+            "2e-3",
+            "--code_lr",
+            "3e-3",
+            "--weight_decay",
+            "0.05",
+            "--warmup_steps",
+            "1",
+            "--schedule",
+            "constant",
+            "--kmeans_init",
+            "True",
+            "--replace_dead_every",
+            "2",
+            "--log_every",
+            "2",
+            "--checkpoint_every",
+            "2",
+            "--eval_sequences",
+            "4",
+            "--out",
+            str(trained),
+        ]
+    )
     cache = root / "cache"
-    main(["codebook", "cache", "--model", str(trained), "--data", str(text), "--seq_len", "16",
-          "--seed", "2", "--n_sequences", "12", "--batch_size", "5", "--neurons", "True",
-          "--copy_model", "True", "--out", str(cache)])  # fmt: skip
+    main(
+        [
+            "codebook",
+            "cache",
+            "--model",
+            str(trained),
+            "--data",
+            str(text),
+            "--seq_len",
+            "16",
+            "--seed",
+            "2",
+            "--n_sequences",
+            "12",
+            "--batch_size",
+            "5",
+            "--neurons",
+            "True",
+            "--copy_model",
+            "True",
+            "--out",
+            str(cache),
+        ]
+    )
     return {"root": root, "folder": folder, "text": text, "trained": trained, "cache": cache}
 
 
@@ -45,7 +111,12 @@ def test_train_wrote_a_model_with_the_settings(setup) -> None:
     assert model.sites == ["mlp_out.0", "attn_heads.1", "mlp_out.1"]
     layer = model.codebook("attn_heads.1")
     assert (layer.num_codes, layer.k, layer.similarity, layer.loss, layer.beta) == (
-        24, 2, "cosine", "fullaeloss", 0.5)  # fmt: skip
+        24,
+        2,
+        "cosine",
+        "fullaeloss",
+        0.5,
+    )
     result = TrainResult.load(setup["trained"] / "train_result")
     cfg = result.config
     assert (cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["code_lr"]) == (4, 4, 2e-3, 3e-3)
@@ -59,10 +130,30 @@ def test_train_wrote_a_model_with_the_settings(setup) -> None:
 def test_train_resume_and_freeze(setup, tmp_path) -> None:
     from tyche.codebook.attach import CodebookModel
 
-    args = ["codebook", "train", "--model", str(setup["folder"]), "--data", str(setup["text"]),
-            "--seq_len", "16", "--sites", "mlp_out.0", "--num_codes", "8", "--steps", "2",
-            "--batch_size", "2", "--eval_sequences", "2", "--freeze_base", "True",
-            "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "codebook",
+        "train",
+        "--model",
+        str(setup["folder"]),
+        "--data",
+        str(setup["text"]),
+        "--seq_len",
+        "16",
+        "--sites",
+        "mlp_out.0",
+        "--num_codes",
+        "8",
+        "--steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--eval_sequences",
+        "2",
+        "--freeze_base",
+        "True",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     main(args)
     main([*args[:-2], "--steps", "3", "--resume", "True", "--out", str(tmp_path / "run")])
     model = CodebookModel.from_pretrained(tmp_path / "run")
@@ -79,36 +170,123 @@ def test_train_resume_and_freeze(setup, tmp_path) -> None:
 def test_search_and_contexts(setup, capsys, tmp_path) -> None:
     from tyche.codebook.search import SearchResult
 
-    main(["codebook", "search", "--cache", str(setup["cache"]), "--pattern", "(king)",
-          "--sites", "mlp_out.0,attn_heads.1", "--min_recall", "0.0", "--min_precision", "0.0",
-          "--top", "3", "--neurons", "True", "--out", str(tmp_path / "found")])  # fmt: skip
+    main(
+        [
+            "codebook",
+            "search",
+            "--cache",
+            str(setup["cache"]),
+            "--pattern",
+            "(king)",
+            "--sites",
+            "mlp_out.0,attn_heads.1",
+            "--min_recall",
+            "0.0",
+            "--min_precision",
+            "0.0",
+            "--top",
+            "3",
+            "--neurons",
+            "True",
+            "--out",
+            str(tmp_path / "found"),
+        ]
+    )
     text = capsys.readouterr().out
     assert "matched tokens" in text and "best neuron" in text
     found = SearchResult.load(tmp_path / "found")
     assert len(found.matches) == 3
     assert {m["site"] for m in found.matches} <= {"mlp_out.0", "attn_heads.1"}
-    main(["codebook", "search", "--cache", str(setup["cache"]), "--pattern", "e",
-          "--parity", "odd", "--neurons", "False", "--top", "2"])  # fmt: skip
+    main(
+        [
+            "codebook",
+            "search",
+            "--cache",
+            str(setup["cache"]),
+            "--pattern",
+            "e",
+            "--parity",
+            "odd",
+            "--neurons",
+            "False",
+            "--top",
+            "2",
+        ]
+    )
     assert "best neuron" not in capsys.readouterr().out
     top = found.matches[0]
     head = [] if top["head"] is None else ["--head", str(top["head"])]
-    main(["codebook", "contexts", "--cache", str(setup["cache"]), "--site", top["site"],
-          "--code", str(top["code"]), *head, "--n", "2", "--window", "3"])  # fmt: skip
+    main(
+        [
+            "codebook",
+            "contexts",
+            "--cache",
+            str(setup["cache"]),
+            "--site",
+            top["site"],
+            "--code",
+            str(top["code"]),
+            *head,
+            "--n",
+            "2",
+            "--window",
+            "3",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert "fires on" in lines[0] and 1 <= len(lines) - 1 <= 2 and "[[" in lines[1]
 
 
 def test_intervene(setup, capsys) -> None:
-    base = ["codebook", "intervene", "--cache", str(setup["cache"]), "--prompt", "the king",
-            "--n_samples", "2", "--max_new_tokens", "3", "--temperature", "0.8", "--seed", "3"]  # fmt: skip
-    result = codebook_main([*base[1:], "--force", "mlp_out.1:3", "--replace", "attn_heads.1/h0:2@-1",
-                   "--append", "mlp_out.0:1", "--block", "mlp_out.0:0"])  # fmt: skip
+    base = [
+        "codebook",
+        "intervene",
+        "--cache",
+        str(setup["cache"]),
+        "--prompt",
+        "the king",
+        "--n_samples",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]
+    result = codebook_main(
+        [
+            *base[1:],
+            "--force",
+            "mlp_out.1:3",
+            "--replace",
+            "attn_heads.1/h0:2@-1",
+            "--append",
+            "mlp_out.0:1",
+            "--block",
+            "mlp_out.0:0",
+        ]
+    )
     out = capsys.readouterr().out
     assert "without the intervention" in out and "JSD" in out
     assert len(result["with"]) == 2 and result["jsd"] > 0
-    greedy = codebook_main(["intervene", "--model", str(setup["trained"]), "--prompt", "the",
-                   "--force", "mlp_out.1:3", "--temperature", "0", "--n_samples", "1",
-                   "--max_new_tokens", "2"])  # fmt: skip
+    greedy = codebook_main(
+        [
+            "intervene",
+            "--model",
+            str(setup["trained"]),
+            "--prompt",
+            "the",
+            "--force",
+            "mlp_out.1:3",
+            "--temperature",
+            "0",
+            "--n_samples",
+            "1",
+            "--max_new_tokens",
+            "2",
+        ]
+    )
     assert len(greedy["without"]) == 1
     with pytest.raises(ValueError, match="at least one of --force"):
         main(base)
@@ -117,11 +295,37 @@ def test_intervene(setup, capsys) -> None:
 
 
 def test_steer(setup, capsys, tmp_path) -> None:
-    table = codebook_main(["steer", "--cache", str(setup["cache"]), "--words", "king,zzz",
-                  "--prompts", str(setup["text"]), "--n_prompts", "2", "--prompt_tokens", "4",
-                  "--samples_per_prompt", "2", "--max_new_tokens", "4", "--max_codes", "2",
-                  "--min_precision", "0.0", "--min_recall", "0.0", "--sites", "mlp_out.1",
-                  "--seed", "1", "--out", str(tmp_path / "steer.json")])  # fmt: skip
+    table = codebook_main(
+        [
+            "steer",
+            "--cache",
+            str(setup["cache"]),
+            "--words",
+            "king,zzz",
+            "--prompts",
+            str(setup["text"]),
+            "--n_prompts",
+            "2",
+            "--prompt_tokens",
+            "4",
+            "--samples_per_prompt",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--max_codes",
+            "2",
+            "--min_precision",
+            "0.0",
+            "--min_recall",
+            "0.0",
+            "--sites",
+            "mlp_out.1",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "steer.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "zzz: no code" in out and "king" in out
     saved = json.loads((tmp_path / "steer.json").read_text())
@@ -133,23 +337,77 @@ def test_steer(setup, capsys, tmp_path) -> None:
 def test_tokfsm_command(tmp_path, capsys) -> None:
     from tyche.zoo.tokfsm import TokFSMConfig, train_tokfsm
 
-    cfg = TokFSMConfig(n_states=20, n_edges=3, n_layers=1, hidden=32, n_heads=2, mlp=64,
-                       seq_len=17, batch_size=4, steps=2, warmup_steps=1, snap_after=1,
-                       num_codes=8, eval_samples=4, eval_sequences=4, threads=None)  # fmt: skip
+    cfg = TokFSMConfig(
+        n_states=20,
+        n_edges=3,
+        n_layers=1,
+        hidden=32,
+        n_heads=2,
+        mlp=64,
+        seq_len=17,
+        batch_size=4,
+        steps=2,
+        warmup_steps=1,
+        snap_after=1,
+        num_codes=8,
+        eval_samples=4,
+        eval_sequences=4,
+        threads=None,
+    )
     metrics = train_tokfsm(tmp_path / "tokfsm", cfg, progress=False)
     assert {"codebooks", "baseline", "transition_ratio"} <= set(metrics)
-    for name in ("fsm.json", "codebooks.json", "config.json", "tokenizer.json",
-                 "baseline/config.json", "baseline/fsm.json", "zoo.json"):  # fmt: skip
+    for name in (
+        "fsm.json",
+        "codebooks.json",
+        "config.json",
+        "tokenizer.json",
+        "baseline/config.json",
+        "baseline/fsm.json",
+        "zoo.json",
+    ):
         assert (tmp_path / "tokfsm" / name).is_file(), name
-    report = codebook_main(["tokfsm", "--model", str(tmp_path / "tokfsm"), "--n_samples", "3",
-                   "--seq_len", "9", "--n_trials", "2", "--seed", "1"])  # fmt: skip
+    report = codebook_main(
+        [
+            "tokfsm",
+            "--model",
+            str(tmp_path / "tokfsm"),
+            "--n_samples",
+            "3",
+            "--seq_len",
+            "9",
+            "--n_trials",
+            "2",
+            "--seed",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "first-transition accuracy" in out and "forcing another state" in out
     assert 0 <= report["first_transition_accuracy"] <= 1
-    main(["codebook", "cache", "--model", str(tmp_path / "tokfsm"),
-          "--data", f"fsm:{tmp_path / 'tokfsm'}", "--seq_len", "9", "--n_sequences", "3",
-          "--neurons", "False", "--copy_model", "False", "--out", str(tmp_path / "c")])  # fmt: skip
-    assert not (tmp_path / "c" / "model").exists() and not (tmp_path / "c" / "neurons.safetensors").exists()
+    main(
+        [
+            "codebook",
+            "cache",
+            "--model",
+            str(tmp_path / "tokfsm"),
+            "--data",
+            f"fsm:{tmp_path / 'tokfsm'}",
+            "--seq_len",
+            "9",
+            "--n_sequences",
+            "3",
+            "--neurons",
+            "False",
+            "--copy_model",
+            "False",
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert (
+        not (tmp_path / "c" / "model").exists()
+        and not (tmp_path / "c" / "neurons.safetensors").exists()
+    )
 
 
 def test_errors_before_loading(tmp_path) -> None:

@@ -55,7 +55,9 @@ def test_per_head_intervention_touches_one_head(model, ids) -> None:
     with intervene(model, ivs), read_activations(model.base, "attn_heads.1") as acts:
         model(input_ids=ids)
     layer = model.codebook("attn_heads.1")
-    torch.testing.assert_close(acts["attn_heads.1"][:, :, 2], layer.codebook[2, 3].expand(3, 10, -1))
+    torch.testing.assert_close(
+        acts["attn_heads.1"][:, :, 2], layer.codebook[2, 3].expand(3, 10, -1)
+    )
     torch.testing.assert_close(acts["attn_heads.1"][:, :, [0, 1, 3]], clean[:, :, [0, 1, 3]])
 
 
@@ -69,8 +71,9 @@ def test_block_append_replace_at_model_level(model, ids) -> None:
     with intervene(model, [Intervention("mlp_out.1", 7, "append")]):
         model(input_ids=ids)
         assert layer.last_ids.shape[-1] == 3 and (layer.last_ids[..., 2] == 7).all()
-    with intervene(model, [Intervention("mlp_out.1", 7, "replace"),
-                           Intervention("mlp_out.1", 8, "replace")]):  # fmt: skip
+    with intervene(
+        model, [Intervention("mlp_out.1", 7, "replace"), Intervention("mlp_out.1", 8, "replace")]
+    ):
         model(input_ids=ids)
         assert (layer.last_ids[..., 1] == 7).all() and (layer.last_ids[..., 0] == 8).all()
 
@@ -96,8 +99,10 @@ def test_generation_and_effect_measures(model, ids) -> None:
 
 def test_token_jsd_against_the_definition() -> None:
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g,
-                                                                           dtype=torch.float64)  # fmt: skip
+    a, b = (
+        torch.randn(4, 7, generator=g, dtype=torch.float64),
+        torch.randn(4, 7, generator=g, dtype=torch.float64),
+    )
     p, q = a.softmax(-1), b.softmax(-1)
     m = (p + q) / 2
     want = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
@@ -108,32 +113,47 @@ def test_token_jsd_against_the_definition() -> None:
 
 def test_errors_leave_nothing_behind(model, ids) -> None:
     layer = model.codebook("mlp_out.0")
-    with pytest.raises(ValueError, match="out of range"):
-        with intervene(model, [Intervention("mlp_out.0", 1), Intervention("mlp_out.0", 16)]):
-            pass
+    with (
+        pytest.raises(ValueError, match="out of range"),
+        intervene(model, [Intervention("mlp_out.0", 1), Intervention("mlp_out.0", 16)]),
+    ):
+        pass
     assert layer.edits == ()
-    with pytest.raises(ValueError, match="no codebook at site"):
-        with intervene(model, [Intervention("mlp_out.5", 1)]):
-            pass
-    with pytest.raises(ValueError, match="say which with head"):
-        with intervene(model, [Intervention("attn_heads.0", 1)]):
-            pass
-    with pytest.raises(ValueError, match="head 9 does not exist"):
-        with intervene(model, [Intervention("attn_heads.0", 1, head=9)]):
-            pass
-    with pytest.raises(ValueError, match="slot"):
-        with intervene(model, [Intervention("mlp_out.0", 1, "replace", slot=5)]):
-            pass
+    with (
+        pytest.raises(ValueError, match="no codebook at site"),
+        intervene(model, [Intervention("mlp_out.5", 1)]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="say which with head"),
+        intervene(model, [Intervention("attn_heads.0", 1)]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="head 9 does not exist"),
+        intervene(model, [Intervention("attn_heads.0", 1, head=9)]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="slot"),
+        intervene(model, [Intervention("mlp_out.0", 1, "replace", slot=5)]),
+    ):
+        pass
     with pytest.raises(ValueError, match="mode"):
         Intervention("mlp_out.0", 1, "flip")  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match="boom"), intervene(model, [Intervention("mlp_out.0", 1)]):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        intervene(model, [Intervention("mlp_out.0", 1)]),
+    ):
         raise RuntimeError("boom")
     assert layer.edits == ()
 
 
 def test_parse_interventions() -> None:
     got = parse_interventions("mlp_out.1:42, attn_heads.0/h3:7@-1;2", "block")
-    assert got == [Intervention("mlp_out.1", 42, "block"),
-                   Intervention("attn_heads.0", 7, "block", head=3, positions=(-1, 2))]  # fmt: skip
+    assert got == [
+        Intervention("mlp_out.1", 42, "block"),
+        Intervention("attn_heads.0", 7, "block", head=3, positions=(-1, 2)),
+    ]
     with pytest.raises(ValueError, match="cannot parse"):
         parse_interventions("mlp_out.1=42")

@@ -8,8 +8,8 @@ import torch
 from tyche.codebook.layer import (
     LOSSES,
     SIMILARITIES,
-    CodeEdit,
     CodebookLayer,
+    CodeEdit,
     GroupedCodebookLayer,
     kmeans,
     usage_stats,

@@ -22,8 +22,16 @@ def built(tmp_path_factory, tiny_tokenizer, tiny_texts):
     rows = tiny_tokenizer(" ".join(tiny_texts), return_tensors="pt")["input_ids"][0]
     rows = rows[: (rows.numel() // 16) * 16].view(-1, 16)
     folder = tmp_path_factory.mktemp("cache")
-    cache = build_cache(model, rows, folder, tokenizer=tiny_tokenizer, batch_size=3,
-                        model_name="tiny", data_name="tiny_texts", show_progress=False)  # fmt: skip
+    cache = build_cache(
+        model,
+        rows,
+        folder,
+        tokenizer=tiny_tokenizer,
+        batch_size=3,
+        model_name="tiny",
+        data_name="tiny_texts",
+        show_progress=False,
+    )
     return model, rows, cache
 
 
@@ -34,10 +42,18 @@ def test_cache_layout_and_round_trip(built) -> None:
     assert cache.codes["mlp_out.1"].shape == (rows.shape[0], 16, 1, 2)
     assert cache.codes["mlp_out.1"].dtype == torch.int32
     model(input_ids=rows[:2])  # the cached ids are the model's ids
-    assert torch.equal(cache.codes["mlp_out.1"][:2, :, 0].long(), model.codebook("mlp_out.1").last_ids)
+    assert torch.equal(
+        cache.codes["mlp_out.1"][:2, :, 0].long(), model.codebook("mlp_out.1").last_ids
+    )
     files = {p.name for p in cache.folder.iterdir()}
-    assert {"manifest.json", "codes.safetensors", "tokens.safetensors", "texts.json",
-            "neurons.safetensors", "model"} <= files  # fmt: skip
+    assert {
+        "manifest.json",
+        "codes.safetensors",
+        "tokens.safetensors",
+        "texts.json",
+        "neurons.safetensors",
+        "model",
+    } <= files
     assert not any(p.suffix in (".pkl", ".pickle", ".pt") for p in cache.folder.rglob("*"))
     again = load_cache(cache.folder)
     assert again.texts == cache.texts and torch.equal(again.offsets, cache.offsets)
@@ -157,8 +173,12 @@ def test_build_cache_rejects_bad_input(built, tmp_path, gpt2_model) -> None:
     from tyche.codebook.attach import CodebookModel
 
     with pytest.raises(ValueError, match="at least one codebook"):
-        build_cache(CodebookModel(copy.deepcopy(gpt2_model)), torch.ones(1, 4, dtype=torch.long),
-                    tmp_path)  # fmt: skip
+        build_cache(
+            CodebookModel(copy.deepcopy(gpt2_model)), torch.ones(1, 4, dtype=torch.long), tmp_path
+        )
     with pytest.raises(ValueError, match="non-empty"):
-        build_cache(attach(copy.deepcopy(gpt2_model), "mlp_out.0", num_codes=4),
-                    torch.ones(4, dtype=torch.long), tmp_path)  # fmt: skip
+        build_cache(
+            attach(copy.deepcopy(gpt2_model), "mlp_out.0", num_codes=4),
+            torch.ones(4, dtype=torch.long),
+            tmp_path,
+        )

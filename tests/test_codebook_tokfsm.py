@@ -48,8 +48,9 @@ class Oracle(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
         rows = input_ids.tolist()
-        logits = torch.stack([torch.stack([self._dist(r[: t + 1]) for t in range(len(r))])
-                              for r in rows])  # fmt: skip
+        logits = torch.stack(
+            [torch.stack([self._dist(r[: t + 1]) for t in range(len(r))]) for r in rows]
+        )
         return SimpleNamespace(logits=logits)
 
 
@@ -148,13 +149,24 @@ def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None
     from tyche.codebook.tokfsm import code_purity
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=11, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64)  # fmt: skip
+    cfg = GPTNeoXConfig(
+        vocab_size=11,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     cb = attach(GPTNeoXForCausalLM(cfg), ["attn_heads.*", "mlp_out.*"], num_codes=16).eval()
     report = code_purity(cb, fsm, n=8, seq_len=33)
-    assert set(report) == {"attn_heads.0/head0", "attn_heads.0/head1", "mlp_out.0",
-                           "attn_heads.1/head0", "attn_heads.1/head1", "mlp_out.1"}  # fmt: skip
+    assert set(report) == {
+        "attn_heads.0/head0",
+        "attn_heads.0/head1",
+        "mlp_out.0",
+        "attn_heads.1/head0",
+        "attn_heads.1/head1",
+        "mlp_out.1",
+    }
     assert report["mlp_out.0"]["state"]["n_tokens"] == 8 * 16
     codes = state_codes(cb, fsm, ["mlp_out.0"], n=8, seq_len=33)
     assert codes["mlp_out.0"].shape == (100,)

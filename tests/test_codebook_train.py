@@ -43,8 +43,9 @@ def test_freeze_base_trains_codebooks_only(cb) -> None:
 
 def test_metrics_are_logged(cb) -> None:
     cfg = TrainConfig(steps=4, batch_size=4, log_every=2, warmup_steps=1)
-    result = train_codebooks(cb, row_sampler(_rows(), 4), cfg, show_progress=False,
-                             eval_fn=lambda m: {"probe": 1.0})  # fmt: skip
+    result = train_codebooks(
+        cb, row_sampler(_rows(), 4), cfg, show_progress=False, eval_fn=lambda m: {"probe": 1.0}
+    )
     assert [h["step"] for h in result.history] == [2, 4]
     for h in result.history:
         assert h["loss"] > 0 and h["mse"] > 0
@@ -65,12 +66,12 @@ def test_resume_gives_the_same_model(gpt2_model, tmp_path) -> None:
     """Interrupted after 3 of 5 steps and resumed: the same model as 5 steps in one go
     (GPT-2's dropout, dead-code replacement and the cosine schedule included)."""
     rows = _rows()
-    cfg = TrainConfig(steps=5, batch_size=4, log_every=1, warmup_steps=1, replace_dead_every=2,
-                      checkpoint_every=1)  # fmt: skip
+    cfg = TrainConfig(
+        steps=5, batch_size=4, log_every=1, warmup_steps=1, replace_dead_every=2, checkpoint_every=1
+    )
 
     def fresh():
-        return attach(copy.deepcopy(gpt2_model), ["attn_heads.0", "mlp_out.1"], num_codes=8,
-                      seed=1)  # fmt: skip
+        return attach(copy.deepcopy(gpt2_model), ["attn_heads.0", "mlp_out.1"], num_codes=8, seed=1)
 
     def interrupted(step: int) -> torch.Tensor:
         if step == 3:
@@ -82,15 +83,17 @@ def test_resume_gives_the_same_model(gpt2_model, tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         train_codebooks(fresh(), interrupted, cfg, out=tmp_path, show_progress=False)
     resumed = fresh()
-    result = train_codebooks(resumed, row_sampler(rows, 4), cfg, out=tmp_path, resume=True,
-                             show_progress=False)  # fmt: skip
+    result = train_codebooks(
+        resumed, row_sampler(rows, 4), cfg, out=tmp_path, resume=True, show_progress=False
+    )
     assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="other settings"):
         other = TrainConfig(**{**cfg.__dict__, "lr": 5e-4})
-        train_codebooks(fresh(), row_sampler(rows, 4), other, out=tmp_path, resume=True,
-                        show_progress=False)  # fmt: skip
+        train_codebooks(
+            fresh(), row_sampler(rows, 4), other, out=tmp_path, resume=True, show_progress=False
+        )
 
 
 def test_bad_settings_raise(cb) -> None:
@@ -99,11 +102,17 @@ def test_bad_settings_raise(cb) -> None:
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="resume=True needs"):
-        train_codebooks(cb, row_sampler(_rows(), 4), TrainConfig(steps=1, batch_size=4),
-                        resume=True)  # fmt: skip
+        train_codebooks(
+            cb, row_sampler(_rows(), 4), TrainConfig(steps=1, batch_size=4), resume=True
+        )
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_codebooks(cb, row_sampler(_rows(), 4), TrainConfig(steps=1, batch_size=4),
-                        out="/nonexistent-folder", resume=True)  # fmt: skip
+        train_codebooks(
+            cb,
+            row_sampler(_rows(), 4),
+            TrainConfig(steps=1, batch_size=4),
+            out="/nonexistent-folder",
+            resume=True,
+        )
 
 
 def test_schedule() -> None:
@@ -119,7 +128,6 @@ def test_schedule() -> None:
 def test_two_ranks_give_one_process_gradients(neox_model, tmp_path) -> None:
     """GPT-NeoX (no dropout): the 2-rank gradients are the one-process gradients."""
     from conftest import run_torchrun
-
     from tyche.codebook.train import compute_gradients
 
     rows = _rows(8, 12, seed=3)

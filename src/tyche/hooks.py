@@ -3,11 +3,14 @@
 :func:`read_activations` records the tensors at some sites into an :class:`Activations`
 dict; :func:`replace_activations` swaps them for the output of a function or for a fixed
 tensor, and :func:`add_replacement_hooks` does the same until its hooks are removed (to
-insert a computation into a model for good). Sites are named and resolved by :mod:`tyche.sites` (aliases such as ``resid_pre.*``,
-module names, globs); an ``attn_heads`` site is read and replaced as its per-head view
-``(B, T, n_heads, d_head)``. All three are also importable from ``tyche.sites``.
+insert a computation into a model for good). Sites are named and resolved by
+:mod:`tyche.sites` (aliases such as ``resid_pre.*``, module names, globs); an
+``attn_heads`` site is read and replaced as its per-head view ``(B, T, n_heads, d_head)``.
+``read_activations``, ``replace_activations`` and ``Activations`` are also importable from
+``tyche.sites``.
 
-Hooks never outlive their ``with`` block, also when the forward pass raises. Tensors keep
+The context managers' hooks never outlive their ``with`` block, also when the forward pass
+raises. Tensors keep
 the device and dtype of the module that produced them.
 """
 

@@ -1,1 +1,55 @@
-"""Codebook features: sparse, discrete bottlenecks inside any transformer."""
+"""Codebook features: sparse, discrete bottlenecks inside any transformer.
+
+- :func:`attach` puts codebooks (:class:`CodebookLayer`, :class:`GroupedCodebookLayer` per
+  attention head) at sites of a model and returns a :class:`CodebookModel`
+  (``save_pretrained`` / ``from_pretrained``);
+- :func:`train_codebooks` trains them (and the model, unless frozen);
+- :func:`build_cache` / :func:`load_cache` store every token's code ids, :func:`search`
+  ranks codes for a regex against the best neuron, :func:`code_contexts` shows where a code
+  fires;
+- :func:`intervene` forces, replaces, appends or blocks codes; :func:`generate` samples under
+  interventions;
+- :mod:`tyche.codebook.tokfsm` is the paper's finite-state-machine task and its metrics.
+
+Submodules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "CodebookLayer": "tyche.codebook.layer",
+    "GroupedCodebookLayer": "tyche.codebook.layer",
+    "kmeans": "tyche.codebook.layer",
+    "CodebookModel": "tyche.codebook.attach",
+    "attach": "tyche.codebook.attach",
+    "TrainConfig": "tyche.codebook.train",
+    "TrainResult": "tyche.codebook.train",
+    "train_codebooks": "tyche.codebook.train",
+    "evaluate_lm": "tyche.codebook.train",
+    "row_sampler": "tyche.codebook.train",
+    "CodeCache": "tyche.codebook.cache",
+    "build_cache": "tyche.codebook.cache",
+    "load_cache": "tyche.codebook.cache",
+    "search": "tyche.codebook.search",
+    "code_contexts": "tyche.codebook.search",
+    "SearchResult": "tyche.codebook.search",
+    "Intervention": "tyche.codebook.intervene",
+    "intervene": "tyche.codebook.intervene",
+    "generate": "tyche.codebook.intervene",
+    "next_token_jsd": "tyche.codebook.intervene",
+    "FSM": "tyche.codebook.tokfsm",
+    "state_forcing": "tyche.codebook.steering",
+    "topic_codes": "tyche.codebook.steering",
+    "topic_steering": "tyche.codebook.steering",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tyche.codebook' has no attribute {name!r}")

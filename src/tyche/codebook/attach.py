@@ -290,7 +290,9 @@ class CodebookModel(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.codebooks.state_dict().items()}
+        tensors = {
+            k: v.detach().to("cpu").contiguous() for k, v in self.codebooks.state_dict().items()
+        }
         save_file(tensors, str(path / CODEBOOKS_WEIGHTS), metadata={"format": "pt"})
         (path / CODEBOOKS_CONFIG).write_text(json.dumps(self.settings(), indent=1) + "\n")
         return path
@@ -339,8 +341,9 @@ class CodebookModel(nn.Module):
         for entry in cfg["codebooks"]:
             kwargs = {k: entry[k] for k in ("similarity", "loss", "beta")}
             if entry["grouped"]:
-                layer = GroupedCodebookLayer(entry["n_groups"], entry["dim"], entry["num_codes"],
-                                             entry["k"], **kwargs)  # fmt: skip
+                layer = GroupedCodebookLayer(
+                    entry["n_groups"], entry["dim"], entry["num_codes"], entry["k"], **kwargs
+                )
             else:
                 layer = CodebookLayer(entry["dim"], entry["num_codes"], entry["k"], **kwargs)
             layer.snap = bool(entry.get("snap", True))

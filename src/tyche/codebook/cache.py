@@ -61,8 +61,12 @@ def token_pieces(tokenizer: Any, ids: torch.Tensor) -> list[list[str]]:
     if tokenizer is None:
         return [[f"<{t}>" for t in row] for row in rows]
     singles = sorted({t for row in rows for t in row})
-    alone = dict(zip(singles, tokenizer.batch_decode([[t] for t in singles],
-                                                     clean_up_tokenization_spaces=False)))  # fmt: skip
+    alone = dict(
+        zip(
+            singles,
+            tokenizer.batch_decode([[t] for t in singles], clean_up_tokenization_spaces=False),
+        )
+    )
     pairs = sorted({(a, b) for row in rows for a, b in zip(row, row[1:])})
     joined = tokenizer.batch_decode([list(p) for p in pairs], clean_up_tokenization_spaces=False)
     after: dict[tuple[int, int], str] = {}
@@ -228,8 +232,10 @@ def build_cache(
         "model_fingerprint": model.fingerprint(),
         "data_name": data_name,
         "sites": list(layers),
-        "codebooks": {s: {"n_groups": l.n_groups, "num_codes": l.num_codes, "k": l.k,
-                          "dim": l.dim} for s, l in layers.items()},  # fmt: skip
+        "codebooks": {
+            s: {"n_groups": l.n_groups, "num_codes": l.num_codes, "k": l.k, "dim": l.dim}
+            for s, l in layers.items()
+        },
         "n_sequences": int(input_ids.shape[0]),
         "seq_len": int(input_ids.shape[1]),
         "neurons": neurons,
@@ -247,8 +253,10 @@ def load_cache(folder: str | os.PathLike[str]) -> CodeCache:
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        raise FileNotFoundError(f"{folder} is not a codebook cache (no {MANIFEST}); build one "
-                                "with `tyche codebook cache`")  # fmt: skip
+        raise FileNotFoundError(
+            f"{folder} is not a codebook cache (no {MANIFEST}); build one "
+            "with `tyche codebook cache`"
+        )
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format") != FORMAT or manifest.get("format_version", 99) > FORMAT_VERSION:
         raise ValueError(f"{folder / MANIFEST} is not a cache format this tyche reads")

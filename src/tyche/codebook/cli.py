@@ -314,12 +314,21 @@ def run_train(args: TrainArgs) -> Any:
     from tyche.distributed import get_rank, rank0_print
 
     _check_positive(seq_len=args.seq_len, eval_sequences=args.eval_sequences)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      code_lr=args.code_lr, weight_decay=args.weight_decay,
-                      warmup_steps=args.warmup_steps, schedule=args.schedule,
-                      freeze_base=args.freeze_base, kmeans_init=args.kmeans_init,
-                      replace_dead_every=args.replace_dead_every, log_every=args.log_every,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed)  # fmt: skip
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        code_lr=args.code_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        freeze_base=args.freeze_base,
+        kmeans_init=args.kmeans_init,
+        replace_dead_every=args.replace_dead_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
     sites = _split(args.sites)
     if not sites:
         raise ValueError("--sites is empty; e.g. --sites 'attn_heads.*,mlp_out.*'")
@@ -328,41 +337,63 @@ def run_train(args: TrainArgs) -> Any:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint")
     model = load_model(args.model)
     if not model.sites:
-        model = attach(model, sites, args.num_codes, args.k, similarity=args.similarity,
-                       loss=args.loss, beta=args.beta, seed=args.seed)  # fmt: skip
+        model = attach(
+            model,
+            sites,
+            args.num_codes,
+            args.k,
+            similarity=args.similarity,
+            loss=args.loss,
+            beta=args.beta,
+            seed=args.seed,
+        )
     if args.data.startswith("fsm:"):
         fsm = _fsm_of(args.data)
-        held = fsm.batch(args.eval_sequences, args.seq_len, torch.Generator().manual_seed(2**31 - 1))
+        held = fsm.batch(
+            args.eval_sequences, args.seq_len, torch.Generator().manual_seed(2**31 - 1)
+        )
 
         def batches(step: int) -> torch.Tensor:
-            return fsm.batch(args.batch_size, args.seq_len,
-                             torch.Generator().manual_seed(args.seed * 1_000_003 + step))  # fmt: skip
+            return fsm.batch(
+                args.batch_size,
+                args.seq_len,
+                torch.Generator().manual_seed(args.seed * 1_000_003 + step),
+            )
     else:
         rows = load_rows(args.data, model.tokenizer, args.seq_len, 10**9, args.seed)
         if rows.shape[0] <= args.eval_sequences:
-            raise ValueError(f"{args.data} gives only {rows.shape[0]} sequences of "
-                             f"{args.seq_len} tokens; lower --eval_sequences or --seq_len")  # fmt: skip
+            raise ValueError(
+                f"{args.data} gives only {rows.shape[0]} sequences of "
+                f"{args.seq_len} tokens; lower --eval_sequences or --seq_len"
+            )
         held, train_rows = rows[: args.eval_sequences], rows[args.eval_sequences :]
         batches = row_sampler(train_rows, args.batch_size, args.seed)
     before = {}
     with model.snapping(False):
         before = evaluate_lm(model, held)
-    result = train_codebooks(model, batches, cfg, out=out, resume=args.resume,
-                             eval_fn=lambda m: evaluate_lm(m, held))  # fmt: skip
+    result = train_codebooks(
+        model, batches, cfg, out=out, resume=args.resume, eval_fn=lambda m: evaluate_lm(m, held)
+    )
     if get_rank() == 0:
         model.save_pretrained(out)
         result.save(out / "train_result")
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
         last = result.history[-1]
         ev = result.evaluation
-        rank0_print(f"trained {args.steps} steps in {result.seconds:.1f} s "
-                    f"({result.steps_per_second:.2f} steps/s, {result.world_size} process(es))")
-        rank0_print(f"last logged: loss {last['loss']:.3f}, reconstruction {last['mse']:.3g}, "
-                    f"dead codes {100 * last['dead_fraction']:.1f}%, usage entropy "
-                    f"{last['entropy']:.2f} nats")
-        rank0_print(f"held-out next-token accuracy {ev['accuracy']:.4f} (loss {ev['loss']:.3f}); "
-                    f"the model without codebooks before training: {before['accuracy']:.4f} "
-                    f"(loss {before['loss']:.3f})")
+        rank0_print(
+            f"trained {args.steps} steps in {result.seconds:.1f} s "
+            f"({result.steps_per_second:.2f} steps/s, {result.world_size} process(es))"
+        )
+        rank0_print(
+            f"last logged: loss {last['loss']:.3f}, reconstruction {last['mse']:.3g}, "
+            f"dead codes {100 * last['dead_fraction']:.1f}%, usage entropy "
+            f"{last['entropy']:.2f} nats"
+        )
+        rank0_print(
+            f"held-out next-token accuracy {ev['accuracy']:.4f} (loss {ev['loss']:.3f}); "
+            f"the model without codebooks before training: {before['accuracy']:.4f} "
+            f"(loss {before['loss']:.3f})"
+        )
         rank0_print(f"saved the codebook model to {out}/")
     return result
 
@@ -370,17 +401,25 @@ def run_train(args: TrainArgs) -> Any:
 def run_cache(args: CacheArgs) -> Any:
     from tyche.codebook.cache import build_cache
 
-    _check_positive(n_sequences=args.n_sequences, batch_size=args.batch_size,
-                    seq_len=args.seq_len)  # fmt: skip
+    _check_positive(n_sequences=args.n_sequences, batch_size=args.batch_size, seq_len=args.seq_len)
     model = load_model(args.model)
     if not model.sites:
         raise ValueError(f"{args.model} has no codebooks; train some with tyche codebook train")
     rows = load_rows(args.data, model.tokenizer, args.seq_len, args.n_sequences, args.seed)
-    cache = build_cache(model, rows, args.out, batch_size=args.batch_size, neurons=args.neurons,
-                        copy_model=args.copy_model, model_name=args.model,
-                        data_name=args.data)  # fmt: skip
-    print(f"cached {cache.n_sequences} x {cache.seq_len} tokens at {len(cache.sites)} codebooks "
-          f"in {cache.manifest['seconds']:.1f} s: {args.out}/")
+    cache = build_cache(
+        model,
+        rows,
+        args.out,
+        batch_size=args.batch_size,
+        neurons=args.neurons,
+        copy_model=args.copy_model,
+        model_name=args.model,
+        data_name=args.data,
+    )
+    print(
+        f"cached {cache.n_sequences} x {cache.seq_len} tokens at {len(cache.sites)} codebooks "
+        f"in {cache.manifest['seconds']:.1f} s: {args.out}/"
+    )
     return cache
 
 
@@ -389,9 +428,16 @@ def run_search(args: SearchArgs) -> Any:
     from tyche.codebook.search import search
 
     cache = load_cache(args.cache)
-    result = search(cache, args.pattern, sites=_split(args.sites), min_recall=args.min_recall,
-                    min_precision=args.min_precision, top=args.top, parity=args.parity,
-                    neurons=args.neurons)  # fmt: skip
+    result = search(
+        cache,
+        args.pattern,
+        sites=_split(args.sites),
+        min_recall=args.min_recall,
+        min_precision=args.min_precision,
+        top=args.top,
+        parity=args.parity,
+        neurons=args.neurons,
+    )
     print(result.table())
     if args.out:
         print(f"saved to {result.save(args.out)}/")
@@ -403,11 +449,12 @@ def run_contexts(args: ContextsArgs) -> Any:
     from tyche.codebook.search import code_contexts
 
     cache = load_cache(args.cache)
-    found = code_contexts(cache, args.site, args.code, head=args.head, n=args.n,
-                          window=args.window)  # fmt: skip
+    found = code_contexts(cache, args.site, args.code, head=args.head, n=args.n, window=args.window)
     total = int(cache.counts(args.site)[args.head or 0, args.code])
-    print(f"{args.site}{'' if args.head is None else f'/h{args.head}'} code {args.code}: "
-          f"fires on {total} of {cache.n_sequences * cache.seq_len} tokens")
+    print(
+        f"{args.site}{'' if args.head is None else f'/h{args.head}'} code {args.code}: "
+        f"fires on {total} of {cache.n_sequences * cache.seq_len} tokens"
+    )
     for ctx in found:
         print(f"  [{ctx.row}:{ctx.position}] {ctx.render()}")
     return found
@@ -434,8 +481,11 @@ def run_intervene(args: InterveneArgs) -> Any:
         raise ValueError("--prompt gives no tokens")
     jsd = float(next_token_jsd(model, ids, ivs)[0])
     ids = ids.repeat(args.n_samples, 1)
-    sampling = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens,
-                "pad_token_id": tok.pad_token_id or tok.eos_token_id}  # fmt: skip
+    sampling = {
+        "do_sample": args.temperature > 0,
+        "max_new_tokens": args.max_new_tokens,
+        "pad_token_id": tok.pad_token_id or tok.eos_token_id,
+    }
     if args.temperature > 0:
         sampling |= {"temperature": args.temperature, "top_k": 0}
     outs = {}
@@ -463,21 +513,37 @@ def run_steer(args: SteerArgs) -> Any:
     prompts = tok.batch_decode(rows)
     table = []
     for word in words:
-        ivs = topic_codes(cache, word_regex(word), sites=_split(args.sites),
-                          max_codes=args.max_codes, min_precision=args.min_precision,
-                          min_recall=args.min_recall)  # fmt: skip
+        ivs = topic_codes(
+            cache,
+            word_regex(word),
+            sites=_split(args.sites),
+            max_codes=args.max_codes,
+            min_precision=args.min_precision,
+            min_recall=args.min_recall,
+        )
         if not ivs:
-            print(f"{word}: no code reaches precision {args.min_precision} and recall "
-                  f"{args.min_recall}; skipped")
+            print(
+                f"{word}: no code reaches precision {args.min_precision} and recall "
+                f"{args.min_recall}; skipped"
+            )
             continue
-        row = topic_steering(model, tok, prompts, word_regex(word), ivs,
-                             samples_per_prompt=args.samples_per_prompt,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
+        row = topic_steering(
+            model,
+            tok,
+            prompts,
+            word_regex(word),
+            ivs,
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
         row["word"] = word
         table.append(row)
-        print(f"{word:<10} baseline {100 * row['baseline_rate']:5.1f}%   with codes "
-              f"{100 * row['steered_rate']:5.1f}%   ({row['n']} continuations; codes "
-              f"{', '.join(row['codes'])})")
+        print(
+            f"{word:<10} baseline {100 * row['baseline_rate']:5.1f}%   with codes "
+            f"{100 * row['steered_rate']:5.1f}%   ({row['n']} continuations; codes "
+            f"{', '.join(row['codes'])})"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
@@ -497,29 +563,38 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
     fsm = FSM.load(_folder_of(args.model))
     report: dict[str, Any] = {
         "first_transition_accuracy": first_transition_accuracy(model, fsm),
-        **transition_accuracy(model, fsm, n=args.n_samples, seq_len=args.seq_len,
-                              seed=args.seed),  # fmt: skip
+        **transition_accuracy(model, fsm, n=args.n_samples, seq_len=args.seq_len, seed=args.seed),
     }
-    print(f"first-transition accuracy (all {fsm.n_states} states): "
-          f"{100 * report['first_transition_accuracy']:.1f}%")
-    print(f"transition accuracy ({args.n_samples} sampled sequences): "
-          f"{100 * report['transition_accuracy']:.1f}%")
+    print(
+        f"first-transition accuracy (all {fsm.n_states} states): "
+        f"{100 * report['first_transition_accuracy']:.1f}%"
+    )
+    print(
+        f"transition accuracy ({args.n_samples} sampled sequences): "
+        f"{100 * report['transition_accuracy']:.1f}%"
+    )
     if model.sites:
         purity = code_purity(model, fsm, seq_len=args.seq_len)
         report["purity"] = purity
-        print(f"{'codebook':<22} {'firing':>6} {'≥0.9 pure (state)':>18} {'≥0.9 pure (trigram)':>20}")
+        print(
+            f"{'codebook':<22} {'firing':>6} {'≥0.9 pure (state)':>18} {'≥0.9 pure (trigram)':>20}"
+        )
         for key, rep in purity.items():
-            print(f"{key:<22} {rep['state']['n_firing']:>6} "
-                  f"{100 * rep['state']['frac_pure_90']:17.1f}% "
-                  f"{100 * rep['trigram']['frac_pure_90']:19.1f}%")
+            print(
+                f"{key:<22} {rep['state']['n_firing']:>6} "
+                f"{100 * rep['state']['frac_pure_90']:17.1f}% "
+                f"{100 * rep['trigram']['frac_pure_90']:19.1f}%"
+            )
         mlp = [s for s in model.sites if s.startswith("mlp_out")]
         if mlp:
             forcing = state_forcing(model, fsm, sites=mlp, n_trials=args.n_trials, seed=args.seed)
             report["state_forcing"] = forcing
-            print(f"forcing another state's MLP codes: its successors predicted in "
-                  f"{100 * forcing['success_rate']:.0f}% of {forcing['n_trials']} trials "
-                  f"(without: {100 * forcing['baseline_rate']:.0f}%); JSD to that state "
-                  f"{forcing['jsd_patched']:.3f} nats (unpatched {forcing['jsd_unpatched']:.3f})")
+            print(
+                f"forcing another state's MLP codes: its successors predicted in "
+                f"{100 * forcing['success_rate']:.0f}% of {forcing['n_trials']} trials "
+                f"(without: {100 * forcing['baseline_rate']:.0f}%); JSD to that state "
+                f"{forcing['jsd_patched']:.3f} nats (unpatched {forcing['jsd_unpatched']:.3f})"
+            )
     return report
 
 
@@ -527,8 +602,10 @@ def run_app(args: AppArgs) -> Any:
     from tyche.codebook.app import launch
 
     if not (Path(args.cache) / "manifest.json").is_file():
-        raise FileNotFoundError(f"{args.cache} is not a codebook cache (no manifest.json); "
-                                "build one with tyche codebook cache")  # fmt: skip
+        raise FileNotFoundError(
+            f"{args.cache} is not a codebook cache (no manifest.json); "
+            "build one with tyche codebook cache"
+        )
     return launch(args.cache, port=args.port, headless=args.headless)
 
 
@@ -564,8 +641,9 @@ def main(argv: list[str]) -> Any:
         print(f"tyche codebook: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
     cls, runner, _ = COMMANDS[name]
-    args = simple_parsing.parse(cls, args=rest, prog=f"tyche codebook {name}",
-                                description=cls.__doc__)  # fmt: skip
+    args = simple_parsing.parse(
+        cls, args=rest, prog=f"tyche codebook {name}", description=cls.__doc__
+    )
     if name == "train":
         init_distributed()
     return runner(args)

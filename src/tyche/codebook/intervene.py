@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from tyche.codebook.attach import CodebookModel
-from tyche.codebook.layer import CodeEdit, CodebookLayer
+from tyche.codebook.layer import CodebookLayer, CodeEdit
 from tyche.divergence import token_jsd
 
 __all__ = [
@@ -166,8 +166,10 @@ def target_rate(texts: Sequence[str], pattern: str, *, ignore_case: bool = True)
     return sum(1 for t in texts if regex.search(t)) / len(texts)
 
 
-_SPEC = re.compile(r"^(?P<site>[^/@]+?)(?:/h(?:ead)?(?P<head>\d+))?:(?P<code>-?\d+)"
-                   r"(?:@(?P<pos>-?\d+(?:;-?\d+)*))?$")  # fmt: skip
+_SPEC = re.compile(
+    r"^(?P<site>[^/@]+?)(?:/h(?:ead)?(?P<head>\d+))?:(?P<code>-?\d+)"
+    r"(?:@(?P<pos>-?\d+(?:;-?\d+)*))?$"
+)
 
 
 def parse_interventions(spec: str, mode: Mode = "force") -> list[Intervention]:

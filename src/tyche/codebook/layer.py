@@ -197,8 +197,9 @@ class GroupedCodebookLayer(nn.Module):
         self.codebook = nn.Parameter(torch.randn(n_groups, num_codes, dim, **kw))
         self.ln_weight = nn.Parameter(torch.ones(n_groups, dim, **kw))
         self.ln_bias = nn.Parameter(torch.zeros(n_groups, dim, **kw))
-        self.register_buffer("usage", torch.zeros(n_groups, num_codes, dtype=torch.long,
-                                                  device=device))  # fmt: skip
+        self.register_buffer(
+            "usage", torch.zeros(n_groups, num_codes, dtype=torch.long, device=device)
+        )
         #: False: the layer passes its input through unchanged
         self.snap = True
         #: count code usage also outside training mode
@@ -418,7 +419,9 @@ class GroupedCodebookLayer(nn.Module):
             new = recent[pick, g]
             noise = torch.randn(new.shape, generator=generator).to(new.device, new.dtype)
             scale = rho * new.norm(dim=-1, keepdim=True) / math.sqrt(self.dim)
-            self.codebook[g, rows.to(self.codebook.device)] = (new + scale * noise).to(self.codebook.dtype)
+            self.codebook[g, rows.to(self.codebook.device)] = (new + scale * noise).to(
+                self.codebook.dtype
+            )
         self.reset_usage()
         return dead
 

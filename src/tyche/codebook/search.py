@@ -45,8 +45,11 @@ def match_positions(
         raise ValueError(f"invalid regex {pattern!r}: {err}") from err
     found: list[tuple[int, int]] = []
     for row, text in enumerate(cache.texts):
-        chars = [m.start(1) if regex.groups else m.start() for m in regex.finditer(text)
-                 if (m.group(1) if regex.groups else m.group(0))]  # fmt: skip
+        chars = [
+            m.start(1) if regex.groups else m.start()
+            for m in regex.finditer(text)
+            if (m.group(1) if regex.groups else m.group(0))
+        ]
         if not chars:
             continue
         ends = cache.offsets[row, 1:]
@@ -100,14 +103,17 @@ class SearchResult(ResultIO):
             head += f" {'best neuron prec':>16}"
         lines = [f"pattern {self.pattern!r}: {self.n_positions} matched tokens", head]
         for m in self.matches[:n]:
-            row = (f"{m['site']:<16} {'-' if m['head'] is None else m['head']:>4} "
-                   f"{m['code']:>6} {m['precision']:6.3f} {m['recall']:6.3f} {m['n_fires']:>7}")  # fmt: skip
+            row = (
+                f"{m['site']:<16} {'-' if m['head'] is None else m['head']:>4} "
+                f"{m['code']:>6} {m['precision']:6.3f} {m['recall']:6.3f} {m['n_fires']:>7}"
+            )
             if neuron and "neuron_precision" in m:
                 row += f" {m['neuron_precision']:16.3f}"
             lines.append(row)
         if self.frac_beating_neurons is not None:
-            lines.append(f"codes more precise than the best neuron: "
-                         f"{100 * self.frac_beating_neurons:.0f}%")  # fmt: skip
+            lines.append(
+                f"codes more precise than the best neuron: {100 * self.frac_beating_neurons:.0f}%"
+            )
         return "\n".join(lines)
 
 
@@ -142,11 +148,17 @@ def search(
                 prec = hits.double() / total[g].clamp_min(1).double()
                 keep = (recall >= min_recall) & (prec >= min_precision) & (hits > 0)
                 for c in torch.nonzero(keep).flatten().tolist():
-                    rows.append({
-                        "site": site, "head": g if lay["n_groups"] > 1 else None, "code": c,
-                        "precision": float(prec[c]), "recall": float(recall[c]),
-                        "n_matched": int(hits[c]), "n_fires": int(total[g, c]),
-                    })  # fmt: skip
+                    rows.append(
+                        {
+                            "site": site,
+                            "head": g if lay["n_groups"] > 1 else None,
+                            "code": c,
+                            "precision": float(prec[c]),
+                            "recall": float(recall[c]),
+                            "n_matched": int(hits[c]),
+                            "n_fires": int(total[g, c]),
+                        }
+                    )
     rows.sort(key=lambda r: (-r["precision"], -r["recall"], r["site"], r["head"] or 0, r["code"]))
     rows = rows[:top] if top is not None else rows
     frac = None
@@ -158,8 +170,9 @@ def search(
         for r in rows:
             if r["site"] not in by_site:
                 by_site[r["site"]] = cache.neurons[r["site"]].reshape(matched.shape[0], -1).float()
-            r["neuron_precision"], r["neuron"] = _best_neuron(by_site[r["site"]], matched,
-                                                              r["recall"])  # fmt: skip
+            r["neuron_precision"], r["neuron"] = _best_neuron(
+                by_site[r["site"]], matched, r["recall"]
+            )
             r["beats_neuron"] = r["precision"] > r["neuron_precision"]
         frac = sum(r["beats_neuron"] for r in rows) / len(rows)
     return SearchResult(pattern, m, rows, cache.manifest["model_fingerprint"], frac)
@@ -179,8 +192,7 @@ class Context:
         """One line: the token marked with ``[[ ]]``, an HTML ``<mark>`` or ANSI colour."""
         before, token, after = (s.replace("\n", "⏎") for s in (self.before, self.token, self.after))
         if style == "html":
-            return (f"{html.escape(before)}<mark>{html.escape(token)}</mark>"
-                    f"{html.escape(after)}")  # fmt: skip
+            return f"{html.escape(before)}<mark>{html.escape(token)}</mark>{html.escape(after)}"
         if style == "ansi":
             return f"{before}\x1b[1;31m{token}\x1b[0m{after}"
         return f"{before}[[{token}]]{after}"
@@ -216,7 +228,13 @@ def code_contexts(
         off = cache.offsets[row]
         lo, hi = max(0, pos - window), min(cache.seq_len, pos + window + 1)
         text = cache.texts[row]
-        out.append(Context(row, pos, text[int(off[lo]) : int(off[pos])],
-                           text[int(off[pos]) : int(off[pos + 1])],
-                           text[int(off[pos + 1]) : int(off[hi])]))  # fmt: skip
+        out.append(
+            Context(
+                row,
+                pos,
+                text[int(off[lo]) : int(off[pos])],
+                text[int(off[pos]) : int(off[pos + 1])],
+                text[int(off[pos + 1]) : int(off[hi])],
+            )
+        )
     return out

@@ -30,9 +30,14 @@ __all__ = ["state_codes", "state_forcing", "topic_codes", "topic_steering"]
 
 @torch.no_grad()
 def state_codes(
-    model: CodebookModel, fsm: FSM, sites: Sequence[str], *, n: int = 256, seq_len: int = 64,
+    model: CodebookModel,
+    fsm: FSM,
+    sites: Sequence[str],
+    *,
+    n: int = 256,
+    seq_len: int = 64,
     seed: int = 11,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Per site, the code each state most often gets at its last digit: ``(n_states,)`` long
     (-1 for a state never seen). Sites must hold single codebooks (not per head)."""
     tokens = fsm.batch(n, seq_len, torch.Generator().manual_seed(seed))
@@ -46,9 +51,14 @@ def state_codes(
         ids = layer.last_ids.reshape(*tokens.shape, -1)[..., 0].cpu()
         keep = labels >= 0
         table = torch.zeros(fsm.n_states, layer.num_codes, dtype=torch.long)
-        table.index_put_((labels[keep], ids[keep]), torch.ones(int(keep.sum()), dtype=torch.long),
-                         accumulate=True)  # fmt: skip
-        out[site] = torch.where(table.sum(-1) > 0, table.argmax(-1), torch.full((fsm.n_states,), -1))
+        table.index_put_(
+            (labels[keep], ids[keep]),
+            torch.ones(int(keep.sum()), dtype=torch.long),
+            accumulate=True,
+        )
+        out[site] = torch.where(
+            table.sum(-1) > 0, table.argmax(-1), torch.full((fsm.n_states,), -1)
+        )
     return out
 
 
@@ -90,8 +100,11 @@ def state_forcing(
     patched = torch.empty_like(clean)
     last = prefixes.shape[1] - 1
     for i in range(n_trials):
-        ivs = [Intervention(s, int(codes[s][targets[i]]), "force", positions=(last,))
-               for s in chosen if codes[s][targets[i]] >= 0]  # fmt: skip
+        ivs = [
+            Intervention(s, int(codes[s][targets[i]]), "force", positions=(last,))
+            for s in chosen
+            if codes[s][targets[i]] >= 0
+        ]
         with intervene(model, ivs):
             patched[i] = next_state_probs(model, fsm, prefixes[i : i + 1])[0]
     succ = edges[targets]  # (n, N) bool
@@ -125,8 +138,15 @@ def topic_codes(
     becomes a ``replace`` intervention (so with k > 1 several codes of one codebook fill its
     weakest slots).
     """
-    found = search(cache, pattern, sites=sites, min_recall=min_recall,
-                   min_precision=min_precision, top=max_codes, neurons=False)  # fmt: skip
+    found = search(
+        cache,
+        pattern,
+        sites=sites,
+        min_recall=min_recall,
+        min_precision=min_precision,
+        top=max_codes,
+        neurons=False,
+    )
     return [Intervention(m["site"], m["code"], "replace", head=m["head"]) for m in found.matches]
 
 
@@ -151,18 +171,28 @@ def topic_steering(
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         ids = ids.repeat(samples_per_prompt, 1)
         for name, ivs in (("baseline", ()), ("steered", interventions)):
-            out = generate(model, ids, ivs, seed=seed + i, do_sample=True, top_k=0,
-                           temperature=temperature, max_new_tokens=max_new_tokens,
-                           min_new_tokens=max_new_tokens,
-                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+            out = generate(
+                model,
+                ids,
+                ivs,
+                seed=seed + i,
+                do_sample=True,
+                top_k=0,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
             texts[name] += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return {
         "pattern": word_pattern,
         "n": len(texts["baseline"]),
         "baseline_rate": target_rate(texts["baseline"], word_pattern),
         "steered_rate": target_rate(texts["steered"], word_pattern),
-        "codes": [f"{iv.site}{'' if iv.head is None else f'/h{iv.head}'}:{iv.code}"
-                  for iv in interventions],  # fmt: skip
+        "codes": [
+            f"{iv.site}{'' if iv.head is None else f'/h{iv.head}'}:{iv.code}"
+            for iv in interventions
+        ],
         "examples": {k: v[:2] for k, v in texts.items()},
     }
 

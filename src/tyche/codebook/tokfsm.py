@@ -63,8 +63,9 @@ class FSM:
 
     # ------------------------------------------------------------------ shape
     @classmethod
-    def random(cls, n_states: int = 100, n_edges: int = 10, *, base: int = 10,
-               seed: int = 0) -> FSM:  # fmt: skip
+    def random(
+        cls, n_states: int = 100, n_edges: int = 10, *, base: int = 10, seed: int = 0
+    ) -> FSM:
         """Each state gets ``n_edges`` distinct uniform successors (seeded)."""
         if not 1 <= n_edges <= n_states:
             raise ValueError(f"need 1 <= n_edges <= n_states, got {n_edges}, {n_states}")
@@ -184,8 +185,11 @@ class FSM:
         if not file.is_file():
             raise FileNotFoundError(f"no {FSM_FILE} at {path}")
         data = json.loads(file.read_text())
-        return cls(torch.tensor(data["successors"], dtype=torch.long), base=data["base"],
-                   seed=data.get("seed"))  # fmt: skip
+        return cls(
+            torch.tensor(data["successors"], dtype=torch.long),
+            base=data["base"],
+            seed=data.get("seed"),
+        )
 
     def tokenizer(self) -> Any:
         """A ``PreTrainedTokenizerFast``: one token per digit, ``<|endoftext|>`` = BOS/EOS/pad."""
@@ -199,8 +203,9 @@ class FSM:
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|endoftext\|>|."), "isolated")
         tok.decoder = decoders.Fuse()
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
-                                       pad_token=EOS, unk_token=EOS)  # fmt: skip
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS
+        )
 
 
 # ---------------------------------------------------------------------- metrics
@@ -224,8 +229,10 @@ def next_state_probs(
     seqs = prefixes.to(device).unsqueeze(1)  # (n, b**depth, L + depth)
     for _ in range(d):
         flat = seqs.reshape(-1, seqs.shape[-1])
-        out = [model(input_ids=flat[i : i + batch_size]).logits[:, -1].float()
-               for i in range(0, flat.shape[0], batch_size)]  # fmt: skip
+        out = [
+            model(input_ids=flat[i : i + batch_size]).logits[:, -1].float()
+            for i in range(0, flat.shape[0], batch_size)
+        ]
         step = torch.log_softmax(torch.cat(out), dim=-1)[:, :b].view(n, -1, b)
         logp = (logp.unsqueeze(-1) + step).reshape(n, -1)
         digits = torch.arange(b, device=device).view(1, 1, b, 1).expand(n, seqs.shape[1], b, 1)
@@ -307,8 +314,13 @@ def purity_of(codes: torch.Tensor, labels: torch.Tensor, num_codes: int) -> dict
     keep = labels >= 0
     codes, labels = codes[keep], labels[keep]
     if codes.numel() == 0:
-        return {"n_firing": 0, "frac_pure_90": float("nan"), "mean_purity": float("nan"),
-                "weighted_purity": float("nan"), "n_tokens": 0}  # fmt: skip
+        return {
+            "n_firing": 0,
+            "frac_pure_90": float("nan"),
+            "mean_purity": float("nan"),
+            "weighted_purity": float("nan"),
+            "n_tokens": 0,
+        }
     n_labels = int(labels.max()) + 1
     table = torch.bincount(codes * n_labels + labels, minlength=num_codes * n_labels)
     table = table.view(num_codes, n_labels)
@@ -326,9 +338,14 @@ def purity_of(codes: torch.Tensor, labels: torch.Tensor, num_codes: int) -> dict
 
 @torch.no_grad()
 def code_purity(
-    cb_model: Any, fsm: FSM, *, n: int = 256, seq_len: int = 128, seed: int = 1,
+    cb_model: Any,
+    fsm: FSM,
+    *,
+    n: int = 256,
+    seq_len: int = 128,
+    seed: int = 1,
     batch_size: int = 64,
-) -> dict[str, dict[str, Any]]:  # fmt: skip
+) -> dict[str, dict[str, Any]]:
     """Purity of every codebook's top code against FSM state and trigram on fresh walks.
 
     ``cb_model`` is a :class:`~tyche.codebook.CodebookModel`. Returns ``{key: report}``

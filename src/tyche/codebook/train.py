@@ -153,8 +153,9 @@ def evaluate_lm(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 
         batch = tokens[i : i + batch_size].to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         target = batch[:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
-                                                   reduction="sum").item()  # fmt: skip
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), target.flatten(), reduction="sum"
+        ).item()
         correct += int((logits.argmax(-1) == target).sum())
         count += target.numel()
     model.train(was)
@@ -180,8 +181,14 @@ def _settings(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
 
 
-def _save_checkpoint(model: CodebookModel, opt: torch.optim.Optimizer, step: int,
-                     cfg: TrainConfig, history: list, out: Path) -> None:  # fmt: skip
+def _save_checkpoint(
+    model: CodebookModel,
+    opt: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    history: list,
+    out: Path,
+) -> None:
     from safetensors.torch import save_file, save_model
 
     tmp = out / f".{CHECKPOINT}.tmp"
@@ -207,8 +214,9 @@ def _save_checkpoint(model: CodebookModel, opt: torch.optim.Optimizer, step: int
     os.replace(tmp, final)
 
 
-def _load_checkpoint(model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                     out: Path) -> tuple[int, list]:  # fmt: skip
+def _load_checkpoint(
+    model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig, out: Path
+) -> tuple[int, list]:
     from safetensors.torch import load_file, load_model
 
     folder = out / CHECKPOINT
@@ -218,8 +226,10 @@ def _load_checkpoint(model: CodebookModel, opt: torch.optim.Optimizer, cfg: Trai
     saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
     if saved != _settings(cfg):
         diff = {k: (saved.get(k), v) for k, v in _settings(cfg).items() if saved.get(k) != v}
-        raise ValueError(f"resume: the checkpoint in {folder} was written with other settings "
-                         f"(saved, now): {diff}; start a new run in another folder")  # fmt: skip
+        raise ValueError(
+            f"resume: the checkpoint in {folder} was written with other settings "
+            f"(saved, now): {diff}; start a new run in another folder"
+        )
     load_model(model, str(folder / "model.safetensors"), device=str(model.device))
     moments = load_file(str(folder / "optimizer.safetensors"), device=str(model.device))
     params = dict(model.named_parameters())
@@ -243,8 +253,9 @@ def compute_gradients(model: CodebookModel, input_ids: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def _replace_dead(model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                  step: int) -> int:  # fmt: skip
+def _replace_dead(
+    model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int
+) -> int:
     replaced = 0
     for i, layer in enumerate(model.codebooks.values()):
         layer.usage.copy_(all_reduce_sum(layer.usage))
@@ -314,13 +325,22 @@ def train_codebooks(
     before = {s: layer.usage.clone() for s, layer in model.layers().items()}
     losses: list[torch.Tensor] = []
     began = time.perf_counter()
-    bar = progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="codebooks",
-                   unit="step", disable=not show_progress)  # fmt: skip
+    bar = progress(
+        range(start, cfg.steps),
+        total=cfg.steps,
+        initial=start,
+        desc="codebooks",
+        unit="step",
+        disable=not show_progress,
+    )
     for step in bar:
         if step == cfg.snap_after:
             if cfg.kmeans_init and model.sites:
-                model.kmeans_init((batches(-1 - i) for i in range(10_000)),
-                                  max_tokens=cfg.kmeans_tokens, seed=cfg.seed)  # fmt: skip
+                model.kmeans_init(
+                    (batches(-1 - i) for i in range(10_000)),
+                    max_tokens=cfg.kmeans_tokens,
+                    seed=cfg.seed,
+                )
             for site, on in snapping.items():
                 model.codebook(site).snap = on
             before = {s: layer.usage.clone() for s, layer in model.layers().items()}
@@ -333,14 +353,19 @@ def train_codebooks(
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + get_rank())
             losses.append(compute_gradients(model, batches(step)))
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                           cfg.grad_clip)  # fmt: skip
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
+            )
         opt.step()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            row = {"step": done, "loss": float(torch.stack(losses).mean()),
-                   "lr": opt.param_groups[-1]["lr"], **_window_stats(model, before),
-                   "seconds": time.perf_counter() - began}  # fmt: skip
+            row = {
+                "step": done,
+                "loss": float(torch.stack(losses).mean()),
+                "lr": opt.param_groups[-1]["lr"],
+                **_window_stats(model, before),
+                "seconds": time.perf_counter() - began,
+            }
             before = {s: layer.usage.clone() for s, layer in model.layers().items()}
             losses = []
             history.append(row)
@@ -348,8 +373,10 @@ def train_codebooks(
         if replacing and done % cfg.replace_dead_every == 0 and done < cfg.steps:
             _replace_dead(model, opt, cfg, step)
             before = {s: layer.usage.clone() for s, layer in model.layers().items()}
-        if out_path is not None and get_rank() == 0 and (
-            (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+        if (
+            out_path is not None
+            and get_rank() == 0
+            and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps)
         ):
             _save_checkpoint(model, opt, done, cfg, history, out_path)
     bar.close()

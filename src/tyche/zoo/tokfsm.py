@@ -92,8 +92,9 @@ def _evaluate(model: CodebookModel, fsm: FSM, cfg: TokFSMConfig, held: torch.Ten
     return out
 
 
-def train_tokfsm(out_dir: Path, config: TokFSMConfig | None = None, *,
-                 progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def train_tokfsm(
+    out_dir: Path, config: TokFSMConfig | None = None, *, progress: bool = True
+) -> dict[str, Any]:
     """Train the codebook model and the baseline; save both atomically; return metrics."""
     cfg = config or TokFSMConfig()
     threads = torch.get_num_threads()
@@ -102,11 +103,17 @@ def train_tokfsm(out_dir: Path, config: TokFSMConfig | None = None, *,
     try:
         fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed)
         held = fsm.batch(cfg.eval_sequences, cfg.seq_len, torch.Generator().manual_seed(2**31 - 1))
-        train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                                snap_after=cfg.snap_after, kmeans_init=True,
-                                replace_dead_every=cfg.replace_dead_every,
-                                log_every=max(1, cfg.steps // 20))  # fmt: skip
+        train_cfg = TrainConfig(
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            seed=cfg.seed,
+            snap_after=cfg.snap_after,
+            kmeans_init=True,
+            replace_dead_every=cfg.replace_dead_every,
+            log_every=max(1, cfg.steps // 20),
+        )
 
         def batches(step: int) -> torch.Tensor:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -124,18 +131,23 @@ def train_tokfsm(out_dir: Path, config: TokFSMConfig | None = None, *,
             model.tokenizer = fsm.tokenizer()
             result = train_codebooks(model, batches, train_cfg, show_progress=progress)
             report = _evaluate(model, fsm, cfg, held)
-            report.update(train_seconds=result.seconds, steps_per_second=result.steps_per_second,
-                          history=result.history)  # fmt: skip
+            report.update(
+                train_seconds=result.seconds,
+                steps_per_second=result.steps_per_second,
+                history=result.history,
+            )
             if name == "codebooks":
                 purity = code_purity(model, fsm, seq_len=cfg.seq_len)
                 report["purity"] = purity
                 report["state_forcing"] = state_forcing(model, fsm, sites="mlp_out.*")
             metrics[name] = report
             models[name] = model
-        metrics["transition_ratio"] = (metrics["codebooks"]["transition_accuracy"]
-                                       / max(metrics["baseline"]["transition_accuracy"], 1e-9))  # fmt: skip
-        metrics["step_time_ratio"] = (metrics["baseline"]["steps_per_second"]
-                                      / metrics["codebooks"]["steps_per_second"])  # fmt: skip
+        metrics["transition_ratio"] = metrics["codebooks"]["transition_accuracy"] / max(
+            metrics["baseline"]["transition_accuracy"], 1e-9
+        )
+        metrics["step_time_ratio"] = (
+            metrics["baseline"]["steps_per_second"] / metrics["codebooks"]["steps_per_second"]
+        )
         metrics["torch_threads"] = torch.get_num_threads()
         with atomic_folder(Path(out_dir)) as tmp:
             models["codebooks"].save_pretrained(tmp)

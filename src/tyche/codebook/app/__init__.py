@@ -19,13 +19,28 @@ APP_FILE = Path(__file__).with_name("browser.py")
 CACHE_ENV = "TYCHE_CODEBOOK_CACHE"
 
 
-def streamlit_command(cache: str | os.PathLike[str], *, port: int = 8501,
-                      headless: bool = True) -> list[str]:  # fmt: skip
+def streamlit_command(
+    cache: str | os.PathLike[str], *, port: int = 8501, headless: bool = True
+) -> list[str]:
     """The ``streamlit run`` command line for the app on ``cache``."""
-    return [sys.executable, "-m", "streamlit", "run", str(APP_FILE),
-            "--server.port", str(port), "--server.headless", str(headless).lower(),
-            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-            "--", "--cache", str(Path(cache).resolve())]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_FILE),
+        "--server.port",
+        str(port),
+        "--server.headless",
+        str(headless).lower(),
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--",
+        "--cache",
+        str(Path(cache).resolve()),
+    ]
 
 
 def launch(cache: str | os.PathLike[str], *, port: int = 8501, headless: bool = True) -> int:

@@ -59,8 +59,9 @@ def _search_tab(cache: CodeCache) -> None:
     top = cols[2].number_input("rows", 1, 200, 20, key="top")
     if st.button("Search", key="search") and pattern:
         try:
-            result = search(cache, pattern, min_precision=min_precision, min_recall=min_recall,
-                            top=int(top))  # fmt: skip
+            result = search(
+                cache, pattern, min_precision=min_precision, min_recall=min_recall, top=int(top)
+            )
         except ValueError as err:
             st.error(str(err))
             return
@@ -69,18 +70,27 @@ def _search_tab(cache: CodeCache) -> None:
     if result is None:
         return
     st.markdown(f"**{result.n_positions}** tokens match `{result.pattern}`")
-    rows = [{"site": m["site"], "head": _head_label(m["head"]), "code": m["code"],
-             "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
-             "fires": m["n_fires"],
-             "best neuron precision": round(m.get("neuron_precision", float("nan")), 3)}
-            for m in result.matches]  # fmt: skip
+    rows = [
+        {
+            "site": m["site"],
+            "head": _head_label(m["head"]),
+            "code": m["code"],
+            "precision": round(m["precision"], 3),
+            "recall": round(m["recall"], 3),
+            "fires": m["n_fires"],
+            "best neuron precision": round(m.get("neuron_precision", float("nan")), 3),
+        }
+        for m in result.matches
+    ]
     if rows:
         st.table(rows)
     else:
         st.info("no code reaches these thresholds")
     if result.frac_beating_neurons is not None:
-        st.caption(f"{100 * result.frac_beating_neurons:.0f}% of these codes are more precise "
-                   "than the best single neuron at the same recall")  # fmt: skip
+        st.caption(
+            f"{100 * result.frac_beating_neurons:.0f}% of these codes are more precise "
+            "than the best single neuron at the same recall"
+        )
 
 
 def _contexts_tab(cache: CodeCache) -> None:
@@ -92,12 +102,15 @@ def _contexts_tab(cache: CodeCache) -> None:
     head = cols[1].number_input("head", 0, groups - 1, 0, key="ctx_head") if groups > 1 else None
     code = cols[2].number_input("code", 0, cache.layout(site)["num_codes"] - 1, 0, key="ctx_code")
     n = cols[3].slider("contexts", 1, 100, 20, key="ctx_n")
-    found = code_contexts(cache, site, int(code), head=None if head is None else int(head),
-                          n=int(n))  # fmt: skip
+    found = code_contexts(
+        cache, site, int(code), head=None if head is None else int(head), n=int(n)
+    )
     fires = int(cache.counts(site)[head or 0, int(code)])
     st.markdown(f"fires on **{fires}** of {cache.n_sequences * cache.seq_len} tokens")
-    lines = [f"<div class='ctx'><code>{c.row}:{c.position}</code> {c.render('html')}</div>"
-             for c in found]  # fmt: skip
+    lines = [
+        f"<div class='ctx'><code>{c.row}:{c.position}</code> {c.render('html')}</div>"
+        for c in found
+    ]
     st.markdown("\n".join(lines) or "never fires in the cache", unsafe_allow_html=True)
 
 
@@ -146,13 +159,18 @@ def _intervention_tab(cache: CodeCache, folder: str) -> None:
     tok = model.tokenizer
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     iv = Intervention(site, int(code), head=None if head is None else int(head))
-    kwargs = {"do_sample": False, "max_new_tokens": int(new),
-              "pad_token_id": tok.pad_token_id or tok.eos_token_id}  # fmt: skip
+    kwargs = {
+        "do_sample": False,
+        "max_new_tokens": int(new),
+        "pad_token_id": tok.pad_token_id or tok.eos_token_id,
+    }
     for name, ivs in (("without", []), ("with code forced", [iv])):
         out = generate(model, ids, ivs, **kwargs)
         text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        st.markdown(f"**{name}:** {html.escape(prompt)}<mark>{html.escape(text)}</mark>",
-                    unsafe_allow_html=True)  # fmt: skip
+        st.markdown(
+            f"**{name}:** {html.escape(prompt)}<mark>{html.escape(text)}</mark>",
+            unsafe_allow_html=True,
+        )
 
 
 def main() -> None:
@@ -163,9 +181,11 @@ def main() -> None:
     cache = st.cache_resource(show_spinner="loading the cache")(_load)(folder)
     m = cache.manifest
     st.title("Code browser")
-    st.caption(f"model {m.get('model_name')} ({m['model_fingerprint']}), data "
-               f"{m.get('data_name')}: {m['n_sequences']} × {m['seq_len']} tokens, "
-               f"{len(cache.sites)} codebooks")  # fmt: skip
+    st.caption(
+        f"model {m.get('model_name')} ({m['model_fingerprint']}), data "
+        f"{m.get('data_name')}: {m['n_sequences']} × {m['seq_len']} tokens, "
+        f"{len(cache.sites)} codebooks"
+    )
     tabs = st.tabs(["Search", "Code contexts", "Token view", "Intervention"])
     with tabs[0]:
         _search_tab(cache)

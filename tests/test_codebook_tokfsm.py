@@ -170,6 +170,6 @@ def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None
     assert report["mlp_out.0"]["state"]["n_tokens"] == 8 * 16
     codes = state_codes(cb, fsm, ["mlp_out.0"], n=8, seq_len=33)
     assert codes["mlp_out.0"].shape == (100,)
-    forcing = state_forcing(copy.deepcopy(cb), fsm, n_trials=3, prefix_states=2)
+    forcing = state_forcing(copy.deepcopy(cb), fsm, n_trials=3, prefix_states=2, n_walks=8)
     assert forcing["n_trials"] == 3 and 0 <= forcing["success_rate"] <= 1
     assert forcing["jsd_patched"] >= 0 and forcing["jsd_unpatched"] >= 0

@@ -77,6 +77,8 @@ class TrainArgs(ModelArgs, DataArgs):
     """learning-rate schedule after warm-up"""
     freeze_base: bool = False
     """train only the codebooks"""
+    from_scratch: bool = False
+    """re-initialise the model's weights (seeded by --seed) and train it from scratch"""
     kmeans_init: bool = False
     """initialise the codes by k-means on the model's activations"""
     replace_dead_every: int = 0
@@ -301,6 +303,16 @@ def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int) -> tor
     return rows[pick[:n]]
 
 
+def reinitialise(base: torch.nn.Module, seed: int) -> None:
+    """Draw fresh weights for a HF model (its own initialiser, seeded)."""
+    if not hasattr(base, "_init_weights"):
+        raise ValueError(f"{type(base).__name__} has no _init_weights; cannot train from scratch")
+    torch.manual_seed(seed)
+    base.apply(base._init_weights)
+    if hasattr(base, "tie_weights"):
+        base.tie_weights()
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if value is None or value <= 0:
@@ -335,7 +347,11 @@ def run_train(args: TrainArgs) -> Any:
     out = Path(args.out)
     if args.resume and not (out / "checkpoint").is_dir():
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint")
+    if args.from_scratch and args.freeze_base:
+        raise ValueError("--from_scratch with --freeze_base would train codebooks on noise")
     model = load_model(args.model)
+    if args.from_scratch:
+        reinitialise(model.base, args.seed)
     if not model.sites:
         model = attach(
             model,
@@ -402,7 +418,11 @@ def run_cache(args: CacheArgs) -> Any:
     from tyche.codebook.cache import build_cache
 
     _check_positive(n_sequences=args.n_sequences, batch_size=args.batch_size, seq_len=args.seq_len)
+    if args.from_scratch and args.freeze_base:
+        raise ValueError("--from_scratch with --freeze_base would train codebooks on noise")
     model = load_model(args.model)
+    if args.from_scratch:
+        reinitialise(model.base, args.seed)
     if not model.sites:
         raise ValueError(f"{args.model} has no codebooks; train some with tyche codebook train")
     rows = load_rows(args.data, model.tokenizer, args.seq_len, args.n_sequences, args.seed)

@@ -75,10 +75,12 @@ def state_forcing(
     sites: str | Sequence[str] = "mlp_out.*",
     n_trials: int = 100,
     prefix_states: int = 8,
+    n_walks: int = 256,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Force the state codes of a random other state s' at the last token of prefixes that end
-    in state s (see the module docstring).
+    in state s (see the module docstring). A state's codes are the ones it gets most often
+    at its last digit over ``n_walks`` fresh walks.
 
     Returns ``success_rate`` (most likely next state is a successor of s'), ``baseline_rate``
     (the same without the intervention), ``mass_on_target`` (mean probability of the
@@ -87,7 +89,7 @@ def state_forcing(
     ``jsd_unpatched`` (the same for the unpatched prefix).
     """
     chosen = model.match(sites)
-    codes = state_codes(model, fsm, chosen)
+    codes = state_codes(model, fsm, chosen, n=n_walks)
     g = torch.Generator().manual_seed(seed)
     walks = fsm.walks(n_trials, prefix_states, g)
     targets = torch.randint(fsm.n_states - 1, (n_trials,), generator=g)

@@ -291,6 +291,7 @@ def train_codebooks(
     resume: bool = False,
     eval_fn: Callable[[CodebookModel], dict[str, float]] | None = None,
     show_progress: bool = True,
+    desc: str = "codebooks",
 ) -> TrainResult:
     """Train ``model`` (codebooks, and the base unless ``freeze_base``) on ``batches``.
 
@@ -329,7 +330,7 @@ def train_codebooks(
         range(start, cfg.steps),
         total=cfg.steps,
         initial=start,
-        desc="codebooks",
+        desc=desc,
         unit="step",
         disable=not show_progress,
     )

@@ -359,6 +359,7 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
         eval_samples=4,
         eval_sequences=4,
         threads=None,
+        parallel=False,
     )
     metrics = train_tokfsm(tmp_path / "tokfsm", cfg, progress=False)
     assert {"codebooks", "baseline", "transition_ratio"} <= set(metrics)

@@ -3,8 +3,8 @@
 A command describes its flags as a dataclass whose attribute docstrings are the help text
 (as in ``tyche.basin.cli``); :func:`parse_config` turns it into an ``argparse`` parser:
 
-- ``--name VALUE`` for every field (``--name-with-dashes`` is accepted too), the help text
-  from the attribute's docstring, the default shown once;
+- ``--name VALUE`` for every field, the help text from the attribute's docstring, the
+  default shown once;
 - booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
   ``X | None`` fields take an ``X`` and default to None.
 
@@ -147,8 +147,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        flag = f"--{f.name}"
-        names = [flag] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names = [f"--{f.name}"]
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]

@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import shlex
+import sys
 import tempfile
 import textwrap
 import types
@@ -39,6 +40,7 @@ __all__ = [
     "CommandError",
     "check_number",
     "check_readable_text",
+    "best_effort",
     "check_writable_folder",
     "interrupt_hint",
     "on_interrupt",
@@ -292,3 +294,21 @@ def check_writable_folder(path: str | os.PathLike[str], flag: str) -> Path:
             f"{flag}: cannot write to {str(folder)!r} ({err.strerror}); choose another folder"
         ) from None
     return folder
+
+
+def best_effort(prog: str, what: str, step: Callable[[], Any], saved_in: Path) -> bool:
+    """Run a reporting ``step`` (a table, a plot); on failure warn on stderr and go on.
+
+    Results are saved before their reports, so a failing report must not end the command or
+    lose them. Returns whether the step succeeded.
+    """
+    try:
+        step()
+        return True
+    except Exception as err:  # a report never loses the results saved before it
+        print(
+            f"{prog}: warning: could not {what} ({type(err).__name__}: {err}); the results are "
+            f"saved in {saved_in}/",
+            file=sys.stderr,
+        )
+        return False

@@ -62,7 +62,6 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
             "--schedule",
             "constant",
             "--kmeans_init",
-            "True",
             "--replace_dead_every",
             "2",
             "--log_every",
@@ -93,9 +92,7 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
             "--batch_size",
             "5",
             "--neurons",
-            "True",
             "--copy_model",
-            "True",
             "--out",
             str(cache),
         ]
@@ -150,27 +147,26 @@ def test_train_resume_and_freeze(setup, tmp_path) -> None:
         "--eval_sequences",
         "2",
         "--freeze_base",
-        "True",
         "--out",
         str(tmp_path / "run"),
     ]
     main(args)
-    main([*args[:-2], "--steps", "3", "--resume", "True", "--out", str(tmp_path / "run")])
+    main([*args[:-2], "--steps", "3", "--resume", "--out", str(tmp_path / "run")])
     model = CodebookModel.from_pretrained(tmp_path / "run")
     from conftest import build_neox
 
     for (name, p), q in zip(model.base.named_parameters(), build_neox().parameters()):
         assert torch.equal(p, q), name  # --freeze_base: the base did not move
     scratch = tmp_path / "scratch"
-    main([*args[:-4], "--steps", "1", "--from_scratch", "True", "--out", str(scratch)])
+    main([*args[:-4], "--steps", "1", "--from_scratch", "--out", str(scratch)])
     fresh = CodebookModel.from_pretrained(scratch).base.get_input_embeddings().weight
     assert not torch.allclose(fresh, build_neox().get_input_embeddings().weight, atol=1e-3)
     with pytest.raises(ValueError, match="--from_scratch with --freeze_base"):
-        main([*args[:-2], "--from_scratch", "True", "--out", str(tmp_path / "y")])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        main([*args[:-2], "--resume", "True", "--out", str(tmp_path / "nothing")])
+        codebook_main([*args[1:-2], "--from_scratch", "--out", str(tmp_path / "y")])
+    with pytest.raises(ValueError, match="no checkpoint"):
+        codebook_main([*args[1:-2], "--resume", "--out", str(tmp_path / "nothing")])
     with pytest.raises(ValueError, match="--sites is empty"):
-        main([*args[:-2], "--sites", " ", "--out", str(tmp_path / "x")])
+        codebook_main([*args[1:-2], "--sites", " ", "--out", str(tmp_path / "x")])
 
 
 def test_search_and_contexts(setup, capsys, tmp_path) -> None:
@@ -193,7 +189,6 @@ def test_search_and_contexts(setup, capsys, tmp_path) -> None:
             "--top",
             "3",
             "--neurons",
-            "True",
             "--out",
             str(tmp_path / "found"),
         ]
@@ -213,8 +208,7 @@ def test_search_and_contexts(setup, capsys, tmp_path) -> None:
             "e",
             "--parity",
             "odd",
-            "--neurons",
-            "False",
+            "--no-neurons",
             "--top",
             "2",
         ]
@@ -295,9 +289,9 @@ def test_intervene(setup, capsys) -> None:
     )
     assert len(greedy["without"]) == 1
     with pytest.raises(ValueError, match="at least one of --force"):
-        main(base)
+        codebook_main(base[1:])
     with pytest.raises(ValueError, match="out of range"):
-        main([*base, "--force", "mlp_out.1:999"])
+        codebook_main([*base[1:], "--force", "mlp_out.1:999"])
 
 
 def test_steer(setup, capsys, tmp_path) -> None:
@@ -403,10 +397,8 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
             "9",
             "--n_sequences",
             "3",
-            "--neurons",
-            "False",
-            "--copy_model",
-            "False",
+            "--no-neurons",
+            "--no-copy_model",
             "--out",
             str(tmp_path / "c"),
         ]
@@ -417,15 +409,29 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
     )
 
 
-def test_errors_before_loading(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="not a codebook cache"):
-        main(["codebook", "app", "--cache", str(tmp_path), "--port", "8999", "--headless", "True"])
-    with pytest.raises(FileNotFoundError, match="no model folder"):
-        main(["codebook", "cache", "--model", str(tmp_path / "none")])
+def test_errors_before_loading(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="not a codebook cache"):
+        codebook_main(["app", "--cache", str(tmp_path), "--port", "8999", "--headless"])
+    with pytest.raises(ValueError, match="no model folder"):
+        codebook_main(["cache", "--model", str(tmp_path / "none")])
     with pytest.raises(ValueError, match="not a language model"):
-        main(["codebook", "cache", "--model", "zoo:digits-mlp"])
-    with pytest.raises(ValueError, match="--n_sequences must be positive"):
-        main(["codebook", "cache", "--n_sequences", "0"])
-    with pytest.raises(SystemExit):
-        main(["codebook", "nonsense"])
+        codebook_main(["cache", "--model", "zoo:digits-mlp"])
+    with pytest.raises(ValueError, match="--n_sequences must be at least 1"):
+        codebook_main(["cache", "--n_sequences", "0"])
+    with pytest.raises(ValueError, match="--k 9 > --num_codes 8"):
+        codebook_main(["train", "--num_codes", "8", "--k", "9"])
+    with pytest.raises(ValueError, match="unknown sub-command"):
+        codebook_main(["nonsense"])
+    # through `tyche`: one line on stderr, exit code 2, before any model is loaded
+    with pytest.raises(SystemExit) as exit_info:
+        main(["codebook", "search", "--cache", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tyche codebook: error: --cache") and "\n" not in err
     main(["codebook", "--help"])
+    for name in ("train", "cache", "search", "contexts", "intervene", "steer", "tokfsm", "app"):
+        with pytest.raises(SystemExit) as exit_info:
+            codebook_main([name, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert "--" in text and "(default: None)" not in text

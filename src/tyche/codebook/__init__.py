@@ -16,8 +16,7 @@ Submodules load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tyche._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "CodebookLayer": "tyche.codebook.layer",
@@ -48,8 +47,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'tyche.codebook' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -20,12 +20,25 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import simple_parsing
-import torch
+from tyche.commandline import (
+    CommandError,
+    check_number,
+    check_readable_text,
+    check_writable_folder,
+    on_interrupt,
+    parse_config,
+    resume_command,
+    split_list,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main"]
+
+PROG = "tyche codebook"
 
 
 @dataclass
@@ -77,6 +90,8 @@ class TrainArgs(ModelArgs, DataArgs):
     """learning-rate schedule after warm-up"""
     freeze_base: bool = False
     """train only the codebooks"""
+    snap_after: int = 0
+    """steps with the codebooks passing their inputs through (a warm start) before they snap"""
     from_scratch: bool = False
     """re-initialise the model's weights (seeded by --seed) and train it from scratch"""
     kmeans_init: bool = False
@@ -241,10 +256,49 @@ class AppArgs:
 
 # ---------------------------------------------------------------------- helpers
 def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    return items or None
+    return split_list(text) or None
+
+
+def _check_model_spec(spec: str, flag: str = "--model") -> None:
+    """A zoo language model or a local model folder, checked without loading anything."""
+    from tyche.zoo.catalogue import check_name
+
+    if spec.startswith("zoo:"):
+        if check_name(spec, kind="model") == "digits-mlp":
+            raise CommandError(
+                f"{flag}: zoo:digits-mlp is not a language model; codebooks need one"
+            )
+    elif not (Path(spec).expanduser() / "config.json").is_file():
+        raise CommandError(f"{flag}: no model folder at {spec!r} (expected config.json there)")
+
+
+def _check_data_spec(spec: str, flag: str = "--data") -> None:
+    from tyche.zoo.catalogue import check_name
+
+    if spec.startswith("fsm:"):
+        target = spec.removeprefix("fsm:")
+        if target.startswith("zoo:"):
+            _check_model_spec(target, flag)
+        elif not (Path(target).expanduser() / "fsm.json").is_file():
+            raise CommandError(f"{flag}: no fsm.json in {target!r}")
+    elif spec.startswith("zoo:"):
+        if check_name(spec, kind="data") == "fashion-mnist":
+            raise CommandError(f"{flag}: zoo:fashion-mnist is image data, not text")
+    else:
+        check_readable_text(spec, flag)
+
+
+def _check_cache(folder: str, flag: str = "--cache") -> None:
+    if not (Path(folder).expanduser() / "manifest.json").is_file():
+        raise CommandError(
+            f"{flag}: {folder!r} is not a codebook cache (no manifest.json); build one with "
+            "tyche codebook cache"
+        )
+
+
+def _check_counts(**values: int) -> None:
+    for name, value in values.items():
+        check_number(value, f"--{name}", minimum=1, integer=True)
 
 
 def _folder_of(spec: str) -> Path:
@@ -263,11 +317,10 @@ def _folder_of(spec: str) -> Path:
 
 def load_model(spec: str) -> Any:
     """A CodebookModel from a zoo name or folder (no codebooks if the folder has none)."""
+    _check_model_spec(spec)
     from tyche.codebook.attach import CODEBOOKS_CONFIG, CodebookModel
     from tyche.distributed import default_device
 
-    if spec == "zoo:digits-mlp":
-        raise ValueError("zoo:digits-mlp is not a language model; codebooks need one")
     folder = _folder_of(spec)
     if (folder / CODEBOOKS_CONFIG).is_file():
         model = CodebookModel.from_pretrained(folder, device=default_device())
@@ -293,6 +346,8 @@ def _fsm_of(spec: str):
 
 def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int) -> torch.Tensor:
     """``n`` token rows of ``seq_len``: TokFSM walks (``fsm:...``) or a seeded draw of text."""
+    import torch
+
     if data.startswith("fsm:"):
         return _fsm_of(data).batch(n, seq_len, torch.Generator().manual_seed(seed))
     from tyche.data import chunk_and_tokenize
@@ -305,6 +360,8 @@ def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int) -> tor
 
 def reinitialise(base: torch.nn.Module, seed: int) -> None:
     """Draw fresh weights for a HF model (its own initialiser, seeded)."""
+    import torch
+
     if not hasattr(base, "_init_weights"):
         raise ValueError(f"{type(base).__name__} has no _init_weights; cannot train from scratch")
     torch.manual_seed(seed)
@@ -313,10 +370,78 @@ def reinitialise(base: torch.nn.Module, seed: int) -> None:
         base.tie_weights()
 
 
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if value is None or value <= 0:
-            raise ValueError(f"--{name} must be positive, got {value}")
+def check_args(args: Any) -> None:
+    """Every flag of a command, checked before anything is loaded."""
+    if isinstance(args, TrainArgs | CacheArgs):
+        _check_model_spec(args.model)
+        _check_data_spec(args.data)
+        check_number(args.seq_len, "--seq_len", minimum=2, integer=True)
+        check_number(args.seed, "--seed", minimum=0, integer=True)
+        _check_counts(batch_size=args.batch_size)
+    if isinstance(args, TrainArgs):
+        if not split_list(args.sites):
+            raise CommandError("--sites is empty; e.g. --sites 'attn_heads.*,mlp_out.*'")
+        _check_counts(
+            num_codes=args.num_codes,
+            k=args.k,
+            steps=args.steps,
+            log_every=args.log_every,
+            eval_sequences=args.eval_sequences,
+        )
+        if args.k > args.num_codes:
+            raise CommandError(f"--k {args.k} > --num_codes {args.num_codes}; lower --k")
+        for flag in ("lr", "code_lr"):
+            check_number(getattr(args, flag), f"--{flag}", above=0)
+        for flag in ("beta", "weight_decay"):
+            check_number(getattr(args, flag), f"--{flag}", minimum=0)
+        for flag in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
+            check_number(getattr(args, flag), f"--{flag}", minimum=0, integer=True)
+        if args.from_scratch and args.freeze_base:
+            raise CommandError("--from_scratch with --freeze_base would train codebooks on noise")
+        if args.resume and not (Path(args.out) / "checkpoint").is_dir():
+            raise CommandError(f"--resume: no checkpoint in {args.out}/checkpoint")
+        check_writable_folder(args.out, "--out")
+    if isinstance(args, CacheArgs):
+        _check_counts(n_sequences=args.n_sequences)
+        check_writable_folder(args.out, "--out")
+    if isinstance(args, SearchArgs | ContextsArgs | SteerArgs | AppArgs):
+        _check_cache(args.cache)
+    if isinstance(args, SearchArgs):
+        check_number(args.min_recall, "--min_recall", minimum=0)
+        check_number(args.min_precision, "--min_precision", minimum=0)
+        _check_counts(top=args.top)
+    if isinstance(args, ContextsArgs):
+        check_number(args.code, "--code", minimum=0, integer=True)
+        _check_counts(n=args.n)
+        check_number(args.window, "--window", minimum=0, integer=True)
+    if isinstance(args, InterveneArgs):
+        if args.cache:
+            _check_cache(args.cache)
+        else:
+            _check_model_spec(args.model)
+        if not any(getattr(args, m) for m in ("force", "replace", "append", "block")):
+            raise CommandError("give at least one of --force, --replace, --append, --block")
+        _check_counts(n_samples=args.n_samples, max_new_tokens=args.max_new_tokens)
+        check_number(args.temperature, "--temperature", minimum=0)
+        if not args.prompt.strip():
+            raise CommandError("--prompt is empty")
+    if isinstance(args, SteerArgs):
+        if not split_list(args.words):
+            raise CommandError("--words is empty; e.g. --words king,love,blood,death")
+        _check_data_spec(args.prompts, "--prompts")
+        _check_counts(
+            n_prompts=args.n_prompts,
+            prompt_tokens=args.prompt_tokens,
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            max_codes=args.max_codes,
+        )
+    if isinstance(args, TokFSMArgs):
+        _check_model_spec(args.model)
+        _check_counts(n_samples=args.n_samples, n_trials=args.n_trials)
+        check_number(args.seq_len, "--seq_len", minimum=3, integer=True)
+    if isinstance(args, AppArgs):
+        check_number(args.port, "--port", minimum=1, integer=True)
 
 
 # ---------------------------------------------------------------------- commands
@@ -325,7 +450,6 @@ def run_train(args: TrainArgs) -> Any:
     from tyche.codebook.train import TrainConfig, evaluate_lm, row_sampler, train_codebooks
     from tyche.distributed import get_rank, rank0_print
 
-    _check_positive(seq_len=args.seq_len, eval_sequences=args.eval_sequences)
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -335,20 +459,21 @@ def run_train(args: TrainArgs) -> Any:
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
         freeze_base=args.freeze_base,
+        snap_after=args.snap_after,
         kmeans_init=args.kmeans_init,
         replace_dead_every=args.replace_dead_every,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
+    import torch
+
     sites = _split(args.sites)
-    if not sites:
-        raise ValueError("--sites is empty; e.g. --sites 'attn_heads.*,mlp_out.*'")
     out = Path(args.out)
-    if args.resume and not (out / "checkpoint").is_dir():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoint")
-    if args.from_scratch and args.freeze_base:
-        raise ValueError("--from_scratch with --freeze_base would train codebooks on noise")
+    on_interrupt(
+        f"the last checkpoint is in {out}/checkpoint; continue with: "
+        f"{resume_command(PROG + ' train', sys.argv[2:])}"
+    )
     model = load_model(args.model)
     if args.from_scratch:
         reinitialise(model.base, args.seed)
@@ -417,12 +542,7 @@ def run_train(args: TrainArgs) -> Any:
 def run_cache(args: CacheArgs) -> Any:
     from tyche.codebook.cache import build_cache
 
-    _check_positive(n_sequences=args.n_sequences, batch_size=args.batch_size, seq_len=args.seq_len)
-    if args.from_scratch and args.freeze_base:
-        raise ValueError("--from_scratch with --freeze_base would train codebooks on noise")
     model = load_model(args.model)
-    if args.from_scratch:
-        reinitialise(model.base, args.seed)
     if not model.sites:
         raise ValueError(f"{args.model} has no codebooks; train some with tyche codebook train")
     rows = load_rows(args.data, model.tokenizer, args.seq_len, args.n_sequences, args.seed)
@@ -486,9 +606,6 @@ def run_intervene(args: InterveneArgs) -> Any:
     ivs = []
     for mode in ("force", "replace", "append", "block"):
         ivs += parse_interventions(getattr(args, mode), mode)  # type: ignore[arg-type]
-    if not ivs:
-        raise ValueError("give at least one of --force, --replace, --append, --block")
-    _check_positive(n_samples=args.n_samples, max_new_tokens=args.max_new_tokens)
     if args.cache:
         from tyche.codebook.cache import load_cache
 
@@ -523,9 +640,7 @@ def run_steer(args: SteerArgs) -> Any:
     from tyche.codebook.cache import load_cache
     from tyche.codebook.steering import topic_codes, topic_steering, word_regex
 
-    words = _split(args.words)
-    if not words:
-        raise ValueError("--words is empty")
+    words = split_list(args.words)
     cache = load_cache(args.cache)
     model = cache.load_model()
     tok = model.tokenizer
@@ -649,21 +764,19 @@ def _usage() -> str:
 
 
 def main(argv: list[str]) -> Any:
-    """Entry point of ``tyche codebook``."""
-    from tyche.distributed import init_distributed
-
+    """Entry point of ``tyche codebook``; returns what the sub-command returns."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return None
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"tyche codebook: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        raise SystemExit(2)
+        raise CommandError(f"unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}")
     cls, runner, _ = COMMANDS[name]
-    args = simple_parsing.parse(
-        cls, args=rest, prog=f"tyche codebook {name}", description=cls.__doc__
-    )
+    args = parse_config(cls, rest, prog=f"{PROG} {name}", description=cls.__doc__)
+    check_args(args)
     if name == "train":
+        from tyche.distributed import init_distributed
+
         init_distributed()
     return runner(args)

@@ -364,6 +364,10 @@ def reinitialise(base: torch.nn.Module, seed: int) -> None:
 
     if not hasattr(base, "_init_weights"):
         raise ValueError(f"{type(base).__name__} has no _init_weights; cannot train from scratch")
+    # transformers marks loaded weights as initialised and its initialiser then skips them
+    for item in [*base.modules(), *base.parameters()]:
+        if getattr(item, "_is_hf_initialized", False):
+            item._is_hf_initialized = False
     torch.manual_seed(seed)
     base.apply(base._init_weights)
     if hasattr(base, "tie_weights"):

@@ -62,6 +62,10 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
             "--schedule",
             "constant",
             "--kmeans_init",
+            "--kmeans_tokens",
+            "40",
+            "--snap_after",
+            "1",
             "--replace_dead_every",
             "2",
             "--log_every",
@@ -119,6 +123,7 @@ def test_train_wrote_a_model_with_the_settings(setup) -> None:
     assert (cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["code_lr"]) == (4, 4, 2e-3, 3e-3)
     assert (cfg["weight_decay"], cfg["warmup_steps"], cfg["schedule"]) == (0.05, 1, "constant")
     assert cfg["kmeans_init"] and cfg["replace_dead_every"] == 2 and cfg["seed"] == 1
+    assert cfg["kmeans_tokens"] == 40 and cfg["snap_after"] == 1
     assert [h["step"] for h in result.history] == [2, 4]
     assert result.evaluation["n_tokens"] == 4 * 15  # --eval_sequences 4 of --seq_len 16
     assert (setup["trained"] / "checkpoint" / "trainer_state.json").is_file()
@@ -312,6 +317,8 @@ def test_steer(setup, capsys, tmp_path) -> None:
             "2",
             "--max_new_tokens",
             "4",
+            "--target",
+            "word",
             "--max_codes",
             "2",
             "--min_precision",

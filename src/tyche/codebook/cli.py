@@ -96,6 +96,8 @@ class TrainArgs(ModelArgs, DataArgs):
     """re-initialise the model's weights (seeded by --seed) and train it from scratch"""
     kmeans_init: bool = False
     """initialise the codes by k-means on the model's activations"""
+    kmeans_tokens: int = 16384
+    """tokens of activations clustered by --kmeans_init"""
     replace_dead_every: int = 0
     """replace codes unused for this many steps by recent inputs (0: never)"""
     log_every: int = 50
@@ -214,6 +216,8 @@ class SteerArgs:
     """tokens per continuation"""
     max_codes: int = 8
     """codes forced per word"""
+    target: Literal["before", "word"] = "before"
+    """force the codes of the token before the word (they predict it) or of the word itself"""
     min_precision: float = 0.5
     """codes must be at least this precise for the word"""
     min_recall: float = 0.02
@@ -465,6 +469,7 @@ def run_train(args: TrainArgs) -> Any:
         freeze_base=args.freeze_base,
         snap_after=args.snap_after,
         kmeans_init=args.kmeans_init,
+        kmeans_tokens=args.kmeans_tokens,
         replace_dead_every=args.replace_dead_every,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
@@ -654,7 +659,7 @@ def run_steer(args: SteerArgs) -> Any:
     for word in words:
         ivs = topic_codes(
             cache,
-            word_regex(word),
+            word_regex(word, before=args.target == "before"),
             sites=_split(args.sites),
             max_codes=args.max_codes,
             min_precision=args.min_precision,

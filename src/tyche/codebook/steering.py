@@ -199,6 +199,9 @@ def topic_steering(
     }
 
 
-def word_regex(word: str) -> str:
-    """A case-insensitive regex matching ``word`` as a whole word."""
+def word_regex(word: str, *, before: bool = False) -> str:
+    """A case-insensitive regex matching ``word`` as a whole word; with ``before`` its group
+    marks the token just before the word (whose codes predict it)."""
+    if before:
+        return rf"(?i)(\S)(?=\s*\b{re.escape(word)}\b)"
     return rf"(?i)\b{re.escape(word)}\b"

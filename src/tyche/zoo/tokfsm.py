@@ -3,7 +3,7 @@
 Recipe (seeded, CPU, float32): the FSM of the paper's size (100 states, 10 successors each,
 two digit tokens per state, seed 0); a GPT-NeoX of the paper's layout (4 layers, width 128,
 4 heads, MLP 512, vocabulary 11) with k = 1 codebooks of 256 codes on every attention head
-and every MLP output, trained from scratch on fresh random walks (16 × 64 tokens a step,
+and every MLP output, trained from scratch on fresh random walks (32 × 64 tokens a step,
 AdamW, peak learning rate 1e-2, cosine); and the same model without codebooks trained on
 the same batches for the same number of steps. The codebook model starts with its codebooks
 passing their inputs through (a warm start: from random weights every k = 1 codebook
@@ -50,15 +50,15 @@ class TokFSMConfig:
     mlp: int = 512
     rotary_pct: float = 1.0
     seq_len: int = 64
-    batch_size: int = 16
-    steps: int = 1500
+    batch_size: int = 32
+    steps: int = 3000
     lr: float = 1e-2
     warmup_steps: int = 100
     num_codes: int = 256
     k: int = 1
     #: steps before the codebooks snap (then k-means initialised); the baseline trains on
     #: the same batches for the same total number of steps
-    snap_after: int = 900
+    snap_after: int = 2000
     replace_dead_every: int = 100
     sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
     eval_samples: int = 100

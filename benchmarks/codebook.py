@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from tyche.codebook.attach import CodebookModel, attach
 from tyche.codebook.cache import build_cache
-from tyche.codebook.search import search
+from tyche.codebook.code_search import search
+from tyche.codebook.model import CodebookModel, attach
 from tyche.codebook.tokfsm import FSM
 from tyche.codebook.train import TrainConfig, _optimizer, compute_gradients
 from tyche.zoo.tokfsm import TokFSMConfig, build_base

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import build_neox  # noqa: E402
 from tyche import distributed as td  # noqa: E402
-from tyche.codebook.attach import attach  # noqa: E402
+from tyche.codebook.model import attach  # noqa: E402
 from tyche.codebook.train import (  # noqa: E402
     TrainConfig,
     compute_gradients,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import build_neox
-from tyche.codebook.attach import CodebookModel, attach
+from tyche.codebook.model import CodebookModel, attach
 
 
 def tiny_cb_model(num_codes: int = 16, k: int = 2, seed: int = 0) -> CodebookModel:

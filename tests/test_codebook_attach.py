@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tyche.codebook.attach import CodebookModel, attach
+from tyche.codebook.model import CodebookModel, attach
 from tyche.codebook.train import TrainConfig, row_sampler, train_codebooks
 from tyche.hooks import read_activations
 
@@ -140,3 +140,14 @@ def test_deepcopy_runs_its_own_codebooks(gpt2_model, token_batch) -> None:
     assert twin.codebook("mlp_out.0").last_ids is not None
     assert cb.codebook("mlp_out.0").last_ids is None  # the original's layer did not run
     assert not torch.allclose(twin(**token_batch).logits, cb(**token_batch).logits)
+
+
+def test_package_exports_are_the_functions() -> None:
+    """Submodule names must not shadow the exported functions (attach, search, intervene)."""
+    import tyche.codebook.code_search
+    import tyche.codebook.interventions
+    import tyche.codebook.model  # noqa: F401
+    from tyche.codebook import attach as attach_fn
+    from tyche.codebook import intervene, search
+
+    assert callable(attach_fn) and callable(search) and callable(intervene)

@@ -105,7 +105,7 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
 
 
 def test_train_wrote_a_model_with_the_settings(setup) -> None:
-    from tyche.codebook.attach import CodebookModel
+    from tyche.codebook.model import CodebookModel
     from tyche.codebook.train import TrainResult
 
     model = CodebookModel.from_pretrained(setup["trained"])
@@ -130,7 +130,7 @@ def test_train_wrote_a_model_with_the_settings(setup) -> None:
 
 
 def test_train_resume_and_freeze(setup, tmp_path) -> None:
-    from tyche.codebook.attach import CodebookModel
+    from tyche.codebook.model import CodebookModel
 
     args = [
         "codebook",
@@ -175,7 +175,7 @@ def test_train_resume_and_freeze(setup, tmp_path) -> None:
 
 
 def test_search_and_contexts(setup, capsys, tmp_path) -> None:
-    from tyche.codebook.search import SearchResult
+    from tyche.codebook.code_search import SearchResult
 
     main(
         [

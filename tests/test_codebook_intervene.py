@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tyche.codebook.intervene import (
+from tyche.codebook.interventions import (
     Intervention,
     generate,
     intervene,

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from tyche.codebook.attach import attach
 from tyche.codebook.cache import build_cache, load_cache
-from tyche.codebook.search import _best_neuron, code_contexts, match_positions, search
+from tyche.codebook.code_search import _best_neuron, code_contexts, match_positions, search
+from tyche.codebook.model import attach
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_contexts_and_errors(built) -> None:
 
 
 def test_search_result_saves(built, tmp_path) -> None:
-    from tyche.codebook.search import SearchResult
+    from tyche.codebook.code_search import SearchResult
 
     result = search(built[2], r"the", top=3)
     result.save(tmp_path / "r")
@@ -170,7 +170,7 @@ def test_search_result_saves(built, tmp_path) -> None:
 
 
 def test_build_cache_rejects_bad_input(built, tmp_path, gpt2_model) -> None:
-    from tyche.codebook.attach import CodebookModel
+    from tyche.codebook.model import CodebookModel
 
     with pytest.raises(ValueError, match="at least one codebook"):
         build_cache(

@@ -27,7 +27,7 @@ def test_tokfsm_zoo_model_meets_the_paper_figures() -> None:
 def test_frozen_smollm2_with_codebooks() -> None:
     """Codebooks on three late MLPs of the real SmolLM2-135M, base frozen: training the
     codes lowers the loss, and the model keeps most of its next-token accuracy."""
-    from tyche.codebook.attach import attach
+    from tyche.codebook.model import attach
     from tyche.codebook.train import TrainConfig, evaluate_lm, row_sampler, train_codebooks
     from tyche.data import chunk_and_tokenize
     from tyche.zoo.entry import ZooError

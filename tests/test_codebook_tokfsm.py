@@ -144,7 +144,7 @@ def test_state_labels_and_purity(fsm: FSM) -> None:
 def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from tyche.codebook.attach import attach
+    from tyche.codebook.model import attach
     from tyche.codebook.steering import state_codes, state_forcing
     from tyche.codebook.tokfsm import code_purity
 

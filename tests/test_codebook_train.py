@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tyche.codebook.attach import attach
+from tyche.codebook.model import attach
 from tyche.codebook.train import TrainConfig, _optimizer, row_sampler, train_codebooks
 
 WORKER = Path(__file__).with_name("codebook_dist_worker.py")

@@ -32,7 +32,7 @@ _LAZY: dict[str, str] = {
     "TunedLens": "tyche.causal.lenses",
     "ModelFromSite": "tyche.causal.lenses",
     "train_tuned_lens": "tyche.causal.train_lens",
-    "CodebookModel": "tyche.codebook.attach",
+    "CodebookModel": "tyche.codebook.model",
     "chunk_and_tokenize": "tyche.data",
     "iter_batches": "tyche.data",
     "masked_kl": "tyche.divergence",

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tyche.codebook.attach import CodebookModel
+from tyche.codebook.model import CodebookModel
 from tyche.distributed import progress
 
 __all__ = ["CodeCache", "build_cache", "load_cache", "token_pieces"]

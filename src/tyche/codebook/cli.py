@@ -322,7 +322,7 @@ def _folder_of(spec: str) -> Path:
 def load_model(spec: str) -> Any:
     """A CodebookModel from a zoo name or folder (no codebooks if the folder has none)."""
     _check_model_spec(spec)
-    from tyche.codebook.attach import CODEBOOKS_CONFIG, CodebookModel
+    from tyche.codebook.model import CODEBOOKS_CONFIG, CodebookModel
     from tyche.distributed import default_device
 
     folder = _folder_of(spec)
@@ -454,7 +454,7 @@ def check_args(args: Any) -> None:
 
 # ---------------------------------------------------------------------- commands
 def run_train(args: TrainArgs) -> Any:
-    from tyche.codebook.attach import attach
+    from tyche.codebook.model import attach
     from tyche.codebook.train import TrainConfig, evaluate_lm, row_sampler, train_codebooks
     from tyche.distributed import get_rank, rank0_print
 
@@ -574,7 +574,7 @@ def run_cache(args: CacheArgs) -> Any:
 
 def run_search(args: SearchArgs) -> Any:
     from tyche.codebook.cache import load_cache
-    from tyche.codebook.search import search
+    from tyche.codebook.code_search import search
 
     cache = load_cache(args.cache)
     result = search(
@@ -595,7 +595,7 @@ def run_search(args: SearchArgs) -> Any:
 
 def run_contexts(args: ContextsArgs) -> Any:
     from tyche.codebook.cache import load_cache
-    from tyche.codebook.search import code_contexts
+    from tyche.codebook.code_search import code_contexts
 
     cache = load_cache(args.cache)
     found = code_contexts(cache, args.site, args.code, head=args.head, n=args.n, window=args.window)
@@ -610,7 +610,7 @@ def run_contexts(args: ContextsArgs) -> Any:
 
 
 def run_intervene(args: InterveneArgs) -> Any:
-    from tyche.codebook.intervene import generate, next_token_jsd, parse_interventions
+    from tyche.codebook.interventions import generate, next_token_jsd, parse_interventions
 
     ivs = []
     for mode in ("force", "replace", "append", "block"):

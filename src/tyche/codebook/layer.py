@@ -32,7 +32,7 @@ head) sum the terms over groups.
 Every layer counts how often each code was chosen (per token, while training or while
 ``count_usage`` is set), can be initialised by k-means (:func:`kmeans`) and can replace
 codes that went unused by recent inputs (:meth:`GroupedCodebookLayer.replace_dead_codes`).
-Interventions (``layer.edits``, set by :func:`tyche.codebook.intervene`) patch the chosen
+Interventions (``layer.edits``, set by :func:`tyche.codebook.interventions`) patch the chosen
 ids before the output is computed.
 """
 
@@ -66,7 +66,7 @@ RECENT_INPUTS = 4096
 
 @dataclass(frozen=True)
 class CodeEdit:
-    """One edit of the chosen code ids of a layer (see :mod:`tyche.codebook.intervene`).
+    """One edit of the chosen code ids of a layer (see :mod:`tyche.codebook.interventions`).
 
     ``kind``: ``"force"`` (every slot takes the forced codes, round robin), ``"replace"``
     (slot ``slot`` takes the code), ``"append"`` (an extra slot with the code), ``"block"``
@@ -208,7 +208,7 @@ class GroupedCodebookLayer(nn.Module):
         self.keep_recent = False
         #: when set, forward stores its (un-normalised) inputs here and returns them unchanged
         self.collected: list[torch.Tensor] | None = None
-        #: interventions applied to the chosen ids (set by ``tyche.codebook.intervene``)
+        #: interventions applied to the chosen ids (set by ``tyche.codebook.interventions``)
         self.edits: tuple[CodeEdit, ...] = ()
         #: keep the last input (``(..., G, d)``, detached) in ``last_input``
         self.keep_input = False

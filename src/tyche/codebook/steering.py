@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from tyche.codebook.attach import CodebookModel
 from tyche.codebook.cache import CodeCache
-from tyche.codebook.intervene import Intervention, generate, intervene, target_rate
-from tyche.codebook.search import search
+from tyche.codebook.code_search import search
+from tyche.codebook.interventions import Intervention, generate, intervene, target_rate
+from tyche.codebook.model import CodebookModel
 from tyche.codebook.tokfsm import FSM, next_state_probs, state_labels
 from tyche.divergence import token_jsd
 
@@ -135,7 +135,7 @@ def topic_codes(
 ) -> list[Intervention]:
     """Interventions forcing the most precise codes for ``pattern`` at every position.
 
-    The codes are those of :func:`~tyche.codebook.search.search` with precision >=
+    The codes are those of :func:`~tyche.codebook.code_search.search` with precision >=
     ``min_precision`` and recall >= ``min_recall``, best first, at most ``max_codes``; each
     becomes a ``replace`` intervention (so with k > 1 several codes of one codebook fill its
     weakest slots).

@@ -33,8 +33,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from tyche.codebook.attach import CodebookModel
 from tyche.codebook.layer import usage_stats
+from tyche.codebook.model import CodebookModel
 from tyche.distributed import (
     all_reduce_sum,
     average_gradients,
@@ -300,7 +300,7 @@ def train_codebooks(
     numbers are stored in the result. Returns a :class:`TrainResult`.
     """
     if not isinstance(model, CodebookModel):
-        raise TypeError("train_codebooks needs a CodebookModel (use tyche.codebook.attach)")
+        raise TypeError("train_codebooks needs a CodebookModel (use tyche.codebook.model)")
     world = get_world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")

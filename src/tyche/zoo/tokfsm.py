@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tyche.codebook.attach import CodebookModel, attach
+from tyche.codebook.model import CodebookModel, attach
 from tyche.codebook.steering import state_forcing
 from tyche.codebook.tokfsm import (
     FSM,

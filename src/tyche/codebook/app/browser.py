@@ -16,7 +16,7 @@ from typing import Any
 
 from tyche.codebook.app import CACHE_ENV
 from tyche.codebook.cache import CodeCache, load_cache
-from tyche.codebook.search import code_contexts, search
+from tyche.codebook.code_search import code_contexts, search
 
 
 def _cache_dir(st: Any) -> str:
@@ -153,7 +153,7 @@ def _intervention_tab(cache: CodeCache, folder: str) -> None:
     new = cols[3].number_input("new tokens", 1, 200, 24, key="iv_new")
     if not st.button("Generate", key="iv_run") or not prompt:
         return
-    from tyche.codebook.intervene import Intervention, generate
+    from tyche.codebook.interventions import Intervention, generate
 
     model = _model(folder)
     tok = model.tokenizer

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import torch
 
-from tyche.codebook.attach import CodebookModel
 from tyche.codebook.layer import CodebookLayer, CodeEdit
+from tyche.codebook.model import CodebookModel
 from tyche.divergence import token_jsd
 
 __all__ = [

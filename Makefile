@@ -37,6 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/basin.py
 	$(BIN)/python benchmarks/causal.py
+	$(BIN)/python benchmarks/codebook.py
 
 venv: $(STAMP)
 

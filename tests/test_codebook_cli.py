@@ -361,6 +361,7 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
         eval_sequences=4,
         threads=None,
         parallel=False,
+        forcing_trials=3,
     )
     metrics = train_tokfsm(tmp_path / "tokfsm", cfg, progress=False)
     assert {"codebooks", "baseline", "transition_ratio"} <= set(metrics)

@@ -63,6 +63,8 @@ class TokFSMConfig:
     sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
     eval_samples: int = 100
     eval_sequences: int = 64
+    #: trials of the state-forcing intervention
+    forcing_trials: int = 100
     threads: int | None = 1
     #: train the two models at the same time in two processes (same results as one by one)
     parallel: bool = True
@@ -142,7 +144,9 @@ def train_one(name: str, cfg: TokFSMConfig, folder: Path, progress: bool = True)
     )
     if name == "codebooks":
         report["purity"] = code_purity(model, fsm, seq_len=cfg.seq_len)
-        report["state_forcing"] = state_forcing(model, fsm, sites="mlp_out.*")
+        report["state_forcing"] = state_forcing(
+            model, fsm, sites="mlp_out.*", n_trials=cfg.forcing_trials
+        )
         model.save_pretrained(folder)
     else:
         model.base.save_pretrained(folder)

@@ -151,7 +151,7 @@ def test_each_direction_is_a_stationary_point_on_its_constraint_set():
         g = g - earlier @ (earlier.T @ g)  # tangent to the constraint set
         g = g - (g @ v.detach()) * v.detach()
         # L-BFGS stops once the energy changes by < tol·E = 1e-12·E; near a maximum with
-        # curvature ~E that leaves |g| ≲ sqrt(2·1e-12)·E ≈ 1.4e-6·E. Measured ≤ 1.6e-6·E (60×)
+        # curvature ~E that leaves |g| ~ sqrt(2·1e-12)·E ≈ 1.4e-6·E. Measured ≤ 1.6e-6·E (60×)
         assert float(g.norm()) < 1e-4 * float(energy.detach()), (j, float(g.norm()))
 
 
@@ -230,7 +230,7 @@ def test_resample_uses_one_fixed_derangement_from_the_generator():
     clean = target(h).log_softmax(-1)
     e = float(masked_kl(clean, target(h - torch.outer(flat @ v, v))))
     # one chunk of 40 positions on both sides: ENERGY_RTOL's bound (measured identical);
-    # 1e-4 is loose against rounding, tight against a different derangement (~10% apart)
+    # 1e-4 is loose against rounding, tight against another derangement (seed 8: 40% apart)
     assert math.isclose(e, float(a.energies[0]), rel_tol=1e-4)
 
 
@@ -247,7 +247,7 @@ def test_cross_entropy_objective_is_the_loss_increase():
         ablated = remove_subspace(h, basis.vectors[:, i], "mean")
         increase = F.cross_entropy(target(ablated)[keep], labels[keep]) - clean
         # a difference of two float32 35-term means of CE ≈ 2-3 nats: ≲ 2·35·2^-24·3 ≈ 1.3e-5
-        # nats, ≲ 1e-4 of an increase ≳ 0.1; measured 5e-7 relative
+        # nats, ≲ 2.5e-5 of the increases here (0.56 and 0.96 nats); measured 5e-7 relative
         assert math.isclose(float(increase), float(basis.energies[i]), rel_tol=1e-4)
     assert basis.objective == "ce"
     assert float(basis.energies[0]) > 0  # the top direction hurts the loss
@@ -503,8 +503,8 @@ class BasisTolerance:
     later_rtol: float  #: later energies: first order in the angles of the earlier directions
 
 
-#: The toy problem (`causal_dist_worker.problem`, E ~ 1 nat, float32 resolution ~1e-7 so
-#: sin θ ~ 5e-4): measured sine 5.8e-4, first energy 4.0e-7, later 2.3e-4. (A sine tolerance of
+#: The toy problem (`causal_dist_worker.problem`, E ≈ 1.5-3.6 nats, float32 resolution ~1e-7
+#: so sin θ ~ 5e-4): measured sine 5.8e-4, first energy 4.0e-7, later 2.3e-4. (A sine tolerance of
 #: 5e-3 kept only 8.6× over the variants.)
 TOY_TOLERANCE = BasisTolerance(span_sine=1e-2, first_rtol=1e-4, later_rtol=5e-3)
 #: The GPT-2 problem (`model_problem`): energies of ~2e-3 nats are differences of float32

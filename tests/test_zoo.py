@@ -164,8 +164,8 @@ def test_digits_adam_state_oracle_after_one_step() -> None:
     x, y, _, _ = digits_split(cfg.seed, cfg.train_size)
     model = build_digits_mlp(cfg.hidden, cfg.seed)
     l2_loss(model, x, y, cfg.l2_reg).backward()  # one full batch: order does not matter
-    # float32: the training step and this backward may round differently (~1e-6 relative), and
-    # (1 - 0.9) is 0.1 to 2.4e-7; tiny entries get the absolute floor. Measured within 1/21
+    # float32: the training step and this backward may round differently (~1e-6 relative),
+    # 1 - β1 may be 0.1 only to 2.4e-7; tiny entries get the absolute floor. Measured within 1/21
     # (exp_avg) and 1/50 (exp_avg_sq) of these tolerances; a wrong moment or step is off by O(1)
     for name, p in model.named_parameters():
         torch.testing.assert_close(state[name]["exp_avg"], 0.1 * p.grad, rtol=1e-5, atol=1e-8)

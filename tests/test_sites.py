@@ -184,7 +184,7 @@ def test_tensor_substitute_patches_in_another_run(hf_model, token_batch):
         target = logits(hf_model, other)
     with replace_activations(hf_model, {"resid_pre.1": acts["resid_pre.1"]}):
         patched = logits(hf_model, token_batch)
-    torch.testing.assert_close(patched, target)
+    torch.testing.assert_close(patched, target)  # the same tensor onwards: same ops (docstring)
     assert not torch.allclose(patched, logits(hf_model, token_batch))
     # a broadcast float64 substitute is cast to the activation's dtype
     with replace_activations(hf_model, {"mlp_out.0": torch.zeros(64, dtype=torch.float64)}):
@@ -402,7 +402,7 @@ def test_unknown_architecture_found_by_structure():
     }
     for i in range(3):
         summed = acts[f"resid_pre.{i}"] + acts[f"attn_out.{i}"] + acts[f"mlp_out.{i}"]
-        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)
+        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)  # the block's own two adds
     assert acts["attn_heads.0"].shape == (2, 5, 2, 4)
     zeros = torch.zeros(2, 5, 8)
     with replace_activations(toy, {"resid_pre.1": zeros}), torch.no_grad():

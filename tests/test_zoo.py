@@ -195,7 +195,7 @@ def test_optimizer_state_round_trip(tmp_path: Path) -> None:
     assert sorted(loaded) == sorted(state)
     for name in state:
         for moment in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(loaded[name][moment], state[name][moment])
+            assert torch.equal(loaded[name][moment], state[name][moment])  # stored bits
 
 
 def _tiny_neox():
@@ -235,6 +235,7 @@ def test_local_folder_with_trainer_optimizer_pt(tmp_path: Path) -> None:
     assert resolved.tokenizer is None and resolved.name == str(tmp_path)
     assert sorted(resolved.optimizer_state) == sorted(expected)
     for name, moments in expected.items():
+        # exact: the stored bits, mapped by name
         assert torch.equal(resolved.optimizer_state[name]["exp_avg_sq"], moments["exp_avg_sq"])
 
 
@@ -356,7 +357,7 @@ def test_resolve_model_digits(digits) -> None:
     resolved = resolve_model("zoo:digits-mlp")
     assert resolved.name == "zoo:digits-mlp" and resolved.tokenizer is None
     assert sorted(resolved.optimizer_state) == sorted(digits.optimizer_state)
-    assert torch.equal(resolved.model[2].weight, digits.model[2].weight)
+    assert torch.equal(resolved.model[2].weight, digits.model[2].weight)  # the cached weights
     assert not resolved.model.training
 
 

@@ -227,7 +227,7 @@ def test_resume_after_interrupted_run_loses_nothing(tmp_path):
     assert 0 < n_done < 12
     with pytest.raises(ValueError, match="resume"):
         estimate_basin(quadratic(curv), theta, checkpoint=tmp_path / "ck", **kw)
-    with pytest.raises(ValueError, match="settings differ"):
+    with pytest.raises(ValueError, match=r"other settings \(cutoff: saved 0.05, now 0.1\)"):
         estimate_basin(
             quadratic(curv), theta, checkpoint=tmp_path / "ck", resume=True, **{**kw, "cutoff": 0.1}
         )

@@ -74,8 +74,12 @@ def test_registry_lists_every_entry_with_kind() -> None:
         "stdlib-docs",
         "fashion-mnist",
     }
+    from tyche.zoo import catalogue
+
+    assert list(known) == catalogue.names()
     for name, entry in known.items():
         assert entry.name == name and entry.kind in ("model", "data") and entry.description
+        assert catalogue.names(entry.kind).count(name) == 1  # the light table agrees
         info = entry.info()
         assert info["name"] == name and isinstance(info["ready"], bool)
         json.dumps(info)  # JSON-serialisable

@@ -13,9 +13,7 @@ Heavy submodules (transformers, matplotlib) are imported lazily on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from tyche._lazy import lazy_exports
 from tyche._version import __version__
 
 #: public name -> module that defines it (imported on first access)
@@ -24,7 +22,7 @@ _LAZY: dict[str, str] = {
     "VolumeEstimator": "tyche.basin.estimator",
     "VolumeResult": "tyche.basin.result",
     "estimate_basin": "tyche.basin.core",
-    "model_loss": "tyche.basin.model_loss",
+    "model_loss": "tyche.basin.loss",
     "remove_subspace": "tyche.ablation",
     "extract_causal_basis": "tyche.causal.extraction",
     "extract_causal_bases": "tyche.causal.extraction",
@@ -54,8 +52,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'tyche' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -42,10 +42,14 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    """This process's global rank (0 without a process group)."""
+    """This process's global rank: the process group's, else torchrun's ``RANK``, else 0.
+
+    Reading ``RANK`` before the group is initialised keeps rank-0-only output single under
+    torchrun from the first line on.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return 0
+    return int(os.environ.get("RANK", "0"))
 
 
 def get_world_size() -> int:

@@ -89,8 +89,8 @@ def main(argv: list[str]) -> None:
             if cached and entry.kind == "model":
                 print(f"(cached at {entry.path}; --force to redo it)")
     except UnknownEntryError as err:
-        print(f"tyche zoo: {err}", file=sys.stderr)
+        print(f"tyche zoo: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except ZooError as err:
-        print(f"tyche zoo: {err}", file=sys.stderr)
+        print(f"tyche zoo: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -64,6 +64,42 @@ def test_inplace_strategy_restores_weights_exactly():
         assert torch.equal(v, before[k]), k
 
 
+def test_ctrl_c_inside_vmap_stops_instead_of_falling_back(monkeypatch):
+    """torch turns a Ctrl-C that lands as vmap enters its nesting level into a RuntimeError
+    (functorch's dynamicLayerStack assertion) raised while handling the interrupt. It must
+    stop the run, not pass for a model that vmap cannot batch (which switched to the loop
+    strategy and carried on: Ctrl-C was lost)."""
+    model, x = small_mlp()
+    loss = ModelLoss(model, x)
+    off = 0.1 * torch.randn(2, loss.n_params, generator=torch.Generator().manual_seed(0))
+
+    def interrupted_vmap(*args, **kwargs):
+        def run(*inputs):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("!dynamicLayerStack.empty() INTERNAL ASSERT FAILED") from None
+
+        return run
+
+    monkeypatch.setattr(torch, "vmap", interrupted_vmap)
+    with pytest.raises(KeyboardInterrupt):
+        loss(off)
+    assert loss.strategy == "auto"
+
+    def refusing_vmap(*args, **kwargs):
+        def run(*inputs):
+            raise RuntimeError("vmap: no batching rule for this op")
+
+        return run
+
+    monkeypatch.setattr(torch, "vmap", refusing_vmap)  # a real refusal still falls back
+    got = loss(off)
+    assert loss.strategy == "loop"
+    # exact: the loop strategy's own ops on the same offsets
+    assert torch.equal(got, ModelLoss(model, x, strategy="loop")(off))
+
+
 def test_parameter_selection_by_glob(gpt2_model, token_batch):
     loss = ModelLoss(gpt2_model, token_batch, exclude=["*wte*", "*wpe*", "*ln*"])
     names = loss.layout.names

@@ -366,8 +366,16 @@ def test_ctrl_c_says_where_the_work_is_and_how_to_resume(tmp_path):
     args = ["basin", "--n_samples", "20000", "--batch_size", "1", "--preconditioners", "none",
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "tyche", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    # A suite started as a background job (`nohup make test &`, some CI runners) inherits
+    # SIGINT ignored, and so would the child, which then never sees the Ctrl-C below: any
+    # handler here (not SIG_IGN) makes the child start with the default, like a terminal's.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "tyche", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                env=env)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     first = out / "checkpoints" / "none-cutoff0.01" / "samples-rank0.safetensors"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:

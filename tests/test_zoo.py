@@ -70,6 +70,7 @@ def test_registry_lists_every_entry_with_kind() -> None:
         "digits-mlp",
         "shakespeare-lm",
         "smollm2-135m",
+        "tokfsm",
         "shakespeare",
         "stdlib-docs",
         "fashion-mnist",

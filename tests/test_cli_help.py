@@ -30,7 +30,7 @@ def _help(capsys, *argv: str) -> str:
 
 def _subcommands(text: str) -> list[str]:
     """Sub-command names listed by a command's help."""
-    braces = re.search(r"^usage: .*?\{([\w,-]+)\}", text, re.S | re.M)
+    braces = re.search(r"^usage: .*?\{([\w,-]+)\} \.\.\.", text, re.S | re.M)
     if braces:
         return braces.group(1).split(",")
     block = re.search(r"^commands:\n((?:  \S.*\n)+)", text, re.M)
@@ -54,6 +54,7 @@ def test_subcommands_are_found_from_the_help():
         "train",
         "info",
     ]
+    assert _subcommands("usage: tyche causal [--mode {mean,zero}] [--k N]\n") == []  # choices
     assert _subcommands("usage: x\n\ncommands:\n  train  a\n  cache  b\n\nRun") == [
         "train",
         "cache",

@@ -64,7 +64,7 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
             "--kmeans_init",
             "--kmeans_tokens",
             "40",
-            "--no-kmeans_calibrate",
+            "--kmeans_calibrate",
             "--snap_after",
             "1",
             "--replace_dead_every",
@@ -125,7 +125,7 @@ def test_train_wrote_a_model_with_the_settings(setup) -> None:
     assert (cfg["weight_decay"], cfg["warmup_steps"], cfg["schedule"]) == (0.05, 1, "constant")
     assert cfg["kmeans_init"] and cfg["replace_dead_every"] == 2 and cfg["seed"] == 1
     assert cfg["kmeans_tokens"] == 40 and cfg["snap_after"] == 1
-    assert cfg["kmeans_calibrate"] is False
+    assert cfg["kmeans_calibrate"] is True
     assert [h["step"] for h in result.history] == [2, 4]
     assert result.evaluation["n_tokens"] == 4 * 15  # --eval_sequences 4 of --seq_len 16
     assert (setup["trained"] / "checkpoint" / "trainer_state.json").is_file()

@@ -95,3 +95,6 @@ def test_restore_scale_inverts_the_layer_norm() -> None:
         # float32 round trip of a normalisation: errors of a few ulps of |x| ~ 20
         torch.testing.assert_close(restoring(x), x, rtol=1e-5, atol=1e-4)
     assert restoring.settings()["restore_scale"] and not plain.settings()["restore_scale"]
+    restoring.init_codes(x, seed=0, calibrate=True)  # no calibration: the scale is restored
+    assert torch.equal(restoring.ln_weight, torch.ones(1, 12))
+    assert torch.equal(restoring.ln_bias, torch.zeros(1, 12))

@@ -368,10 +368,11 @@ class GroupedCodebookLayer(nn.Module):
         the similarity (nearest centre for euclidean, largest cosine otherwise). With
         ``calibrate`` the layer norm's affine is first fitted so that the normalised inputs
         match the raw ones (:func:`~tyche.codebook.kmeans.calibrate_affine`): the codes then
-        output vectors of the input's own scale.
+        output vectors of the input's own scale (ignored with ``restore_scale``, whose
+        outputs have it already).
         """
         x = x.to(self.codebook.device, self.codebook.dtype).reshape(-1, self.n_groups, self.dim)
-        if calibrate:
+        if calibrate and not self.restore_scale:  # restore_scale outputs at x's scale already
             z = F.layer_norm(x, (self.dim,), eps=1e-5)
             for g in range(self.n_groups):
                 gamma, beta = calibrate_affine(x[:, g], z[:, g])

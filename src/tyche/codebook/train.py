@@ -76,8 +76,10 @@ class TrainConfig:
     kmeans_init: bool = False
     kmeans_tokens: int = 16384
     #: with ``kmeans_init``, fit each codebook's layer-norm affine so that codes output
-    #: vectors of their inputs' scale (a snapped model then starts close to the unsnapped one)
-    kmeans_calibrate: bool = True
+    #: vectors of their inputs' scale (a snapped model then starts close to the unsnapped one;
+    #: for a warm start from scratch; heavy-tailed activations of pretrained models suit
+    #: ``restore_scale`` codebooks better)
+    kmeans_calibrate: bool = False
     #: replace codes unused for this many steps (0: never)
     replace_dead_every: int = 0
     replace_rho: float = 1e-2

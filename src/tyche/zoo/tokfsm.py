@@ -113,6 +113,7 @@ def _train_config(cfg: TokFSMConfig) -> TrainConfig:
         seed=cfg.seed,
         snap_after=cfg.snap_after,
         kmeans_init=True,
+        kmeans_calibrate=True,
         replace_dead_every=cfg.replace_dead_every,
         log_every=max(1, cfg.steps // 20),
     )

@@ -66,7 +66,7 @@ class TrainArgs(ModelArgs, DataArgs):
     """initialise the codes by k-means on the model's activations"""
     kmeans_tokens: int = 16384
     """tokens of activations clustered by --kmeans_init"""
-    kmeans_calibrate: bool = True
+    kmeans_calibrate: bool = False
     """with --kmeans_init, fit the codebooks' layer norms so codes output at their inputs' scale"""
     replace_dead_every: int = 0
     """replace codes unused for this many steps by recent inputs (0: never)"""

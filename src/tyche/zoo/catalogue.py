@@ -10,6 +10,7 @@ from __future__ import annotations
 from tyche.zoo.digits import DigitsMLPEntry
 from tyche.zoo.entry import UnknownEntryError, ZooEntry
 from tyche.zoo.fashion_mnist import FashionMNISTEntry
+from tyche.zoo.modadd import ModAddEntry
 from tyche.zoo.shakespeare_lm import ShakespeareLMEntry
 from tyche.zoo.smollm2 import SmolLM2Entry
 from tyche.zoo.text import ShakespeareEntry, StdlibDocsEntry
@@ -21,6 +22,7 @@ def _all_entries() -> list[ZooEntry]:
     """Every entry, models first, in the order ``tyche zoo list`` shows them."""
     return [
         DigitsMLPEntry(),
+        ModAddEntry(),
         ShakespeareLMEntry(),
         SmolLM2Entry(),
         ShakespeareEntry(),

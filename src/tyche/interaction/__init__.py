@@ -1,0 +1,27 @@
+"""The local interaction basis (LIB): the relevant directions of every layer and how they interact.
+
+``build_interaction_graph(model, inputs, node_layers)`` gives each node layer a basis whose
+directions are the right singular vectors of the (integrated) Jacobian into the next layer,
+whitened and scaled by their importance ``Lambda``, and the graph of interaction strengths
+(edges) between consecutive layers. PCA (``basis="svd"``) and neuron bases come from the same
+code path as baselines. Ablations (:mod:`tyche.interaction.ablate`) keep the top directions or
+edges and measure accuracy and loss; :mod:`tyche.interaction.plot` draws graphs and curves.
+"""
+
+from tyche.interaction.basis import BASES, InteractionBasis
+from tyche.interaction.edges import EDGE_FORMULAS
+from tyche.interaction.graph import build_interaction_graph, collect_grams
+from tyche.interaction.integrate import RULES, integration_points
+from tyche.interaction.result import InteractionGrams, InteractionGraph
+
+__all__ = [
+    "BASES",
+    "EDGE_FORMULAS",
+    "RULES",
+    "InteractionBasis",
+    "InteractionGraph",
+    "InteractionGrams",
+    "build_interaction_graph",
+    "collect_grams",
+    "integration_points",
+]

@@ -215,7 +215,7 @@ def test_svd_basis_is_the_pca_basis() -> None:
 def test_squared_edges_are_nonnegative_and_jacobian_lambda_is_the_second_moment() -> None:
     model, x = TinyMLP(), mlp_data()
     graph = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
-    for i, e in enumerate(graph.edges):
+    for e in graph.edges:
         assert (e >= 0).all() and e.max() > 0
     f_hat = features(model, x, graph, 0)
     lam = graph.bases[0].Lambda

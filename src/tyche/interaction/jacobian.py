@@ -150,13 +150,13 @@ class Cotangents:
 class SectionOutputs:
     """One batch's forward passes through a section.
 
-    ``h``: the folded activation at node layer ``l`` ``(B, P, d + 1)``; ``xs[k]`` the leaves
-    ``(x_f, x_c)`` at ``alpha_k``; ``ys[k]`` the folded output ``(B, P', d' + 1)`` with its
-    graph; ``full`` the folded output at ``alpha = 1`` (detached).
+    ``h``: the folded activation at node layer ``l`` ``(B, P, d + 1)``; ``vjps[k]`` the
+    backward function of the section at ``alpha_k`` (``torch.func.vjp``); ``ys[k]`` its
+    folded output ``(B, P', d' + 1)``; ``full`` the output at ``alpha = 1``.
     """
 
     h: Tensor
-    xs: list[tuple[Tensor, Tensor]]
+    vjps: list[Callable[[Tensor], tuple[Tensor, Tensor]]]
     ys: list[Tensor]
     full: Tensor
 
@@ -164,21 +164,23 @@ class SectionOutputs:
 def section_outputs(
     runner: ModelRunner, batch: Batch, index: int, rule: IntegrationRule, *, need_full: bool
 ) -> SectionOutputs:
-    """Forward passes of section ``index`` at every point of ``rule`` (graphs kept)."""
+    """Forward passes of section ``index`` at every point of ``rule`` (backward functions kept)."""
     alphas, _ = rule.points()
-    xs, ys, h = [], [], None
+    h, shape = runner.capture(batch, index)
+    fn = runner.section_fn(batch, index, shape)
+    vjps, ys = [], []
     for alpha in alphas:
-        h, x, y = runner.section(batch, index, alpha)
-        xs.append(x)
-        ys.append(y)
-    full = ys[alphas.index(1.0)].detach() if 1.0 in alphas else None
-    if full is None:
-        if need_full:
-            with torch.no_grad():
-                full = runner.section(batch, index, 1.0, grad=False)[2]
-        else:
-            full = ys[-1].detach()
-    return SectionOutputs(h, xs, ys, full)
+        y, vjp_fn = torch.func.vjp(fn, alpha * h[..., :-1], alpha * h[..., -1])
+        vjps.append(vjp_fn)
+        ys.append(y.detach())
+    if 1.0 in alphas:
+        full = ys[alphas.index(1.0)]
+    elif need_full:
+        with torch.no_grad():
+            full = fn(h[..., :-1], h[..., -1])
+    else:
+        full = ys[-1]
+    return SectionOutputs(h, vjps, ys, full)
 
 
 MakeCotangents = Callable[[int, int, int, Tensor], Tensor]
@@ -238,25 +240,20 @@ def integrated_vjp(
 
     ``cotangents`` is the range of cotangent indices to do (all, or this rank's share);
     ``make_cotangents(k, start, stop, y_k)`` returns ``(stop - start, *y_k.shape)``; ``J``
-    holds ``(stop - start, B, P, d + 1)`` in two parts. The graphs in ``fwd`` are freed after
-    the last chunk.
+    holds ``(stop - start, B, P, d + 1)`` in two parts. Each chunk is one ``vmap`` over the
+    backward function.
     """
     _, weights = rule.points()
     for start in range(cotangents.start, cotangents.stop, chunk):
         stop = min(start + chunk, cotangents.stop)
-        retain = stop != cotangents.stop
         g_f = g_c = None
-        for k, ((x_f, x_c), y, w) in enumerate(zip(fwd.xs, fwd.ys, weights)):
-            cot = make_cotangents(k, start, stop, y)
-            f, c = torch.autograd.grad(
-                y, (x_f, x_c), cot, retain_graph=retain, is_grads_batched=True,
-                allow_unused=True, materialize_grads=True,
-            )  # fmt: skip
+        for k, (vjp_fn, y, w) in enumerate(zip(fwd.vjps, fwd.ys, weights)):
+            f, c = torch.func.vmap(vjp_fn)(make_cotangents(k, start, stop, y))
             if g_f is None:
                 g_f, g_c = (f, c) if w == 1.0 else (f * w, c * w)
             else:
-                g_f.add_(f, alpha=w)
-                g_c.add_(c, alpha=w)
+                g_f = g_f + f * w
+                g_c = g_c + c * w
         yield start, stop, Gradients(g_f, g_c)
 
 

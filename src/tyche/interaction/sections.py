@@ -17,12 +17,13 @@ tests this on real rows and says which site to use instead.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tyche.distributed import get_rank, get_world_size, shard_range
 from tyche.hooks import replace_activations
@@ -300,18 +301,19 @@ class ModelRunner:
         acts: dict[str, Tensor] = {}
         order: list[str] = []
         last = self.node_layers[-1]
+        n_sites = sum(1 for n in self.node_layers if n.site is not None)
 
-        def recorder(name: str, stop: bool) -> Any:
+        def recorder(name: str) -> Any:
             def record(t: Tensor) -> Tensor:
                 order.append(name)
                 acts[name] = as_rows(t.detach(), name)
-                if stop:
-                    raise _Stop
+                if len(acts) == n_sites and not last.is_output:
+                    raise _Stop  # every node layer seen: the rest of the model is not needed
                 return t
 
             return record
 
-        sites = {n.site: recorder(n.name, n is last) for n in self.node_layers if n.site}
+        sites = {n.site: recorder(n.name) for n in self.node_layers if n.site}
         out = None
         with replace_activations(self.model, sites):
             try:
@@ -355,88 +357,93 @@ class ModelRunner:
             )
 
     # -------------------------------------------------------------- sections
+    def capture(self, batch: Batch, index: int) -> tuple[Tensor, torch.Size]:
+        """The folded activation ``[f, 1]`` ``(B, P, d + 1)`` at node layer ``index`` and the
+        site's own shape (the forward pass stops there)."""
+        layer = self.node_layers[index]
+        if layer.site is None:
+            raise ValueError("the model's output has no section after it")
+        found: dict[str, Any] = {}
+
+        def grab(t: Tensor) -> Tensor:
+            found["t"] = t.detach()
+            raise _Stop
+
+        with torch.no_grad(), replace_activations(self.model, {layer.site: grab}), suppress(_Stop):
+            self.call(batch)
+        if "t" not in found:
+            raise ValueError(f"node layer {layer.name!r} was not reached in the forward pass")
+        t = found["t"]
+        return append_constant(as_rows(t, layer.name).to(self.dtype)), t.shape
+
+    def section_fn(self, batch: Batch, index: int, shape: torch.Size) -> Any:
+        """Section ``index`` on ``batch`` as a function ``(x_f, x_c) -> y``.
+
+        ``x_f`` ``(B, P, d)`` replaces the activation at node layer ``index`` (whose own shape
+        is ``shape``), ``x_c`` ``(B, P)`` scales every bias after it, and ``y = [g, c_out]`` is
+        the folded activation at node layer ``index + 1`` ``(B, P', d' + 1)``. Pure in its
+        arguments, so ``torch.func.vjp`` and ``vmap`` apply.
+        """
+        start, end = self.node_layers[index], self.node_layers[index + 1]
+        lead = tuple(shape[:-1]) if len(shape) <= 3 else tuple(shape[:2])
+
+        def run(x_f: Tensor, x_c: Tensor) -> Tensor:
+            state: dict[str, Any] = {"in": False, "y": None}
+            scaler = BiasScaler(self.model)
+
+            def inject(t: Tensor) -> Tensor:
+                if state["in"]:
+                    raise ValueError(
+                        f"node layer {start.name!r} is computed more than once per forward pass"
+                    )
+                state["in"] = True
+                scaler.activate(x_c.reshape(lead))
+                return x_f.reshape(t.shape)
+
+            def capture(t: Tensor) -> Tensor:
+                if not state["in"]:
+                    raise ValueError(
+                        f"node layers out of order: {end.name!r} is computed before {start.name!r}"
+                    )
+                state["y"] = t
+                raise _Stop
+
+            hooks: dict[Site, Any] = {start.site: inject}
+            if end.site is not None:
+                hooks[end.site] = capture
+            # the math kernel of scaled_dot_product_attention is made of ops that vmap batches;
+            # the fused CPU kernels' backward would run once per cotangent
+            with scaler, replace_activations(self.model, hooks), sdpa_kernel(SDPBackend.MATH):
+                try:
+                    out = self.call(batch)
+                    if end.site is None:
+                        state["y"] = model_output(out)
+                except _Stop:
+                    pass
+            if not state["in"] or state["y"] is None:
+                raise ValueError(f"node layer {end.name!r} was not reached after {start.name!r}")
+            return _fold_output(state["y"], x_c.reshape(lead), lead, start.name, end.name)
+
+        return run
+
     def section(
         self,
         batch: Batch,
         index: int,
         alpha: float = 1.0,
         *,
-        grad: bool = True,
         replacement: Tensor | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
-        """Run section ``index`` (node layer ``index`` to ``index + 1``) at ``alpha * [f, c]``.
-
-        Returns ``(h, (x_f, x_c), y)``: ``h = [f, 1]`` the folded activation at node layer
-        ``index`` ``(B, P, d + 1)`` (detached); ``x_f = alpha * f`` ``(B, P, d)`` and
-        ``x_c = alpha`` ``(B, P)``, the leaves the section is run on (requiring grad when
-        ``grad``); and ``y = [g, c_out]`` the folded activation at node layer ``index + 1``
-        ``(B, P', d' + 1)``. ``replacement`` (``(B, P, d + 1)``) is used instead of
-        ``alpha * h`` when given (its last coordinate scales the biases).
-        """
-        start, end = self.node_layers[index], self.node_layers[index + 1]
-        if start.site is None:
-            raise ValueError("the model's output has no section after it")
-        state: dict[str, Any] = {"x": None, "y": None, "h": None}
-        scaler = BiasScaler(self.model)
-
-        def inject(t: Tensor) -> Tensor:
-            if state["x"] is not None:
-                raise ValueError(
-                    f"node layer {start.name!r} is computed more than once per forward pass"
-                )
-            rows = as_rows(t.detach(), start.name).to(self.dtype)
-            if replacement is None:
-                x_f, x_c = alpha * rows, rows.new_full(rows.shape[:-1], alpha)
-            else:
-                if replacement.shape[:-1] != rows.shape[:-1]:
-                    raise ValueError(f"replacement {tuple(replacement.shape)} does not fit "
-                                     f"{tuple(rows.shape)}")  # fmt: skip
-                x_f, x_c = replacement[..., :-1].to(rows), replacement[..., -1].to(rows)
-            x_f, x_c = x_f.detach().requires_grad_(grad), x_c.detach().requires_grad_(grad)
-            state["h"], state["x"], state["lead"] = (
-                append_constant(rows),
-                (x_f, x_c),
-                _lead_shape(t),
-            )
-            scaler.activate(x_c.reshape(state["lead"]))
-            return x_f.reshape(t.shape)
-
-        def capture(t: Tensor) -> Tensor:
-            if state["x"] is None:
-                raise ValueError(
-                    f"node layers out of order: {end.name!r} is computed before {start.name!r}"
-                )
-            state["y"] = t
-            raise _Stop
-
-        hooks: dict[Site, Any] = {start.site: inject}
-        if end.site is not None:
-            hooks[end.site] = capture
-        grad_mode = torch.enable_grad() if grad else torch.no_grad()
-        with grad_mode, scaler, replace_activations(self.model, hooks):
-            try:
-                out = self.call(batch)
-                if end.site is None:
-                    state["y"] = model_output(out)
-            except _Stop:
-                pass
-        if state["x"] is None:
-            raise ValueError(f"node layer {start.name!r} was not reached in the forward pass")
-        if state["y"] is None:
-            raise ValueError(f"node layer {end.name!r} was not reached after {start.name!r}")
-        y, c = state["y"], state["x"][1].reshape(state["lead"])
-        rows = as_rows(y, end.name)
-        if _lead_shape(y) == state["lead"]:  # same positions: each keeps its own constant
-            c_rows = c.reshape(rows.shape[0], rows.shape[1], 1)
-        elif y.shape[0] == c.shape[0]:  # positions changed: the mean constant of the row
-            per_row = c.reshape(c.shape[0], -1).mean(1)
-            c_rows = per_row.view(-1, 1, 1).expand(-1, rows.shape[1], 1)
-        else:
-            raise ValueError(
-                f"node layer {end.name!r} has {y.shape[0]} rows but {start.name!r} has "
-                f"{c.shape[0]}; node layers must keep the batch dimension first"
-            )
-        return state["h"], state["x"], torch.cat([rows, c_rows.to(rows.dtype)], dim=-1)
+    ) -> tuple[Tensor, Tensor]:
+        """Section ``index`` at ``alpha * [f, 1]`` (or at ``replacement`` ``(B, P, d + 1)``),
+        without gradients: ``(h, y)`` with ``h = [f, 1]`` at node layer ``index`` and ``y``
+        the folded activation at ``index + 1``."""
+        h, shape = self.capture(batch, index)
+        x = alpha * h if replacement is None else replacement.to(h)
+        if x.shape != h.shape:
+            raise ValueError(f"replacement {tuple(x.shape)} must have shape {tuple(h.shape)}")
+        with torch.no_grad():
+            y = self.section_fn(batch, index, shape)(x[..., :-1], x[..., -1])
+        return h, y
 
     def check_cut(self, batch: Batch, index: int, rtol: float) -> None:
         """Raise ``ValueError`` if node layer ``index`` is not a cut of the model.
@@ -452,9 +459,8 @@ class ModelRunner:
             return
         rows, shifted = pairs
         head = batch.rows(rows)
-        with torch.no_grad():
-            h, _, y = self.section(head, index, grad=False)
-            _, _, y_shifted = self.section(batch.rows(shifted), index, grad=False, replacement=h)
+        h, y = self.section(head, index)
+        _, y_shifted = self.section(batch.rows(shifted), index, replacement=h)
         scale = y.abs().max().clamp_min(1e-30)
         if not torch.allclose(y, y_shifted, rtol=rtol, atol=rtol * float(scale)):
             start, end = self.node_layers[index].name, self.node_layers[index + 1].name
@@ -464,6 +470,23 @@ class ModelRunner:
                 f"{start!r}). Use sites that carry the whole state: residual-stream aliases "
                 "(resid_pre.i, resid_post.i, unembed) or module inputs/outputs on the main path"
             )
+
+
+def _fold_output(y: Tensor, c: Tensor, lead: tuple, start: str, end: str) -> Tensor:
+    """``[rows(y), c_out]``: each output position keeps its own constant when the positions
+    are the same as the node layer's, else takes the mean constant of its row."""
+    rows = as_rows(y, end)
+    if _lead_shape(y) == lead:
+        c_rows = c.reshape(rows.shape[0], rows.shape[1], 1)
+    elif y.shape[0] == c.shape[0]:
+        per_row = c.reshape(c.shape[0], -1).mean(1)
+        c_rows = per_row.view(-1, 1, 1).expand(-1, rows.shape[1], 1)
+    else:
+        raise ValueError(
+            f"node layer {end!r} has {y.shape[0]} rows but {start!r} has {c.shape[0]}; node "
+            "layers must keep the batch dimension first"
+        )
+    return torch.cat([rows, c_rows.to(rows.dtype)], dim=-1)
 
 
 def _shift_within_equal_masks(batch: Batch, limit: int = 8) -> tuple[Tensor, Tensor] | None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import run_torchrun
 from interaction_dist_worker import cases
-
 from tyche.interaction import InteractionGraph, build_interaction_graph
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
 
-from tyche.interaction import InteractionGraph, InteractionGrams, build_interaction_graph
+from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
+from tyche.interaction import InteractionGrams, InteractionGraph, build_interaction_graph
 from tyche.zoo.modadd import ModAddConfig, ModAddTransformer
 
 RESID = ["resid_pre.0", "resid_pre.1", "unembed"]
@@ -41,7 +41,8 @@ def test_language_models_build_on_residual_sites(hf_model, token_batch) -> None:
                                     n_stochastic_sources=2, progress=False)  # fmt: skip
     assert graph.node_layers == RESID
     assert [tuple(e.shape) for e in graph.edges] == [
-        (graph.bases[1].dim, graph.bases[0].dim), (graph.bases[2].dim, graph.bases[1].dim)
+        (graph.bases[1].dim, graph.bases[0].dim),
+        (graph.bases[2].dim, graph.bases[1].dim),
     ]
     for e in graph.edges:
         assert torch.isfinite(e).all() and (e >= 0).all() and e.max() > 0
@@ -134,10 +135,12 @@ def test_resuming_from_grams_and_bases_gives_the_same_graph(tmp_path) -> None:
     bases_only.save(tmp_path / "bases")
     grams = full_grams(model, x)
     grams.save(tmp_path / "grams")
-    from_grams = build_interaction_graph(model, x, MLP_LAYERS, progress=False,
-                                         grams=InteractionGrams.load(tmp_path / "grams"))
-    from_bases = build_interaction_graph(model, x, MLP_LAYERS, progress=False,
-                                         bases=InteractionGraph.load(tmp_path / "bases"))
+    from_grams = build_interaction_graph(
+        model, x, MLP_LAYERS, progress=False, grams=InteractionGrams.load(tmp_path / "grams")
+    )
+    from_bases = build_interaction_graph(
+        model, x, MLP_LAYERS, progress=False, bases=InteractionGraph.load(tmp_path / "bases")
+    )
     for other in (from_grams, from_bases):
         for a, b in zip(full.bases[:-1], other.bases[:-1]):
             assert torch.equal(a.C, b.C)

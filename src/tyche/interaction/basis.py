@@ -94,6 +94,23 @@ class InteractionBasis:
         return self.orig_dim if self.C is None else self.C.shape[1]
 
     @property
+    def folded(self) -> bool:
+        """Whether ``C`` acts on the folded ``[f, 1]`` (else on the raw ``f`` of the last node
+        layer, or there is no ``C``)."""
+        return (
+            self.C is not None
+            and self.mean is not None
+            and self.C.shape[0] == (self.mean.shape[0] + 1)
+        )
+
+    @property
+    def width(self) -> int:
+        """The folded width ``d + 1`` of the node layer's activation."""
+        if self.mean is not None:
+            return self.mean.shape[0] + 1
+        return self.orig_dim + (0 if self.folded else 1)
+
+    @property
     def importance(self) -> Tensor | None:
         """``Lambda``, or for PCA bases the variance of each direction (``eigenvalues``)."""
         if self.Lambda is not None:

@@ -175,7 +175,7 @@ def build_interaction_graph(
     rotate_final: bool = False,
     n_stochastic_sources: int | None = None,
     n_stochastic_sources_hidden: int | None = None,
-    truncation_threshold: float = 1e-12,
+    truncation_threshold: float = 1e-14,
     batch_size: int | None = None,
     gram_dtype: torch.dtype = torch.float64,
     seed: int = 0,
@@ -206,7 +206,9 @@ def build_interaction_graph(
             position (basis and squared edges); ``n_stochastic_sources_hidden`` the same over
             output features (jacobian basis only).
         truncation_threshold: directions with eigenvalue (Gram) or Lambda at or below this
-            fraction of the largest are dropped.
+            fraction of the largest are dropped (at least 1e-6 with float32 Grams). Both are
+            squared quantities: a dropped direction moves the next layer by at most about
+            the square root of this, relative.
         batch_size: rows per forward pass for tensor or dict inputs (None: all at once).
         gram_dtype: accumulation dtype of the Gram matrices (float64 or float32).
         seed: seed of the stochastic sources.
@@ -257,9 +259,11 @@ def build_interaction_graph(
         if bases is not None:
             _check_resume(bases.settings, settings, BASIS_KEYS, "bases")
             _check_model(bases.model_hash, mhash, "bases")
+        # float32 Grams are rounded at ~1e-7 of their largest eigenvalue: no finer threshold
+        floor = 1e-6 if gram_dtype == torch.float32 else 0.0
         graph_bases, graph_edges, t_bases, t_edges = _sweep(
             runner, sweep_batches, grams, rules, settings, bases, progress, cache_gb,
-            truncation_threshold,
+            max(truncation_threshold, floor),
         )  # fmt: skip
     seconds["bases"], seconds["edges"] = t_bases, t_edges
     return InteractionGraph(names, graph_bases, graph_edges, settings, mhash,

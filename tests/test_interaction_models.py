@@ -127,8 +127,6 @@ def test_graph_saves_and_loads(tmp_path) -> None:
 
 
 def test_resuming_from_grams_and_bases_gives_the_same_graph(tmp_path) -> None:
-    from tyche.interaction.graph import collect_grams  # noqa: F401  (public, re-exported)
-
     model, x = TinyMLP(), mlp_data()
     full = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
     bases_only = build_interaction_graph(model, x, MLP_LAYERS, edges=None, progress=False)
@@ -155,25 +153,10 @@ def test_resuming_from_grams_and_bases_gives_the_same_graph(tmp_path) -> None:
 
 
 def full_grams(model, x) -> InteractionGrams:
-    """Stage 1 alone, through the public builder's pieces."""
-    from tyche.interaction.graph import collect_grams
-    from tyche.interaction.sections import (
-        ModelRunner,
-        make_batches,
-        prepared_model,
-        resolve_node_layers,
-    )
-    from tyche.io import model_hash
+    """Stage 1 alone."""
+    from tyche.interaction import build_grams
 
-    layers = resolve_node_layers(model, MLP_LAYERS)
-    with prepared_model(model, torch.float64) as m:
-        runner = ModelRunner(m, layers, torch.float64)
-        grams = collect_grams(runner, make_batches(x, None), skip_last=True, show_progress=False,
-                              settings={"node_layers": MLP_LAYERS, "dtype": "torch.float64",
-                                        "gram_dtype": "torch.float64", "n_rows": len(x),
-                                        "rotate_final": False})  # fmt: skip
-    return InteractionGrams(grams.node_layers, grams.counts, grams.means, grams.covariances,
-                            grams.settings, model_hash(model))  # fmt: skip
+    return build_grams(model, x, MLP_LAYERS, progress=False)
 
 
 def test_inputs_may_be_an_iterable_of_batches() -> None:

@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "basin": ("tyche.basin.cli", "estimate the basin volume (log-probability) of a model"),
     "causal": ("tyche.causal.cli", "extract causal bases (directions whose ablation matters)"),
+    "interaction": ("tyche.interaction.cli", "local interaction basis: build, ablate, plot"),
     "zoo": ("tyche.zoo.cli", "list, train and inspect the offline zoo of models and data"),
 }
 

@@ -8,19 +8,24 @@ code path as baselines. Ablations (:mod:`tyche.interaction.ablate`) keep the top
 edges and measure accuracy and loss; :mod:`tyche.interaction.plot` draws graphs and curves.
 """
 
+from tyche.interaction.ablate import AblationCurve, ablate_edges, ablate_nodes
 from tyche.interaction.basis import BASES, InteractionBasis
 from tyche.interaction.edges import EDGE_FORMULAS
-from tyche.interaction.graph import build_interaction_graph, collect_grams
+from tyche.interaction.graph import build_grams, build_interaction_graph, collect_grams
 from tyche.interaction.integrate import RULES, integration_points
 from tyche.interaction.result import InteractionGrams, InteractionGraph
 
 __all__ = [
     "BASES",
+    "AblationCurve",
     "EDGE_FORMULAS",
     "RULES",
     "InteractionBasis",
     "InteractionGraph",
     "InteractionGrams",
+    "ablate_edges",
+    "ablate_nodes",
+    "build_grams",
     "build_interaction_graph",
     "collect_grams",
     "integration_points",

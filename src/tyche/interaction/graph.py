@@ -53,7 +53,7 @@ from tyche.interaction.sections import (
 )
 from tyche.io import model_hash
 
-__all__ = ["build_interaction_graph", "collect_grams"]
+__all__ = ["build_grams", "build_interaction_graph", "collect_grams"]
 
 #: settings that stage 1 (grams) depends on, and those stage 2 (bases) adds
 GRAM_KEYS = ("node_layers", "dtype", "gram_dtype", "n_rows", "rotate_final")
@@ -62,9 +62,10 @@ BASIS_KEYS = (*GRAM_KEYS, "basis", "integration", "n_intervals", "center",
               "seed")  # fmt: skip
 
 
-def _validate(basis: str, edges: str | None, center: bool, integration: Any, n_intervals: int,
+def check_settings(basis: str, edges: str | None, center: bool, integration: Any, n_intervals: int,
               dtype: torch.dtype | None, gram_dtype: torch.dtype, split: str,
               sources: int | None, hidden: int | None) -> None:  # fmt: skip
+    """Raise ``ValueError`` naming what to fix for settings that cannot work together."""
     if basis not in BASES:
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
     if edges is not None and edges not in EDGE_FORMULAS:
@@ -220,7 +221,7 @@ def build_interaction_graph(
             rows per section).
         progress: progress bars (rank 0 only).
     """
-    _validate(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
+    check_settings(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
               n_stochastic_sources, n_stochastic_sources_hidden)  # fmt: skip
     layers = resolve_node_layers(model, node_layers)
     names = [n.name for n in layers]
@@ -268,6 +269,36 @@ def build_interaction_graph(
     seconds["bases"], seconds["edges"] = t_bases, t_edges
     return InteractionGraph(names, graph_bases, graph_edges, settings, mhash,
                             list(grams.counts), seconds)  # fmt: skip
+
+
+def build_grams(
+    model: nn.Module,
+    inputs: Any,
+    node_layers: Sequence[str],
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    rotate_final: bool = False,
+    batch_size: int | None = None,
+    gram_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> InteractionGrams:
+    """Stage 1 alone: the means and covariances of the node layers, to save and resume from
+    (``build_interaction_graph(..., grams=...)`` with the same settings)."""
+    if gram_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    layers = resolve_node_layers(model, node_layers)
+    mhash = model_hash(model)
+    with prepared_model(model, dtype) as prepared:
+        runner = ModelRunner(prepared, layers, dtype)
+        batches = make_batches(inputs, batch_size, shard=True)
+        n_rows = int(all_reduce_sum(torch.tensor(float(sum(b.n for b in batches)))).item())
+        settings = {"node_layers": [n.name for n in layers], "dtype": str(runner.dtype),
+                    "gram_dtype": str(gram_dtype), "n_rows": n_rows,
+                    "rotate_final": rotate_final}  # fmt: skip
+        grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
+                              settings=settings, show_progress=progress)  # fmt: skip
+    return InteractionGrams(grams.node_layers, grams.counts, grams.means, grams.covariances,
+                            grams.settings, mhash, grams.seconds)  # fmt: skip
 
 
 def _check_model(saved: str | None, now: str, what: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tyche.zoo.digits import DigitsMLPEntry
 from tyche.zoo.entry import UnknownEntryError, ZooEntry
+from tyche.zoo.fashion_mlp import FashionMLPEntry
 from tyche.zoo.fashion_mnist import FashionMNISTEntry
 from tyche.zoo.modadd import ModAddEntry
 from tyche.zoo.shakespeare_lm import ShakespeareLMEntry
@@ -23,6 +24,7 @@ def _all_entries() -> list[ZooEntry]:
     return [
         DigitsMLPEntry(),
         ModAddEntry(),
+        FashionMLPEntry(),
         ShakespeareLMEntry(),
         SmolLM2Entry(),
         ShakespeareEntry(),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tyche.__main__ import main
-from tyche.interaction import AblationCurve, InteractionGraph, InteractionGrams
+from tyche.interaction import AblationCurve, InteractionGrams, InteractionGraph
 
 
 def _graph(out) -> InteractionGraph:  # noqa: ANN001

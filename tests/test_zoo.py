@@ -70,6 +70,8 @@ def test_registry_lists_every_entry_with_kind() -> None:
         "digits-mlp",
         "shakespeare-lm",
         "smollm2-135m",
+        "modadd",
+        "fashion-mlp",
         "shakespeare",
         "stdlib-docs",
         "fashion-mnist",

@@ -23,10 +23,10 @@ def _all_entries() -> list[ZooEntry]:
     """Every entry, models first, in the order ``tyche zoo list`` shows them."""
     return [
         DigitsMLPEntry(),
-        ModAddEntry(),
-        FashionMLPEntry(),
         ShakespeareLMEntry(),
         SmolLM2Entry(),
+        ModAddEntry(),
+        FashionMLPEntry(),
         ShakespeareEntry(),
         StdlibDocsEntry(),
         FashionMNISTEntry(),

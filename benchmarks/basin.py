@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from tyche.basin.model_loss import ModelLoss
+from tyche.basin.loss import ModelLoss
 from tyche.basin.radius import search_radii
 from tyche.basin.sampling import unit_directions
 

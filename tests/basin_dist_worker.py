@@ -8,7 +8,7 @@ from torch import nn
 
 from tyche import distributed as dist
 from tyche.basin.core import estimate_basin
-from tyche.basin.model_loss import ModelLoss
+from tyche.basin.loss import ModelLoss
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5)).eval()

@@ -129,8 +129,7 @@ def hf_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return request.getfixturevalue(f"{request.param}_model")
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
+def make_tiny_tokenizer():
     """A word-level fast tokenizer: ids 0 = <|endoftext|> (eos, bos), 1 = <|pad|>, 2 = <unk>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -155,7 +154,12 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_texts() -> list[str]:
+def tiny_tokenizer():
+    """The word-level tokenizer of :func:`make_tiny_tokenizer`, built once per session."""
+    return make_tiny_tokenizer()
+
+
+def tiny_text_list() -> list[str]:
     """Twenty deterministic pseudo-sentences over the tiny tokenizer's words."""
     g = torch.Generator().manual_seed(0)
     texts = []
@@ -164,6 +168,12 @@ def tiny_texts() -> list[str]:
         idx = torch.randint(len(WORDS), (n,), generator=g).tolist()
         texts.append(" ".join(WORDS[j] for j in idx) + ".")
     return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_texts() -> list[str]:
+    """:func:`tiny_text_list`, once per session."""
+    return tiny_text_list()
 
 
 @pytest.fixture()

@@ -6,6 +6,7 @@ distributed helpers, result I/O):
 - ``tyche.basin``: basin volume, the log-probability that a random parameter vector keeps
   the model's behaviour within a KL cutoff.
 - ``tyche.causal``: causal bases, directions whose ablation changes the output most.
+- ``tyche.codebook``: codebook features, sparse discrete bottlenecks to train, search, steer.
 - ``tyche.zoo``: real models and data that work offline (``zoo:NAME``).
 
 Heavy submodules (transformers, matplotlib) are imported lazily on first use.
@@ -13,9 +14,7 @@ Heavy submodules (transformers, matplotlib) are imported lazily on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from tyche._lazy import lazy_exports
 from tyche._version import __version__
 
 #: public name -> module that defines it (imported on first access)
@@ -24,7 +23,7 @@ _LAZY: dict[str, str] = {
     "VolumeEstimator": "tyche.basin.estimator",
     "VolumeResult": "tyche.basin.result",
     "estimate_basin": "tyche.basin.core",
-    "model_loss": "tyche.basin.model_loss",
+    "model_loss": "tyche.basin.loss",
     "remove_subspace": "tyche.ablation",
     "extract_causal_basis": "tyche.causal.extraction",
     "extract_causal_bases": "tyche.causal.extraction",
@@ -33,6 +32,7 @@ _LAZY: dict[str, str] = {
     "TunedLens": "tyche.causal.lenses",
     "ModelFromSite": "tyche.causal.lenses",
     "train_tuned_lens": "tyche.causal.train_lens",
+    "CodebookModel": "tyche.codebook.model",
     "chunk_and_tokenize": "tyche.data",
     "iter_batches": "tyche.data",
     "masked_kl": "tyche.divergence",
@@ -54,8 +54,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'tyche' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -1,22 +1,33 @@
 """`tyche <command>` / `python -m tyche <command>`: the command-line router.
 
 Each command lives in its own module and exposes ``main(argv: list[str]) -> None``; the
-module is imported only when its command runs, so ``tyche --help`` stays instant. Every
-command's flags come from a config dataclass (see that module's ``--help``).
+module is imported only when its command runs, so ``tyche --help`` stays instant.
+
+One error path for every command: the project's own errors (bad flags, missing files,
+unknown zoo names, models or data that do not fit) print as one line,
+``tyche <command>: error: <message>``, with exit code 2; ``--debug`` anywhere on the line
+(or ``TYCHE_DEBUG=1``) shows the traceback instead. Ctrl-C prints where finished work is
+saved and how to resume, with exit code 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 #: command name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "basin": ("tyche.basin.cli", "estimate the basin volume (log-probability) of a model"),
     "causal": ("tyche.causal.cli", "extract causal bases (directions whose ablation matters)"),
+    "codebook": ("tyche.codebook.cli", "train, search, steer and browse codebook features"),
     "interaction": ("tyche.interaction.cli", "local interaction basis: build, ablate, plot"),
     "zoo": ("tyche.zoo.cli", "list, train and inspect the offline zoo of models and data"),
 }
+
+#: exit codes
+USAGE_ERROR = 2
+INTERRUPTED = 130
 
 
 def _usage() -> str:
@@ -31,24 +42,69 @@ def _usage() -> str:
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += [
         "",
-        "Run `tyche <command> --help` for a command's options.",
+        "Run `tyche <command> --help` for a command's options; add --debug (or set",
+        "TYCHE_DEBUG=1) to see the traceback of an error.",
         "Every command also runs under `torchrun --nproc_per_node=N -m tyche <command>`.",
     ]
     return "\n".join(lines)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input rather than a bug (ValueError covers CommandError)."""
+    errors: list[type[BaseException]] = [ValueError, OSError, MemoryError]
+    zoo_entry = sys.modules.get("tyche.zoo.entry")
+    if zoo_entry is not None:
+        errors.append(zoo_entry.ZooError)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "OutOfMemoryError"):
+        errors.append(torch.OutOfMemoryError)
+    return tuple(errors)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return f"out of memory ({err}); try a smaller --batch_size or fewer examples"
+    text = str(err).strip() or type(err).__name__
+    return text
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to the named command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TYCHE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"tyche: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[name][0])
-    module.main(rest)
+        print(f"tyche: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
+    from tyche import commandline
+
+    commandline.on_interrupt(None)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        module.main(rest)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        hint = commandline.interrupt_hint()
+        if _is_rank0():
+            print(f"\ntyche {name}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except _user_errors() as err:
+        if debug:
+            raise
+        if _is_rank0():
+            print(f"tyche {name}: error: {_message(err)}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
 
 
 if __name__ == "__main__":

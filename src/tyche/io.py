@@ -35,7 +35,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["FORMAT_VERSION", "ResultIO", "load_result", "model_hash", "save_result"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ResultIO",
+    "load_result",
+    "model_hash",
+    "save_result",
+    "write_json",
+    "write_safetensors",
+]
 
 #: version of the on-disk layout; files with a larger version are refused
 FORMAT_VERSION = 1
@@ -73,6 +81,43 @@ def model_hash(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
         digest.update(header.encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the mode a new file would get (0666 less the umask), then rename it."""
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    os.replace(tmp, path)
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``tensors`` to ``path`` atomically (a sibling temp file renamed into place).
+
+    The file is readable like any other new file (the umask decides), not private.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+    _publish(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically (NaN refused)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    _publish(tmp, path)
+    return path
 
 
 class _Encoder:
@@ -215,11 +260,10 @@ def save_result(obj: Any, path: str | os.PathLike[str]) -> Path:
     if units is not None:
         meta["units"] = encoder.encode(units, "UNITS")
     # write both files next to their final names, then swap them in
-    tmp_tensors, tmp_meta = path / (TENSORS_FILE + ".tmp"), path / (META_FILE + ".tmp")
-    save_file(encoder.tensors, str(tmp_tensors), metadata={"format": "pt"})
+    write_safetensors(encoder.tensors, path / TENSORS_FILE, metadata={"format": "pt"})
+    tmp_meta = path / (META_FILE + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp_tensors, path / TENSORS_FILE)
-    os.replace(tmp_meta, path / META_FILE)
+    _publish(tmp_meta, path / META_FILE)
     return path
 
 

@@ -2,14 +2,11 @@
 
 ``estimate_basin`` is the generic estimator on a flat parameter vector and a batched loss;
 ``model_loss`` builds that loss for any module whose output is logits; ``VolumeConfig`` and
-``VolumeEstimator`` are the seed-compatible interface for HuggingFace causal LMs.
+``VolumeEstimator`` are the seed-compatible interface for HuggingFace causal LMs. Names are
+imported on first use.
 """
 
-from tyche.basin.config import VolumeConfig
-from tyche.basin.core import estimate_basin
-from tyche.basin.estimator import VolumeEstimator
-from tyche.basin.model_loss import ModelLoss, model_loss
-from tyche.basin.result import VolumeResult
+from tyche._lazy import lazy_exports
 
 __all__ = [
     "ModelLoss",
@@ -19,3 +16,15 @@ __all__ = [
     "estimate_basin",
     "model_loss",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ModelLoss": "tyche.basin.loss",
+        "VolumeConfig": "tyche.basin.config",
+        "VolumeEstimator": "tyche.basin.estimator",
+        "VolumeResult": "tyche.basin.result",
+        "estimate_basin": "tyche.basin.core",
+        "model_loss": "tyche.basin.loss",
+    },
+)

@@ -7,12 +7,13 @@ every batch; ``settings.json`` guards against resuming with different settings.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from tyche.io import write_json, write_safetensors
 
 #: the per-sample fields a checkpoint keeps, all 1-D and indexed like ``index``
 FIELDS = ("index", "radii", "deltas", "props", "logabsint", "estimates", "n_evals")
@@ -20,6 +21,23 @@ FIELDS = ("index", "radii", "deltas", "props", "logabsint", "estimates", "n_eval
 
 def field_dtype(field: str) -> torch.dtype:
     return torch.long if field in ("index", "n_evals") else torch.float64
+
+
+class SettingsMismatch(ValueError):
+    """A resumed run's settings differ from the saved run's.
+
+    ``differences`` maps each differing setting to ``(saved, now)``; a command line
+    re-words them as its own flags.
+    """
+
+    def __init__(self, folder: Path, differences: dict[str, tuple[Any, Any]]) -> None:
+        self.folder = folder
+        self.differences = differences
+        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
+        super().__init__(
+            f"cannot resume from {folder}: its run had other settings ({shown}); use the saved "
+            "settings, or a new checkpoint folder to start afresh"
+        )
 
 
 class SampleCheckpoint:
@@ -32,20 +50,21 @@ class SampleCheckpoint:
         meta = self.folder / "settings.json"
         if resume and meta.exists():
             saved = json.loads(meta.read_text())
-            diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            settings = json.loads(json.dumps(settings))  # compare as saved (tuples -> lists)
+            keys = list(settings) + [k for k in saved if k not in settings]
+            diff = {
+                k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)
+            }
             if diff:
-                raise ValueError(
-                    f"cannot resume from {self.folder}: its settings differ (saved, now): {diff}; "
-                    "use a new --checkpoint folder or the original settings"
-                )
+                raise SettingsMismatch(self.folder, diff)
         elif not resume and any(self.folder.glob("samples-rank*.safetensors")):
             raise ValueError(
-                f"{self.folder} already holds samples of another run; pass resume=True "
-                "(--resume) to continue it, or choose an empty folder"
+                f"{self.folder} already holds samples of an earlier run: resume it (resume=True, "
+                "on the command line --resume) or choose an empty folder"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         if rank == 0 and not meta.exists():
-            meta.write_text(json.dumps(settings, indent=2, sort_keys=True))
+            write_json(meta, settings)
         self.path = self.folder / f"samples-rank{rank}.safetensors"
         if resume and self.path.exists():  # keep what this rank wrote before
             old = load_file(str(self.path))
@@ -68,6 +87,4 @@ class SampleCheckpoint:
         for k in FIELDS:
             self.records[k].append(batch[k].detach().cpu())
         data = {k: torch.cat(v).contiguous() for k, v in self.records.items()}
-        tmp = self.path.with_suffix(".tmp")
-        save_file(data, str(tmp))
-        os.replace(tmp, self.path)
+        write_safetensors(data, self.path)

@@ -50,7 +50,7 @@ class VolumeConfig:
     exclude: str | list[str] | None = None
     """Globs over parameter names kept fixed (e.g. "*embed*", "*norm*")."""
     strategy: Literal["auto", "vmap", "loop", "inplace"] = "auto"
-    """How perturbed models are evaluated (see ``tyche.basin.model_loss``)."""
+    """How perturbed models are evaluated (see ``tyche.basin.loss``)."""
     implicit_vectors: bool = False
     """Original's name for the low-memory path: same as strategy="inplace"."""
     l2_reg: float = 0.0

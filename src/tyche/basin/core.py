@@ -34,6 +34,7 @@ from tyche.basin.radial import (
 from tyche.basin.radius import search_radii
 from tyche.basin.result import VolumeResult
 from tyche.basin.sampling import unit_directions
+from tyche.io import model_hash
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -108,7 +109,7 @@ def estimate_basin(
 
     Args:
         loss_fn: maps offsets δ, shape (B, D), to losses, shape (B,), e.g. the mean KL of the
-            model at θ+δ from the model at θ (``tyche.basin.model_loss``).
+            model at θ+δ from the model at θ (``tyche.basin.loss``).
         anchor: θ, shape (D,). Offsets are built in its dtype and on its device.
         cutoff: the region is where loss_fn(δ) − loss_fn(0) < cutoff (nats for a KL).
         sigma: prior standard deviation; default the anchor's RMS, recorded in the result.
@@ -153,6 +154,8 @@ def estimate_basin(
         "n_params": dim,
         "max_radius": max_radius,
         "preconditioner": "none" if pre is None else ("diagonal" if pre.dim() == 1 else "matrix"),
+        # its values too, so a resumed run can never mix two preconditioners of one kind
+        "preconditioner_hash": None if pre is None else model_hash({"p": pre}),
         **(extra_settings or {}),
     }
     store = None

@@ -8,7 +8,7 @@ import torch
 
 from tyche.basin.config import VolumeConfig
 from tyche.basin.core import estimate_basin
-from tyche.basin.model_loss import INPLACE_ABOVE, ModelLoss
+from tyche.basin.loss import INPLACE_ABOVE, ModelLoss
 from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
@@ -73,7 +73,11 @@ class VolumeEstimator:
                 model=cfg.model,
             )
         if cfg.preconditioner_type == "fisher":
-            fisher = fisher_diagonal(self.config.model, self.tokens, names=list(layout.names))
+            device = next(self.config.model.parameters()).device
+            generator = torch.Generator(device).manual_seed(cfg.seed)
+            fisher = fisher_diagonal(
+                self.config.model, self.tokens, names=list(layout.names), generator=generator
+            )
             return diag_preconditioner(
                 fisher, eps=cfg.preconditioner_eps, exponent=cfg.preconditioner_exponent
             )

@@ -28,10 +28,19 @@ def select_parameters(
     """Parameters whose names match any ``include`` glob and no ``exclude`` glob.
 
     Order is that of ``model.named_parameters()`` (tied weights appear once). Raises a
-    ``ValueError`` that lists some parameter names when the selection is empty.
+    ``ValueError`` that lists some parameter names when a glob matches no parameter (a typo
+    would otherwise leave the selection silently unchanged) or the selection is empty.
     """
     inc, exc = _as_patterns(include), _as_patterns(exclude)
     named = list(model.named_parameters())
+    for kind, patterns in (("include", inc), ("exclude", exc)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
+                shown = ", ".join(n for n, _ in named[:6]) + (" ..." if len(named) > 6 else "")
+                raise ValueError(
+                    f"{kind} glob {pattern!r} matches no parameter of {type(model).__name__}; "
+                    f"its parameters are named like {shown}"
+                )
     chosen = [
         (name, p)
         for name, p in named

@@ -228,7 +228,9 @@ def fisher_diagonal(
     attention_mask (N, T); logits (N, T, V)). ``names`` are the selected parameters, in order.
 
     Sampled (default): ``n_draws`` labels per position from p_θ (drawn on ``generator``'s
-    device), per-example gradients of Σ_t log p(y_t) with torch.func (vmap over examples ×
+    device; default a generator on the parameters' device seeded with 0, so the result
+    repeats exactly; under torchrun every rank with the same inputs gets the same F),
+    per-example gradients of Σ_t log p(y_t) with torch.func (vmap over examples ×
     draws, or a loop where the forward is not vmappable, e.g. HF attention masks). Squaring
     a per-sequence sum is unbiased for the per-token sum: the scores of independently drawn
     tokens have zero mean, so cross terms vanish in expectation (they add variance only).
@@ -252,6 +254,8 @@ def fisher_diagonal(
         raise ValueError("the model has dropout/batch-norm in training mode; call model.eval()")
     sel = {n: params[n].detach() for n in names}
     device = sel[names[0]].device
+    if generator is None and not exact:
+        generator = torch.Generator(device).manual_seed(0)
     as_kwargs = isinstance(inputs, Mapping)
     if as_kwargs:
         inputs = {k: torch.as_tensor(v).to(device) for k, v in inputs.items()}
@@ -312,7 +316,7 @@ def fisher_diagonal(
                 add(summed(exact_term, x, logp.exp() * w[..., None]))
                 continue
             probs = logp.exp().reshape(-1, logp.shape[-1])
-            probs = probs.to(generator.device if generator is not None else device)
+            probs = probs.to(generator.device)
             for done in range(0, n_draws, group):
                 m = min(group, n_draws - done)  # draws in this call, tiled draw-major
                 y = torch.multinomial(probs, m, replacement=True, generator=generator)

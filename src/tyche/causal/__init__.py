@@ -4,15 +4,12 @@
 ``extract_causal_bases(model, tokens, k, sites="resid_pre.*")`` does every site of a model.
 Targets: :class:`LogitLens`, :class:`TunedLens` (train with :func:`train_tuned_lens`) and
 :class:`ModelFromSite` (the rest of the real model). Results are :class:`CausalBasis`.
+Names are imported on first use.
 """
 
 from __future__ import annotations
 
-from tyche.causal.extraction import extract_causal_bases, extract_causal_basis, pca_directions
-from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
-from tyche.causal.objective import AblationObjective
-from tyche.causal.result import CausalBasis
-from tyche.causal.train_lens import train_tuned_lens
+from tyche._lazy import lazy_exports
 
 __all__ = [
     "AblationObjective",
@@ -25,3 +22,18 @@ __all__ = [
     "pca_directions",
     "train_tuned_lens",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "AblationObjective": "tyche.causal.objective",
+        "CausalBasis": "tyche.causal.result",
+        "LogitLens": "tyche.causal.lenses",
+        "ModelFromSite": "tyche.causal.lenses",
+        "TunedLens": "tyche.causal.lenses",
+        "extract_causal_basis": "tyche.causal.extraction",
+        "extract_causal_bases": "tyche.causal.extraction",
+        "pca_directions": "tyche.causal.extraction",
+        "train_tuned_lens": "tyche.causal.train_lens",
+    },
+)

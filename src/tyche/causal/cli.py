@@ -21,15 +21,27 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import simple_parsing
-import torch
+from tyche.commandline import (
+    CommandError,
+    best_effort,
+    check_number,
+    check_readable_text,
+    check_writable_folder,
+    on_interrupt,
+    parse_config,
+    split_list,
+)
 
 if TYPE_CHECKING:
+    import torch
+
     from tyche.causal.result import CausalBasis
 
 __all__ = ["CausalConfig", "TrainLensConfig", "main"]
+
+PROG = "tyche causal"
 
 
 @dataclass
@@ -37,9 +49,9 @@ class DataConfig:
     """Model and data shared by both sub-commands."""
 
     model: str = "zoo:shakespeare-lm"
-    """model: 'zoo:NAME' or a local save_pretrained folder"""
+    """'zoo:NAME' (a language model) or a local save_pretrained folder"""
     data: str = "zoo:shakespeare"
-    """text: 'zoo:shakespeare', 'zoo:stdlib-docs' or a local .txt file"""
+    """text: 'zoo:shakespeare', 'zoo:stdlib-docs' or a local UTF-8 text file"""
     sites: str = "resid_pre.*"
     """site pattern(s), comma separated (aliases such as resid_pre.3, or module-name globs)"""
     seq_len: int = 128
@@ -54,7 +66,14 @@ class DataConfig:
 
 @dataclass
 class CausalConfig(DataConfig):
-    """Extract a causal basis at every site of a model."""
+    """Extract a causal basis at every site of a model.
+
+    Examples:
+
+      tyche causal --model zoo:shakespeare-lm --k 16 --sites 'resid_pre.*'
+      tyche causal --target tuned --lens runs/tuned-lens --out runs/causal-tuned
+      tyche causal train-lens --help                  # train a tuned lens first
+    """
 
     k: int = 16
     """directions per site"""
@@ -75,7 +94,7 @@ class CausalConfig(DataConfig):
     n_starts: int = 1
     """L-BFGS runs per direction from the best candidate starts; the best is kept"""
     n_pca: int = 16
-    """top principal directions whose energies are reported for comparison"""
+    """top principal directions whose energies are reported for comparison (0: none)"""
     out: str = "runs/causal"
     """output folder: one CausalBasis per site, energies.png, summary.json"""
     plot: bool = True
@@ -98,85 +117,198 @@ class TrainLensConfig(DataConfig):
     """output folder of the lens (safetensors + JSON)"""
 
 
-def _load(cfg: DataConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The model on this rank's device and ``n_sequences`` token rows of the data."""
-    from tyche.data import chunk_and_tokenize
+# ----------------------------------------------------------------------------- checks
+def _check_data_config(cfg: DataConfig) -> None:
+    """Flags shared by both sub-commands, checked before anything is loaded."""
+    from tyche.zoo.catalogue import check_name
+
+    check_number(cfg.seq_len, "--seq_len", minimum=2, integer=True)
+    check_number(cfg.n_sequences, "--n_sequences", minimum=1, integer=True)
+    check_number(cfg.batch_size, "--batch_size", minimum=1, integer=True)
+    check_number(cfg.seed, "--seed", minimum=0, integer=True)
+    if not split_list(cfg.sites):
+        raise CommandError("--sites is empty; give site patterns such as 'resid_pre.*'")
+    if cfg.model.startswith("zoo:"):
+        if check_name(cfg.model, kind="model") == "digits-mlp":
+            raise CommandError("--model zoo:digits-mlp has no tokens; give a language model")
+    elif not (Path(cfg.model).expanduser() / "config.json").is_file():
+        raise CommandError(
+            f"--model: {cfg.model!r} is not a save_pretrained folder (no config.json in it)"
+        )
+    if cfg.data.startswith("zoo:"):
+        if check_name(cfg.data, kind="data") == "fashion-mnist":
+            raise CommandError("--data: zoo:fashion-mnist is image data, not text")
+    else:
+        check_readable_text(cfg.data, "--data")
+
+
+def validate(cfg: CausalConfig) -> None:
+    """Check every flag of ``tyche causal`` without loading anything."""
+    _check_data_config(cfg)
+    check_number(cfg.k, "--k", minimum=1, integer=True)
+    check_number(cfg.max_iter, "--max_iter", minimum=0, integer=True)
+    check_number(cfg.min_energy, "--min_energy", minimum=0)
+    check_number(cfg.tol, "--tol", above=0)
+    check_number(cfg.n_starts, "--n_starts", minimum=1, integer=True)
+    check_number(cfg.n_pca, "--n_pca", minimum=0, integer=True)
+    if cfg.target == "tuned":
+        if not cfg.lens:
+            raise CommandError(
+                "--target tuned needs --lens FOLDER (train one: tyche causal train-lens)"
+            )
+        if not (Path(cfg.lens).expanduser() / "meta.json").is_file():
+            raise CommandError(f"--lens: no tuned lens saved in {cfg.lens!r}")
+    elif cfg.lens:
+        raise CommandError(f"--lens is only used with --target tuned (not {cfg.target})")
+    check_writable_folder(cfg.out, "--out")
+
+
+def validate_train_lens(cfg: TrainLensConfig) -> None:
+    """Check every flag of ``tyche causal train-lens`` without loading anything."""
+    _check_data_config(cfg)
+    check_number(cfg.steps, "--steps", minimum=1, integer=True)
+    check_number(cfg.lr, "--lr", above=0)
+    check_number(cfg.weight_decay, "--weight_decay", minimum=0)
+    check_writable_folder(cfg.out, "--out")
+
+
+def _check_sites(model: torch.nn.Module, tokens: Mapping[str, Any], cfg: DataConfig,
+                 k: int | None) -> list[str]:  # fmt: skip
+    """Resolve the site patterns and, with ``k``, check it fits every site's width.
+
+    One forward pass on a single short row reads each site's width, so a pattern that
+    matches nothing or a k that is too large is reported before any real work.
+    """
+    import torch
+
+    from tyche.hooks import read_activations
+    from tyche.sites import resolve_sites
+
+    names = [s.name for s in resolve_sites(model, split_list(cfg.sites))]
+    if k is None:
+        return names
+    probe = {key: v[:1, :2] for key, v in tokens.items()}
+    device = next(model.parameters()).device
+    with torch.no_grad(), read_activations(model, names) as acts:
+        model(**{key: v.to(device) for key, v in probe.items()})
+    for name in names:
+        width = acts[name].shape[-1]
+        if k > width:
+            raise CommandError(f"--k {k} is larger than the width {width} of site {name}")
+    return names
+
+
+def _load(cfg: DataConfig) -> tuple[torch.nn.Module, Any, str]:
+    """The model on this rank's device, its tokenizer and the spec of the data to use."""
     from tyche.distributed import default_device
-    from tyche.zoo import resolve_model, resolve_texts
+    from tyche.zoo import resolve_model
 
     zoo_model = resolve_model(cfg.model)
     if zoo_model.tokenizer is None:
-        raise ValueError(f"{cfg.model} has no tokenizer; causal bases need a language model")
-    tokens = chunk_and_tokenize(resolve_texts(cfg.data), zoo_model.tokenizer,
-                                max_seq_len=cfg.seq_len)  # fmt: skip
+        raise CommandError(
+            f"--model {cfg.model} has no tokenizer; causal bases need a language model"
+        )
+    return zoo_model.model.to(default_device()), zoo_model.tokenizer, cfg.data
+
+
+def _tokens(cfg: DataConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """``n_sequences`` token rows of the data, drawn with the seed."""
+    import torch
+
+    from tyche.data import chunk_and_tokenize
+    from tyche.distributed import rank0_print
+    from tyche.zoo import resolve_texts
+
+    tokens = chunk_and_tokenize(resolve_texts(cfg.data), tokenizer, max_seq_len=cfg.seq_len)
     n = tokens["input_ids"].shape[0]
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     pick = pick[: cfg.n_sequences].sort().values
-    return zoo_model.model.to(default_device()), {k: v[pick] for k, v in tokens.items()}
+    chosen = {k: v[pick] for k, v in tokens.items()}
+    rows = chosen["input_ids"].shape[0]
+    note = "" if rows == cfg.n_sequences else f" (the text has only {rows})"
+    rank0_print(f"data {cfg.data}: {rows} sequences × {cfg.seq_len} tokens{note}")
+    return chosen
 
 
-def _sites(pattern: str) -> list[str]:
-    return [p.strip() for p in pattern.split(",") if p.strip()]
-
-
+# ----------------------------------------------------------------------------- run
 def run_causal(cfg: CausalConfig) -> dict:
     """Run ``tyche causal`` with a parsed config; returns ``{site: CausalBasis}``."""
+    validate(cfg)
     from tyche.causal.extraction import extract_causal_bases
     from tyche.causal.lenses import TunedLens
-    from tyche.distributed import get_rank, rank0_print
+    from tyche.distributed import get_rank, init_distributed, rank0_print
+    from tyche.io import write_json
     from tyche.plotting import causal_energies
 
-    if cfg.target == "tuned" and not cfg.lens:
-        raise ValueError("--target tuned needs --lens FOLDER (train one: tyche causal train-lens)")
-    model, tokens = _load(cfg)
+    init_distributed()
+    rank0_print("settings: " + json.dumps(asdict(cfg)))
+    out = Path(cfg.out)
+    model, tokenizer, _ = _load(cfg)
     lens = TunedLens.load(cfg.lens, model) if cfg.target == "tuned" else None
+    tokens = _tokens(cfg, tokenizer)
+    sites = _check_sites(model, tokens, cfg, cfg.k)
+
+    def save(site: str, basis: CausalBasis) -> None:
+        if get_rank() == 0:
+            basis.save(out / site)
+
+    on_interrupt(f"the bases of finished sites are saved under {out}/")
     start = time.perf_counter()
     bases = extract_causal_bases(
         model,
         tokens,
         cfg.k,
-        _sites(cfg.sites),
+        sites,
         target=cfg.target,
         lens=lens,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        on_basis=save,
         mode=cfg.mode,
         objective=cfg.objective,
         max_iter=cfg.max_iter,
         min_energy=cfg.min_energy,
         tol=cfg.tol,
+        n_starts=cfg.n_starts,
         n_pca=cfg.n_pca,
     )
+    on_interrupt(None)
     elapsed = time.perf_counter() - start
-    rank0_print(
-        f"\ncausal bases of {cfg.model} ({cfg.mode} ablation, {cfg.objective}, "
-        f"{cfg.target} target, {tokens['input_ids'].numel()} tokens, {elapsed:.1f} s)"
-    )
-    rank0_print(energy_table(bases))
     if get_rank() == 0:
-        out = Path(cfg.out)
-        for site, basis in bases.items():
-            basis.save(out / site)
         summary = {"config": asdict(cfg), "seconds": elapsed,
                    "sites": {s: {"energies": b.energies.tolist(),
                                  "subspace_energies": b.subspace_energies.tolist(),
                                  "pca_energies": None if b.pca_energies is None
                                  else b.pca_energies.tolist(),
                                  "n_evals": b.n_evals} for s, b in bases.items()}}  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        best_effort(
+            PROG, "write summary.json", lambda: write_json(out / "summary.json", summary), out
+        )
+        head = (
+            f"\ncausal bases of {cfg.model} ({cfg.mode} ablation, {cfg.objective}, "
+            f"{cfg.target} target, {tokens['input_ids'].numel()} tokens, {elapsed:.1f} s)"
+        )
+        best_effort(PROG, "print the table", lambda: print(head + "\n" + energy_table(bases)), out)
         if cfg.plot:
-            rank0_print(f"figure: {causal_energies(bases, out / 'energies.png')}")
-        rank0_print(f"saved {len(bases)} bases under {out}/")
+            best_effort(PROG, "draw energies.png",
+                    lambda: print(f"figure: {causal_energies(bases, out / 'energies.png')}"),
+                    out)  # fmt: skip
+        print(f"saved {len(bases)} bases under {out}/")
     return bases
 
 
 def run_train_lens(cfg: TrainLensConfig):
     """Run ``tyche causal train-lens`` with a parsed config; returns the TunedLens."""
+    validate_train_lens(cfg)
     from tyche.causal.train_lens import train_tuned_lens
-    from tyche.distributed import get_rank, rank0_print
+    from tyche.distributed import get_rank, init_distributed, rank0_print
 
-    model, tokens = _load(cfg)
-    lens = train_tuned_lens(model, tokens, _sites(cfg.sites), steps=cfg.steps, lr=cfg.lr,
+    init_distributed()
+    rank0_print("settings: " + json.dumps(asdict(cfg)))
+    model, tokenizer, _ = _load(cfg)
+    tokens = _tokens(cfg, tokenizer)
+    sites = _check_sites(model, tokens, cfg, None)
+    lens = train_tuned_lens(model, tokens, sites, steps=cfg.steps, lr=cfg.lr,
                             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                             seed=cfg.seed)  # fmt: skip
     rank0_print(f"{'site':<14} {'KL logit lens':>14} {'KL tuned lens':>14}   (nats)")
@@ -190,23 +322,11 @@ def run_train_lens(cfg: TrainLensConfig):
 
 def main(argv: list[str]) -> None:
     """``tyche causal [--flags]`` or ``tyche causal train-lens [--flags]``."""
-    from tyche.distributed import init_distributed
-
     argv = list(argv)
     if argv and argv[0] == "train-lens":
-        lens_cfg = simple_parsing.parse(
-            TrainLensConfig, args=argv[1:], prog="tyche causal train-lens",
-            description=TrainLensConfig.__doc__,
-        )  # fmt: skip
-        init_distributed()
-        run_train_lens(lens_cfg)
+        run_train_lens(parse_config(TrainLensConfig, argv[1:], "tyche causal train-lens"))
         return
-    cfg = simple_parsing.parse(
-        CausalConfig, args=argv, prog="tyche causal",
-        description=f"{CausalConfig.__doc__} Sub-command: `tyche causal train-lens --help`.",
-    )  # fmt: skip
-    init_distributed()
-    run_causal(cfg)
+    run_causal(parse_config(CausalConfig, argv, PROG))
 
 
 def energy_table(bases: Mapping[str, CausalBasis], n_show: int = 4) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -334,6 +334,7 @@ def extract_causal_bases(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    on_basis: Callable[[str, CausalBasis], None] | None = None,
     **options: Any,
 ) -> dict[str, CausalBasis]:
     """Causal bases of every site of a model, in one call (one progress bar).
@@ -348,6 +349,8 @@ def extract_causal_bases(
             ``"model"`` (the rest of the model from the site, :class:`ModelFromSite`).
         batch_size: rows of ``data`` per forward pass.
         seed: seeds the generator of every site's extraction (same on every rank).
+        on_basis: called as ``on_basis(site, basis)`` as soon as a site is done (e.g. to save
+            it, so an interruption loses no finished site).
         options: passed to :func:`extract_causal_basis` (``mode``, ``objective``,
             ``max_iter``, ``min_energy``, ``tol``, ``n_init``, ``n_starts``, ``n_pca``).
 
@@ -395,6 +398,8 @@ def extract_causal_bases(
                 **options,
             )
             bar.update(k - bases[name].k)  # directions not found (min_energy)
+            if on_basis is not None:
+                on_basis(name, bases[name])
         bar.close()
     finally:
         model.train(was_training)

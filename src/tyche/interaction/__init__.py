@@ -6,14 +6,12 @@ whitened and scaled by their importance ``Lambda``, and the graph of interaction
 (edges) between consecutive layers. PCA (``basis="svd"``) and neuron bases come from the same
 code path as baselines. Ablations (:mod:`tyche.interaction.ablate`) keep the top directions or
 edges and measure accuracy and loss; :mod:`tyche.interaction.plot` draws graphs and curves.
+Names are imported on first use.
 """
 
-from tyche.interaction.ablate import AblationCurve, ablate_edges, ablate_nodes
-from tyche.interaction.basis import BASES, InteractionBasis
-from tyche.interaction.edges import EDGE_FORMULAS
-from tyche.interaction.graph import build_grams, build_interaction_graph, collect_grams
-from tyche.interaction.integrate import RULES, integration_points
-from tyche.interaction.result import InteractionGrams, InteractionGraph
+from __future__ import annotations
+
+from tyche._lazy import lazy_exports
 
 __all__ = [
     "BASES",
@@ -30,3 +28,22 @@ __all__ = [
     "collect_grams",
     "integration_points",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "AblationCurve": "tyche.interaction.ablate",
+        "ablate_edges": "tyche.interaction.ablate",
+        "ablate_nodes": "tyche.interaction.ablate",
+        "BASES": "tyche.interaction.basis",
+        "InteractionBasis": "tyche.interaction.basis",
+        "EDGE_FORMULAS": "tyche.interaction.edges",
+        "build_grams": "tyche.interaction.graph",
+        "build_interaction_graph": "tyche.interaction.graph",
+        "collect_grams": "tyche.interaction.graph",
+        "RULES": "tyche.interaction.integrate",
+        "integration_points": "tyche.interaction.integrate",
+        "InteractionGraph": "tyche.interaction.result",
+        "InteractionGrams": "tyche.interaction.result",
+    },
+)

@@ -20,33 +20,32 @@ Everything trained or converted is cached under ``$TYCHE_CACHE`` (default
 
 from __future__ import annotations
 
-from tyche.optim_state import OptimizerState
-from tyche.zoo.catalogue import entries, get_entry
-from tyche.zoo.digits import DigitsMLP, DigitsMLPConfig, load_digits_mlp, train_digits_mlp
-from tyche.zoo.entry import UnknownEntryError, ZooEntry, ZooError, cache_root
-from tyche.zoo.fashion_mnist import FashionMNIST, load_fashion_mnist
-from tyche.zoo.resolve import ZooModel, resolve_model, resolve_texts
-from tyche.zoo.shakespeare_lm import ShakespeareLMConfig, train_shakespeare_lm
-from tyche.zoo.text import load_shakespeare
+from tyche._lazy import lazy_exports
 
-__all__ = [
-    "DigitsMLP",
-    "DigitsMLPConfig",
-    "FashionMNIST",
-    "OptimizerState",
-    "ShakespeareLMConfig",
-    "UnknownEntryError",
-    "ZooEntry",
-    "ZooError",
-    "ZooModel",
-    "cache_root",
-    "entries",
-    "get_entry",
-    "load_digits_mlp",
-    "load_fashion_mnist",
-    "load_shakespeare",
-    "resolve_model",
-    "resolve_texts",
-    "train_digits_mlp",
-    "train_shakespeare_lm",
-]
+#: public name -> module that defines it, imported on first access, so that checking a zoo
+#: name (``tyche.zoo.catalogue``) does not import torch
+_LAZY: dict[str, str] = {
+    "DigitsMLP": "tyche.zoo.digits",
+    "DigitsMLPConfig": "tyche.zoo.digits",
+    "FashionMNIST": "tyche.zoo.fashion_mnist",
+    "OptimizerState": "tyche.optim_state",
+    "ShakespeareLMConfig": "tyche.zoo.shakespeare_lm",
+    "UnknownEntryError": "tyche.zoo.entry",
+    "ZooEntry": "tyche.zoo.entry",
+    "ZooError": "tyche.zoo.entry",
+    "ZooModel": "tyche.zoo.resolve",
+    "cache_root": "tyche.zoo.entry",
+    "entries": "tyche.zoo.catalogue",
+    "get_entry": "tyche.zoo.catalogue",
+    "load_digits_mlp": "tyche.zoo.digits",
+    "load_fashion_mnist": "tyche.zoo.fashion_mnist",
+    "load_shakespeare": "tyche.zoo.text",
+    "resolve_model": "tyche.zoo.resolve",
+    "resolve_texts": "tyche.zoo.resolve",
+    "train_digits_mlp": "tyche.zoo.digits",
+    "train_shakespeare_lm": "tyche.zoo.shakespeare_lm",
+}
+
+__all__ = sorted(_LAZY)
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -65,10 +65,17 @@ def load_hf_folder(
     Trainer ``optimizer.pt`` (read with ``torch.load(weights_only=True)``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar is noise for models this size
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     has_tokenizer = any(
         (path / f).is_file()
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

@@ -1,0 +1,314 @@
+"""What every ``tyche`` command shares: config dataclasses as flags, checks, one error path.
+
+A command describes its flags as a dataclass whose attribute docstrings are the help text
+(as in ``tyche.basin.cli``); :func:`parse_config` turns it into an ``argparse`` parser:
+
+- ``--name VALUE`` for every field, the help text from the attribute's docstring, the
+  default shown once;
+- booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
+  ``X | None`` fields take an ``X`` and default to None.
+
+Bad input raises :class:`CommandError` (a ``ValueError``) naming the flag and what to fix.
+``tyche.__main__`` prints the project's errors as one line, ``tyche <command>: error: ...``,
+exit code 2, and, on Ctrl-C, the hint a command registered with :func:`on_interrupt`.
+
+This module imports only the standard library, so flag errors are reported before torch
+is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import math
+import os
+import shlex
+import sys
+import tempfile
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+__all__ = [
+    "CommandError",
+    "check_number",
+    "check_readable_text",
+    "best_effort",
+    "check_writable_folder",
+    "interrupt_hint",
+    "on_interrupt",
+    "parse_choices",
+    "parse_config",
+    "parse_numbers",
+    "resume_command",
+    "split_list",
+]
+
+
+class CommandError(ValueError):
+    """Bad command-line input; the message names the flag and says what to fix."""
+
+
+# ----------------------------------------------------------------------------- interrupts
+_INTERRUPT_HINT: list[str] = []
+
+
+def on_interrupt(hint: str | None) -> None:
+    """Register what to print if the user presses Ctrl-C now (None clears it)."""
+    _INTERRUPT_HINT[:] = [] if hint is None else [hint]
+
+
+def interrupt_hint() -> str | None:
+    """The hint registered by :func:`on_interrupt`, if any."""
+    return _INTERRUPT_HINT[0] if _INTERRUPT_HINT else None
+
+
+def resume_command(prog: str, argv: Sequence[str]) -> str:
+    """``prog argv... --resume`` as one shell line (any earlier ``--resume`` dropped)."""
+    kept = [a for a in argv if a not in ("--resume", "--no-resume", "--debug")]
+    return shlex.join([*prog.split(), *kept, "--resume"])
+
+
+# ----------------------------------------------------------------------------- parsing
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal under each annotated attribute."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else str), True
+    return tp, False
+
+
+def _converter(tp: Any) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = tp(text)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(tp, tp.__name__)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if tp is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message (see prog --help)``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise CommandError(f"{message} (see `{self.prog} --help`)")
+
+
+def _describe_default(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return ""
+    return f" (default: {value})"
+
+
+def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the dataclass ``cls``."""
+    docs = _attribute_docs(cls)
+    hints = typing.get_type_hints(cls)
+    parser = _Parser(
+        prog=prog,
+        description=description or inspect.getdoc(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        names = [f"--{f.name}"]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        help_text = docs.get(f.name)
+        if not help_text:
+            raise TypeError(f"{cls.__name__}.{f.name} has no docstring: every flag needs help")
+        tp, _ = _unwrap_optional(hints[f.name])
+        if tp is bool:
+            state = "on" if default else "off"
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text} (default: {state})",
+            )
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        if typing.get_origin(tp) is Literal:
+            choices = list(typing.get_args(tp))
+            kwargs.update(choices=choices, metavar="{" + ",".join(map(str, choices)) + "}")
+            kwargs["type"] = type(choices[0])
+        elif tp in (int, float):
+            kwargs["type"] = _converter(tp)
+            kwargs["metavar"] = "N" if tp is int else "X"
+        else:
+            kwargs["type"] = str
+            kwargs["metavar"] = "TEXT"
+        parser.add_argument(*names, help=help_text + _describe_default(default), **kwargs)
+    return parser
+
+
+def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str | None = None) -> T:
+    """Parse ``argv`` into an instance of the dataclass ``cls`` (see the module docstring).
+
+    Raises :class:`CommandError` for an unknown flag or a value of the wrong type;
+    ``--help`` prints the help and exits 0.
+    """
+    parser = build_parser(cls, prog, description)
+    namespace = parser.parse_args(list(argv))
+    return cls(**vars(namespace))
+
+
+# ----------------------------------------------------------------------------- checks
+def split_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None -> ``[]``."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def parse_numbers(text: str, flag: str, *, positive: bool = True) -> list[float]:
+    """Comma-separated numbers, each finite (and > 0), no duplicates, at least one."""
+    parts = split_list(text)
+    if not parts:
+        raise CommandError(f"{flag} is empty; give comma-separated numbers such as 1e-3,1e-2")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise CommandError(
+                f"{flag}: {part!r} is not a number; give comma-separated numbers such as 1e-3,1e-2"
+            ) from None
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise CommandError(f"{flag}: {part} must be a positive finite number")
+        values.append(value)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise CommandError(f"{flag} lists {', '.join(f'{v:g}' for v in repeated)} twice")
+    return values
+
+
+def parse_choices(text: str, flag: str, allowed: Sequence[str]) -> list[str]:
+    """Comma-separated names, each one of ``allowed``, no duplicates, at least one."""
+    parts = split_list(text)
+    if not parts:
+        raise CommandError(f"{flag} is empty; choose from {', '.join(allowed)}")
+    unknown = [p for p in parts if p not in allowed]
+    if unknown:
+        raise CommandError(
+            f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}"
+        )
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise CommandError(f"{flag} lists {', '.join(repeated)} twice; give each once")
+    return parts
+
+
+def check_number(
+    value: float | int | None,
+    flag: str,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    integer: bool = False,
+) -> None:
+    """Raise :class:`CommandError` unless ``value`` is finite, ``>= minimum``, ``> above``."""
+    if value is None:
+        return
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        raise CommandError(f"{flag} must be a whole number, got {value!r}")
+    if not math.isfinite(value):
+        raise CommandError(f"{flag} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise CommandError(f"{flag} must be at least {minimum:g}, got {value:g}")
+    if above is not None and value <= above:
+        raise CommandError(f"{flag} must be greater than {above:g}, got {value:g}")
+
+
+def check_readable_text(path: str | os.PathLike[str], flag: str) -> None:
+    """A text file that exists, can be read, decodes as UTF-8 and is not empty."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise CommandError(f"{flag}: no file at {str(file)!r}")
+    if not file.is_file():
+        raise CommandError(f"{flag}: {str(file)!r} is not a file")
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise CommandError(f"{flag}: cannot read {str(file)!r}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CommandError(
+            f"{flag}: {str(file)!r} is not UTF-8 text (byte {err.start} is {raw[err.start]:#04x});"
+            " give a plain text file"
+        ) from None
+    if not text.strip():
+        raise CommandError(f"{flag}: {str(file)!r} is empty")
+
+
+def check_writable_folder(path: str | os.PathLike[str], flag: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written in it; returns it."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"{flag}: {str(folder)!r} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tyche-write-check-"):
+            pass
+    except OSError as err:
+        raise CommandError(
+            f"{flag}: cannot write to {str(folder)!r} ({err.strerror}); choose another folder"
+        ) from None
+    return folder
+
+
+def best_effort(prog: str, what: str, step: Callable[[], Any], saved_in: Path) -> bool:
+    """Run a reporting ``step`` (a table, a plot); on failure warn on stderr and go on.
+
+    Results are saved before their reports, so a failing report must not end the command or
+    lose them. Returns whether the step succeeded.
+    """
+    try:
+        step()
+        return True
+    except Exception as err:  # a report never loses the results saved before it
+        print(
+            f"{prog}: warning: could not {what} ({type(err).__name__}: {err}); the results are "
+            f"saved in {saved_in}/",
+            file=sys.stderr,
+        )
+        return False

@@ -13,7 +13,7 @@ Examples::
 ``build`` saves its stages under ``--out`` (``grams/``, ``bases/``, ``graph/``, each
 safetensors + JSON) and ``--resume`` continues from the last one saved (the settings must
 match); ``--stage`` stops early. ``ablate`` saves one curve per node layer or section and
-``curves.png``; ``plot`` draws the graph.
+``curves.png``; ``plot`` draws the graph. Every flag is checked before a model is loaded.
 """
 
 from __future__ import annotations
@@ -22,15 +22,32 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import simple_parsing
-import torch
+from tyche.commandline import (
+    CommandError,
+    best_effort,
+    check_number,
+    check_readable_text,
+    check_writable_folder,
+    on_interrupt,
+    parse_config,
+    resume_command,
+    split_list,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AblateConfig", "BuildConfig", "PlotConfig", "main"]
 
+PROG = "tyche interaction"
+#: zoo classifiers that bring their own rows and labels (no --data)
 CLASS_MODELS = ("zoo:modadd", "zoo:digits-mlp", "zoo:fashion-mlp")
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+#: integration rules by name (the same as tyche.interaction.integrate.RULES; a test checks)
+RULE_NAMES = ("gradient", "trapezoidal", "gauss-legendre")
+#: the files each build stage leaves under --out
+STAGE_FILES = {"grams": "grams/meta.json", "bases": "bases/meta.json", "edges": "graph/meta.json"}
 
 
 @dataclass
@@ -39,14 +56,14 @@ class SourceConfig:
 
     model: str = "zoo:modadd"
     """zoo:modadd, zoo:digits-mlp, zoo:fashion-mlp, zoo:shakespeare-lm, zoo:smollm2-135m or a
-    local HF model folder"""
+    local save_pretrained folder of a language model"""
     data: str = ""
-    """text for language models: zoo:shakespeare, zoo:stdlib-docs or a .txt file (default: the
-    model's own); not used by the classifiers, which bring their data"""
+    """text for language models: zoo:shakespeare, zoo:stdlib-docs or a UTF-8 text file
+    (default: the model's own); the zoo classifiers bring their data"""
     split: Literal["train", "test"] = "train"
     """classifiers: their training or test rows; language models: two disjoint draws"""
     n_rows: int = 0
-    """use at most this many rows (0: all of the split; language models: --n_sequences)"""
+    """classifiers: use at most this many rows (0: all of the split)"""
     seq_len: int = 64
     """language models: tokens per sequence"""
     n_sequences: int = 16
@@ -59,7 +76,14 @@ class SourceConfig:
 
 @dataclass
 class BuildConfig(SourceConfig):
-    """Build the local interaction graph of a model (grams -> bases -> edges)."""
+    """Build the local interaction graph of a model (grams -> bases -> edges).
+
+    Examples:
+
+      tyche interaction build --model zoo:modadd --out runs/modadd-lib
+      tyche interaction build --model zoo:modadd --basis svd --out runs/modadd-pca
+      tyche interaction build --model zoo:shakespeare-lm --node_layers resid_pre.2,unembed
+    """
 
     node_layers: str = ""
     """site patterns, comma separated, in forward order; 'output' for the logits (default: the
@@ -69,11 +93,11 @@ class BuildConfig(SourceConfig):
     edges: Literal["squared", "functional", "none"] = "squared"
     """edge formula, or none for bases only"""
     integration: str = "gradient"
-    """gradient, trapezoidal or gauss-legendre, or per layer: 'prefix=rule,prefix=rule'"""
+    """gradient, trapezoidal or gauss-legendre, or per node layer: 'prefix=rule,prefix=rule'"""
     n_intervals: int = 0
     """intervals of the trapezoidal / gauss-legendre rule"""
     center: bool = True
-    """centre the bases (the constant direction first); false for the neuron basis"""
+    """centre the bases (the constant direction first); --no-center for the neuron basis"""
     dtype: Literal["float64", "float32"] = "float64"
     """dtype the model runs in"""
     gram_dtype: Literal["float64", "float32"] = "float64"
@@ -100,7 +124,13 @@ class BuildConfig(SourceConfig):
 
 @dataclass
 class AblateConfig(SourceConfig):
-    """Ablate directions (nodes) or edges of a saved graph and measure accuracy and loss."""
+    """Ablate directions (nodes) or edges of a saved graph and measure accuracy and loss.
+
+    Examples:
+
+      tyche interaction ablate --graph runs/modadd-lib --kind nodes
+      tyche interaction ablate --graph runs/modadd-lib --kind edges --schedule thresholds
+    """
 
     model: str = ""
     """the model the graph was built on (default: the build's, from its summary.json)"""
@@ -136,7 +166,7 @@ class PlotConfig:
     graph: str = "runs/interaction"
     """a build's --out folder, or a saved graph folder"""
     out: str = ""
-    """PNG file (default: <graph>/graph.png)"""
+    """PNG file (default: graph.png next to the graph folder)"""
     nodes_per_layer: int = 30
     """features drawn per node layer (the most important)"""
     threshold: float = 0.02
@@ -149,8 +179,143 @@ class PlotConfig:
     """leave out the edges of the constant direction"""
 
 
+# ----------------------------------------------------------------------------- checks
+def _check_source(cfg: SourceConfig) -> None:
+    """Flags naming the model and its rows, checked without loading anything."""
+    from tyche.zoo.catalogue import check_name
+
+    for flag in ("n_rows", "batch_size", "seed"):
+        check_number(getattr(cfg, flag), f"--{flag}", minimum=0, integer=True)
+    check_number(cfg.seq_len, "--seq_len", minimum=2, integer=True)
+    check_number(cfg.n_sequences, "--n_sequences", minimum=1, integer=True)
+    if cfg.model in CLASS_MODELS:
+        if cfg.data:
+            raise CommandError(f"--data does not apply to {cfg.model}, which brings its rows")
+        return
+    if cfg.model.startswith("zoo:"):
+        check_name(cfg.model, kind="model")
+    elif not (Path(cfg.model).expanduser() / "config.json").is_file():
+        raise CommandError(
+            f"--model: {cfg.model!r} is not a save_pretrained folder (no config.json in it); "
+            f"give one, or {', '.join(CLASS_MODELS)}, zoo:shakespeare-lm"
+        )
+    if cfg.n_rows:
+        raise CommandError("--n_rows is for the zoo classifiers; use --n_sequences for text")
+    if cfg.data.startswith("zoo:"):
+        if check_name(cfg.data, kind="data") == "fashion-mnist":
+            raise CommandError("--data: zoo:fashion-mnist is image data, not text")
+    elif cfg.data:
+        check_readable_text(cfg.data, "--data")
+
+
+def parse_integration(text: str) -> str | dict[str, str]:
+    """``rule`` or ``'prefix=rule,prefix=rule'`` (a rule per node layer); checks the names."""
+    parts = split_list(text)
+    if not parts:
+        raise CommandError(f"--integration is empty; choose from {', '.join(RULE_NAMES)}")
+    if len(parts) == 1 and "=" not in parts[0]:
+        rules = {"": parts[0]}
+    else:
+        rules = {}
+        for part in parts:
+            prefix, eq, rule = (p.strip() for p in part.partition("="))
+            if not eq or not prefix:
+                raise CommandError(f"--integration: {part!r} is not 'node_layer=rule'")
+            if prefix in rules:
+                raise CommandError(f"--integration names {prefix!r} twice")
+            rules[prefix] = rule
+    for rule in rules.values():
+        if rule not in RULE_NAMES:
+            raise CommandError(
+                f"--integration: unknown rule {rule!r}; choose from {', '.join(RULE_NAMES)}"
+            )
+    return rules.get("", rules)
+
+
+def validate_build(cfg: BuildConfig) -> None:
+    """Check every flag of ``tyche interaction build`` without loading anything."""
+    _check_source(cfg)
+    if cfg.node_layers and len(split_list(cfg.node_layers)) < 2:
+        raise CommandError(
+            f"--node_layers {cfg.node_layers!r}: give at least two site patterns (a section "
+            "runs between two), e.g. resid_pre.1,unembed"
+        )
+    parse_integration(cfg.integration)
+    for flag in ("n_intervals", "n_stochastic_sources", "n_stochastic_sources_hidden"):
+        check_number(getattr(cfg, flag), f"--{flag}", minimum=0, integer=True)
+    check_number(cfg.truncation_threshold, "--truncation_threshold", minimum=0)
+    if cfg.truncation_threshold >= 1:
+        raise CommandError("--truncation_threshold is a fraction of the largest: below 1")
+    out = Path(cfg.out).expanduser()
+    saved = [s for s, f in STAGE_FILES.items() if (out / f).is_file()]
+    if cfg.resume and not saved:
+        raise CommandError(f"--resume: no saved stage under {str(out)!r}; run without --resume")
+    if saved and not cfg.resume:
+        raise CommandError(
+            f"--out {str(out)!r} holds a build already (stages {', '.join(saved)}); add --resume "
+            "to continue it, or choose another --out"
+        )
+    check_writable_folder(out, "--out")
+
+
+def _graph_folder(path: str) -> Path:
+    root = Path(path).expanduser()
+    for candidate in (root / "graph", root):
+        if (candidate / "meta.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"--graph: no saved graph in {str(root)!r} (looked for {str(root / 'graph')!r} and "
+        f"{str(root)!r}); run `tyche interaction build --out FOLDER` first"
+    )
+
+
+def validate_ablate(cfg: AblateConfig) -> Path:
+    """Check every flag of ``tyche interaction ablate``; returns the graph folder.
+
+    Without ``--model``, the build's model and text settings are taken from its
+    ``summary.json`` (flags left at their defaults only).
+    """
+    folder = _graph_folder(cfg.graph)
+    if not cfg.model:
+        summary = folder.parent / "summary.json"
+        if not summary.is_file():
+            raise CommandError(f"--model: no {summary} to take the model from; pass --model")
+        built = json.loads(summary.read_text())["config"]
+        cfg.model = built["model"]
+        for key in ("data", "seq_len", "n_sequences", "seed"):  # the same text source
+            if getattr(cfg, key) == getattr(SourceConfig, key):
+                setattr(cfg, key, built[key])
+    _check_source(cfg)
+    if cfg.kind == "nodes" and cfg.schedule == "thresholds":
+        raise CommandError("--schedule thresholds is for --kind edges")
+    if cfg.kind == "edges" and cfg.layers:
+        raise CommandError("--layers is for --kind nodes (edges ablate every section)")
+    check_number(cfg.cutoff, "--cutoff", minimum=0, integer=True)
+    check_number(cfg.base, "--base", above=1)
+    check_number(cfg.tolerance, "--tolerance", minimum=0)
+    out = Path(cfg.out) if cfg.out else folder.parent / f"ablate-{cfg.kind}"
+    check_writable_folder(out, "--out")
+    return folder
+
+
+def validate_plot(cfg: PlotConfig) -> Path:
+    """Check every flag of ``tyche interaction plot``; returns the graph folder."""
+    folder = _graph_folder(cfg.graph)
+    check_number(cfg.nodes_per_layer, "--nodes_per_layer", minimum=1, integer=True)
+    check_number(cfg.threshold, "--threshold", minimum=0)
+    if cfg.threshold > 1:
+        raise CommandError("--threshold is a fraction of the largest edge: at most 1")
+    out = Path(cfg.out) if cfg.out else folder.parent / "graph.png"
+    if out.suffix.lower() != ".png":
+        raise CommandError(f"--out {str(out)!r}: give a .png file")
+    check_writable_folder(out.parent, "--out")
+    return folder
+
+
 # ----------------------------------------------------------------------------- sources
 def _lm_rows(cfg: SourceConfig, tokenizer: Any, default_data: str | None) -> dict:
+    import torch
+
     from tyche.data import chunk_and_tokenize
     from tyche.zoo import resolve_texts
 
@@ -158,7 +323,10 @@ def _lm_rows(cfg: SourceConfig, tokenizer: Any, default_data: str | None) -> dic
     tokens = chunk_and_tokenize(resolve_texts(spec), tokenizer, max_seq_len=cfg.seq_len)
     n = tokens["input_ids"].shape[0]
     if n < 2 * cfg.n_sequences:
-        raise ValueError(f"{spec} gives {n} sequences of {cfg.seq_len} tokens; ask for fewer")
+        raise CommandError(
+            f"--n_sequences {cfg.n_sequences}: {spec} gives {n} sequences of {cfg.seq_len} "
+            f"tokens, and the train and test draws need {2 * cfg.n_sequences}; ask for fewer"
+        )
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     half = pick[: cfg.n_sequences] if cfg.split == "train" else pick[-cfg.n_sequences :]
     return {k: v[half.sort().values] for k, v in tokens.items()}
@@ -193,7 +361,10 @@ def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor |
 
         zoo = resolve_model(name)
         if zoo.tokenizer is None:
-            raise ValueError(f"{name} has no tokenizer: give a language model or {CLASS_MODELS}")
+            raise CommandError(
+                f"--model {name} has no tokenizer: give a language model or one of "
+                f"{', '.join(CLASS_MODELS)}"
+            )
         n = n_layers(zoo.model)
         layers = [f"resid_pre.{i}" for i in range(max(0, n - 2), n)] + ["unembed"]
         return zoo.model, _lm_rows(cfg, zoo.tokenizer, zoo.default_data), None, layers
@@ -202,60 +373,51 @@ def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor |
     return model, x, y, layers
 
 
-def _patterns(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def _integration(text: str) -> str | dict[str, str]:
-    if "=" not in text:
-        return text
-    pairs = [p.split("=", 1) for p in _patterns(text)]
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-def _graph_folder(path: str) -> Path:
-    root = Path(path)
-    for candidate in (root / "graph", root):
-        if (candidate / "meta.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no saved graph in {root} (looked for {root / 'graph'} and {root}); run "
-        "`tyche interaction build --out FOLDER` first"
-    )
-
-
 # ----------------------------------------------------------------------------- commands
-def run_build(cfg: BuildConfig):
+def run_build(cfg: BuildConfig, argv: list[str] | None = None):
     """``tyche interaction build``; returns the graph (or the grams with ``--stage grams``)."""
-    from tyche.distributed import get_rank, rank0_print
-    from tyche.interaction import InteractionGrams, InteractionGraph, build_grams
-    from tyche.interaction.graph import build_interaction_graph, check_settings
+    validate_build(cfg)
+    from tyche.distributed import get_rank, init_distributed, rank0_print
+    from tyche.interaction.graph import build_grams, build_interaction_graph, check_settings
+    from tyche.interaction.report import graph_summary, summary_table
+    from tyche.interaction.result import InteractionGrams, InteractionGraph
+    from tyche.io import write_json
 
-    integration = _integration(cfg.integration)
+    dtypes = _dtypes()
+    integration = parse_integration(cfg.integration)
     edges = None if cfg.edges == "none" else cfg.edges
     sources = cfg.n_stochastic_sources or None
     hidden = cfg.n_stochastic_sources_hidden or None
-    check_settings(cfg.basis, edges, cfg.center, integration, cfg.n_intervals,
-                   DTYPES[cfg.dtype], DTYPES[cfg.gram_dtype], cfg.split_over, sources,
-                   hidden)  # fmt: skip
+    try:
+        check_settings(cfg.basis, edges, cfg.center, integration, cfg.n_intervals,
+                       dtypes[cfg.dtype], dtypes[cfg.gram_dtype], cfg.split_over, sources,
+                       hidden)  # fmt: skip
+    except ValueError as err:
+        raise CommandError(f"{err} (see `{PROG} build --help`)") from None
+    init_distributed()
+    rank0_print("settings: " + json.dumps(asdict(cfg)))
     model, inputs, _, default_layers = load_source(cfg)
-    layers = _patterns(cfg.node_layers) or default_layers
+    layers = split_list(cfg.node_layers) or default_layers
     out = Path(cfg.out)
     grams = bases = None
-    if cfg.resume and (out / "bases" / "meta.json").is_file() and cfg.stage == "edges":
+    if cfg.resume and (out / STAGE_FILES["bases"]).is_file() and cfg.stage == "edges":
         bases = InteractionGraph.load(out / "bases")
         rank0_print(f"resuming from the bases in {out / 'bases'}")
-    elif cfg.resume and (out / "grams" / "meta.json").is_file():
+    elif cfg.resume and (out / STAGE_FILES["grams"]).is_file():
         grams = InteractionGrams.load(out / "grams")
         rank0_print(f"resuming from the grams in {out / 'grams'}")
-    common = dict(dtype=DTYPES[cfg.dtype], rotate_final=cfg.rotate_final,
-                  batch_size=cfg.batch_size or None, gram_dtype=DTYPES[cfg.gram_dtype])  # fmt: skip
+    common = dict(dtype=dtypes[cfg.dtype], rotate_final=cfg.rotate_final,
+                  batch_size=cfg.batch_size or None, gram_dtype=dtypes[cfg.gram_dtype])  # fmt: skip
+    if argv is not None:
+        on_interrupt(f"finished stages are saved under {out}/; continue with: "
+                     f"{resume_command(f'{PROG} build', argv[1:])}")  # fmt: skip
     start = time.perf_counter()
     if grams is None and bases is None:
         grams = build_grams(model, inputs, layers, **common)
         if get_rank() == 0:
             grams.save(out / "grams")
     if cfg.stage == "grams":
+        on_interrupt(None)
         rank0_print(f"saved the grams of {grams.node_layers} under {out / 'grams'}")
         return grams
     graph = build_interaction_graph(
@@ -265,6 +427,7 @@ def run_build(cfg: BuildConfig):
         truncation_threshold=cfg.truncation_threshold, seed=cfg.seed, split=cfg.split_over,
         grams=grams, bases=bases, **common,
     )  # fmt: skip
+    on_interrupt(None)
     seconds = time.perf_counter() - start
     if get_rank() == 0:
         if bases is None:
@@ -272,74 +435,45 @@ def run_build(cfg: BuildConfig):
         if graph.has_edges:
             graph.save(out / "graph")
         summary = {"config": asdict(cfg), "seconds": seconds, **graph_summary(graph)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        best_effort(PROG, "write summary.json",
+                    lambda: write_json(out / "summary.json", summary), out)  # fmt: skip
         if cfg.plot and graph.has_edges:
             from tyche.interaction.plot import plot_graph
 
-            rank0_print(f"figure: {plot_graph(graph, out / 'graph.png')}")
-    rank0_print(summary_table(graph, seconds))
+            best_effort(PROG, "draw graph.png",
+                        lambda: print(f"figure: {plot_graph(graph, out / 'graph.png')}"),
+                        out)  # fmt: skip
+        best_effort(PROG, "print the table", lambda: print(summary_table(graph, seconds)), out)
     return graph
 
 
-def graph_summary(graph) -> dict:  # noqa: ANN001
-    """Per node layer: width, kept directions, top Lambda; per section: edge concentration."""
-    layers = []
-    for basis in graph.bases:
-        imp = basis.importance
-        layers.append({"node_layer": basis.node_layer, "orig_dim": basis.orig_dim,
-                       "kept": basis.dim, "top_importance": None if imp is None else
-                       imp[: min(8, len(imp))].tolist()})  # fmt: skip
-    sections = [{"edges": list(e.shape), "edges_for_90pct": graph.edge_weight_concentration(i),
-                 "edges_for_99pct": graph.edge_weight_concentration(i, 0.99)}
-                for i, e in enumerate(graph.edges)]  # fmt: skip
-    return {"layers": layers, "sections": sections, "stage_seconds": graph.seconds}
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch
 
-
-def summary_table(graph, seconds: float) -> str:  # noqa: ANN001
-    """A text table of the graph: kept directions per layer, edge concentration per section."""
-    lines = [f"{'node layer':<24} {'width':>6} {'kept':>6}  top importance"]
-    for basis in graph.bases:
-        imp = basis.importance
-        top = "-" if imp is None else " ".join(f"{v:.3g}" for v in imp[:4].tolist())
-        lines.append(f"{basis.node_layer:<24} {basis.orig_dim:>6} {basis.dim:>6}  {top}")
-    for i, e in enumerate(graph.edges):
-        lines.append(f"edges {graph.node_layers[i]} -> {graph.node_layers[i + 1]}: "
-                     f"{e.numel()} edges, 90% of the weight in "
-                     f"{graph.edge_weight_concentration(i)}, 99% in "
-                     f"{graph.edge_weight_concentration(i, 0.99)}")  # fmt: skip
-    lines.append(
-        f"({graph.settings.get('basis')} basis, {seconds:.1f} s; stages "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in graph.seconds.items())
-        + ")"
-    )
-    return "\n".join(lines)
+    return {"float64": torch.float64, "float32": torch.float32}
 
 
 def run_ablate(cfg: AblateConfig) -> dict:
     """``tyche interaction ablate``; returns ``{where: AblationCurve}``."""
-    from tyche.distributed import get_rank, rank0_print
-    from tyche.interaction import InteractionGraph, ablate_edges, ablate_nodes
+    folder = validate_ablate(cfg)
+    from tyche.distributed import get_rank, init_distributed, rank0_print
+    from tyche.interaction.ablate import ablate_edges, ablate_nodes
+    from tyche.interaction.result import InteractionGraph
 
-    folder = _graph_folder(cfg.graph)  # before loading a model: a missing graph fails fast
     graph = InteractionGraph.load(folder)
-    if not cfg.model:
-        summary = folder.parent / "summary.json"
-        if not summary.is_file():
-            raise ValueError(f"no {summary} to take the model from: pass --model")
-        built = json.loads(summary.read_text())["config"]
-        cfg.model = built["model"]
-        for key in ("data", "seq_len", "n_sequences", "seed"):  # the same text source
-            if getattr(cfg, key) == getattr(SourceConfig, key):
-                setattr(cfg, key, built[key])
     if cfg.kind == "edges" and not graph.has_edges:
-        raise ValueError(f"the graph in {folder} has no edges; build it with --edges squared")
-    if cfg.kind == "nodes" and cfg.schedule == "thresholds":
-        raise ValueError("--schedule thresholds is for --kind edges")
+        raise CommandError(f"--kind edges: the graph in {folder} has no edges; build it with "
+                           "--edges squared")  # fmt: skip
+    unknown = [w for w in split_list(cfg.layers) if w not in graph.node_layers]
+    if unknown:
+        raise CommandError(f"--layers: {', '.join(unknown)} not in the graph's node layers "
+                           f"{', '.join(graph.node_layers)}")  # fmt: skip
+    init_distributed()
     model, inputs, labels, _ = load_source(cfg)
     kw = dict(schedule=cfg.schedule, cutoff=cfg.cutoff, base=cfg.base, tolerance=cfg.tolerance,
-              batch_size=cfg.batch_size or None, dtype=DTYPES[cfg.dtype])  # fmt: skip
+              batch_size=cfg.batch_size or None, dtype=_dtypes()[cfg.dtype])  # fmt: skip
     if cfg.kind == "nodes":
-        curves = ablate_nodes(model, graph, inputs, labels, layers=_patterns(cfg.layers) or None,
+        curves = ablate_nodes(model, graph, inputs, labels, layers=split_list(cfg.layers) or None,
                               **kw)  # fmt: skip
     else:
         curves = ablate_edges(model, graph, inputs, labels, **kw)
@@ -351,7 +485,11 @@ def run_ablate(cfg: AblateConfig) -> dict:
             from tyche.interaction.plot import plot_ablation_curves
 
             label = graph.settings.get("basis", "graph")
-            rank0_print(f"figure: {plot_ablation_curves({label: curves}, out / 'curves.png')}")
+
+            def draw() -> None:
+                print(f"figure: {plot_ablation_curves({label: curves}, out / 'curves.png')}")
+
+            best_effort(PROG, "draw curves.png", draw, out)
     for where, c in curves.items():
         extra = f", fewest within {cfg.tolerance}: {c.n_required}" if c.n_required is not None \
             else ""  # fmt: skip
@@ -364,10 +502,10 @@ def run_ablate(cfg: AblateConfig) -> dict:
 
 def run_plot(cfg: PlotConfig):
     """``tyche interaction plot``; returns the PNG path."""
-    from tyche.interaction import InteractionGraph
+    folder = validate_plot(cfg)
     from tyche.interaction.plot import plot_graph
+    from tyche.interaction.result import InteractionGraph
 
-    folder = _graph_folder(cfg.graph)
     graph = InteractionGraph.load(folder)
     out = Path(cfg.out) if cfg.out else folder.parent / "graph.png"
     path = plot_graph(graph, out, nodes_per_layer=cfg.nodes_per_layer,
@@ -377,23 +515,26 @@ def run_plot(cfg: PlotConfig):
     return path
 
 
-COMMANDS = {"build": (BuildConfig, run_build), "ablate": (AblateConfig, run_ablate),
-            "plot": (PlotConfig, run_plot)}  # fmt: skip
+SUBCOMMANDS = {"build": BuildConfig, "ablate": AblateConfig, "plot": PlotConfig}
 
 
 def main(argv: list[str]) -> None:
     """``tyche interaction build|ablate|plot [--flags]``."""
-    from tyche.distributed import init_distributed
-
     argv = list(argv)
-    if not argv or argv[0] not in COMMANDS:
-        names = "|".join(COMMANDS)
-        if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: tyche interaction {{{names}}} [--flags]   (--help after a command)")
-            return
-        raise ValueError(f"tyche interaction needs a command: {names} (got {argv[:1] or 'none'})")
-    config_type, run = COMMANDS[argv[0]]
-    cfg = simple_parsing.parse(config_type, args=argv[1:], prog=f"tyche interaction {argv[0]}",
-                               description=config_type.__doc__)  # fmt: skip
-    init_distributed()
-    run(cfg)
+    names = "|".join(SUBCOMMANDS)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: {PROG} {{{names}}} [--flags]   (--help after a command for its flags)\n")
+        for name, cls in SUBCOMMANDS.items():
+            print(f"  {name:<7} {(cls.__doc__ or '').splitlines()[0]}")
+        return
+    if not argv or argv[0] not in SUBCOMMANDS:
+        got = repr(argv[0]) if argv else "none"
+        raise CommandError(f"{PROG} needs a command: {names} (got {got})")
+    prog = f"{PROG} {argv[0]}"
+    cfg = parse_config(SUBCOMMANDS[argv[0]], argv[1:], prog)
+    if isinstance(cfg, BuildConfig):
+        run_build(cfg, argv)
+    elif isinstance(cfg, AblateConfig):
+        run_ablate(cfg)
+    else:
+        run_plot(cfg)

@@ -17,7 +17,14 @@ grams. The two must agree (largest relative difference printed).
   direction's activation, its dominant frequency and the share of its power on that
   frequency (a + b, a, b and a - b components).
 
-Usage: ``python benchmarks/interaction.py [--threads 2] [--repeats 3] [--paper] [--json out]``.
+``--reference_checkpoint PATH`` runs everything on another modular-addition model instead of
+the cached ``zoo:modadd``: a TransformerLens-layout state dict (``embed.W_E``, ``blocks.0.attn.
+W_Q``, ...) such as the original's shipped seed-0 checkpoint, loaded with ``weights_only`` and
+mapped onto :class:`~tyche.zoo.modadd.ModAddTransformer`; the figures can then be set beside
+the original's on the same weights.
+
+Usage: ``python benchmarks/interaction.py [--threads 2] [--repeats 3] [--paper] [--json out]
+[--reference_checkpoint model.pt]``.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import torch
 LAYERS = ["resid_pre.0", "blocks.0.resid_mid", "unembed", "output"]
 
 
-def unvectorised(model, x, grams, threshold: float) -> tuple[list, list, float]:  # noqa: ANN001
-    """The same bases and edges with one backward pass per output feature (a Python loop)."""
+def unvectorised(model, x, grams, threshold: float) -> tuple[list, list, float, float]:  # noqa: ANN001
+    """The same bases and edges with one backward pass per output feature (a Python loop);
+    also its wall and CPU (process) seconds."""
     from tyche.interaction.basis import lib_basis, pca, unrotated_basis
     from tyche.interaction.sections import (
         ModelRunner,
@@ -42,7 +50,7 @@ def unvectorised(model, x, grams, threshold: float) -> tuple[list, list, float]:
         resolve_node_layers,
     )
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     layers = resolve_node_layers(model, LAYERS)
     bases = [None] * len(LAYERS)
     edges = [None] * (len(LAYERS) - 1)
@@ -79,7 +87,38 @@ def unvectorised(model, x, grams, threshold: float) -> tuple[list, list, float]:
                 a = ((g @ C_pinv.T) * f_hat).sum(1)
                 E[j] += (a * a).sum(0)
             edges[i] = E / n
-    return bases, edges, time.perf_counter() - start
+    return bases, edges, time.perf_counter() - start, time.process_time() - cpu
+
+
+def transformer_lens_weights(path: str):  # noqa: ANN201
+    """A :class:`ModAddTransformer` with the weights of a TransformerLens-layout checkpoint."""
+    from tyche.zoo.modadd import ModAddTransformer
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    h, d, dh = sd["blocks.0.attn.W_Q"].shape
+    prefix = "blocks.0.attn."
+
+    def heads_in(w: torch.Tensor) -> torch.Tensor:  # (h, d, dh) -> Linear weight (h*dh, d)
+        return w.permute(0, 2, 1).reshape(h * dh, d)
+
+    ours = {
+        "embed_tokens.weight": sd["embed.W_E"],
+        "pos_embed.weight": sd["pos_embed.W_pos"],
+        "lm_head.weight": sd["unembed.W_U"].T,
+        "lm_head.bias": sd["unembed.b_U"],
+        "blocks.0.mlp.fc_in.weight": sd["blocks.0.mlp.W_in"].T,
+        "blocks.0.mlp.fc_in.bias": sd["blocks.0.mlp.b_in"],
+        "blocks.0.mlp.fc_out.weight": sd["blocks.0.mlp.W_out"].T,
+        "blocks.0.mlp.fc_out.bias": sd["blocks.0.mlp.b_out"],
+        "blocks.0.attn.o_proj.weight": sd[prefix + "W_O"].reshape(h * dh, d).T,
+        "blocks.0.attn.o_proj.bias": sd[prefix + "b_O"],
+    }
+    for name in ("q", "k", "v"):
+        ours[f"blocks.0.attn.{name}_proj.weight"] = heads_in(sd[f"{prefix}W_{name.upper()}"])
+        ours[f"blocks.0.attn.{name}_proj.bias"] = sd[f"{prefix}b_{name.upper()}"].reshape(-1)
+    model = ModAddTransformer()
+    model.load_state_dict({k: v.float().contiguous() for k, v in ours.items()})
+    return model.eval()
 
 
 def fourier(model, graph, p: int, n_top: int) -> dict:  # noqa: ANN001
@@ -120,42 +159,62 @@ def main() -> None:
     parser.add_argument("--paper", action="store_true", help="LIB vs PCA comparisons too")
     parser.add_argument("--skip_loop", action="store_true", help="no unvectorised run")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--reference_checkpoint",
+        default=None,
+        help="a TransformerLens-layout modadd state dict instead of zoo:modadd",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from tyche.interaction import ablate_nodes, build_grams, build_interaction_graph
-    from tyche.zoo.modadd import load_modadd
+    from tyche.zoo.modadd import load_modadd, modadd_data
 
-    model, data = load_modadd()
+    if args.reference_checkpoint:
+        model, data = transformer_lens_weights(args.reference_checkpoint), modadd_data()
+    else:
+        model, data = load_modadd()
     x = data.x_train
-    report: dict = {"threads": args.threads, "n_rows": len(x)}
+    with torch.no_grad():
+        accuracy = {split: float((model(xs).argmax(-1) == ys).double().mean())
+                    for split, xs, ys in (("train", data.x_train, data.y_train),
+                                          ("test", data.x_test, data.y_test))}  # fmt: skip
+    print(f"model: {args.reference_checkpoint or 'zoo:modadd'}, accuracy {accuracy}")
+    report: dict = {"threads": args.threads, "n_rows": len(x), "accuracy": accuracy,
+                    "model": args.reference_checkpoint or "zoo:modadd"}  # fmt: skip
     a = torch.randn(2000, 512, dtype=torch.float64)
     t = time.perf_counter()
     for _ in range(5):
         a @ a.T
     report["reference_gflops_f64"] = 5 * 2 * 2000 * 2000 * 512 / (time.perf_counter() - t) / 1e9
-    times, graph = [], None
+    times, cpu_times, graph = [], [], None
     for _ in range(args.repeats):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         graph = build_interaction_graph(model, x, LAYERS, progress=False)
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - cpu)
     report["build_seconds"] = times
+    report["build_cpu_seconds"] = cpu_times
     report["stage_seconds"] = graph.seconds
     print(f"zoo:modadd, {len(x)} pairs, jacobian + squared, float64, {args.threads} threads "
           f"(reference float64 matmul {report['reference_gflops_f64']:.1f} GFLOP/s)")  # fmt: skip
     print(
         f"vectorised build: median {statistics.median(times):.1f} s of {times} "
-        f"(stages {', '.join(f'{k} {v:.1f} s' for k, v in graph.seconds.items())})"
+        f"(CPU {statistics.median(cpu_times):.1f} s; stages "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in graph.seconds.items())
+        + ")"
     )
     if not args.skip_loop:
         grams = build_grams(model, x, LAYERS, progress=False)
-        bases, edges, loop_seconds = unvectorised(model, x, grams, 1e-14)
+        bases, edges, loop_seconds, loop_cpu = unvectorised(model, x, grams, 1e-14)
         diff = max(float((e1 - e2).abs().max() / e1.abs().max())
                    for e1, e2 in zip(graph.edges, edges))  # fmt: skip
         lam = max(float((b1.Lambda - b2.Lambda).abs().max() / b1.Lambda.max())
                   for b1, b2 in zip(graph.bases[:-1], bases[:-1]))  # fmt: skip
-        report.update(loop_seconds=loop_seconds, loop_edge_rel_diff=diff, loop_lambda_rel_diff=lam)
-        print(f"unvectorised (one backward per output feature): {loop_seconds:.1f} s, "
+        report.update(loop_seconds=loop_seconds, loop_cpu_seconds=loop_cpu,
+                      loop_edge_rel_diff=diff, loop_lambda_rel_diff=lam)  # fmt: skip
+        print(f"unvectorised (one backward per output feature): {loop_seconds:.1f} s "
+              f"(CPU {loop_cpu:.1f} s), "
               f"{loop_seconds / statistics.median(times):.1f}x the vectorised build; largest "
               f"relative difference: edges {diff:.1e}, Lambda {lam:.1e}")  # fmt: skip
     if args.paper:

@@ -523,9 +523,11 @@ def main(argv: list[str]) -> None:
     argv = list(argv)
     names = "|".join(SUBCOMMANDS)
     if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: {PROG} {{{names}}} [--flags]   (--help after a command for its flags)\n")
+        lines = [f"usage: {PROG} {{{','.join(SUBCOMMANDS)}}} ...", "", "commands:"]
         for name, cls in SUBCOMMANDS.items():
-            print(f"  {name:<7} {(cls.__doc__ or '').splitlines()[0]}")
+            lines.append(f"  {name:<7} {(cls.__doc__ or '').splitlines()[0]}")
+        lines += ["", f"Run `{PROG} <command> --help` for its flags."]
+        print("\n".join(lines))
         return
     if not argv or argv[0] not in SUBCOMMANDS:
         got = repr(argv[0]) if argv else "none"

@@ -78,7 +78,8 @@ def test_fashion_mlp_layout() -> None:
 
 @pytest.mark.slow
 def test_cached_modadd_groks() -> None:
-    """The trained model in the user's cache (training takes about an hour on 2 cores)."""
+    """The trained model in the user's cache (training runs until the model groks: many
+    thousand full-batch steps, not yet timed on a quiet machine)."""
     folder = Path.home() / ".cache" / "tyche" / "modadd"
     if not (folder / "zoo.json").is_file():
         pytest.skip("zoo:modadd is not trained in ~/.cache/tyche: tyche zoo train modadd")

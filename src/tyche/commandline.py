@@ -3,7 +3,8 @@
 A command describes its flags as a dataclass whose attribute docstrings are the help text
 (as in ``tyche.basin.cli``); :func:`parse_config` turns it into an ``argparse`` parser:
 
-- ``--name VALUE`` for every field (``--name-with-dashes`` is accepted too), the help text
+- ``--name VALUE`` for every field (``--name-with-dashes`` is accepted too; a trailing
+  underscore is dropped, so a field ``lambda_`` is the flag ``--lambda``), the help text
   from the attribute's docstring, the default shown once;
 - booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
   ``X | None`` fields take an ``X`` and default to None.
@@ -147,8 +148,9 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        flag = f"--{f.name}"
-        names = [flag] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        name = f.name.rstrip("_")  # `lambda_` (a Python keyword) is the flag --lambda
+        flag = f"--{name}"
+        names = [flag] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]

@@ -43,7 +43,7 @@ from tyche.basin.radial import (
 )
 from tyche.basin.radius import RadiusSearch, search_radii
 from tyche.basin.result import LOW_ESS, VolumeResult
-from tyche.basin.sampling import STAT_CHUNK, DirectionBatch
+from tyche.basin.sampling import DirectionBatch, sq_norm
 from tyche.io import model_hash
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -93,11 +93,7 @@ def _check_args(
 
 def _sq_norm(x: torch.Tensor) -> float:
     """|x|² in float64, accumulated by slices (no float64 copy of x)."""
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for s in range(0, x.numel(), STAT_CHUNK):
-        c = x[s : s + STAT_CHUNK].double()
-        total += torch.dot(c, c)
-    return float(total)
+    return float(sq_norm(x, None))
 
 
 def _evaluate(loss_fn: LossFn, offsets: torch.Tensor) -> torch.Tensor:
@@ -231,13 +227,13 @@ def estimate_basin(
     mine = [i for i in dist.shard_range(n_samples) if i not in finished]
     new: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
     bar = dist.progress(total=len(mine), desc="basin directions", disable=not progress)
+    batch = None
     for start in range(0, len(mine), batch_size):
         indices = mine[start : start + batch_size]
-        batch = DirectionBatch.draw(seed, indices, anchor, pre, reuse=reuse)
+        batch = DirectionBatch.draw(seed, indices, anchor, pre, reuse=reuse, recycle=batch)
         reuse = {}  # the pilot's draw is only ever in the first batch (rank 0's)
         found = search(batch, init, guide)
         props, dots = batch.props, batch.dots
-        del batch
         radii = found.radii.to(torch.float64)  # (B, K)
         if prior == "gaussian":
             est = log_gaussian_ray_mass(dim, sigma, dots[:, None], theta_sq, radii)
@@ -262,6 +258,7 @@ def estimate_basin(
             store.add(record)
         bar.update(len(indices))
     bar.close()
+    del batch
 
     width = len(targets)
     gathered = {

@@ -13,6 +13,7 @@ of the loss, which is negligible once one call moves tens of millions of numbers
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -42,8 +43,8 @@ def parse_size(text: str | int | float) -> int:
                 f"{text!r} is not a memory size; write e.g. 4GiB, 512MiB, 2GB or a number of bytes"
             )
         value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
-    if not value >= 1:
-        raise ValueError(f"a memory size must be at least 1 byte, got {text!r}")
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"a memory size must be a finite number of bytes >= 1, got {text!r}")
     return int(value)
 
 

@@ -199,8 +199,8 @@ def test_straightness_and_the_fit_against_hand_computed_lines():
     lam = learning_coefficient(straight)
     assert lam.value == pytest.approx(5.0) and lam.intercept == pytest.approx(1.0)
     assert lam.straight is True and lam.ci_low == pytest.approx(5.0)
-    bent = _synthetic_curve([[5 * x[0], 5 * x[0] + 5 * (x[1] - x[0]),
-                              5 * x[0] + 5 * (x[1] - x[0]) + 3 * (x[2] - x[1])]] * 4, cut)  # fmt: skip
+    y1 = 5 * x[0] + 5 * (x[1] - x[0])
+    bent = _synthetic_curve([[5 * x[0], y1, y1 + 3 * (x[2] - x[1])]] * 4, cut)
     lam = learning_coefficient(bent)
     assert lam.local_slopes == pytest.approx((5.0, 3.0)) and lam.straight is False
     # least squares through three points, by hand: slope = Σ(x−x̄)(y−ȳ)/Σ(x−x̄)²

@@ -51,6 +51,7 @@ DEFAULT_VAL_SIZE = 8
 DEFAULT_MAX_SEQ_LEN = 64
 DIGITS = "zoo:digits-mlp"
 SHAKESPEARE = "zoo:shakespeare"
+PLAY_DATA = "--where play= needs the plays as data: --data zoo:shakespeare with a language model"
 
 
 @dataclass
@@ -256,10 +257,9 @@ def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | Non
         except ValueError as err:
             raise CommandError(str(err)) from None
     if "play" in keys:
-        data = cmd.data or _default_data(cmd.model)
-        if is_digits or data != SHAKESPEARE:
-            raise CommandError("--where play= needs the plays as data: --data zoo:shakespeare "
-                               "with a language model")  # fmt: skip
+        # without --data the model's own data decides, checked once it is loaded
+        if is_digits or cmd.data not in (None, SHAKESPEARE):
+            raise CommandError(PLAY_DATA)
         from tyche.zoo.text import play_titles
 
         try:
@@ -275,14 +275,6 @@ def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | Non
                 raise CommandError(f"--where mask={s.values[0]}: give a .safetensors or .npy "
                                    "file holding one boolean tensor")  # fmt: skip
     return tuple(subsets)
-
-
-def _default_data(model: str) -> str | None:
-    if not model.startswith("zoo:"):
-        return None
-    from tyche.zoo.catalogue import get_entry
-
-    return get_entry(model, kind="model").default_data
 
 
 def _check_cutoffs(cmd: BasinCommand) -> tuple[list[float], float]:
@@ -477,6 +469,8 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
         model, name, sigma, state = zm.model, zm.name, None, zm.optimizer_state
         _check_globs(model, plan.exclude)
         data = plan.data or zm.default_data or "zoo:stdlib-docs"
+        if any(s.key == "play" for s in plan.subsets or ()) and data != SHAKESPEARE:
+            raise CommandError(f"{PLAY_DATA} ({zm.name} is measured on {data} by default)")
         tokens, note, row_plays = _lm_tokens(plan, zm, data)
         data_hash = model_hash(tokens)
         device = next(model.parameters()).device

@@ -409,12 +409,12 @@ def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
 # ----------------------------------------------------------------------------- resume
 def _interrupt_after_estimation(monkeypatch):
     """Make the run stop like Ctrl-C once every sample is checkpointed (before the report)."""
-    import tyche.basin.cli as basin_cli
+    from tyche.basin import report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(basin_cli, "_finish", interrupted)
+    monkeypatch.setattr(report, "finish", interrupted)
 
 
 def test_resume_refuses_every_setting_that_changes_a_sample(

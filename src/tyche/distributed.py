@@ -13,6 +13,7 @@ prints (:func:`rank0_print`) or shows progress bars (:func:`progress`).
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -93,6 +94,18 @@ def init_distributed() -> None:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    """Tear the group down before the interpreter exits.
+
+    A gloo group left alive at exit can abort the process from a C++ destructor
+    ("terminate called without an active exception", SIGABRT) after all work is done, which
+    ``torchrun`` reports as a failed run.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:

@@ -64,6 +64,7 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_texts):
             "--kmeans_init",
             "--kmeans_tokens",
             "40",
+            "--kmeans_calibrate",
             "--snap_after",
             "1",
             "--replace_dead_every",
@@ -124,6 +125,7 @@ def test_train_wrote_a_model_with_the_settings(setup) -> None:
     assert (cfg["weight_decay"], cfg["warmup_steps"], cfg["schedule"]) == (0.05, 1, "constant")
     assert cfg["kmeans_init"] and cfg["replace_dead_every"] == 2 and cfg["seed"] == 1
     assert cfg["kmeans_tokens"] == 40 and cfg["snap_after"] == 1
+    assert cfg["kmeans_calibrate"] is True
     assert [h["step"] for h in result.history] == [2, 4]
     assert result.evaluation["n_tokens"] == 4 * 15  # --eval_sequences 4 of --seq_len 16
     assert (setup["trained"] / "checkpoint" / "trainer_state.json").is_file()
@@ -151,6 +153,7 @@ def test_train_resume_and_freeze(setup, tmp_path) -> None:
         "2",
         "--eval_sequences",
         "2",
+        "--restore_scale",
         "--freeze_base",
         "--out",
         str(tmp_path / "run"),
@@ -158,6 +161,7 @@ def test_train_resume_and_freeze(setup, tmp_path) -> None:
     main(args)
     main([*args[:-2], "--steps", "3", "--resume", "--out", str(tmp_path / "run")])
     model = CodebookModel.from_pretrained(tmp_path / "run")
+    assert model.codebook("mlp_out.0").restore_scale
     from conftest import build_neox
 
     for (name, p), q in zip(model.base.named_parameters(), build_neox().parameters()):

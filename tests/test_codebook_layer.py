@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tyche.codebook.kmeans import kmeans
 from tyche.codebook.layer import (
     LOSSES,
     SIMILARITIES,
     CodebookLayer,
     CodeEdit,
     GroupedCodebookLayer,
-    kmeans,
     usage_stats,
 )
 

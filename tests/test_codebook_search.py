@@ -100,6 +100,19 @@ def test_match_positions_against_a_loop(built, pattern: str) -> None:
     assert got == _brute_matches(cache, pattern)
 
 
+def test_window_takes_the_tokens_after_each_match(built) -> None:
+    cache = built[2]
+    matched = _brute_matches(cache, r"king")
+    assert matched
+    after = {(r, t + s) for r, t in matched for s in (1, 2, 3) if t + s < cache.seq_len}
+    got = {tuple(p) for p in match_positions(cache, r"king", window=3).tolist()}
+    assert got == after
+    odd = {tuple(p) for p in match_positions(cache, r"king", window=3, parity="odd").tolist()}
+    assert odd == {(r, t) for r, t in after if t % 2 == 1}
+    with pytest.raises(ValueError, match="window"):
+        match_positions(cache, r"king", window=-1)
+
+
 def test_search_precision_recall_against_a_loop(built) -> None:
     cache = built[2]
     pattern = r"(the|a)"

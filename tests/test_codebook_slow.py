@@ -42,7 +42,8 @@ def test_frozen_smollm2_with_codebooks() -> None:
     ids = rows["input_ids"][torch.randperm(rows["input_ids"].shape[0])[:72]]
     held, train_rows = ids[:8], ids[8:]
     before = evaluate_lm(zoo.model, held, batch_size=4)
-    cb = attach(zoo.model, "mlp_out.2[7-9]", num_codes=512, k=8, seed=0)
+    # restore_scale: the frozen layers after the codebooks get activations of their usual size
+    cb = attach(zoo.model, "mlp_out.2[7-9]", num_codes=512, k=8, seed=0, restore_scale=True)
     cfg = TrainConfig(
         steps=12,
         batch_size=4,
@@ -62,5 +63,7 @@ def test_frozen_smollm2_with_codebooks() -> None:
     )
     after = result.evaluation
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    assert after["accuracy"] > before["accuracy"] - 0.15
+    # measured on 16 held-out rows: 0.313 -> 0.275 (and 0.068 with calibrated layer norms
+    # instead); 0.1 leaves a 2.5x margin for these 8 rows and fewer steps
+    assert after["accuracy"] > before["accuracy"] - 0.1
     assert all(not p.requires_grad for p in cb.base.parameters())

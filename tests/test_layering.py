@@ -1,9 +1,10 @@
 """The house's layering: no import circles, and methods import only shared modules.
 
 Shared modules (``tyche.sites``, ``tyche.hooks``, ...) know no method and no zoo; a method
-(``tyche.basin``, ``tyche.causal``, ...) imports shared modules only, except its ``cli.py``,
-which is a face like the zoo and ``__main__``. The graph is read from the source with
-``ast`` (every ``import``, also those inside functions), so lazy imports count too.
+(``tyche.basin``, ``tyche.causal``, ...) imports shared modules only, except its ``cli.py``
+(or ``cli/`` package), which is a face like the zoo and ``__main__``. The graph is read from
+the source with ``ast`` (every ``import``, also those inside functions), so lazy imports
+count too.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _layer(name: str) -> str:
     if len(parts) == 1:
         return "root"
     if parts[1] in METHODS:
-        return "face" if parts[-1] == "cli" else f"method:{parts[1]}"
+        # a method's cli (a module or a package of modules) is a face
+        return "face" if len(parts) > 2 and parts[2] == "cli" else f"method:{parts[1]}"
     if parts[1] in FACES:
         return "face"
     return "shared"

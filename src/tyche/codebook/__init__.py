@@ -21,7 +21,7 @@ from tyche._lazy import lazy_exports
 _LAZY: dict[str, str] = {
     "CodebookLayer": "tyche.codebook.layer",
     "GroupedCodebookLayer": "tyche.codebook.layer",
-    "kmeans": "tyche.codebook.layer",
+    "kmeans": "tyche.codebook.kmeans",
     "CodebookModel": "tyche.codebook.model",
     "attach": "tyche.codebook.model",
     "TrainConfig": "tyche.codebook.train",

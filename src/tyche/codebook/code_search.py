@@ -32,13 +32,21 @@ __all__ = ["Context", "SearchResult", "code_contexts", "match_positions", "searc
 
 
 def match_positions(
-    cache: CodeCache, pattern: str, *, parity: Literal["even", "odd"] | None = None
+    cache: CodeCache,
+    pattern: str,
+    *,
+    parity: Literal["even", "odd"] | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Matched positions ``(m, 2)`` long (row, token), sorted and distinct.
 
     ``parity`` keeps only even or odd token positions (TokFSM: ``"odd"`` are first digits).
-    Raises ``ValueError`` for an invalid regex.
+    ``window > 0`` replaces each matched token by the ``window`` tokens that follow it in its
+    row: the positions whose recent context holds the pattern (a *topic* search: codes that
+    keep firing after a word was seen). Raises ``ValueError`` for an invalid regex.
     """
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
     try:
         regex = re.compile(pattern)
     except re.error as err:
@@ -56,6 +64,13 @@ def match_positions(
         tokens = torch.searchsorted(ends, torch.tensor(chars), right=True)
         found.extend((row, int(t)) for t in tokens if t < cache.seq_len)
     pos = torch.tensor(sorted(set(found)), dtype=torch.long).reshape(-1, 2)
+    if window:
+        shifts = torch.arange(1, window + 1)
+        after = pos[:, None, :].repeat(1, window, 1)
+        after[..., 1] += shifts
+        after = after.reshape(-1, 2)
+        after = after[after[:, 1] < cache.seq_len]
+        pos = torch.unique(after, dim=0).reshape(-1, 2)
     if parity is not None:
         pos = pos[pos[:, 1] % 2 == (0 if parity == "even" else 1)]
     return pos
@@ -126,15 +141,17 @@ def search(
     min_precision: float = 0.0,
     top: int | None = 20,
     parity: Literal["even", "odd"] | None = None,
+    window: int = 0,
     neurons: bool = True,
 ) -> SearchResult:
     """Codes that fire on ``pattern``, ranked by precision (see the module docstring).
 
-    ``top`` caps the rows (None: all). ``neurons`` adds the neuron baseline when the cache
+    ``top`` caps the rows (None: all). ``window`` searches the tokens after each match
+    instead (:func:`match_positions`). ``neurons`` adds the neuron baseline when the cache
     stores dense activations. Raises ``ValueError`` for a bad regex or unknown sites.
     """
     chosen = sites_of(cache, sites)
-    pos = match_positions(cache, pattern, parity=parity)
+    pos = match_positions(cache, pattern, parity=parity, window=window)
     m = pos.shape[0]
     rows: list[dict[str, Any]] = []
     if m:

@@ -7,6 +7,13 @@ For an input ``x`` of width ``d`` a codebook with codes ``C ∈ R^{N×d}`` compu
     S = top-k indices of s                 (ids, best first)
     y = (1/k) Σ_{j∈S} c_j                  (the layer's output, replacing x)
 
+With ``restore_scale`` the output is ``y · σ(x) + μ(x)`` instead, with the token's own mean
+and standard deviation over its ``d`` features (the layer norm's inverse without affine): the
+codes then carry the *shape* of an activation and the token keeps its size. This suits
+codebooks dropped into a frozen model, whose next layers expect activations of their usual
+scale (the codes of a plain layer live in layer-norm space); it lets one continuous number
+per token (and group) through the bottleneck besides the code ids.
+
 with ``sim`` one of
 
 - ``"inner_product"``: ⟨x̂, c_j⟩ / ‖c_j‖ (the original's default),
@@ -46,6 +53,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tyche.codebook.kmeans import calibrate_affine, kmeans
 
 __all__ = [
     "LOSSES",
@@ -108,49 +117,6 @@ class _SnapGradient(torch.autograd.Function):
         return grad_y, grad_x, None, None, None
 
 
-def kmeans(
-    x: torch.Tensor, n_clusters: int, *, iters: int = 25, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Centres ``(n_clusters, d)`` of ``x`` ``(n, d)`` by k-means++ seeding and Lloyd steps.
-
-    Runs in float32 on ``x``'s device. With fewer points than clusters, points are reused
-    with small noise. Empty clusters are re-seeded at the points farthest from their centre.
-    """
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"kmeans needs a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
-    x = x.detach().float()
-    n = x.shape[0]
-    g = generator
-    if n < n_clusters:
-        reps = x[torch.randint(n, (n_clusters - n,), generator=g, device="cpu").to(x.device)]
-        scale = 1e-3 * x.std().clamp_min(1e-6)
-        noise = torch.randn(reps.shape, generator=g, device="cpu").to(x.device)
-        x = torch.cat([x, reps + scale * noise])
-        n = x.shape[0]
-    sq = (x * x).sum(-1)
-    first = int(torch.randint(n, (1,), generator=g))
-    centres = x.new_empty(n_clusters, x.shape[1])
-    centres[0] = x[first]
-    dist = (sq - 2 * x @ x[first] + sq[first]).clamp_min(0)
-    for j in range(1, n_clusters):  # k-means++: draw proportional to the squared distance
-        total = dist.sum()
-        probs = dist / total if total > 0 else torch.full_like(dist, 1.0 / n)
-        pick = int(torch.multinomial(probs.cpu(), 1, generator=g))
-        centres[j] = x[pick]
-        dist = torch.minimum(dist, (sq - 2 * x @ x[pick] + sq[pick]).clamp_min(0))
-    for _ in range(iters):
-        d2 = sq[:, None] - 2 * x @ centres.T + (centres * centres).sum(-1)[None, :]
-        assign = d2.argmin(-1)
-        counts = torch.bincount(assign, minlength=n_clusters).to(x.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        empty = counts == 0
-        centres = torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None])
-        if empty.any():
-            far = d2.gather(1, assign[:, None]).squeeze(1).topk(int(empty.sum())).indices
-            centres[empty] = x[far]
-    return centres
-
-
 class GroupedCodebookLayer(nn.Module):
     """``n_groups`` independent codebooks of ``num_codes`` codes of width ``dim`` each.
 
@@ -171,6 +137,7 @@ class GroupedCodebookLayer(nn.Module):
         similarity: Similarity = "inner_product",
         loss: Loss = "aeloss",
         beta: float = 0.25,
+        restore_scale: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -193,6 +160,7 @@ class GroupedCodebookLayer(nn.Module):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         self.n_groups, self.dim, self.num_codes, self.k = n_groups, dim, num_codes, k
         self.similarity, self.loss, self.beta = similarity, loss, float(beta)
+        self.restore_scale = bool(restore_scale)
         kw = {"dtype": dtype, "device": device}
         self.codebook = nn.Parameter(torch.randn(n_groups, num_codes, dim, **kw))
         self.ln_weight = nn.Parameter(torch.ones(n_groups, dim, **kw))
@@ -222,7 +190,8 @@ class GroupedCodebookLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"n_groups={self.n_groups}, dim={self.dim}, num_codes={self.num_codes}, k={self.k}, "
-            f"similarity={self.similarity!r}, loss={self.loss!r}, beta={self.beta}"
+            f"similarity={self.similarity!r}, loss={self.loss!r}, beta={self.beta}, "
+            f"restore_scale={self.restore_scale}"
         )
 
     def settings(self) -> dict:
@@ -235,6 +204,7 @@ class GroupedCodebookLayer(nn.Module):
             "similarity": self.similarity,
             "loss": self.loss,
             "beta": self.beta,
+            "restore_scale": self.restore_scale,
         }
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,6 +296,10 @@ class GroupedCodebookLayer(nn.Module):
             y = _SnapGradient.apply(y, xhat, recon, commit, self.loss != "vqvae")
         self._record(ids, xhat, y)
         self.last_ids = ids.reshape(*lead, self.n_groups, ids.shape[-1])
+        if self.restore_scale:  # undo the normalisation with this token's own mean and spread
+            flat_in = grouped.reshape(-1, self.n_groups, self.dim)
+            var, mean = torch.var_mean(flat_in, dim=-1, correction=0, keepdim=True)
+            y = y * torch.sqrt(var + 1e-5) + mean
         return y.reshape(grouped.shape).reshape(x.shape)
 
     def _lookup(
@@ -385,16 +359,30 @@ class GroupedCodebookLayer(nn.Module):
         self.usage.zero_()
 
     @torch.no_grad()
-    def init_codes(self, x: torch.Tensor, *, iters: int = 25, seed: int = 0) -> None:
-        """Set the codes to k-means centres of the normalised inputs ``x`` ``(n, G, d)``.
+    def init_codes(
+        self, x: torch.Tensor, *, iters: int = 25, seed: int = 0, calibrate: bool = False
+    ) -> None:
+        """Set the codes to k-means centres of the normalised inputs of ``x`` ``(n, G, d)``.
 
-        Each group gets its own clustering (of its own inputs).
+        Each group gets its own clustering (of its own inputs), with the assignment rule of
+        the similarity (nearest centre for euclidean, largest cosine otherwise). With
+        ``calibrate`` the layer norm's affine is first fitted so that the normalised inputs
+        match the raw ones (:func:`~tyche.codebook.kmeans.calibrate_affine`): the codes then
+        output vectors of the input's own scale (ignored with ``restore_scale``, whose
+        outputs have it already).
         """
         x = x.to(self.codebook.device, self.codebook.dtype).reshape(-1, self.n_groups, self.dim)
+        if calibrate and not self.restore_scale:  # restore_scale outputs at x's scale already
+            z = F.layer_norm(x, (self.dim,), eps=1e-5)
+            for g in range(self.n_groups):
+                gamma, beta = calibrate_affine(x[:, g], z[:, g])
+                self.ln_weight[g].copy_(gamma.to(self.ln_weight.dtype))
+                self.ln_bias[g].copy_(beta.to(self.ln_bias.dtype))
         xhat = self._normalise(x)
         gen = torch.Generator().manual_seed(seed)
+        assign = "euclidean" if self.similarity == "euclidean" else "cosine"
         for g in range(self.n_groups):
-            centres = kmeans(xhat[:, g], self.num_codes, iters=iters, generator=gen)
+            centres = kmeans(xhat[:, g], self.num_codes, iters=iters, assign=assign, generator=gen)
             self.codebook[g].copy_(centres.to(self.codebook.dtype))
 
     @torch.no_grad()

@@ -219,40 +219,64 @@ class CodebookModel(nn.Module):
         max_tokens: int = 16384,
         iters: int = 25,
         seed: int = 0,
+        sequential: bool = True,
+        calibrate: bool = False,
     ) -> dict[str, int]:
         """Initialise every codebook by k-means on the activations at its site.
 
-        Runs the model over ``batches`` (dicts of model inputs, or input-id tensors) with
-        all codebooks collecting instead of snapping (the activations of the model without
-        codebooks), until ``max_tokens`` tokens were seen; then clusters each codebook's (each
-        head's) normalised inputs into its ``num_codes`` codes. Returns tokens used per site.
+        Takes ``batches`` (dicts of model inputs, or input-id tensors) until ``max_tokens``
+        tokens, runs the model over them with the codebooks collecting their inputs instead of
+        snapping, and clusters each codebook's (each head's) normalised inputs into its
+        ``num_codes`` codes (:meth:`GroupedCodebookLayer.init_codes`; ``calibrate`` fits the
+        layer norms' affines first, so codes output at the input's scale).
+
+        ``sequential`` initialises the codebooks one site at a time in forward order, with the
+        ones before already snapping: each clusters the activations it will see, not those of
+        the model without codebooks (one pass over the batches per site). Otherwise one pass
+        serves every site. Returns the tokens used per site. Snap states are restored.
         """
         layers = self.layers()
-        for layer in layers.values():
-            layer.collected = []
+        kept: list[Mapping[str, torch.Tensor] | torch.Tensor] = []
         seen = 0
+        for batch in batches:
+            ids = batch if isinstance(batch, torch.Tensor) else batch["input_ids"]
+            kept.append(batch)
+            seen += ids.numel()
+            if seen >= max_tokens:
+                break
+        if seen == 0:
+            raise ValueError("kmeans_init got no batches")
+        snaps = {site: layer.snap for site, layer in layers.items()}
+        was_training = self.training
+        self.eval()
+        rounds = [[s] for s in layers] if sequential else [list(layers)]
+        used: dict[str, int] = {}
         try:
-            for batch in batches:
-                if isinstance(batch, torch.Tensor):
-                    self.base(input_ids=batch.to(self.device))
-                else:
-                    self.base(**{k: v.to(self.device) for k, v in batch.items()})
-                first = next(iter(layers.values())).collected
-                seen = sum(c.shape[0] for c in first) if first else 0
-                if seen >= max_tokens:
-                    break
-            if seen == 0:
-                raise ValueError("kmeans_init got no batches (or no site was reached)")
-            used = {}
-            for i, (site, layer) in enumerate(layers.items()):
-                data = torch.cat(layer.collected)[:max_tokens]
-                layer.collected = None
-                layer.init_codes(data, iters=iters, seed=seed + i)
-                used[site] = data.shape[0]
+            for done, sites in enumerate(rounds):
+                before = set(s for r in rounds[:done] for s in r)
+                for site, layer in layers.items():
+                    layer.snap = snaps[site] if site in before else False
+                    layer.collected = [] if site in sites else None
+                for batch in kept:
+                    if isinstance(batch, torch.Tensor):
+                        self.base(input_ids=batch.to(self.device))
+                    else:
+                        self.base(**{k: v.to(self.device) for k, v in batch.items()})
+                for site in sites:
+                    layer = layers[site]
+                    if not layer.collected:
+                        raise ValueError(f"kmeans_init: site {site} was not reached")
+                    data = torch.cat(layer.collected)[:max_tokens]
+                    layer.collected = None
+                    index = list(layers).index(site)
+                    layer.init_codes(data, iters=iters, seed=seed + index, calibrate=calibrate)
+                    used[site] = data.shape[0]
             return used
         finally:
-            for layer in layers.values():
+            for site, layer in layers.items():
                 layer.collected = None
+                layer.snap = snaps[site]
+            self.train(was_training)
 
     # ------------------------------------------------------------------ saving
     def settings(self) -> dict[str, Any]:
@@ -340,6 +364,7 @@ class CodebookModel(nn.Module):
         dev, dt = _param_like(base_model)
         for entry in cfg["codebooks"]:
             kwargs = {k: entry[k] for k in ("similarity", "loss", "beta")}
+            kwargs["restore_scale"] = entry.get("restore_scale", False)
             if entry["grouped"]:
                 layer = GroupedCodebookLayer(
                     entry["n_groups"], entry["dim"], entry["num_codes"], entry["k"], **kwargs
@@ -371,6 +396,7 @@ def attach(
     similarity: Similarity = "inner_product",
     loss: Loss = "aeloss",
     beta: float = 0.25,
+    restore_scale: bool = False,
     example_inputs: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
     seed: int | None = None,
 ) -> CodebookModel:
@@ -381,12 +407,14 @@ def attach(
     ``attn_heads`` sites get a :class:`GroupedCodebookLayer` (one codebook of ``num_codes``
     codes per head), other sites a :class:`CodebookLayer`. Widths are read from one forward
     pass on ``example_inputs`` (default: two tokens of id 0). Codebooks follow the device and
-    dtype of the model; ``seed`` seeds their initial codes.
+    dtype of the model; ``seed`` seeds their initial codes. ``restore_scale`` gives each
+    output its input's own mean and spread (see :mod:`tyche.codebook.layer`; for a frozen base).
 
     Raises ``ValueError`` for ``k > num_codes``, a bad setting, or a site pattern that
     matches nothing (naming close matches).
     """
-    probe = GroupedCodebookLayer(1, 1, num_codes, k, similarity=similarity, loss=loss, beta=beta)
+    kwargs = {"similarity": similarity, "loss": loss, "beta": beta, "restore_scale": restore_scale}
+    probe = GroupedCodebookLayer(1, 1, num_codes, k, **kwargs)
     del probe  # validates every setting before anything runs
     cb = model if isinstance(model, CodebookModel) else CodebookModel(model)
     base = cb.base
@@ -412,7 +440,6 @@ def attach(
         if site.name not in acts:
             raise ValueError(f"site {site.name} was not reached by a forward pass of the model")
         shape = acts[site.name].shape
-        kwargs = {"similarity": similarity, "loss": loss, "beta": beta}
         if site.n_heads:
             layer: GroupedCodebookLayer = GroupedCodebookLayer(
                 site.n_heads, shape[-1], num_codes, k, **kwargs

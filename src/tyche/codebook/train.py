@@ -75,6 +75,11 @@ class TrainConfig:
     snap_after: int = 0
     kmeans_init: bool = False
     kmeans_tokens: int = 16384
+    #: with ``kmeans_init``, fit each codebook's layer-norm affine so that codes output
+    #: vectors of their inputs' scale (a snapped model then starts close to the unsnapped one;
+    #: for a warm start from scratch; heavy-tailed activations of pretrained models suit
+    #: ``restore_scale`` codebooks better)
+    kmeans_calibrate: bool = False
     #: replace codes unused for this many steps (0: never)
     replace_dead_every: int = 0
     replace_rho: float = 1e-2
@@ -341,6 +346,7 @@ def train_codebooks(
                     (batches(-1 - i) for i in range(10_000)),
                     max_tokens=cfg.kmeans_tokens,
                     seed=cfg.seed,
+                    calibrate=cfg.kmeans_calibrate,
                 )
             for site, on in snapping.items():
                 model.codebook(site).snap = on

@@ -7,13 +7,16 @@ and every MLP output, trained from scratch on fresh random walks (32 × 64 token
 AdamW, peak learning rate 1e-2, cosine); and the same model without codebooks trained on
 the same batches for the same number of steps. The codebook model starts with its codebooks
 passing their inputs through (a warm start: from random weights every k = 1 codebook
-collapses to a few codes and the model stays at the unigram loss); at ``snap_after`` its
-codebooks are initialised by k-means on the activations and snap from then on, with unused
-codes moved to recent inputs every ``replace_dead_every`` steps. The folder holds the codebook
-model (``CodebookModel.save_pretrained``: the base model loads in ``transformers`` alone),
-``fsm.json`` (successor table, digit encoding, special tokens), ``baseline/`` and
-``zoo.json`` with both models' metrics: first-transition accuracy over all states, sampled
-transition accuracy, held-out loss, code purity and the timing.
+collapses to a few codes and the model stays at the unigram loss), so until ``snap_after``
+it is the baseline; there its codebooks are initialised by k-means, site by site in forward
+order, on the activations they will see (their layer norms fitted so that codes output at
+the inputs' scale, which keeps the snapped model close to the unsnapped one), and snap from
+then on, with unused codes moved to recent inputs every ``replace_dead_every`` steps. The
+folder holds the codebook model (``CodebookModel.save_pretrained``: the base model loads in
+``transformers`` alone), ``fsm.json`` (successor table, digit encoding, special tokens),
+``baseline/`` and ``zoo.json`` with both models' metrics: first-transition accuracy over
+all states, sampled transition accuracy, held-out loss, code purity, state forcing and the
+timing.
 """
 
 from __future__ import annotations
@@ -51,14 +54,14 @@ class TokFSMConfig:
     rotary_pct: float = 1.0
     seq_len: int = 64
     batch_size: int = 32
-    steps: int = 3000
+    steps: int = 1400
     lr: float = 1e-2
     warmup_steps: int = 100
     num_codes: int = 256
     k: int = 1
     #: steps before the codebooks snap (then k-means initialised); the baseline trains on
     #: the same batches for the same total number of steps
-    snap_after: int = 2000
+    snap_after: int = 900
     replace_dead_every: int = 100
     sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
     eval_samples: int = 100
@@ -110,6 +113,7 @@ def _train_config(cfg: TokFSMConfig) -> TrainConfig:
         seed=cfg.seed,
         snap_after=cfg.snap_after,
         kmeans_init=True,
+        kmeans_calibrate=True,
         replace_dead_every=cfg.replace_dead_every,
         log_every=max(1, cfg.steps // 20),
     )

@@ -1,0 +1,228 @@
+"""The options of every ``tyche codebook`` command, as dataclasses (attribute docstrings are
+the ``--help`` texts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelArgs:
+    model: str = "zoo:shakespeare-lm"
+    """'zoo:NAME' or a local folder (a save_pretrained model, with or without codebooks)"""
+
+
+@dataclass
+class DataArgs:
+    data: str = "zoo:shakespeare"
+    """text: 'zoo:shakespeare', 'zoo:stdlib-docs' or a .txt file; or 'fsm:FOLDER' / 'fsm:zoo:tokfsm'
+    for TokFSM walks from that folder's fsm.json"""
+    seq_len: int = 128
+    """tokens per sequence"""
+    seed: int = 0
+    """seed of the data draw (and of training)"""
+
+
+@dataclass
+class TrainArgs(ModelArgs, DataArgs):
+    """Attach codebooks to a model (or continue a codebook model) and train them."""
+
+    sites: str = "attn_heads.*,mlp_out.*"
+    """site patterns for new codebooks, comma separated (ignored for a codebook model)"""
+    num_codes: int = 512
+    """codes per codebook (per head for attn_heads)"""
+    k: int = 1
+    """codes chosen per token"""
+    similarity: Literal["inner_product", "cosine", "euclidean"] = "inner_product"
+    """how inputs are compared with codes"""
+    loss: Literal["aeloss", "fullaeloss", "vqvae", "base"] = "aeloss"
+    """gradient variant of the codebooks (see tyche.codebook.layer)"""
+    beta: float = 0.25
+    """commitment weight (fullaeloss, vqvae)"""
+    restore_scale: bool = False
+    """codebook outputs keep their input's own mean and spread (for a frozen base)"""
+    steps: int = 600
+    """optimiser steps"""
+    batch_size: int = 16
+    """sequences per step (split over torchrun processes)"""
+    lr: float = 1e-3
+    """peak learning rate of the base model"""
+    code_lr: float | None = None
+    """peak learning rate of the codebooks (default: --lr)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay of the base model (codebooks: none)"""
+    warmup_steps: int = 50
+    """linear warm-up steps"""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """learning-rate schedule after warm-up"""
+    freeze_base: bool = False
+    """train only the codebooks"""
+    snap_after: int = 0
+    """steps with the codebooks passing their inputs through (a warm start) before they snap"""
+    from_scratch: bool = False
+    """re-initialise the model's weights (seeded by --seed) and train it from scratch"""
+    kmeans_init: bool = False
+    """initialise the codes by k-means on the model's activations"""
+    kmeans_tokens: int = 16384
+    """tokens of activations clustered by --kmeans_init"""
+    kmeans_calibrate: bool = False
+    """with --kmeans_init, fit the codebooks' layer norms so codes output at their inputs' scale"""
+    replace_dead_every: int = 0
+    """replace codes unused for this many steps by recent inputs (0: never)"""
+    log_every: int = 50
+    """steps between logged metrics"""
+    checkpoint_every: int = 0
+    """steps between checkpoints (0: only at the end)"""
+    resume: bool = False
+    """continue the run in --out from its checkpoint"""
+    eval_sequences: int = 64
+    """held-out sequences for the final next-token loss and accuracy"""
+    out: str = "runs/codebook"
+    """output folder: the trained model (loadable by transformers), train_result/, checkpoint/"""
+
+
+@dataclass
+class CacheArgs(ModelArgs, DataArgs):
+    """Run a codebook model over data and store every token's code ids (plus text)."""
+
+    n_sequences: int = 256
+    """sequences cached (seeded draw from the whole tokenized data)"""
+    batch_size: int = 32
+    """sequences per forward pass"""
+    neurons: bool = True
+    """also store the dense activations entering each codebook (neuron baseline)"""
+    copy_model: bool = True
+    """store the model inside the cache folder (the app and interventions use it)"""
+    out: str = "runs/codebook-cache"
+    """output folder of the cache"""
+
+
+@dataclass
+class SearchArgs:
+    """Find codes that fire on a regex, ranked by precision against the best neuron."""
+
+    cache: str = "runs/codebook-cache"
+    """cache folder (tyche codebook cache)"""
+    pattern: str = r"\bking\b"
+    """regex; with a group, its start is the targeted token"""
+    sites: str | None = None
+    """codebook sites to search, comma separated (default: all)"""
+    min_recall: float = 0.01
+    """drop codes firing on fewer matched tokens than this share"""
+    min_precision: float = 0.0
+    """drop codes less precise than this"""
+    top: int = 20
+    """rows shown"""
+    parity: Literal["even", "odd"] | None = None
+    """keep only even or odd token positions (TokFSM: odd = first digits)"""
+    neurons: bool = True
+    """compare every code with the best single neuron at the same recall"""
+    out: str | None = None
+    """also save the result here (safetensors + JSON)"""
+
+
+@dataclass
+class ContextsArgs:
+    """Show the contexts where a code fired, the token marked."""
+
+    cache: str = "runs/codebook-cache"
+    """cache folder"""
+    site: str = "mlp_out.0"
+    """codebook site"""
+    code: int = 0
+    """code id"""
+    head: int | None = None
+    """head (per-head codebooks)"""
+    n: int = 20
+    """contexts shown"""
+    window: int = 12
+    """tokens of context either side"""
+
+
+@dataclass
+class InterveneArgs(ModelArgs):
+    """Generate from a prompt with and without codes forced, replaced, appended or blocked."""
+
+    cache: str | None = None
+    """take the model from this cache folder instead of --model"""
+    prompt: str = "To be, or not to be"
+    """text to continue"""
+    force: str = ""
+    """codes to force: SITE[/hHEAD]:CODE[@POS;POS], comma separated"""
+    replace: str = ""
+    """codes that replace the weakest slots (same syntax)"""
+    append: str = ""
+    """codes added as an extra slot (same syntax)"""
+    block: str = ""
+    """codes never chosen (the next best takes their place)"""
+    n_samples: int = 3
+    """continuations per setting"""
+    max_new_tokens: int = 32
+    """tokens generated"""
+    temperature: float = 1.0
+    """sampling temperature (0: greedy)"""
+    seed: int = 0
+    """sampling seed (the same for both settings)"""
+
+
+@dataclass
+class SteerArgs:
+    """Topic steering: force the codes of a word and count continuations that contain it."""
+
+    cache: str = "runs/codebook-cache"
+    """cache folder holding the model (built with --copy_model)"""
+    words: str = "king,love,blood,death"
+    """words, comma separated"""
+    prompts: str = "zoo:shakespeare"
+    """prompt source: text data; prompts are 4 seeded windows of --prompt_tokens tokens"""
+    n_prompts: int = 4
+    """prompts"""
+    prompt_tokens: int = 16
+    """tokens per prompt"""
+    samples_per_prompt: int = 10
+    """continuations per prompt (4 x 10 = 40 per word)"""
+    max_new_tokens: int = 48
+    """tokens per continuation"""
+    max_codes: int = 8
+    """codes forced per word"""
+    target: Literal["before", "word"] = "before"
+    """force the codes of the token before the word (they predict it) or of the word itself"""
+    min_precision: float = 0.5
+    """codes must be at least this precise for the word"""
+    min_recall: float = 0.02
+    """codes must fire on at least this share of the word's tokens"""
+    sites: str | None = None
+    """search only these codebook sites (comma separated)"""
+    seed: int = 0
+    """seed of prompts and sampling"""
+    out: str | None = None
+    """save the table as JSON here"""
+
+
+@dataclass
+class TokFSMArgs(ModelArgs):
+    """Evaluate a TokFSM codebook model: transitions, purity, state forcing."""
+
+    model: str = "zoo:tokfsm"
+    """'zoo:tokfsm' or a folder with codebooks and fsm.json"""
+    n_samples: int = 100
+    """sampled sequences for the transition accuracy"""
+    seq_len: int = 64
+    """tokens per sampled sequence"""
+    n_trials: int = 100
+    """state-forcing trials"""
+    seed: int = 0
+    """sampling seed"""
+
+
+@dataclass
+class AppArgs:
+    """Start the Streamlit code browser on a cache folder."""
+
+    cache: str = "runs/codebook-cache"
+    """cache folder (tyche codebook cache)"""
+    port: int = 8501
+    """port of the web server"""
+    headless: bool = True
+    """do not open a browser window"""

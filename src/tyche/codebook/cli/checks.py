@@ -1,0 +1,106 @@
+"""Every flag of a ``tyche codebook`` command, checked before anything is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tyche.codebook.cli.args import (
+    AppArgs,
+    CacheArgs,
+    ContextsArgs,
+    InterveneArgs,
+    SearchArgs,
+    SteerArgs,
+    TokFSMArgs,
+    TrainArgs,
+)
+from tyche.codebook.cli.loading import check_data_spec, check_model_spec
+from tyche.commandline import CommandError, check_number, check_writable_folder, split_list
+
+
+def _check_cache(folder: str, flag: str = "--cache") -> None:
+    if not (Path(folder).expanduser() / "manifest.json").is_file():
+        raise CommandError(
+            f"{flag}: {folder!r} is not a codebook cache (no manifest.json); build one with "
+            "tyche codebook cache"
+        )
+
+
+def _check_counts(**values: int) -> None:
+    for name, value in values.items():
+        check_number(value, f"--{name}", minimum=1, integer=True)
+
+
+def check_args(args: Any) -> None:
+    """Every flag of a command, checked before anything is loaded."""
+    if isinstance(args, TrainArgs | CacheArgs):
+        check_model_spec(args.model)
+        check_data_spec(args.data)
+        check_number(args.seq_len, "--seq_len", minimum=2, integer=True)
+        check_number(args.seed, "--seed", minimum=0, integer=True)
+        _check_counts(batch_size=args.batch_size)
+    if isinstance(args, TrainArgs):
+        if not split_list(args.sites):
+            raise CommandError("--sites is empty; e.g. --sites 'attn_heads.*,mlp_out.*'")
+        _check_counts(
+            num_codes=args.num_codes,
+            k=args.k,
+            steps=args.steps,
+            log_every=args.log_every,
+            eval_sequences=args.eval_sequences,
+        )
+        if args.k > args.num_codes:
+            raise CommandError(f"--k {args.k} > --num_codes {args.num_codes}; lower --k")
+        for flag in ("lr", "code_lr"):
+            check_number(getattr(args, flag), f"--{flag}", above=0)
+        for flag in ("beta", "weight_decay"):
+            check_number(getattr(args, flag), f"--{flag}", minimum=0)
+        for flag in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
+            check_number(getattr(args, flag), f"--{flag}", minimum=0, integer=True)
+        if args.from_scratch and args.freeze_base:
+            raise CommandError("--from_scratch with --freeze_base would train codebooks on noise")
+        if args.resume and not (Path(args.out) / "checkpoint").is_dir():
+            raise CommandError(f"--resume: no checkpoint in {args.out}/checkpoint")
+        check_writable_folder(args.out, "--out")
+    if isinstance(args, CacheArgs):
+        _check_counts(n_sequences=args.n_sequences)
+        check_writable_folder(args.out, "--out")
+    if isinstance(args, SearchArgs | ContextsArgs | SteerArgs | AppArgs):
+        _check_cache(args.cache)
+    if isinstance(args, SearchArgs):
+        check_number(args.min_recall, "--min_recall", minimum=0)
+        check_number(args.min_precision, "--min_precision", minimum=0)
+        _check_counts(top=args.top)
+    if isinstance(args, ContextsArgs):
+        check_number(args.code, "--code", minimum=0, integer=True)
+        _check_counts(n=args.n)
+        check_number(args.window, "--window", minimum=0, integer=True)
+    if isinstance(args, InterveneArgs):
+        if args.cache:
+            _check_cache(args.cache)
+        else:
+            check_model_spec(args.model)
+        if not any(getattr(args, m) for m in ("force", "replace", "append", "block")):
+            raise CommandError("give at least one of --force, --replace, --append, --block")
+        _check_counts(n_samples=args.n_samples, max_new_tokens=args.max_new_tokens)
+        check_number(args.temperature, "--temperature", minimum=0)
+        if not args.prompt.strip():
+            raise CommandError("--prompt is empty")
+    if isinstance(args, SteerArgs):
+        if not split_list(args.words):
+            raise CommandError("--words is empty; e.g. --words king,love,blood,death")
+        check_data_spec(args.prompts, "--prompts")
+        _check_counts(
+            n_prompts=args.n_prompts,
+            prompt_tokens=args.prompt_tokens,
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            max_codes=args.max_codes,
+        )
+    if isinstance(args, TokFSMArgs):
+        check_model_spec(args.model)
+        _check_counts(n_samples=args.n_samples, n_trials=args.n_trials)
+        check_number(args.seq_len, "--seq_len", minimum=3, integer=True)
+    if isinstance(args, AppArgs):
+        check_number(args.port, "--port", minimum=1, integer=True)

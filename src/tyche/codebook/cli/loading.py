@@ -1,0 +1,117 @@
+"""Models, FSMs and token rows named on the command line: zoo entries or local folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tyche.commandline import CommandError, check_readable_text, split_list
+
+if TYPE_CHECKING:
+    import torch
+
+
+def split(text: str | None) -> list[str] | None:
+    return split_list(text) or None
+
+
+def check_model_spec(spec: str, flag: str = "--model") -> None:
+    """A zoo language model or a local model folder, checked without loading anything."""
+    from tyche.zoo.catalogue import check_name
+
+    if spec.startswith("zoo:"):
+        if check_name(spec, kind="model") == "digits-mlp":
+            raise CommandError(
+                f"{flag}: zoo:digits-mlp is not a language model; codebooks need one"
+            )
+    elif not (Path(spec).expanduser() / "config.json").is_file():
+        raise CommandError(f"{flag}: no model folder at {spec!r} (expected config.json there)")
+
+
+def check_data_spec(spec: str, flag: str = "--data") -> None:
+    from tyche.zoo.catalogue import check_name
+
+    if spec.startswith("fsm:"):
+        target = spec.removeprefix("fsm:")
+        if target.startswith("zoo:"):
+            check_model_spec(target, flag)
+        elif not (Path(target).expanduser() / "fsm.json").is_file():
+            raise CommandError(f"{flag}: no fsm.json in {target!r}")
+    elif spec.startswith("zoo:"):
+        if check_name(spec, kind="data") == "fashion-mnist":
+            raise CommandError(f"{flag}: zoo:fashion-mnist is image data, not text")
+    else:
+        check_readable_text(spec, flag)
+
+
+def folder_of(spec: str) -> Path:
+    from tyche.zoo.catalogue import get_entry
+    from tyche.zoo.resolve import ensure_prepared
+
+    if spec.startswith("zoo:"):
+        entry = get_entry(spec, kind="model")
+        ensure_prepared(entry)
+        return entry.path
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model folder at {spec!r} (expected config.json there)")
+    return path
+
+
+def load_model(spec: str) -> Any:
+    """A CodebookModel from a zoo name or folder (no codebooks if the folder has none)."""
+    check_model_spec(spec)
+    from tyche.codebook.model import CODEBOOKS_CONFIG, CodebookModel
+    from tyche.distributed import default_device
+
+    folder = folder_of(spec)
+    if (folder / CODEBOOKS_CONFIG).is_file():
+        model = CodebookModel.from_pretrained(folder, device=default_device())
+    else:
+        from tyche.zoo.resolve import load_hf_folder
+
+        base, tokenizer, _ = load_hf_folder(folder)
+        model = CodebookModel(base.to(default_device()))
+        model.tokenizer = tokenizer
+        model._rehook()
+    if model.tokenizer is None:
+        raise ValueError(f"{spec} has no tokenizer in its folder; codebook tools need one")
+    return model
+
+
+def fsm_of(spec: str):
+    from tyche.codebook.tokfsm import FSM
+
+    target = spec.removeprefix("fsm:")
+    folder = folder_of(target) if target.startswith("zoo:") else Path(target).expanduser()
+    return FSM.load(folder)
+
+
+def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` token rows of ``seq_len``: TokFSM walks (``fsm:...``) or a seeded draw of text."""
+    import torch
+
+    if data.startswith("fsm:"):
+        return fsm_of(data).batch(n, seq_len, torch.Generator().manual_seed(seed))
+    from tyche.data import chunk_and_tokenize
+    from tyche.zoo.resolve import resolve_texts
+
+    rows = chunk_and_tokenize(resolve_texts(data), tokenizer, max_seq_len=seq_len)["input_ids"]
+    pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return rows[pick[:n]]
+
+
+def reinitialise(base: torch.nn.Module, seed: int) -> None:
+    """Draw fresh weights for a HF model (its own initialiser, seeded)."""
+    import torch
+
+    if not hasattr(base, "_init_weights"):
+        raise ValueError(f"{type(base).__name__} has no _init_weights; cannot train from scratch")
+    # transformers marks loaded weights as initialised and its initialiser then skips them
+    for item in [*base.modules(), *base.parameters()]:
+        if getattr(item, "_is_hf_initialized", False):
+            item._is_hf_initialized = False
+    torch.manual_seed(seed)
+    base.apply(base._init_weights)
+    if hasattr(base, "tie_weights"):
+        base.tie_weights()

@@ -34,8 +34,10 @@ def test_calibrated_affine_recovers_scale_and_offset() -> None:
     z = F.layer_norm(z, (8,), eps=0.0)  # zero mean, unit variance per row
     x = 3.0 * z + 0.5
     gamma, beta = calibrate_affine(x, F.layer_norm(x, (8,), eps=0.0))
-    torch.testing.assert_close(gamma, torch.full((8,), 3.0))
-    torch.testing.assert_close(beta, torch.full((8,), 0.5), atol=1e-5, rtol=0)
+    # least squares over 500 float32 rows: sums of 500 terms, ≲ 500·2^-24 ≈ 3e-5 relative at
+    # worst (beta ≈ 0.5: the same bound on values of |x| ≲ 4, absolute); a wrong fit is O(0.1)
+    torch.testing.assert_close(gamma, torch.full((8,), 3.0), rtol=1e-4, atol=0)
+    torch.testing.assert_close(beta, torch.full((8,), 0.5), atol=2e-4, rtol=0)
 
 
 def test_calibrated_codes_output_at_the_input_scale() -> None:
@@ -73,6 +75,7 @@ def test_sequential_kmeans_clusters_what_each_codebook_sees(gpt2_model) -> None:
         first.collected, second.collected = None, []
         ref(input_ids=ids)  # the first codebook snaps now
         second.init_codes(torch.cat(second.collected), seed=6)
+    # the same k-means (same seed) on the same activations: equal up to ulps of the reductions
     torch.testing.assert_close(cb.codebook("mlp_out.0").codebook, first.codebook)
     torch.testing.assert_close(cb.codebook("mlp_out.1").codebook, second.codebook)
     assert all(cb.codebook(s).snap for s in cb.sites)  # snap states restored

@@ -68,6 +68,7 @@ def test_topk_and_output_match_brute_force(similarity: str, k: int) -> None:
     # the public similarity is the oracle's too
     xhat = layer.normalise(x).detach()
     ref = torch.stack([_brute_scores(xhat.reshape(-1, 3, 6)[0, 1], layer.codebook[1], similarity)])
+    # 6-term dot products in float64 against the oracle's loop: rounding ~1e-15
     torch.testing.assert_close(layer.similarities(xhat).reshape(-1, 3, 20)[0, 1], ref[0])
 
 
@@ -80,6 +81,7 @@ def test_single_codebook_shapes_and_flat_grouped_input() -> None:
     assert layer.last_ids.shape == (4, 7, 2)
     grouped = GroupedCodebookLayer(2, 4, 10, 1)
     flat = torch.randn(3, 8)
+    # a reshape of the same values through the same ops: equal up to ulps
     torch.testing.assert_close(grouped(flat), grouped(flat.view(3, 2, 4)).reshape(3, 8))
     with pytest.raises(ValueError, match="expects inputs"):
         grouped(torch.randn(3, 5))
@@ -95,6 +97,7 @@ def test_groups_are_independent_codebooks() -> None:
             single.codebook.copy_(grouped.codebook[h : h + 1])
             single.ln_weight.copy_(grouped.ln_weight[h : h + 1])
             single.ln_bias.copy_(grouped.ln_bias[h : h + 1])
+        # the same weights and ops on one group: equal up to ulps (batched vs single matmul)
         torch.testing.assert_close(grouped(x)[:, h], single(x[:, h]))
 
 
@@ -163,6 +166,7 @@ def test_straight_through_gradient_reaches_the_input_unchanged() -> None:
     ref = x.detach().clone().requires_grad_(True)
     xhat = torch.nn.functional.layer_norm(ref, (6,), eps=1e-5)
     (xhat * g).sum().backward()  # d/dx of <LN(x), g>: the gradient passed straight through
+    # the layer norm's backward in both: the same 6-term reductions, equal up to ulps
     torch.testing.assert_close(x.grad, ref.grad)
 
 
@@ -241,6 +245,8 @@ def test_edit_force_replace_append_block() -> None:
     c = layer.codebook
     layer.edits = (CodeEdit("force", 7, group=1, positions=(-1,)),)
     y = layer(x)
+    # edited outputs are means of ≤ 3 stored codes: a few ulps from the formulas below,
+    # within the default float32 tolerance; a wrong code is O(1) off
     torch.testing.assert_close(y[:, -1, 1], c[1, 7].expand(2, 4))
     torch.testing.assert_close(y[:, :-1], _unedited(layer)(x)[:, :-1])
     layer.edits = (CodeEdit("replace", 3, group=0, slot=1),)

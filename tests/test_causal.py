@@ -155,11 +155,17 @@ def test_a_fresh_lbfgs_is_made_for_every_direction(monkeypatch):
             return out
 
     monkeypatch.setattr(torch.optim, "LBFGS", Spy)
-    basis = extract_causal_basis(SoftmaxTarget(5), random_hiddens((64, 5)), 4, max_iter=20)
-    assert len(made) == 4
+    h = random_hiddens((64, 5))  # 64 positions: no subsample, one run per start
+    basis = extract_causal_basis(SoftmaxTarget(5), h, 4, max_iter=20, n_starts=2)
+    assert len(made) == 4 * 2
     params = [opt.param_groups[0]["params"][0] for opt in made]
-    assert len({id(p) for p in params}) == 4
+    assert len({id(p) for p in params}) == 4 * 2
     assert basis.k == 4
+    made.clear()  # with a subsample: n_starts climbs on it, then one polish, per direction
+    h = random_hiddens((64, 8, 5))
+    basis = extract_causal_basis(SoftmaxTarget(5), h, 3, max_iter=20, screen_positions=64)
+    assert basis.settings["screen_positions"] == 64 and len(made) == 3 * (2 + 1)
+    assert len({id(opt.param_groups[0]["params"][0]) for opt in made}) == 3 * 3
 
 
 def test_more_starts_never_find_a_worse_direction():

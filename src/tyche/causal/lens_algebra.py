@@ -120,9 +120,9 @@ def norm_factors(norm: nn.Module, d: int) -> dict | None:
                 "norm_bias": norm.bias}  # fmt: skip
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     weight = getattr(norm, "weight", None)
-    if "RMSNorm" in type(norm).__name__ and isinstance(eps, float | int):
-        if isinstance(weight, Tensor) and tuple(weight.shape) == (d,):
-            return {"centre": False, "scale": True, "eps": float(eps), "gain": weight}
+    named = "RMSNorm" in type(norm).__name__ and isinstance(eps, float | int)
+    if named and isinstance(weight, Tensor) and tuple(weight.shape) == (d,):
+        return {"centre": False, "scale": True, "eps": float(eps), "gain": weight}
     return None
 
 
@@ -133,17 +133,21 @@ def _block_energy(
     clean: Tensor,
     prob: Tensor,
     stats: Tensor,
+    bias: Tensor,
     labels: Tensor | None,
     out: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Energies (n,) of one block of positions, and ``Σ_v p_v e^{t_v}`` (n,).
+    """Energies (n,) of one block of positions, and ``Σ_v p_v e^{t_v}`` (n,) (up to a factor
+    shared with ``out``).
 
-    ``clean`` G and ``prob`` p (n, V); ``stats`` (n, 4): Σ p, Σ p G, G_y, log p_y.
+    ``clean`` G and ``prob`` p (n, V); ``stats`` (n, 4): Σ p, Σ p G, G_y, log Σ e^z; ``bias``
+    (V,) the logits' bias (z = G + bias).
     With ``μ = Σ p Δ``, ``t = Δ - μ`` and ``S = Σ p e^t`` (≥ Σ p by Jensen, so it cannot
     underflow): KL = log(S / Σp) and CE increase = log(S / Σp) + μ - Δ_y, free of the large
-    cancelling terms of ``log p - log q``. On return ``out`` (n, V) holds ``p e^t``.
+    cancelling terms of ``log p - log q``. On return ``out`` (n, V) holds ``p e^t`` times the
+    same factor.
     """
-    p_sum, p_clean, clean_y, _ = stats.unbind(1)
+    p_sum, p_clean, clean_y, log_norm = stats.unbind(1)
     p_r = prob @ r  # Σ_v p_v R_v (n, m)
     mu = rho * p_clean - (a * p_r).sum(-1)
 
@@ -157,10 +161,10 @@ def _block_energy(
 
     total = torch.exp(shifted(), out=out).mul_(prob).sum(-1)
     peak = 0
-    if not bool(torch.isfinite(total).all()):  # e^t overflowed: again, shifted by the max
-        t = shifted()
+    if not bool(torch.isfinite(total).all()):  # e^t overflowed: p e^t = e^(log p + t - peak)
+        t = shifted().add_(clean).add_(bias).sub_(log_norm[:, None])  # log p + t
         peak = t.amax(-1)
-        total = torch.exp(t.sub_(peak[:, None]), out=out).mul_(prob).sum(-1)
+        total = torch.exp(t.sub_(peak[:, None]), out=out).sum(-1)  # ≥ 1
     log_ratio = (total / p_sum).log() + peak
     if labels is None:
         return log_ratio, total
@@ -190,7 +194,7 @@ class _ReadoutSum(torch.autograd.Function):
             prob = readout.prob(item, block, clean)
             labels = item["labels"][block] if "labels" in item else None
             energy, s = _block_energy(rho[mine], a[mine], r, clean, prob, item["stats"][block],
-                                      labels, work[0])  # fmt: skip
+                                      readout.bias, labels, work[0])  # fmt: skip
             w = item["weight"][block]
             total += torch.where(w > 0, energy, 0).double().sum()
             if grad:  # work[0] holds p e^t; q = p e^t / S
@@ -319,9 +323,8 @@ class FactoredReadout:
 
     def blocks(self, positions: slice) -> list[slice]:
         """``positions`` in blocks small enough for the (n, V) work to stay in cache."""
-        step = self.block_size
-        return [slice(i, min(i + step, positions.stop)) for i in range(positions.start,
-                                                                       positions.stop, step)]  # fmt: skip
+        step, stop = self.block_size, positions.stop
+        return [slice(i, min(i + step, stop)) for i in range(positions.start, stop, step)]
 
     def work(self, n: int) -> tuple[Tensor, ...]:
         """Four reusable (n, V) buffers (views of ones allocated once)."""

@@ -231,11 +231,13 @@ class AblationObjective:
         n_pick = -(-max(positions, 1) // per_row)
         if n_pick * 2 > n_rows:  # not worth it: use everything
             return list(self.chunks()), self.n_positions
-        length = -(-n_pick // SCREEN_RUNS)
+        runs = min(SCREEN_RUNS, n_pick)
+        length = -(-n_pick // runs)
         picked = []
-        for k in range(SCREEN_RUNS):
-            first = k * n_rows // SCREEN_RUNS - offset
-            lo, hi = max(first, 0), min(first + length, n_local)
+        for k in range(runs):
+            first = k * n_rows // runs
+            last = min(first + length, (k + 1) * n_rows // runs)  # runs never overlap
+            lo, hi = max(first - offset, 0), min(last - offset, n_local)
             for chunk in self.chunks():  # never straddle a chunk
                 start, stop = max(lo, chunk.start), min(hi, chunk.stop)
                 if start < stop:
@@ -261,7 +263,12 @@ class AblationObjective:
             return None
         labels = self.labels if self.objective == "ce" else None
         return FactoredReadout(
-            factors, self.hiddens, self.delta, self.weight, list(self.chunks()), labels,
+            factors,
+            self.hiddens,
+            self.delta,
+            self.weight,
+            list(self.chunks()),
+            labels,
             cache_gb * 2**30,
         )
 
@@ -320,6 +327,11 @@ class AblationObjective:
                 "states (try float32/float64 hidden states or a smaller batch)"
             )
         return energy
+
+    @property
+    def subsample_fraction(self) -> float:
+        """Counted positions in the subsample over all counted positions (1: everything)."""
+        return self.screen[1] / self.n_positions
 
     def _rows(self, subsample: bool) -> tuple[list[slice], int]:
         return self.screen if subsample else (list(self.chunks()), self.n_positions)

@@ -300,3 +300,24 @@ def test_orthonormal_factor_keeps_an_orthonormal_start():
     w = torch.linalg.qr(torch.randn(7, 3, dtype=torch.float64))[0]
     w = w * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # signs QR alone would flip
     torch.testing.assert_close(orthonormal_factor(w), w, rtol=0, atol=1e-14)
+
+
+def test_site_activations_stop_after_the_last_site(hf_model, token_batch):
+    """The layers after the last site and the unembedding are not run; the values are those
+    of a full forward pass."""
+    from tyche.causal.activations import read_site_activations
+    from tyche.hooks import read_activations
+    from tyche.sites import unembedding
+
+    calls = []
+    handle = unembedding(hf_model).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = read_site_activations(hf_model, token_batch, ["resid_pre.0", "resid_pre.1"], 3)
+        assert not calls
+        with torch.no_grad(), read_activations(hf_model, ["resid_pre.0", "resid_pre.1"]) as acts:
+            hf_model(**token_batch)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    for site, value in got.items():
+        torch.testing.assert_close(value, acts[site].float(), rtol=1e-6, atol=1e-6)

@@ -149,7 +149,7 @@ def _block_energy(
     """
     p_sum, p_clean, clean_y, log_norm = stats.unbind(1)
     p_r = prob @ r  # Σ_v p_v R_v (n, m)
-    mu = rho * p_clean - (a * p_r).sum(-1)
+    mu = (rho * p_clean - (a * p_r).sum(-1)).to(clean.dtype)
 
     def shifted() -> Tensor:  # t = ρ G - μ - a Rᵀ
         t = torch.mul(clean, rho[:, None], out=out).sub_(mu[:, None])
@@ -270,50 +270,57 @@ class FactoredReadout:
             budget -= self._prepare(index, hiddens[rows], delta[rows], weight[rows], lab, budget)
         for item in self._chunk:  # then clean probabilities with what is left
             if "clean" in item and item["clean"].numel() * item["clean"].element_size() <= budget:
-                item["prob"] = (item["clean"] + self.bias).sub_(item["stats"][:, 3:]).exp_()
+                log_norm = item["stats"][:, 3:].to(self.dtype)
+                item["prob"] = (item["clean"] + self.bias).sub_(log_norm).exp_()
                 budget -= item["prob"].numel() * item["prob"].element_size()
 
+    @torch.no_grad()
     def _prepare(
         self, index: int, h: Tensor, delta: Tensor, weight: Tensor, labels: Tensor | None,
         budget: float,
     ) -> int:  # fmt: skip
-        """Clean statistics of one chunk; returns the bytes of the cached ``G`` (0 if none)."""
+        """Clean statistics of one chunk, block by block (so no (n, V) temporary is larger
+        than a block); returns the bytes of the cached ``G`` (0 if it does not fit)."""
         f = self.factors
         g = f.pre_norm(h.reshape(-1, self.d).to(torch.float64))
         x = g - g.mean(-1, keepdim=True) if f.centre else g
         square = x.pow(2).sum(-1)
         scale = torch.sqrt(square / self.d + f.eps) if f.scale else torch.ones_like(square)
-        clean = (x.to(self.dtype) @ self.w_gain.T) / scale.to(self.dtype)[:, None]
-        log_p = torch.log_softmax(clean + self.bias, -1)
-        if not torch.isfinite(log_p).all():
-            raise ValueError("the lens gives NaN/inf logits on the clean hidden states")
-        prob = log_p.exp().double()
+        n, vocab = x.shape[0], self.bias.shape[0]
+        size = n * vocab * self.bias.element_size()
         item = {
             "square": square,
             "scale": scale,
             "x_m": x if self.m is None else x @ self.m,  # x M (n, d), float64
             "delta": delta.reshape(-1, self.d).to(torch.float64),
             "weight": weight.reshape(-1).to(self.dtype),
+            "x": x.to(self.dtype),
+            # per position, float64: Σ p, Σ p G, G_y, log Σ e^z
+            "stats": torch.zeros(n, 4, dtype=torch.float64, device=x.device),
         }
-        clean_y = torch.zeros_like(square)
         if labels is not None:
             item["labels"] = labels.reshape(-1).clamp_min(0)
-            clean_y = clean.gather(-1, item["labels"][:, None]).squeeze(-1).double()
-        stats = [
-            prob.sum(-1),  # Σ p
-            torch.linalg.vecdot(prob, clean.double()),  # Σ p G
-            clean_y,  # G_y
-            torch.logsumexp(clean + self.bias, -1).double(),  # log Σ e^z
-        ]
-        item["stats"] = torch.stack(stats, 1).to(self.dtype)
-        size = clean.numel() * clean.element_size()
         if size <= budget:
-            item["clean"] = clean
-        else:
-            item["x"] = x.to(self.dtype)
-            size = 0
+            item["clean"] = self.bias.new_empty(n, vocab)
+        stats = item["stats"]
+        for block in self.blocks(slice(0, n)):
+            clean = self.clean(item, block) if "clean" not in item else item["clean"][block]
+            if "clean" in item:
+                torch.mm(item["x"][block], self.w_gain.T, out=clean)
+                clean.div_(scale[block].to(self.dtype)[:, None])
+            logits = torch.add(clean, self.bias, out=self.work(block.stop - block.start)[3])
+            stats[block, 3] = torch.logsumexp(logits, -1).to(torch.float64)
+            if not bool(torch.isfinite(stats[block, 3]).all()):
+                raise ValueError("the lens gives NaN/inf logits on the clean hidden states")
+            prob = logits.sub_(stats[block, 3:].to(self.dtype)).exp_()
+            stats[block, 0] = prob.sum(-1, dtype=torch.float64)
+            stats[block, 1] = (prob * clean).sum(-1, dtype=torch.float64)
+            if labels is not None:
+                stats[block, 2] = clean.gather(-1, item["labels"][block, None])[:, 0].double()
+        if "clean" in item:
+            del item["x"]
         self._chunk.append(item)
-        return size
+        return size if "clean" in item else 0
 
     @property
     def cached_fraction(self) -> float:
@@ -347,7 +354,7 @@ class FactoredReadout:
             return item["prob"][block]
         out = self.work(block.stop - block.start)[3]
         torch.add(clean, self.bias, out=out)
-        return out.sub_(item["stats"][block, 3:]).exp_()
+        return out.sub_(item["stats"][block, 3:].to(self.dtype)).exp_()
 
     def clean_logits(self, index: int) -> Tensor:
         """The clean logits (n, V) of chunk ``index`` from the factors (flattened positions)."""

@@ -255,9 +255,8 @@ class AblationObjective:
         """
         factors_of = getattr(self.target, "lens_factors", None)
         factors = factors_of() if fast and callable(factors_of) else None
-        usable = factors is not None and check_factors(
-            factors, self.target, self.hiddens[:1].reshape(-1, self.hiddens.shape[-1])[:64]
-        )
+        probe = self.hiddens.reshape(-1, self.hiddens.shape[-1])[:64]
+        usable = factors is not None and check_factors(factors, self.target, probe)
         votes = all_reduce_sum(torch.tensor(float(usable), dtype=torch.float64))
         if factors is None or int(votes.item()) != get_world_size():
             return None

@@ -4,6 +4,7 @@ stopping rule, subsample and bookkeeping (``tyche.causal.search``), and the join
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -197,6 +198,38 @@ def test_huge_ablated_logits_take_the_overflow_safe_route():
         e2, g2 = direct.value_and_grad(big)
         torch.testing.assert_close(e1, e2, rtol=F64_RTOL, atol=0)
         torch.testing.assert_close(g1, g2, rtol=F64_RTOL, atol=F64_RTOL * float(g2.abs().max()))
+
+
+def test_a_common_shift_of_the_ablated_logits_cannot_underflow_float32():
+    """Ablating a direction the readout sees in every row lowers all logits by ~95: e^Δ
+    (Δ = ablated - clean logits) is subnormal in float32 (below e^-87), so the fast path must
+    exponentiate Δ - Σ p Δ (which cannot underflow), and it must not carry the shared ~95 in
+    float32 (ulp 8e-6: errors ~1e-5 nats, measured before the readout was centred). Bounds as
+    for the float32 comparison above (measured here ≤ 6e-8 on energies, ≤ 9e-7 on gradients
+    relative to their largest entry)."""
+    h, mask, labels, _ = problem(dtype=torch.float32)
+    big = torch.linalg.qr(torch.randn(64, 1, generator=torch.Generator().manual_seed(3)))[0]
+    h = h - (h @ big) * big[:, 0] + 10 * big[:, 0]  # h·big = 10 everywhere
+    readout = nn.Linear(64, 512, bias=False)
+    with torch.no_grad():  # every logit row reads 9.5 h·big more
+        weight = torch.randn(512, 64, generator=torch.Generator().manual_seed(4)) / 16
+        readout.weight.copy_(weight + 9.5 * big[:, 0])
+    target = LogitLens(nn.Identity(), readout)
+    exact = LogitLens(nn.Identity(), copy.deepcopy(readout).double())
+    with torch.no_grad():
+        delta = target(h - (h @ big) * big[:, 0]) - target(h)
+    assert float(delta.max()) < -87  # e^Δ is subnormal or zero in float32 everywhere
+    for objective in ("kl", "ce"):
+        kw = dict(mode="zero", objective=objective, mask=mask, labels=labels)
+        fast = AblationObjective(target, h, **kw)
+        assert fast.factored is not None
+        oracle = AblationObjective(exact, h.double(), fast=False, **kw)
+        e0, g0 = oracle.value_and_grad(big.double())
+        e, g = fast.value_and_grad(big)
+        assert abs(e0) > 1e-2  # a real energy (CE increase may be negative)
+        assert abs(float(e) - float(e0)) <= F32_FAST_ATOL, objective
+        atol = F32_GRAD_RTOL * float(g0.abs().max())
+        torch.testing.assert_close(g.double(), g0, rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------- search

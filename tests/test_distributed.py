@@ -40,7 +40,7 @@ def test_single_process_is_a_no_op(capsys, monkeypatch):
     assert td.shard_range(7) == range(7)
     x = torch.arange(6.0).view(2, 3)
     summed = td.all_reduce_sum(x)
-    assert torch.equal(summed, x) and summed is not x
+    assert torch.equal(summed, x) and summed is not x  # one process: a copy, no arithmetic
     assert td.all_gather_cat(x, dim=1) is x
     td.barrier()
     td.rank0_print("hello", 3)

@@ -76,6 +76,7 @@ def make_demo() -> Demo:
 
 
 def assert_same(a, b) -> None:
+    """Exact equality: safetensors and JSON (repr) round-trip every bit, so no tolerance."""
     assert type(a) is type(b), (type(a), type(b))
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
@@ -119,7 +120,7 @@ def test_round_trip_every_kind_of_field(tmp_path):
 def test_tensor_dtypes_round_trip(tmp_path, dtype):
     x = (torch.arange(12) % 5).to(dtype).view(3, 4)
     back = load_result(Other, save_result(Other(x=x), tmp_path / "r"))
-    assert back.x.dtype == dtype and torch.equal(back.x, x)
+    assert back.x.dtype == dtype and torch.equal(back.x, x)  # stored bits: exact
 
 
 def test_layout_is_safetensors_and_json_without_pickle(tmp_path, monkeypatch):

@@ -1,4 +1,12 @@
-"""Tests for tyche.sites: alias resolution, globs, read/replace hooks, hook hygiene."""
+"""Tests for tyche.sites: alias resolution, globs, read/replace hooks, hook hygiene.
+
+Tolerances: a hook reads the very tensor a module returns, so reads compare exactly
+(rtol = atol = 0). Where a test recomputes a value (a module applied to a read tensor, a rerun
+after a replacement) the float32 ops are the same as the model's on the same values, and they
+measure identical; assert_close's float32 default (rtol 1.3e-6, atol 1e-5) only leaves room for
+a reduction evaluated in another order (64-128-term sums of |x| ≲ 5: ≲ 128·2^-24·5 ≈ 4e-5 at
+worst, ~1e-7 in practice) and is far below the O(1) change of a wrong site or a lost patch.
+"""
 
 from __future__ import annotations
 
@@ -87,13 +95,14 @@ def test_residual_stream_matches_output_hidden_states(hf_model, token_batch):
         out = hf_model(**token_batch, output_hidden_states=True)
     hidden = out.hidden_states
     assert len(hidden) == 3
+    # exact: the hooks see the tensors HF returns as hidden states
     torch.testing.assert_close(acts["resid_pre.0"], hidden[0], rtol=0, atol=0)
     torch.testing.assert_close(acts["resid_post.0"], hidden[1], rtol=0, atol=0)
     torch.testing.assert_close(acts["resid_pre.1"], acts["resid_post.0"], rtol=0, atol=0)
     # HF replaces the last hidden state with the final norm's output, so resid_post.{L-1}
     # differs from hidden_states[L]; the final norm maps one to the other, and that is unembed
     last = acts["resid_post.1"]
-    assert not torch.allclose(last, hidden[2], atol=1e-3)
+    assert not torch.allclose(last, hidden[2], atol=1e-3)  # a LayerNorm apart: O(1)
     with torch.no_grad():
         torch.testing.assert_close(final_norm(hf_model)(last), hidden[2])
         torch.testing.assert_close(acts["unembed"], hidden[2], rtol=0, atol=0)
@@ -106,6 +115,8 @@ def test_block_decomposes_into_attention_and_mlp(hf_model, token_batch):
         logits(hf_model, token_batch)
     for i in range(2):
         summed = acts[f"resid_pre.{i}"] + acts[f"attn_out.{i}"] + acts[f"mlp_out.{i}"]
+        # the block may add in another order (NeoX's parallel residual): two float32 additions
+        # of |x| ≲ 5 differ by ≲ 2·2^-24·5 ≈ 6e-7; measured 1.5e-8. Float32 default
         torch.testing.assert_close(acts[f"resid_post.{i}"], summed)
         heads = acts[f"attn_heads.{i}"]
         assert heads.shape == (4, 16, 4, 16)
@@ -114,12 +125,12 @@ def test_block_decomposes_into_attention_and_mlp(hf_model, token_batch):
             torch.testing.assert_close(projection(heads.flatten(-2)), acts[f"attn_out.{i}"])
     with torch.no_grad():
         token_embedding = embedding(hf_model)(token_batch["input_ids"])
-    torch.testing.assert_close(acts["embed"], token_embedding, rtol=0, atol=0)
+    torch.testing.assert_close(acts["embed"], token_embedding, rtol=0, atol=0)  # a lookup: exact
     if hasattr(hf_model, "transformer"):  # GPT-2 adds learned positions to the token embedding
         with torch.no_grad():
             positions = hf_model.transformer.wpe(torch.arange(16))
         torch.testing.assert_close(acts["resid_pre.0"], acts["embed"] + positions)
-    else:
+    else:  # exact: the first block gets the embedding itself (dropout is off in eval)
         torch.testing.assert_close(acts["resid_pre.0"], acts["embed"], rtol=0, atol=0)
 
 
@@ -137,6 +148,7 @@ def test_identity_replacement_leaves_logits_unchanged(hf_model, token_batch):
         after = logits(hf_model, token_batch)
     assert len(sites) == len(calls) == 12
     assert (4, 16, 4, 16) in calls  # the heads view
+    # exact: clones of the same values go through the same ops
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
@@ -160,8 +172,10 @@ def test_zeroing_a_head_equals_zeroing_its_projection_columns(hf_model, token_ba
             projection.weight[:, cols] = 0
         else:  # GPT-2's Conv1D stores (in, out)
             projection.weight[cols, :] = 0
+    # zero inputs or zero weights give the same products (0) in the same sums: measured
+    # identical; float32 default
     torch.testing.assert_close(ablated, logits(edited, token_batch))
-    assert (ablated - before).abs().max() > 1e-4
+    assert (ablated - before).abs().max() > 1e-4  # and the head mattered (measured ≥ 0.1)
 
 
 def test_tensor_substitute_patches_in_another_run(hf_model, token_batch):
@@ -170,7 +184,7 @@ def test_tensor_substitute_patches_in_another_run(hf_model, token_batch):
         target = logits(hf_model, other)
     with replace_activations(hf_model, {"resid_pre.1": acts["resid_pre.1"]}):
         patched = logits(hf_model, token_batch)
-    torch.testing.assert_close(patched, target)
+    torch.testing.assert_close(patched, target)  # the same tensor onwards: same ops (docstring)
     assert not torch.allclose(patched, logits(hf_model, token_batch))
     # a broadcast float64 substitute is cast to the activation's dtype
     with replace_activations(hf_model, {"mlp_out.0": torch.zeros(64, dtype=torch.float64)}):
@@ -179,6 +193,7 @@ def test_tensor_substitute_patches_in_another_run(hf_model, token_batch):
         by_function = logits(hf_model, token_batch)
     assert by_tensor.dtype == torch.float32
     assert not torch.allclose(by_tensor, logits(hf_model, token_batch))
+    # exact: zeros either way, then the same ops
     torch.testing.assert_close(by_tensor, by_function, rtol=0, atol=0)
 
 
@@ -315,7 +330,7 @@ def test_plain_sequential_with_raw_globs():
     with read_activations(mlp, ["*", "0:input"]) as acts:
         y = mlp(x)
     hidden = mlp[0](x)
-    torch.testing.assert_close(acts["0:input"], x, rtol=0, atol=0)
+    torch.testing.assert_close(acts["0:input"], x, rtol=0, atol=0)  # the input itself: exact
     torch.testing.assert_close(acts["0"], hidden)
     torch.testing.assert_close(acts["1"], hidden.relu())
     torch.testing.assert_close(acts["2"], y)
@@ -387,7 +402,7 @@ def test_unknown_architecture_found_by_structure():
     }
     for i in range(3):
         summed = acts[f"resid_pre.{i}"] + acts[f"attn_out.{i}"] + acts[f"mlp_out.{i}"]
-        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)
+        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)  # the block's own two adds
     assert acts["attn_heads.0"].shape == (2, 5, 2, 4)
     zeros = torch.zeros(2, 5, 8)
     with replace_activations(toy, {"resid_pre.1": zeros}), torch.no_grad():

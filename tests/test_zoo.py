@@ -70,6 +70,7 @@ def test_registry_lists_every_entry_with_kind() -> None:
         "digits-mlp",
         "shakespeare-lm",
         "smollm2-135m",
+        "tokfsm",
         "shakespeare",
         "stdlib-docs",
         "fashion-mnist",
@@ -120,9 +121,11 @@ def test_digits_mlp_full_recipe(digits) -> None:
     # the stored accuracies are those of the loaded weights
     with torch.no_grad():
         acc = (digits.model(digits.x_test).argmax(-1) == digits.y_test).float().mean().item()
+    # a count over 773 images (steps of 1.3e-3), from the same weights through the same ops:
+    # the same count (measured identical)
     assert acc == pytest.approx(digits.test_accuracy, abs=1e-6)
     assert digits.l2_reg == 5e-4
-    assert (
+    assert (  # float64 1/sqrt (~1 ulp), and the value to its 4 printed decimals
         digits.prior_sigma
         == pytest.approx(1 / math.sqrt(5e-4 * 1024))
         == pytest.approx(1.3975, abs=1e-4)
@@ -141,6 +144,7 @@ def test_digits_training_is_deterministic() -> None:
     cfg = DigitsMLPConfig(epochs=2)
     model_a, state_a, metrics_a = train_digits_mlp(cfg)
     model_b, state_b, _ = train_digits_mlp(cfg)
+    # exact: one process, the same seeds, threads and kernels, so the same ops in the same order
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
         assert torch.equal(state_a[name]["exp_avg_sq"], state_b[name]["exp_avg_sq"])
@@ -151,6 +155,9 @@ def test_digits_training_is_deterministic() -> None:
 
 def test_cached_digits_equal_a_fresh_training(digits) -> None:
     fresh, _, _ = train_digits_mlp()
+    # exact: conftest points the cache at this session's temporary folder, so the cached model
+    # was trained in this process with the same threads and kernels. (A cache written under
+    # another thread count or ATEN_CPU_CAPABILITY may differ in the last bits.)
     for (name, a), b in zip(fresh.state_dict().items(), digits.model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -162,6 +169,9 @@ def test_digits_adam_state_oracle_after_one_step() -> None:
     x, y, _, _ = digits_split(cfg.seed, cfg.train_size)
     model = build_digits_mlp(cfg.hidden, cfg.seed)
     l2_loss(model, x, y, cfg.l2_reg).backward()  # one full batch: order does not matter
+    # float32: the training step and this backward may round differently (~1e-6 relative),
+    # 1 - β1 may be 0.1 only to 2.4e-7; tiny entries get the absolute floor. Measured within 1/21
+    # (exp_avg) and 1/50 (exp_avg_sq) of these tolerances; a wrong moment or step is off by O(1)
     for name, p in model.named_parameters():
         torch.testing.assert_close(state[name]["exp_avg"], 0.1 * p.grad, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(
@@ -172,7 +182,8 @@ def test_digits_adam_state_oracle_after_one_step() -> None:
 def test_digits_mlp_is_a_plain_sequential() -> None:
     model = build_digits_mlp()
     assert [type(m).__name__ for m in model] == ["Linear", "GELU", "Linear"]
-    # init: every parameter ~ N(0, 1/fan_in); the 4096 first-layer weights pin the std
+    # init: every parameter ~ N(0, 1/fan_in); the 4096 first-layer weights pin the std to a
+    # relative standard error of 1/sqrt(2·4096) = 1.1%: 5% is 4.5 standard errors (seeded: 0.7%)
     assert model[0].weight.std().item() == pytest.approx(1 / 8, rel=0.05)
 
 
@@ -189,7 +200,7 @@ def test_optimizer_state_round_trip(tmp_path: Path) -> None:
     assert sorted(loaded) == sorted(state)
     for name in state:
         for moment in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(loaded[name][moment], state[name][moment])
+            assert torch.equal(loaded[name][moment], state[name][moment])  # stored bits
 
 
 def _tiny_neox():
@@ -229,6 +240,7 @@ def test_local_folder_with_trainer_optimizer_pt(tmp_path: Path) -> None:
     assert resolved.tokenizer is None and resolved.name == str(tmp_path)
     assert sorted(resolved.optimizer_state) == sorted(expected)
     for name, moments in expected.items():
+        # exact: the stored bits, mapped by name
         assert torch.equal(resolved.optimizer_state[name]["exp_avg_sq"], moments["exp_avg_sq"])
 
 
@@ -350,7 +362,7 @@ def test_resolve_model_digits(digits) -> None:
     resolved = resolve_model("zoo:digits-mlp")
     assert resolved.name == "zoo:digits-mlp" and resolved.tokenizer is None
     assert sorted(resolved.optimizer_state) == sorted(digits.optimizer_state)
-    assert torch.equal(resolved.model[2].weight, digits.model[2].weight)
+    assert torch.equal(resolved.model[2].weight, digits.model[2].weight)  # the cached weights
     assert not resolved.model.training
 
 
@@ -374,6 +386,7 @@ def test_unigram_cross_entropy_oracle() -> None:
     train = torch.tensor([0, 0, 0, 1])  # counts + 1 over vocab 3: [4, 2, 1] / 7
     held = torch.tensor([0, 2])
     expected = -(math.log(4 / 7) + math.log(1 / 7)) / 2
+    # float64, two logs and a mean: a few eps
     assert unigram_cross_entropy(train, held, 3) == pytest.approx(expected, rel=1e-12)
 
 
@@ -395,6 +408,7 @@ def test_tiny_shakespeare_lm_save_load_round_trip(tmp_path: Path) -> None:
     metrics = train_shakespeare_lm(out, TINY_LM, progress=False)
     saved = json.loads((out / "zoo.json").read_text())
     for key in ("held_out_loss", "unigram_loss", "initial_held_out_loss", "n_params"):
+        # the same floats through JSON (exact repr): measured identical
         assert math.isfinite(saved[key]) and saved[key] == pytest.approx(metrics[key])
     assert saved["units"]["held_out_loss"] == "nats/token"
     assert saved["config"]["steps"] == 3
@@ -416,6 +430,8 @@ def test_tiny_shakespeare_lm_save_load_round_trip(tmp_path: Path) -> None:
     ids = encode_corpus(tok, held)
     n = min(TINY_LM.eval_windows, len(ids) // TINY_LM.seq_len)
     windows = ids[: n * TINY_LM.seq_len].view(n, TINY_LM.seq_len)
+    # the saved weights (exact bits) through the same float32 evaluation: measured identical;
+    # rel 1e-5 would allow a mean CE over the windows summed in another order (~1e-6)
     assert held_out_loss(model, windows) == pytest.approx(saved["held_out_loss"], rel=1e-5)
 
 

@@ -6,6 +6,7 @@ distributed helpers, result I/O):
 - ``tyche.basin``: basin volume, the log-probability that a random parameter vector keeps
   the model's behaviour within a KL cutoff.
 - ``tyche.causal``: causal bases, directions whose ablation changes the output most.
+- ``tyche.codebook``: codebook features, sparse discrete bottlenecks to train, search, steer.
 - ``tyche.zoo``: real models and data that work offline (``zoo:NAME``).
 
 Heavy submodules (transformers, matplotlib) are imported lazily on first use.
@@ -31,6 +32,7 @@ _LAZY: dict[str, str] = {
     "TunedLens": "tyche.causal.lenses",
     "ModelFromSite": "tyche.causal.lenses",
     "train_tuned_lens": "tyche.causal.train_lens",
+    "CodebookModel": "tyche.codebook.model",
     "chunk_and_tokenize": "tyche.data",
     "iter_batches": "tyche.data",
     "masked_kl": "tyche.divergence",

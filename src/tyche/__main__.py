@@ -20,6 +20,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "basin": ("tyche.basin.cli", "estimate the basin volume (log-probability) of a model"),
     "causal": ("tyche.causal.cli", "extract causal bases (directions whose ablation matters)"),
+    "codebook": ("tyche.codebook.cli", "train, search, steer and browse codebook features"),
     "zoo": ("tyche.zoo.cli", "list, train and inspect the offline zoo of models and data"),
 }
 

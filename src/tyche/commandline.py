@@ -3,8 +3,8 @@
 A command describes its flags as a dataclass whose attribute docstrings are the help text
 (as in ``tyche.basin.cli``); :func:`parse_config` turns it into an ``argparse`` parser:
 
-- ``--name VALUE`` for every field (``--name-with-dashes`` is accepted too), the help text
-  from the attribute's docstring, the default shown once;
+- ``--name VALUE`` for every field, the help text from the attribute's docstring, the
+  default shown once;
 - booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
   ``X | None`` fields take an ``X`` and default to None.
 
@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import shlex
+import sys
 import tempfile
 import textwrap
 import types
@@ -39,6 +40,7 @@ __all__ = [
     "CommandError",
     "check_number",
     "check_readable_text",
+    "best_effort",
     "check_writable_folder",
     "interrupt_hint",
     "on_interrupt",
@@ -147,8 +149,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        flag = f"--{f.name}"
-        names = [flag] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names = [f"--{f.name}"]
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -293,3 +294,21 @@ def check_writable_folder(path: str | os.PathLike[str], flag: str) -> Path:
             f"{flag}: cannot write to {str(folder)!r} ({err.strerror}); choose another folder"
         ) from None
     return folder
+
+
+def best_effort(prog: str, what: str, step: Callable[[], Any], saved_in: Path) -> bool:
+    """Run a reporting ``step`` (a table, a plot); on failure warn on stderr and go on.
+
+    Results are saved before their reports, so a failing report must not end the command or
+    lose them. Returns whether the step succeeded.
+    """
+    try:
+        step()
+        return True
+    except Exception as err:  # a report never loses the results saved before it
+        print(
+            f"{prog}: warning: could not {what} ({type(err).__name__}: {err}); the results are "
+            f"saved in {saved_in}/",
+            file=sys.stderr,
+        )
+        return False

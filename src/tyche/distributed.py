@@ -13,6 +13,7 @@ prints (:func:`rank0_print`) or shows progress bars (:func:`progress`).
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -24,7 +25,9 @@ from tqdm.auto import tqdm
 __all__ = [
     "all_gather_cat",
     "all_reduce_sum",
+    "average_gradients",
     "barrier",
+    "broadcast_",
     "default_device",
     "get_rank",
     "get_world_size",
@@ -91,6 +94,18 @@ def init_distributed() -> None:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    """Tear the group down before the interpreter exits.
+
+    A gloo group left alive at exit can abort the process from a C++ destructor
+    ("terminate called without an active exception", SIGABRT) after all work is done, which
+    ``torchrun`` reports as a failed run.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
@@ -190,3 +205,35 @@ def progress(
     in tqdm. Extra keyword arguments go to tqdm.
     """
     return tqdm(iterable, total=total, desc=desc, disable=disable or get_rank() != 0, **kwargs)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` in place with rank ``src``'s values (no-op in a single process)."""
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_comm_device(t)).contiguous()
+    dist.broadcast(buf, src=src)
+    with torch.no_grad():
+        t.copy_(buf.to(t.device))
+    return t
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every parameter's ``.grad`` by its mean over ranks, in one all-reduce.
+
+    Parameters without a gradient are skipped (every rank must have the same ones). A no-op
+    in a single process. With equal per-rank batches this equals one process's gradient of
+    the mean loss over the whole batch.
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
+    flat = all_reduce_sum(flat) / get_world_size()
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g).to(g.dtype))
+        offset += n

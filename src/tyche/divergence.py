@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["AnchorCache", "forward_logits", "masked_kl", "token_kl"]
+__all__ = ["AnchorCache", "forward_logits", "masked_kl", "token_jsd", "token_kl"]
 
 Reduction = Literal["mean", "example", "token"]
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
@@ -57,6 +57,29 @@ def token_kl(anchor_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     # where p > 0 because log p is finite there.
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=dtype, device=p.device))
     return terms.sum(dim=-1)
+
+
+def token_jsd(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in nats at each position, shape ``logits_p.shape[:-1]``.
+
+    ``JSD(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = (p + q) / 2``, from raw logits (or
+    log-probabilities) ``(..., V)``; symmetric, in ``[0, ln 2]``, 0 only where p = q. Maths in
+    float32 (float64 if either input is float64); ``0 · log 0 = 0``.
+    """
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(
+            f"logits have shapes {tuple(logits_p.shape)} and {tuple(logits_q.shape)}; they "
+            "must match (..., vocab)"
+        )
+    dtype = _compute_dtype(logits_p, logits_q)
+    log_p = torch.log_softmax(logits_p.to(dtype), dim=-1)
+    log_q = torch.log_softmax(logits_q.to(dtype), dim=-1)
+    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=dtype))
+    zero = torch.zeros((), dtype=dtype, device=log_p.device)
+    p, q = log_p.exp(), log_q.exp()
+    kl_p = torch.where(p > 0, p * (log_p - log_m), zero).sum(-1)
+    kl_q = torch.where(q > 0, q * (log_q - log_m), zero).sum(-1)
+    return 0.5 * (kl_p + kl_q)
 
 
 def _as_weights(mask: torch.Tensor | None, shape: torch.Size, ref: torch.Tensor) -> torch.Tensor:

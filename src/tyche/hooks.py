@@ -2,11 +2,15 @@
 
 :func:`read_activations` records the tensors at some sites into an :class:`Activations`
 dict; :func:`replace_activations` swaps them for the output of a function or for a fixed
-tensor. Sites are named and resolved by :mod:`tyche.sites` (aliases such as ``resid_pre.*``,
-module names, globs); an ``attn_heads`` site is read and replaced as its per-head view
-``(B, T, n_heads, d_head)``. All three are also importable from ``tyche.sites``.
+tensor, and :func:`add_replacement_hooks` does the same until its hooks are removed (to
+insert a computation into a model for good). Sites are named and resolved by
+:mod:`tyche.sites` (aliases such as ``resid_pre.*``, module names, globs); an
+``attn_heads`` site is read and replaced as its per-head view ``(B, T, n_heads, d_head)``.
+``read_activations``, ``replace_activations`` and ``Activations`` are also importable from
+``tyche.sites``.
 
-Hooks never outlive their ``with`` block, also when the forward pass raises. Tensors keep
+The context managers' hooks never outlive their ``with`` block, also when the forward pass
+raises. Tensors keep
 the device and dtype of the module that produced them.
 """
 
@@ -21,7 +25,13 @@ from torch import nn
 
 from tyche.sites import Site, _Catalog, _resolve, resolve_sites
 
-__all__ = ["Activations", "read_activations", "replace_activations"]
+__all__ = [
+    "Activations",
+    "ReplacementHooks",
+    "add_replacement_hooks",
+    "read_activations",
+    "replace_activations",
+]
 
 _INPUT_KWARGS = ("hidden_states", "hidden_state", "x", "input", "inputs_embeds")
 
@@ -167,6 +177,76 @@ def read_activations(
         yield store
 
 
+class ReplacementHooks:
+    """Hooks placed by :func:`add_replacement_hooks`; they stay until :meth:`remove`.
+
+    ``sites`` lists the resolved sites in forward order. Also a context manager that removes
+    the hooks on exit.
+    """
+
+    def __init__(self, sites: list[Site], handles: list[Any]) -> None:
+        self.sites = sites
+        self._handles = handles
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`remove` was called."""
+        return bool(self._handles)
+
+    def __enter__(self) -> ReplacementHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _replacement_plan(
+    model: nn.Module, mapping: Mapping[str | Site, Replacement]
+) -> tuple[list[Site], dict[Site, Replacement]]:
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise TypeError("replacing activations needs a non-empty mapping {site: fn or tensor}")
+    catalog = _Catalog(model)
+    plan: dict[Site, Replacement] = {}
+    for key, replacement in mapping.items():
+        if not (callable(replacement) or isinstance(replacement, torch.Tensor)):
+            raise TypeError(f"replacement for {key!r} must be callable or a Tensor")
+        for site in _resolve(catalog, key):
+            if site in plan:
+                raise ValueError(f"site {site.name} is targeted by two keys of the mapping")
+            plan[site] = replacement
+    return sorted(plan, key=catalog.order_key), plan
+
+
+def add_replacement_hooks(
+    model: nn.Module, mapping: Mapping[str | Site, Replacement]
+) -> ReplacementHooks:
+    """Replace the tensors at sites in every forward pass until the returned hooks are removed.
+
+    The persistent form of :func:`replace_activations` (same ``mapping``); use it to insert
+    a module's computation into a model for good, e.g. a bottleneck at every MLP output.
+    If a registration fails, the hooks placed so far are removed before the error propagates.
+    """
+    ordered, plan = _replacement_plan(model, mapping)
+
+    def replacer(site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda tensor: _replaced(tensor, site, plan[site])
+
+    handles: list[Any] = []
+    try:
+        for site in ordered:
+            handles.append(_hook(site, replacer(site)))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return ReplacementHooks(ordered, handles)
+
+
 @contextmanager
 def replace_activations(
     model: nn.Module, mapping: Mapping[str | Site, Replacement]
@@ -178,21 +258,8 @@ def replace_activations(
     activation (broadcast to its shape, cast to its device and dtype). Yields the resolved
     sites. Hooks run in registration order, so reads opened inside see replaced values.
     """
-    if not isinstance(mapping, Mapping) or not mapping:
-        raise TypeError("replace_activations needs a non-empty mapping {site: fn or tensor}")
-    catalog = _Catalog(model)
-    plan: dict[Site, Replacement] = {}
-    for key, replacement in mapping.items():
-        if not (callable(replacement) or isinstance(replacement, torch.Tensor)):
-            raise TypeError(f"replacement for {key!r} must be callable or a Tensor")
-        for site in _resolve(catalog, key):
-            if site in plan:
-                raise ValueError(f"site {site.name} is targeted by two keys of the mapping")
-            plan[site] = replacement
-    ordered = sorted(plan, key=catalog.order_key)
-
-    def replacer(site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda tensor: _replaced(tensor, site, plan[site])
-
-    with _hooks_removed_on_exit(_hook(s, replacer(s)) for s in ordered):
-        yield ordered
+    hooks = add_replacement_hooks(model, mapping)
+    try:
+        yield hooks.sites
+    finally:
+        hooks.remove()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tyche.commandline import (
     CommandError,
+    best_effort,
     check_number,
     check_readable_text,
     check_writable_folder,
@@ -504,21 +505,11 @@ def _finish(rows: list, n_params: int, plan: Plan) -> None:
     from tyche.io import write_json
 
     table = [{"preconditioner": k, "cutoff": c, **r.summary(), "seconds": s} for k, c, r, s in rows]
-    _safely("write summary.json", lambda: write_json(plan.out / "summary.json", table), plan)
-    _safely("print the table", lambda: print(report(rows, n_params)), plan)
-    _safely("draw the plots", lambda: _plots(rows, n_params, plan), plan)
+    best_effort(PROG, "write summary.json", lambda: write_json(plan.out / "summary.json", table),
+                plan.out)  # fmt: skip
+    best_effort(PROG, "print the table", lambda: print(report(rows, n_params)), plan.out)
+    best_effort(PROG, "draw the plots", lambda: _plots(rows, n_params, plan), plan.out)
     print(f"results in {plan.out}/ (one folder per preconditioner and cutoff)")
-
-
-def _safely(what: str, step: Any, plan: Plan) -> None:
-    try:
-        step()
-    except Exception as err:  # a report must never lose the results saved before it
-        print(
-            f"tyche basin: warning: could not {what} ({type(err).__name__}: {err}); the results "
-            f"are saved in {plan.out}/",
-            file=sys.stderr,
-        )
 
 
 def report(rows: list, n_params: int) -> str:

@@ -35,6 +35,23 @@ Strategy = Literal["auto", "vmap", "loop", "inplace"]
 INPLACE_ABOVE = 10_000_000
 
 
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that ``err`` was raised while handling, if any.
+
+    A Ctrl-C that lands while ``torch.vmap`` enters its nesting level comes out as a
+    RuntimeError (functorch's "dynamicLayerStack.empty()" assertion) whose context is the
+    interrupt; it must stop the run, not pass for a model that vmap cannot batch.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _batches(inputs: Inputs, mask: torch.Tensor | None, batch_size: int | None):
     """Split the evaluation data into (model kwargs or tensor, mask) chunks of batch_size rows."""
     if isinstance(inputs, Mapping):
@@ -119,7 +136,10 @@ class ModelLoss:
                 with warnings.catch_warnings():  # sdpa has no batching rule: a slower fallback
                     warnings.filterwarnings("ignore", message=".*batching rule.*")
                     return torch.vmap(lambda d: self._kl(self._perturbed(d)))(split)
-            except Exception:
+            except Exception as err:
+                interrupt = _interrupt_behind(err)
+                if interrupt is not None:  # Ctrl-C inside vmap, not a model that refuses it
+                    raise interrupt from None
                 if self.strategy == "vmap":
                     raise
                 self.strategy = "loop"

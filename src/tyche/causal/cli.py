@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tyche.commandline import (
     CommandError,
+    best_effort,
     check_number,
     check_readable_text,
     check_writable_folder,
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from tyche.causal.result import CausalBasis
 
 __all__ = ["CausalConfig", "TrainLensConfig", "main"]
+
+PROG = "tyche causal"
 
 
 @dataclass
@@ -240,17 +242,6 @@ def _tokens(cfg: DataConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
     return chosen
 
 
-def _safely(what: str, step: Any, out: Path) -> None:
-    try:
-        step()
-    except Exception as err:  # a report must never lose the results saved before it
-        print(
-            f"tyche causal: warning: could not {what} ({type(err).__name__}: {err}); the bases "
-            f"are saved in {out}/",
-            file=sys.stderr,
-        )
-
-
 # ----------------------------------------------------------------------------- run
 def run_causal(cfg: CausalConfig) -> dict:
     """Run ``tyche causal`` with a parsed config; returns ``{site: CausalBasis}``."""
@@ -308,16 +299,18 @@ def run_causal(cfg: CausalConfig) -> dict:
                                  "pca_energies": None if b.pca_energies is None
                                  else b.pca_energies.tolist(),
                                  "n_evals": b.n_evals} for s, b in bases.items()}}  # fmt: skip
-        _safely("write summary.json", lambda: write_json(out / "summary.json", summary), out)
+        best_effort(
+            PROG, "write summary.json", lambda: write_json(out / "summary.json", summary), out
+        )
         head = (
             f"\ncausal bases of {cfg.model} ({cfg.mode} ablation, {cfg.objective}, "
             f"{cfg.target} target, {tokens['input_ids'].numel()} tokens, {elapsed:.1f} s)"
         )
-        _safely("print the table", lambda: print(head + "\n" + energy_table(bases)), out)
+        best_effort(PROG, "print the table", lambda: print(head + "\n" + energy_table(bases)), out)
         if cfg.refine == "joint":
-            _safely("print the joint table", lambda: print(joint_table(bases)), out)
+            best_effort(PROG, "print the joint table", lambda: print(joint_table(bases)), out)
         if cfg.plot:
-            _safely("draw energies.png",
+            best_effort(PROG, "draw energies.png",
                     lambda: print(f"figure: {causal_energies(bases, out / 'energies.png')}"),
                     out)  # fmt: skip
         print(f"saved {len(bases)} bases under {out}/")
@@ -353,7 +346,7 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "train-lens":
         run_train_lens(parse_config(TrainLensConfig, argv[1:], "tyche causal train-lens"))
         return
-    run_causal(parse_config(CausalConfig, argv, "tyche causal"))
+    run_causal(parse_config(CausalConfig, argv, PROG))
 
 
 def energy_table(bases: Mapping[str, CausalBasis], n_show: int = 4) -> str:

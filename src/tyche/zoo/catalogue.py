@@ -24,6 +24,7 @@ _TABLE: dict[str, tuple[str, str]] = {
     "digits-mlp": ("model", "tyche.zoo.digits:DigitsMLPEntry"),
     "shakespeare-lm": ("model", "tyche.zoo.shakespeare_lm:ShakespeareLMEntry"),
     "smollm2-135m": ("model", "tyche.zoo.smollm2:SmolLM2Entry"),
+    "tokfsm": ("model", "tyche.zoo.tokfsm:TokFSMEntry"),
     "shakespeare": ("data", "tyche.zoo.text:ShakespeareEntry"),
     "stdlib-docs": ("data", "tyche.zoo.text:StdlibDocsEntry"),
     "fashion-mnist": ("data", "tyche.zoo.fashion_mnist:FashionMNISTEntry"),

@@ -67,6 +67,16 @@ def summarize(name: str, metrics: dict[str, Any]) -> str:
             f"smollm2-135m: {metrics['n_params']:,} parameters ({metrics['architecture']}, "
             f"vocab {metrics['vocab_size']}), converted in {metrics['convert_seconds']:.0f} s"
         )
+    if name == "tokfsm":
+        cb, base = metrics["codebooks"], metrics["baseline"]
+        return (
+            f"tokfsm: first-transition accuracy {cb['first_transition_accuracy']:.3f} with "
+            f"codebooks, {base['first_transition_accuracy']:.3f} without; transition accuracy "
+            f"{cb['transition_accuracy']:.3f} vs {base['transition_accuracy']:.3f} "
+            f"(ratio {metrics['transition_ratio']:.2f})\n"
+            f"  {metrics['config']['steps']} steps each; trained in {cb['train_seconds']:.0f} s "
+            f"+ {base['train_seconds']:.0f} s; step time ratio {metrics['step_time_ratio']:.2f}"
+        )
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}
     return f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + " (ready)"
 

@@ -1,0 +1,535 @@
+"""Codebook layers: snap each activation vector to the mean of its k most similar codes.
+
+For an input ``x`` of width ``d`` a codebook with codes ``C ∈ R^{N×d}`` computes
+
+    x̂ = LayerNorm(x)                       (learned affine, eps 1e-5)
+    s_j = sim(x̂, c_j)                      for every code j
+    S = top-k indices of s                 (ids, best first)
+    y = (1/k) Σ_{j∈S} c_j                  (the layer's output, replacing x)
+
+with ``sim`` one of
+
+- ``"inner_product"``: ⟨x̂, c_j⟩ / ‖c_j‖ (the original's default),
+- ``"cosine"``: ⟨x̂, c_j⟩ / (‖x̂‖ ‖c_j‖) (the same ranking as inner_product),
+- ``"euclidean"``: −‖x̂ − c_j‖.
+
+Gradients (``loss``), with ``g = ∂L/∂y`` and ``R = mean over tokens of ‖y − x̂‖²``:
+
+==============  =================================  ===================================
+``loss``        codes receive                      the input x̂ receives
+==============  =================================  ===================================
+``aeloss``      ∂L/∂C through y, plus ∂R/∂C        g (straight-through)
+``fullaeloss``  ∂L/∂C through y, plus ∂R/∂C        g + β ∂R'/∂x̂ (commitment)
+``vqvae``       ∂R/∂C only                         g + β ∂R'/∂x̂ (commitment)
+``base``        ∂L/∂C through y                    g
+==============  =================================  ===================================
+
+``R'`` is ``R`` with ``y`` held fixed. Both terms enter every backward pass through the layer
+with weight 1 (``β`` for the commitment), as per-token means, so their strength does not
+depend on the batch size. Grouped codebooks (:class:`GroupedCodebookLayer`, one per attention
+head) sum the terms over groups.
+
+Every layer counts how often each code was chosen (per token, while training or while
+``count_usage`` is set), can be initialised by k-means (:func:`kmeans`) and can replace
+codes that went unused by recent inputs (:meth:`GroupedCodebookLayer.replace_dead_codes`).
+Interventions (``layer.edits``, set by :func:`tyche.codebook.interventions`) patch the chosen
+ids before the output is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LOSSES",
+    "SIMILARITIES",
+    "CodeEdit",
+    "CodebookLayer",
+    "GroupedCodebookLayer",
+    "kmeans",
+]
+
+Similarity = Literal["inner_product", "cosine", "euclidean"]
+Loss = Literal["aeloss", "fullaeloss", "vqvae", "base"]
+SIMILARITIES: tuple[str, ...] = ("inner_product", "cosine", "euclidean")
+LOSSES: tuple[str, ...] = ("aeloss", "fullaeloss", "vqvae", "base")
+#: inputs kept per group for dead-code replacement (an evenly spaced subset of the last batch)
+RECENT_INPUTS = 4096
+
+
+@dataclass(frozen=True)
+class CodeEdit:
+    """One edit of the chosen code ids of a layer (see :mod:`tyche.codebook.interventions`).
+
+    ``kind``: ``"force"`` (every slot takes the forced codes, round robin), ``"replace"``
+    (slot ``slot`` takes the code), ``"append"`` (an extra slot with the code), ``"block"``
+    (the code is never chosen: with ``refill`` the next best code takes its place, without
+    it its slot outputs zero but still counts in the mean). ``group`` is the head (None: all
+    groups); ``positions`` index the sequence axis (None: every position).
+    """
+
+    kind: Literal["force", "replace", "append", "block"]
+    code: int
+    group: int | None = None
+    positions: tuple[int, ...] | None = None
+    slot: int = -1
+    refill: bool = True
+
+
+class _SnapGradient(torch.autograd.Function):
+    """Identity on ``y`` forwards; backwards it adds the reconstruction/commitment gradients.
+
+    ``recon`` and ``commit`` are the factors of ``(y − x̂)`` and ``(x̂ − y)`` added to the
+    gradients of ``y`` and ``x̂`` (``2/n`` and ``2β/n`` for ``n`` tokens); ``task`` says
+    whether the upstream gradient reaches the codes (False for vqvae).
+    """
+
+    @staticmethod
+    def forward(ctx, y, xhat, recon: float, commit: float, task: bool):  # type: ignore[override]
+        ctx.recon, ctx.commit, ctx.task = recon, commit, task
+        ctx.save_for_backward(y, xhat)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        y, xhat = ctx.saved_tensors
+        diff = y - xhat
+        grad_y = grad if ctx.task else torch.zeros_like(grad)
+        if ctx.recon:
+            grad_y = grad_y + ctx.recon * diff
+        grad_x = grad - ctx.commit * diff if ctx.commit else grad
+        return grad_y, grad_x, None, None, None
+
+
+def kmeans(
+    x: torch.Tensor, n_clusters: int, *, iters: int = 25, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Centres ``(n_clusters, d)`` of ``x`` ``(n, d)`` by k-means++ seeding and Lloyd steps.
+
+    Runs in float32 on ``x``'s device. With fewer points than clusters, points are reused
+    with small noise. Empty clusters are re-seeded at the points farthest from their centre.
+    """
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"kmeans needs a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
+    x = x.detach().float()
+    n = x.shape[0]
+    g = generator
+    if n < n_clusters:
+        reps = x[torch.randint(n, (n_clusters - n,), generator=g, device="cpu").to(x.device)]
+        scale = 1e-3 * x.std().clamp_min(1e-6)
+        noise = torch.randn(reps.shape, generator=g, device="cpu").to(x.device)
+        x = torch.cat([x, reps + scale * noise])
+        n = x.shape[0]
+    sq = (x * x).sum(-1)
+    first = int(torch.randint(n, (1,), generator=g))
+    centres = x.new_empty(n_clusters, x.shape[1])
+    centres[0] = x[first]
+    dist = (sq - 2 * x @ x[first] + sq[first]).clamp_min(0)
+    for j in range(1, n_clusters):  # k-means++: draw proportional to the squared distance
+        total = dist.sum()
+        probs = dist / total if total > 0 else torch.full_like(dist, 1.0 / n)
+        pick = int(torch.multinomial(probs.cpu(), 1, generator=g))
+        centres[j] = x[pick]
+        dist = torch.minimum(dist, (sq - 2 * x @ x[pick] + sq[pick]).clamp_min(0))
+    for _ in range(iters):
+        d2 = sq[:, None] - 2 * x @ centres.T + (centres * centres).sum(-1)[None, :]
+        assign = d2.argmin(-1)
+        counts = torch.bincount(assign, minlength=n_clusters).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        empty = counts == 0
+        centres = torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            far = d2.gather(1, assign[:, None]).squeeze(1).topk(int(empty.sum())).indices
+            centres[empty] = x[far]
+    return centres
+
+
+class GroupedCodebookLayer(nn.Module):
+    """``n_groups`` independent codebooks of ``num_codes`` codes of width ``dim`` each.
+
+    Input ``(..., n_groups, dim)`` (e.g. per-head outputs ``(B, T, H, d_head)``) or
+    ``(..., n_groups * dim)``; output of the same shape. :meth:`codes` gives the ids
+    ``(..., n_groups, k)``. Parameters: ``codebook`` ``(n_groups, num_codes, dim)`` (N(0, 1)
+    init), ``ln_weight`` and ``ln_bias`` ``(n_groups, dim)``. Buffer ``usage``
+    ``(n_groups, num_codes)``: how many tokens chose each code since the last reset.
+    """
+
+    def __init__(
+        self,
+        n_groups: int,
+        dim: int,
+        num_codes: int,
+        k: int = 1,
+        *,
+        similarity: Similarity = "inner_product",
+        loss: Loss = "aeloss",
+        beta: float = 0.25,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("n_groups", n_groups), ("dim", dim), ("num_codes", num_codes)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if k > num_codes:
+            raise ValueError(
+                f"k={k} > num_codes={num_codes}: a codebook cannot choose more codes than it "
+                "has; lower k or raise num_codes"
+            )
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        self.n_groups, self.dim, self.num_codes, self.k = n_groups, dim, num_codes, k
+        self.similarity, self.loss, self.beta = similarity, loss, float(beta)
+        kw = {"dtype": dtype, "device": device}
+        self.codebook = nn.Parameter(torch.randn(n_groups, num_codes, dim, **kw))
+        self.ln_weight = nn.Parameter(torch.ones(n_groups, dim, **kw))
+        self.ln_bias = nn.Parameter(torch.zeros(n_groups, dim, **kw))
+        self.register_buffer(
+            "usage", torch.zeros(n_groups, num_codes, dtype=torch.long, device=device)
+        )
+        #: False: the layer passes its input through unchanged
+        self.snap = True
+        #: count code usage also outside training mode
+        self.count_usage = False
+        #: keep a sample of recent normalised inputs (for dead-code replacement)
+        self.keep_recent = False
+        #: when set, forward stores its (un-normalised) inputs here and returns them unchanged
+        self.collected: list[torch.Tensor] | None = None
+        #: interventions applied to the chosen ids (set by ``tyche.codebook.interventions``)
+        self.edits: tuple[CodeEdit, ...] = ()
+        #: keep the last input (``(..., G, d)``, detached) in ``last_input``
+        self.keep_input = False
+        self.last_input: torch.Tensor | None = None
+        self.last_ids: torch.Tensor | None = None
+        self.recent: torch.Tensor | None = None
+        self._mse_sum = torch.zeros((), dtype=torch.float64)
+        self._mse_count = 0
+
+    # ------------------------------------------------------------------ shapes
+    def extra_repr(self) -> str:
+        return (
+            f"n_groups={self.n_groups}, dim={self.dim}, num_codes={self.num_codes}, k={self.k}, "
+            f"similarity={self.similarity!r}, loss={self.loss!r}, beta={self.beta}"
+        )
+
+    def settings(self) -> dict:
+        """The constructor arguments, as JSON-able values."""
+        return {
+            "n_groups": self.n_groups,
+            "dim": self.dim,
+            "num_codes": self.num_codes,
+            "k": self.k,
+            "similarity": self.similarity,
+            "loss": self.loss,
+            "beta": self.beta,
+        }
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(..., G, d)``."""
+        g, d = self.n_groups, self.dim
+        if x.dim() >= 2 and x.shape[-2:] == (g, d):
+            return x
+        if x.shape[-1] == g * d:
+            return x.unflatten(-1, (g, d))
+        raise ValueError(
+            f"{type(self).__name__} expects inputs (..., {g}, {d}) or (..., {g * d}), got "
+            f"shape {tuple(x.shape)}"
+        )
+
+    def _normalise(self, grouped: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(grouped, (self.dim,), eps=1e-5) * self.ln_weight + self.ln_bias
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer-normalised input x̂, shape ``(..., G, d)`` (autograd kept)."""
+        return self._normalise(self._grouped(x))
+
+    def similarities(self, xhat: torch.Tensor) -> torch.Tensor:
+        """The similarity of ``xhat`` ``(..., G, d)`` to every code: ``(..., G, N)``."""
+        codes = self.codebook.to(xhat.dtype)
+        if self.similarity == "euclidean":
+            diff = xhat.unsqueeze(-2) - codes  # (..., G, N, d)
+            return -diff.norm(dim=-1)
+        dots = torch.einsum("...gd,gnd->...gn", xhat, codes) / codes.norm(dim=-1)
+        if self.similarity == "cosine":
+            dots = dots / xhat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return dots
+
+    def _ranking_scores(self, flat: torch.Tensor) -> torch.Tensor:
+        """Scores ``(G, n, N)`` of ``flat`` ``(n, G, d)`` with the same ranking as
+        :meth:`similarities` per token, computed with one batched matmul."""
+        codes = self.codebook.detach().to(flat.dtype)
+        scores = flat.new_empty(self.n_groups, flat.shape[0], self.num_codes)
+        # one matmul per group into the output: on CPU several times faster than bmm over the
+        # strided (G, n, d) view
+        if self.similarity == "euclidean":  # −‖x−c‖² + ‖x‖² = 2⟨x,c⟩ − ‖c‖²
+            neg_sq = -(codes * codes).sum(-1, keepdim=True)  # (G, N, 1)
+            for g in range(self.n_groups):
+                torch.addmm(neg_sq[g].T, flat[:, g], codes[g].T, alpha=2.0, out=scores[g])
+            return scores
+        unit = codes / codes.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        for g in range(self.n_groups):
+            torch.mm(flat[:, g], unit[g].T, out=scores[g])
+        return scores
+
+    # ------------------------------------------------------------------ forward
+    def _choose(self, flat: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        """Top-k ids ``(n, G, k)`` of ``flat`` ``(n, G, d)``, honouring block edits."""
+        scores = self._ranking_scores(flat)  # (G, n, N)
+        blocks = [e for e in self.edits if e.kind == "block" and e.refill]
+        if blocks:
+            scores = scores.clone()
+            view = scores.view(self.n_groups, -1, lead[-1] if lead else 1, self.num_codes)
+            for e in blocks:
+                groups = slice(None) if e.group is None else e.group
+                pos = _positions(e.positions, view.shape[2], scores.device)
+                view[groups, :, pos, e.code] = -torch.inf
+        if self.k == 1:
+            ids = scores.argmax(-1, keepdim=True)
+        else:
+            ids = scores.topk(self.k, dim=-1).indices
+        return ids.transpose(0, 1)  # (n, G, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collected is not None:
+            self.collected.append(self._grouped(x).detach().reshape(-1, self.n_groups, self.dim))
+            return x
+        if not self.snap:
+            return x
+        grouped = self._grouped(x)
+        lead = grouped.shape[:-2]
+        if self.keep_input:
+            self.last_input = grouped.detach()
+        xhat = self._normalise(grouped).reshape(-1, self.n_groups, self.dim)  # (n, G, d)
+        n = xhat.shape[0]
+        with torch.no_grad():
+            ids = self._choose(xhat.detach(), lead)
+            counted = None
+            if self.edits:
+                ids, counted = _apply_edits(ids, self.edits, lead, self.num_codes)
+        y = self._lookup(ids, counted, xhat.dtype)
+        if torch.is_grad_enabled() and (xhat.requires_grad or self.codebook.requires_grad):
+            recon = 2.0 / n if self.loss != "base" else 0.0
+            commit = 2.0 * self.beta / n if self.loss in ("fullaeloss", "vqvae") else 0.0
+            y = _SnapGradient.apply(y, xhat, recon, commit, self.loss != "vqvae")
+        self._record(ids, xhat, y)
+        self.last_ids = ids.reshape(*lead, self.n_groups, ids.shape[-1])
+        return y.reshape(grouped.shape).reshape(x.shape)
+
+    def _lookup(
+        self, ids: torch.Tensor, counted: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Mean of the chosen code vectors: ``(n, G, d)`` from ids ``(n, G, k')``."""
+        g, nc = self.n_groups, self.num_codes
+        flat_codes = self.codebook.reshape(g * nc, self.dim).to(dtype)
+        offsets = torch.arange(g, device=ids.device).mul_(nc).view(1, g, 1)
+        if counted is None:
+            vectors = F.embedding(ids + offsets, flat_codes)  # (n, G, k, d)
+            return vectors.mean(-2) if ids.shape[-1] > 1 else vectors.squeeze(-2)
+        # patched ids: -1 slots contribute zero; the mean divides by the counted slots
+        padded = torch.cat([flat_codes, flat_codes.new_zeros(1, self.dim)])
+        index = torch.where(ids >= 0, ids + offsets, torch.full_like(ids, g * nc))
+        vectors = F.embedding(index, padded)
+        denom = counted.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+        return vectors.sum(-2) / denom
+
+    def _record(self, ids: torch.Tensor, xhat: torch.Tensor, y: torch.Tensor) -> None:
+        """Usage counts, reconstruction error and recent inputs (training / when asked)."""
+        if not (self.training or self.count_usage):
+            return
+        with torch.no_grad():
+            offsets = torch.arange(self.n_groups, device=ids.device).mul_(self.num_codes)
+            flat = (ids[..., : self.k] + offsets.view(1, -1, 1)).reshape(-1)
+            if self.edits:  # blocked slots (-1) are not counted
+                flat = flat[(ids[..., : self.k] >= 0).reshape(-1)]
+            counts = torch.bincount(flat, minlength=self.n_groups * self.num_codes)
+            self.usage += counts.view(self.n_groups, self.num_codes)
+            err = (y.detach() - xhat.detach()).pow(2).sum(-1)  # (n, G)
+            self._mse_sum = self._mse_sum.to(err.device) + err.sum().double()
+            self._mse_count += err.numel()
+            if self.keep_recent:
+                stride = max(1, xhat.shape[0] // RECENT_INPUTS)  # deterministic subset
+                self.recent = xhat.detach()[::stride][:RECENT_INPUTS].clone()
+
+    # ------------------------------------------------------------------ API
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The ids of the top-k codes for ``x``: ``(..., G, k)``, best first."""
+        grouped = self._grouped(x)
+        lead = grouped.shape[:-2]
+        xhat = self._normalise(grouped).reshape(-1, self.n_groups, self.dim)
+        return self._choose(xhat, lead).reshape(*lead, self.n_groups, self.k)
+
+    def take_metrics(self) -> dict[str, float]:
+        """Reconstruction error (mean ‖y − x̂‖² per token and group) since the last call,
+        the dead-code fraction and the usage entropy (nats) of the current ``usage``."""
+        mse = float(self._mse_sum) / self._mse_count if self._mse_count else float("nan")
+        self._mse_sum = torch.zeros((), dtype=torch.float64)
+        self._mse_count = 0
+        return {"mse": mse, **usage_stats(self.usage)}
+
+    def reset_usage(self) -> None:
+        """Zero the usage counts."""
+        self.usage.zero_()
+
+    @torch.no_grad()
+    def init_codes(self, x: torch.Tensor, *, iters: int = 25, seed: int = 0) -> None:
+        """Set the codes to k-means centres of the normalised inputs ``x`` ``(n, G, d)``.
+
+        Each group gets its own clustering (of its own inputs).
+        """
+        x = x.to(self.codebook.device, self.codebook.dtype).reshape(-1, self.n_groups, self.dim)
+        xhat = self._normalise(x)
+        gen = torch.Generator().manual_seed(seed)
+        for g in range(self.n_groups):
+            centres = kmeans(xhat[:, g], self.num_codes, iters=iters, generator=gen)
+            self.codebook[g].copy_(centres.to(self.codebook.dtype))
+
+    @torch.no_grad()
+    def replace_dead_codes(
+        self, *, rho: float = 1e-2, min_count: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Move codes chosen fewer than ``min_count`` times to recent inputs (plus noise).
+
+        Each dead code becomes a random row of the recent normalised inputs (kept while
+        ``keep_recent`` is set) plus Gaussian noise of relative size ``rho``. Returns the
+        bool mask ``(G, N)`` of replaced codes; the usage counts are reset.
+        """
+        dead = self.usage < min_count
+        if self.recent is None or not dead.any():
+            self.reset_usage()
+            return torch.zeros_like(dead)
+        recent = self.recent  # (m, G, d)
+        m = recent.shape[0]
+        for g in torch.nonzero(dead.any(-1)).flatten().tolist():
+            rows = torch.nonzero(dead[g]).flatten()
+            pick = torch.randint(m, (len(rows),), generator=generator).to(recent.device)
+            new = recent[pick, g]
+            noise = torch.randn(new.shape, generator=generator).to(new.device, new.dtype)
+            scale = rho * new.norm(dim=-1, keepdim=True) / math.sqrt(self.dim)
+            self.codebook[g, rows.to(self.codebook.device)] = (new + scale * noise).to(
+                self.codebook.dtype
+            )
+        self.reset_usage()
+        return dead
+
+
+class CodebookLayer(GroupedCodebookLayer):
+    """One codebook of ``num_codes`` codes of width ``dim``: input ``(..., dim)``.
+
+    :meth:`codes` gives the ids ``(..., k)``, best first. Parameters ``codebook``
+    ``(1, num_codes, dim)``, ``ln_weight``/``ln_bias`` ``(1, dim)`` (the grouped layout with
+    one group).
+    """
+
+    def __init__(self, dim: int, num_codes: int, k: int = 1, **kwargs) -> None:
+        super().__init__(1, dim, num_codes, k, **kwargs)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"CodebookLayer of width {self.dim} got an input of shape {tuple(x.shape)}"
+            )
+        return x.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.last_ids is not None and self.snap and self.collected is None:
+            self.last_ids = self.last_ids.squeeze(-2)
+        return out
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The ids of the top-k codes for ``x``: ``(..., k)``, best first."""
+        return super().codes(x).squeeze(-2)
+
+    def similarities(self, xhat: torch.Tensor) -> torch.Tensor:
+        """Similarity of ``xhat`` ``(..., d)`` (or ``(..., 1, d)``) to every code: ``(..., N)``."""
+        squeeze = xhat.dim() < 2 or xhat.shape[-2] != 1
+        out = super().similarities(xhat.unsqueeze(-2) if squeeze else xhat)
+        return out.squeeze(-2) if squeeze else out
+
+
+def usage_stats(usage: torch.Tensor) -> dict[str, float]:
+    """``dead_fraction`` (codes never chosen) and ``entropy`` (nats, of the usage
+    distribution, mean over groups) of usage counts ``(G, N)``."""
+    counts = usage.double()
+    dead = float((counts == 0).double().mean())
+    totals = counts.sum(-1, keepdim=True)
+    p = counts / totals.clamp_min(1)
+    ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1)
+    ent = torch.where(totals.squeeze(-1) > 0, ent, torch.full_like(ent, float("nan")))
+    return {"dead_fraction": dead, "entropy": float(ent.mean())}
+
+
+def _positions(positions: Sequence[int] | None, length: int, device: torch.device):
+    """An index for the sequence axis: all (None) or the in-range given positions."""
+    if positions is None:
+        return slice(None)
+    idx = [p + length if p < 0 else p for p in positions]
+    idx = [p for p in idx if 0 <= p < length]
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _apply_edits(
+    ids: torch.Tensor, edits: Sequence[CodeEdit], lead: torch.Size, num_codes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply id edits to ``ids`` ``(n, G, k)``; returns (ids ``(n, G, k')``, counted mask).
+
+    Positions index the last leading axis of the input (the sequence axis). Blocked slots
+    become -1 (zero vector, counted); appended slots are counted only where they apply.
+    """
+    n, g, k = ids.shape
+    t = lead[-1] if len(lead) else 1
+    n_append = max(
+        [sum(1 for e in edits if e.kind == "append" and e.group in (None, grp)) for grp in range(g)]
+        or [0]
+    )
+    out = torch.cat([ids, ids.new_full((n, g, n_append), -1)], dim=-1) if n_append else ids
+    counted = torch.zeros(n, g, k + n_append, dtype=torch.bool, device=ids.device)
+    counted[..., :k] = True
+    view = out.view(-1, t, g, k + n_append)
+    cview = counted.view(-1, t, g, k + n_append)
+    forced: dict[int, list[CodeEdit]] = {}
+    appended = [0] * g
+    replace_slot: dict[int, int] = {}
+    for e in edits:
+        groups = range(g) if e.group is None else [e.group]
+        pos = _positions(e.positions, t, ids.device)
+        for grp in groups:
+            if e.kind == "block" and not e.refill:
+                sel = view[:, pos, grp, :k]
+                view[:, pos, grp, :k] = torch.where(sel == e.code, torch.full_like(sel, -1), sel)
+            elif e.kind == "replace":
+                slot = e.slot
+                if slot == -1:  # successive replace edits take slots k-1, k-2, ...
+                    slot = k - 1 - replace_slot.get(grp, 0) % k
+                    replace_slot[grp] = replace_slot.get(grp, 0) + 1
+                view[:, pos, grp, slot] = e.code
+            elif e.kind == "append":
+                col = k + appended[grp]
+                appended[grp] += 1
+                view[:, pos, grp, col] = e.code
+                cview[:, pos, grp, col] = True
+            elif e.kind == "force":
+                forced.setdefault(grp, []).append(e)
+    for grp, group_edits in forced.items():  # edits with the same positions share the slots
+        by_positions: dict[tuple[int, ...] | None, list[int]] = {}
+        for e in group_edits:
+            by_positions.setdefault(e.positions, []).append(e.code)
+        for positions, codes in by_positions.items():
+            pos = _positions(positions, t, ids.device)
+            for slot in range(k):
+                view[:, pos, grp, slot] = codes[slot % len(codes)]
+    return out, counted

@@ -1,0 +1,207 @@
+"""Causal checks of codes: state forcing on TokFSM and topic steering of text.
+
+- :func:`state_forcing`: in a TokFSM model, force at the last token of a prefix ending in state
+  s the codes that state s' most often gets (per MLP codebook) and see whether the model now
+  predicts a successor of s' (the paper's patching experiment). The effect is measured as the
+  rate of trials whose most likely next state is a successor of s', and as the JSD between the
+  patched next-state distribution and the one after a prefix that really ends in s'.
+- :func:`topic_codes` + :func:`topic_steering`: find codes that fire on a word by regex search
+  over a cache, force them at every position while sampling, and count how many continuations
+  contain the word, against the same sampling without the intervention.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tyche.codebook.cache import CodeCache
+from tyche.codebook.code_search import search
+from tyche.codebook.interventions import Intervention, generate, intervene, target_rate
+from tyche.codebook.model import CodebookModel
+from tyche.codebook.tokfsm import FSM, next_state_probs, state_labels
+from tyche.divergence import token_jsd
+
+__all__ = ["state_codes", "state_forcing", "topic_codes", "topic_steering"]
+
+
+@torch.no_grad()
+def state_codes(
+    model: CodebookModel,
+    fsm: FSM,
+    sites: Sequence[str],
+    *,
+    n: int = 256,
+    seq_len: int = 64,
+    seed: int = 11,
+) -> dict[str, torch.Tensor]:
+    """Per site, the code each state most often gets at its last digit: ``(n_states,)`` long
+    (-1 for a state never seen). Sites must hold single codebooks (not per head)."""
+    tokens = fsm.batch(n, seq_len, torch.Generator().manual_seed(seed))
+    labels, _ = state_labels(fsm, tokens)
+    model(input_ids=tokens.to(model.device))
+    out = {}
+    for site in sites:
+        layer = model.codebook(site)
+        if layer.n_groups != 1:
+            raise ValueError(f"state_codes needs single codebooks; {site} has one per head")
+        ids = layer.last_ids.reshape(*tokens.shape, -1)[..., 0].cpu()
+        keep = labels >= 0
+        table = torch.zeros(fsm.n_states, layer.num_codes, dtype=torch.long)
+        table.index_put_(
+            (labels[keep], ids[keep]),
+            torch.ones(int(keep.sum()), dtype=torch.long),
+            accumulate=True,
+        )
+        out[site] = torch.where(
+            table.sum(-1) > 0, table.argmax(-1), torch.full((fsm.n_states,), -1)
+        )
+    return out
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return p.clamp_min(1e-30).log()
+
+
+@torch.no_grad()
+def state_forcing(
+    model: CodebookModel,
+    fsm: FSM,
+    *,
+    sites: str | Sequence[str] = "mlp_out.*",
+    n_trials: int = 100,
+    prefix_states: int = 8,
+    n_walks: int = 256,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Force the state codes of a random other state s' at the last token of prefixes that end
+    in state s (see the module docstring). A state's codes are the ones it gets most often
+    at its last digit over ``n_walks`` fresh walks.
+
+    Returns ``success_rate`` (most likely next state is a successor of s'), ``baseline_rate``
+    (the same without the intervention), ``mass_on_target`` (mean probability of the
+    successors of s', patched) and ``baseline_mass``, ``jsd_patched`` (mean JSD in nats between
+    the patched next-state distribution and that of a prefix ending in s') and
+    ``jsd_unpatched`` (the same for the unpatched prefix).
+    """
+    chosen = model.match(sites)
+    codes = state_codes(model, fsm, chosen, n=n_walks)
+    g = torch.Generator().manual_seed(seed)
+    walks = fsm.walks(n_trials, prefix_states, g)
+    targets = torch.randint(fsm.n_states - 1, (n_trials,), generator=g)
+    targets = targets + (targets >= walks[:, -1]).long()  # any state but the last one
+    prefixes = fsm.encode(walks)
+    swapped = fsm.encode(torch.cat([walks[:, :-1], targets[:, None]], 1))
+    edges = fsm.edges()
+    clean = next_state_probs(model, fsm, prefixes)
+    target_clean = next_state_probs(model, fsm, swapped)
+    patched = torch.empty_like(clean)
+    last = prefixes.shape[1] - 1
+    for i in range(n_trials):
+        ivs = [
+            Intervention(s, int(codes[s][targets[i]]), "force", positions=(last,))
+            for s in chosen
+            if codes[s][targets[i]] >= 0
+        ]
+        with intervene(model, ivs):
+            patched[i] = next_state_probs(model, fsm, prefixes[i : i + 1])[0]
+    succ = edges[targets]  # (n, N) bool
+    hit = succ.gather(1, patched.argmax(-1, keepdim=True)).float()
+    base_hit = succ.gather(1, clean.argmax(-1, keepdim=True)).float()
+    return {
+        "sites": chosen,
+        "n_trials": n_trials,
+        "success_rate": float(hit.mean()),
+        "baseline_rate": float(base_hit.mean()),
+        "mass_on_target": float((patched * succ).sum(-1).mean()),
+        "baseline_mass": float((clean * succ).sum(-1).mean()),
+        "jsd_patched": float(token_jsd(_log(patched), _log(target_clean)).mean()),
+        "jsd_unpatched": float(token_jsd(_log(clean), _log(target_clean)).mean()),
+    }
+
+
+def topic_codes(
+    cache: CodeCache,
+    pattern: str,
+    *,
+    sites: Sequence[str] | None = None,
+    max_codes: int = 8,
+    min_precision: float = 0.5,
+    min_recall: float = 0.05,
+) -> list[Intervention]:
+    """Interventions forcing the most precise codes for ``pattern`` at every position.
+
+    The codes are those of :func:`~tyche.codebook.code_search.search` with precision >=
+    ``min_precision`` and recall >= ``min_recall``, best first, at most ``max_codes``; each
+    becomes a ``replace`` intervention (so with k > 1 several codes of one codebook fill its
+    weakest slots).
+    """
+    found = search(
+        cache,
+        pattern,
+        sites=sites,
+        min_recall=min_recall,
+        min_precision=min_precision,
+        top=max_codes,
+        neurons=False,
+    )
+    return [Intervention(m["site"], m["code"], "replace", head=m["head"]) for m in found.matches]
+
+
+def topic_steering(
+    model: CodebookModel,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    word_pattern: str,
+    interventions: Sequence[Intervention],
+    *,
+    samples_per_prompt: int = 10,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How often sampled continuations contain ``word_pattern`` (case-insensitive regex),
+    without and with the interventions; the same seeds are used for both."""
+    if not prompts:
+        raise ValueError("topic_steering needs at least one prompt")
+    texts: dict[str, list[str]] = {"baseline": [], "steered": []}
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = ids.repeat(samples_per_prompt, 1)
+        for name, ivs in (("baseline", ()), ("steered", interventions)):
+            out = generate(
+                model,
+                ids,
+                ivs,
+                seed=seed + i,
+                do_sample=True,
+                top_k=0,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            texts[name] += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return {
+        "pattern": word_pattern,
+        "n": len(texts["baseline"]),
+        "baseline_rate": target_rate(texts["baseline"], word_pattern),
+        "steered_rate": target_rate(texts["steered"], word_pattern),
+        "codes": [
+            f"{iv.site}{'' if iv.head is None else f'/h{iv.head}'}:{iv.code}"
+            for iv in interventions
+        ],
+        "examples": {k: v[:2] for k, v in texts.items()},
+    }
+
+
+def word_regex(word: str, *, before: bool = False) -> str:
+    """A case-insensitive regex matching ``word`` as a whole word; with ``before`` its group
+    marks the token just before the word (whose codes predict it)."""
+    if before:
+        return rf"(?i)(\S)(?=\s*\b{re.escape(word)}\b)"
+    return rf"(?i)\b{re.escape(word)}\b"

@@ -1,0 +1,411 @@
+"""Train a model with codebooks: :class:`TrainConfig` and :func:`train_codebooks`.
+
+The optimiser (AdamW) is built *after* the codebooks are attached, from the
+:class:`~tyche.codebook.CodebookModel`'s own parameters, in two groups: the codebooks
+(``code_lr``, no weight decay) and the base model (``lr``, ``weight_decay``; left out with
+``freeze_base``). Every parameter that requires a gradient is trained.
+
+Data is a function ``batches(step) -> input_ids (B, T)``, deterministic in ``step`` (see
+:func:`row_sampler`), so a resumed run sees the same batches as an uninterrupted one. Under
+``torchrun`` every rank takes its rows of each batch and gradients are averaged over ranks
+(one all-reduce per step): N processes take the same steps as one.
+
+Logged every ``log_every`` steps: the loss, the reconstruction error ‖y − x̂‖² (mean over
+tokens and codebooks), the dead-code fraction and the code-usage entropy (nats; mean over
+codebooks, of the usage in the logging window; ``ln(num_codes)`` when all codes are used
+equally). With ``out``, checkpoints (model, optimiser, history) are written every
+``checkpoint_every`` steps and at the end; ``resume=True`` continues from the last one and
+refuses a checkpoint written with other settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from tyche.codebook.layer import usage_stats
+from tyche.codebook.model import CodebookModel
+from tyche.distributed import (
+    all_reduce_sum,
+    average_gradients,
+    broadcast_,
+    get_rank,
+    get_world_size,
+    progress,
+    shard_range,
+)
+from tyche.io import ResultIO
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate_lm", "row_sampler", "train_codebooks"]
+
+BatchFn = Callable[[int], torch.Tensor]
+CHECKPOINT = "checkpoint"
+#: settings that may change when a run is resumed
+RESUMABLE = ("steps", "log_every", "checkpoint_every")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a codebook training run."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    #: learning rate of the codebooks (None: ``lr``)
+    code_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    #: the cosine schedule decays to ``min_lr_ratio`` × the peak
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    freeze_base: bool = False
+    #: steps at the start with the codebooks passing their inputs through (a warm start of
+    #: the model); the codebooks snap from this step on (after k-means, with ``kmeans_init``)
+    snap_after: int = 0
+    kmeans_init: bool = False
+    kmeans_tokens: int = 16384
+    #: replace codes unused for this many steps (0: never)
+    replace_dead_every: int = 0
+    replace_rho: float = 1e-2
+    log_every: int = 50
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "log_every", "kmeans_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "code_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rates at ``step`` (linear warm-up, then schedule)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        frac = min((step - self.warmup_steps) / max(1, self.steps - self.warmup_steps), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@dataclass(frozen=True)
+class TrainResult(ResultIO):
+    """What a run did: its settings, the logged history and timing."""
+
+    config: dict[str, Any]
+    history: list[dict[str, float]]
+    seconds: float
+    steps_per_second: float
+    world_size: int
+    n_params_model: int
+    n_params_codebooks: int
+    fingerprint: str
+    evaluation: dict[str, float] = field(default_factory=dict)
+    UNITS: ClassVar[dict[str, str]] = {
+        "loss": "nats/token",
+        "mse": "squared L2 per token and codebook (layer-norm space)",
+        "entropy": "nats",
+        "seconds": "s (training loop only)",
+    }
+
+
+def row_sampler(tokens: torch.Tensor, batch_size: int, seed: int = 0) -> BatchFn:
+    """``batches(step)``: ``batch_size`` random rows of ``tokens`` ``(N, T)``, seeded by step."""
+    if tokens.dim() != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"tokens must be a non-empty (N, T) tensor, got {tuple(tokens.shape)}")
+
+    def batches(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return tokens[torch.randint(tokens.shape[0], (batch_size,), generator=g)]
+
+    return batches
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 32) -> dict:
+    """Mean next-token loss (nats) and accuracy over ``tokens`` ``(N, T)``."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, tokens.shape[0], batch_size):
+        batch = tokens[i : i + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        target = batch[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), target.flatten(), reduction="sum"
+        ).item()
+        correct += int((logits.argmax(-1) == target).sum())
+        count += target.numel()
+    model.train(was)
+    return {"loss": total / count, "accuracy": correct / count, "n_tokens": count}
+
+
+def _optimizer(model: CodebookModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    if cfg.freeze_base:
+        for p in model.model_parameters():
+            p.requires_grad_(False)
+    codes = [p for p in model.codebook_parameters() if p.requires_grad]
+    ids = {id(p) for p in codes}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": codes, "lr": cfg.code_lr or cfg.lr, "weight_decay": 0.0}] if codes else []
+    if rest:
+        groups.append({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    if not groups:
+        raise ValueError("nothing to train: the model has no trainable parameters")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+
+
+def _save_checkpoint(
+    model: CodebookModel,
+    opt: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    history: list,
+    out: Path,
+) -> None:
+    from safetensors.torch import save_file, save_model
+
+    tmp = out / f".{CHECKPOINT}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat, steps = {}, {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if key == "step":
+                    steps[names[id(p)]] = float(value)
+                else:
+                    flat[f"{names[id(p)]}/{key}"] = value.detach().cpu().contiguous()
+    save_file(flat, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "config": asdict(cfg), "history": history, "adam_steps": steps}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    final = out / CHECKPOINT
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _load_checkpoint(
+    model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig, out: Path
+) -> tuple[int, list]:
+    from safetensors.torch import load_file, load_model
+
+    folder = out / CHECKPOINT
+    if not (folder / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume")
+    state = json.loads((folder / "trainer_state.json").read_text())
+    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    if saved != _settings(cfg):
+        diff = {k: (saved.get(k), v) for k, v in _settings(cfg).items() if saved.get(k) != v}
+        raise ValueError(
+            f"resume: the checkpoint in {folder} was written with other settings "
+            f"(saved, now): {diff}; start a new run in another folder"
+        )
+    load_model(model, str(folder / "model.safetensors"), device=str(model.device))
+    moments = load_file(str(folder / "optimizer.safetensors"), device=str(model.device))
+    params = dict(model.named_parameters())
+    for name, step in state["adam_steps"].items():
+        p = params[name]
+        opt.state[p] = {"step": torch.tensor(step)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            opt.state[p][key] = moments[f"{name}/{key}"].to(p.dtype)
+    return int(state["step"]), list(state["history"])
+
+
+def compute_gradients(model: CodebookModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Forward and backward on this rank's rows of ``input_ids`` (B, T); gradients are
+    averaged over ranks. Returns the loss averaged over ranks (nats/token)."""
+    rows = shard_range(input_ids.shape[0])
+    batch = input_ids[rows.start : rows.stop].to(model.device)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    average_gradients(p for p in model.parameters() if p.requires_grad)
+    return all_reduce_sum(loss.detach()) / get_world_size()
+
+
+@torch.no_grad()
+def _replace_dead(
+    model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int
+) -> int:
+    replaced = 0
+    for i, layer in enumerate(model.codebooks.values()):
+        layer.usage.copy_(all_reduce_sum(layer.usage))
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + i)
+        dead = layer.replace_dead_codes(rho=cfg.replace_rho, generator=gen)
+        broadcast_(layer.codebook.data)
+        state = opt.state.get(layer.codebook, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][dead] = 0.0
+        replaced += int(dead.sum())
+    return replaced
+
+
+def _window_stats(model: CodebookModel, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    mses, dead, ent = [], [], []
+    for site, layer in model.layers().items():
+        window = all_reduce_sum(layer.usage - before[site])
+        stats = usage_stats(window)
+        mses.append(layer.take_metrics()["mse"])
+        dead.append(stats["dead_fraction"])
+        ent.append(stats["entropy"])
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"mse": mean(mses), "dead_fraction": mean(dead), "entropy": mean(ent)}
+
+
+def train_codebooks(
+    model: CodebookModel,
+    batches: BatchFn,
+    cfg: TrainConfig,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    eval_fn: Callable[[CodebookModel], dict[str, float]] | None = None,
+    show_progress: bool = True,
+    desc: str = "codebooks",
+) -> TrainResult:
+    """Train ``model`` (codebooks, and the base unless ``freeze_base``) on ``batches``.
+
+    With ``out`` a checkpoint goes to ``out/checkpoint`` every ``checkpoint_every`` steps
+    and at the end (rank 0 writes). ``eval_fn(model)`` runs at the end (in eval mode) and its
+    numbers are stored in the result. Returns a :class:`TrainResult`.
+    """
+    if not isinstance(model, CodebookModel):
+        raise TypeError("train_codebooks needs a CodebookModel (use tyche.codebook.model)")
+    world = get_world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    out_path = Path(out) if out is not None else None
+    if resume and out_path is None:
+        raise ValueError("resume=True needs the output folder of the run (out=...)")
+    opt = _optimizer(model, cfg)
+    peaks = [group["lr"] for group in opt.param_groups]
+    start, history = 0, []
+    if resume:
+        start, history = _load_checkpoint(model, opt, cfg, out_path)
+    snapping = {s: layer.snap for s, layer in model.layers().items()}
+    if start <= cfg.snap_after:
+        model.set_snap(False)
+    replacing = cfg.replace_dead_every > 0
+    for layer in model.codebooks.values():
+        layer.keep_recent = replacing
+        if not resume:  # a resumed run keeps the usage counted since the last replacement
+            layer.reset_usage()
+        layer.take_metrics()
+    model.train()
+    cuda = [model.device] if model.device.type == "cuda" else []
+    before = {s: layer.usage.clone() for s, layer in model.layers().items()}
+    losses: list[torch.Tensor] = []
+    began = time.perf_counter()
+    bar = progress(
+        range(start, cfg.steps),
+        total=cfg.steps,
+        initial=start,
+        desc=desc,
+        unit="step",
+        disable=not show_progress,
+    )
+    for step in bar:
+        if step == cfg.snap_after:
+            if cfg.kmeans_init and model.sites:
+                model.kmeans_init(
+                    (batches(-1 - i) for i in range(10_000)),
+                    max_tokens=cfg.kmeans_tokens,
+                    seed=cfg.seed,
+                )
+            for site, on in snapping.items():
+                model.codebook(site).snap = on
+            before = {s: layer.usage.clone() for s, layer in model.layers().items()}
+        for group, peak in zip(opt.param_groups, peaks):
+            group["lr"] = peak * cfg.lr_factor(step)
+        opt.zero_grad(set_to_none=True)
+        # dropout draws from the global RNG: seed it by step (and rank), so a resumed run
+        # takes exactly the steps an uninterrupted one would; the caller's RNG is restored
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + get_rank())
+            losses.append(compute_gradients(model, batches(step)))
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
+            )
+        opt.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            row = {
+                "step": done,
+                "loss": float(torch.stack(losses).mean()),
+                "lr": opt.param_groups[-1]["lr"],
+                **_window_stats(model, before),
+                "seconds": time.perf_counter() - began,
+            }
+            before = {s: layer.usage.clone() for s, layer in model.layers().items()}
+            losses = []
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", dead=f"{row['dead_fraction']:.2f}")
+        if replacing and done % cfg.replace_dead_every == 0 and done < cfg.steps:
+            _replace_dead(model, opt, cfg, step)
+            before = {s: layer.usage.clone() for s, layer in model.layers().items()}
+        if (
+            out_path is not None
+            and get_rank() == 0
+            and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps)
+        ):
+            _save_checkpoint(model, opt, done, cfg, history, out_path)
+    bar.close()
+    seconds = time.perf_counter() - began
+    for site, on in snapping.items():
+        model.codebook(site).snap = on
+    for layer in model.codebooks.values():
+        layer.keep_recent, layer.recent = False, None
+    model.eval()
+    evaluation = eval_fn(model) if eval_fn is not None else {}
+    n_code = sum(p.numel() for p in model.codebook_parameters())
+    return TrainResult(
+        config=asdict(cfg),
+        history=history,
+        seconds=seconds,
+        steps_per_second=(cfg.steps - start) / seconds if seconds > 0 else float("nan"),
+        world_size=world,
+        n_params_model=sum(p.numel() for p in model.model_parameters()),
+        n_params_codebooks=n_code,
+        fingerprint=model.fingerprint(),
+        evaluation=dict(evaluation),
+    )
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from a dict (unknown keys are an error)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}")
+    return TrainConfig(**data)

@@ -1,0 +1,210 @@
+"""``zoo:tokfsm``: the codebook paper's TokFSM model, with codebooks, and its baseline.
+
+Recipe (seeded, CPU, float32): the FSM of the paper's size (100 states, 10 successors each,
+two digit tokens per state, seed 0); a GPT-NeoX of the paper's layout (4 layers, width 128,
+4 heads, MLP 512, vocabulary 11) with k = 1 codebooks of 256 codes on every attention head
+and every MLP output, trained from scratch on fresh random walks (32 × 64 tokens a step,
+AdamW, peak learning rate 1e-2, cosine); and the same model without codebooks trained on
+the same batches for the same number of steps. The codebook model starts with its codebooks
+passing their inputs through (a warm start: from random weights every k = 1 codebook
+collapses to a few codes and the model stays at the unigram loss); at ``snap_after`` its
+codebooks are initialised by k-means on the activations and snap from then on, with unused
+codes moved to recent inputs every ``replace_dead_every`` steps. The folder holds the codebook
+model (``CodebookModel.save_pretrained``: the base model loads in ``transformers`` alone),
+``fsm.json`` (successor table, digit encoding, special tokens), ``baseline/`` and
+``zoo.json`` with both models' metrics: first-transition accuracy over all states, sampled
+transition accuracy, held-out loss, code purity and the timing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tyche.codebook.model import CodebookModel, attach
+from tyche.codebook.steering import state_forcing
+from tyche.codebook.tokfsm import (
+    FSM,
+    code_purity,
+    first_transition_accuracy,
+    transition_accuracy,
+)
+from tyche.codebook.train import TrainConfig, evaluate_lm, train_codebooks
+from tyche.zoo.entry import METRICS_FILE, ZooEntry, atomic_folder, write_json
+
+
+@dataclass(frozen=True)
+class TokFSMConfig:
+    """Settings of ``zoo:tokfsm`` (defaults: the cached model)."""
+
+    seed: int = 0
+    n_states: int = 100
+    n_edges: int = 10
+    n_layers: int = 4
+    hidden: int = 128
+    n_heads: int = 4
+    mlp: int = 512
+    rotary_pct: float = 1.0
+    seq_len: int = 64
+    batch_size: int = 32
+    steps: int = 3000
+    lr: float = 1e-2
+    warmup_steps: int = 100
+    num_codes: int = 256
+    k: int = 1
+    #: steps before the codebooks snap (then k-means initialised); the baseline trains on
+    #: the same batches for the same total number of steps
+    snap_after: int = 2000
+    replace_dead_every: int = 100
+    sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
+    eval_samples: int = 100
+    eval_sequences: int = 64
+    #: trials of the state-forcing intervention
+    forcing_trials: int = 100
+    threads: int | None = 1
+    #: train the two models at the same time in two processes (same results as one by one)
+    parallel: bool = True
+
+
+def build_base(cfg: TokFSMConfig, fsm: FSM) -> torch.nn.Module:
+    """A freshly initialised GPT-NeoX for the FSM's tokens (seeded)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = GPTNeoXConfig(
+        vocab_size=fsm.vocab_size,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.mlp,
+        max_position_embeddings=2 * cfg.seq_len,
+        rotary_pct=cfg.rotary_pct,
+        bos_token_id=fsm.bos_id,
+        eos_token_id=fsm.bos_id,
+        pad_token_id=fsm.bos_id,
+        tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+def _evaluate(model: CodebookModel, fsm: FSM, cfg: TokFSMConfig, held: torch.Tensor) -> dict:
+    model.eval()
+    out = {
+        "first_transition_accuracy": first_transition_accuracy(model, fsm),
+        **transition_accuracy(model, fsm, n=cfg.eval_samples, seq_len=cfg.seq_len),
+        **{f"held_out_{k}": v for k, v in evaluate_lm(model, held).items()},
+    }
+    return out
+
+
+def _train_config(cfg: TokFSMConfig) -> TrainConfig:
+    return TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        snap_after=cfg.snap_after,
+        kmeans_init=True,
+        replace_dead_every=cfg.replace_dead_every,
+        log_every=max(1, cfg.steps // 20),
+    )
+
+
+def train_one(name: str, cfg: TokFSMConfig, folder: Path, progress: bool = True) -> dict:
+    """Train, evaluate and save one of the two models (``"codebooks"`` or ``"baseline"``)
+    into ``folder``; returns its metrics. Both see the same batches."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed)
+    held = fsm.batch(cfg.eval_sequences, cfg.seq_len, torch.Generator().manual_seed(2**31 - 1))
+
+    def batches(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        return fsm.batch(cfg.batch_size, cfg.seq_len, g)
+
+    base = build_base(cfg, fsm)
+    if name == "codebooks":
+        model = attach(base, list(cfg.sites), cfg.num_codes, cfg.k, seed=cfg.seed)
+    else:
+        model = CodebookModel(base)
+        model._rehook()
+    model.tokenizer = fsm.tokenizer()
+    result = train_codebooks(model, batches, _train_config(cfg), show_progress=progress, desc=name)
+    report = _evaluate(model, fsm, cfg, held)
+    report.update(
+        train_seconds=result.seconds,
+        steps_per_second=result.steps_per_second,
+        history=result.history,
+        torch_threads=torch.get_num_threads(),
+    )
+    if name == "codebooks":
+        report["purity"] = code_purity(model, fsm, seq_len=cfg.seq_len)
+        report["state_forcing"] = state_forcing(
+            model, fsm, sites="mlp_out.*", n_trials=cfg.forcing_trials
+        )
+        model.save_pretrained(folder)
+    else:
+        model.base.save_pretrained(folder)
+        model.tokenizer.save_pretrained(folder)
+    fsm.save(folder)
+    return report
+
+
+def train_tokfsm(
+    out_dir: Path, config: TokFSMConfig | None = None, *, progress: bool = True
+) -> dict[str, Any]:
+    """Train the codebook model and the baseline (in two processes when ``cfg.parallel``);
+    save both atomically; return the metrics."""
+    cfg = config or TokFSMConfig()
+    metrics: dict[str, Any] = {"config": asdict(cfg)}
+    start = time.perf_counter()
+    with atomic_folder(Path(out_dir)) as tmp:
+        folders = {"codebooks": tmp, "baseline": tmp / "baseline"}
+        if cfg.parallel:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(2, mp_context=context) as pool:
+                jobs = {n: pool.submit(train_one, n, cfg, f, progress) for n, f in folders.items()}
+                reports = {n: job.result() for n, job in jobs.items()}
+        else:
+            threads = torch.get_num_threads()
+            try:
+                reports = {n: train_one(n, cfg, f, progress) for n, f in folders.items()}
+            finally:
+                torch.set_num_threads(threads)
+        metrics.update(reports)
+        metrics["loss_floor"] = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed).loss_floor
+        metrics["transition_ratio"] = metrics["codebooks"]["transition_accuracy"] / max(
+            metrics["baseline"]["transition_accuracy"], 1e-9
+        )
+        metrics["step_time_ratio"] = (
+            metrics["baseline"]["steps_per_second"] / metrics["codebooks"]["steps_per_second"]
+        )
+        metrics["wall_seconds"] = time.perf_counter() - start
+        write_json(tmp / METRICS_FILE, metrics)
+    return metrics
+
+
+class TokFSMEntry(ZooEntry):
+    """Zoo entry that trains and caches the TokFSM codebook model and its baseline."""
+
+    name = "tokfsm"
+    kind = "model"
+    description = "TokFSM GPT-NeoX (4x128) with k=1 codebooks on every head and MLP + baseline"
+    default_data = "fsm:zoo:tokfsm"
+
+    def prepare(self, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+        if self.is_ready() and not force:
+            return self.metrics()
+        start = time.perf_counter()
+        metrics = train_tokfsm(self.path, progress=progress)
+        metrics["total_seconds"] = time.perf_counter() - start
+        write_json(self.path / METRICS_FILE, metrics)
+        return metrics

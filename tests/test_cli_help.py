@@ -1,0 +1,61 @@
+"""Every command and sub-command of `tyche` has help that speaks the user's language.
+
+A method's flags are dataclass fields parsed by ``tyche.commandline.parse_config``, which refuses
+to build a parser for a field without a docstring; so ``--help`` succeeding for a command proves
+that every one of its flags has help text. Sub-commands are read from each command's own help
+(its "commands:" list or argparse's ``{a,b,c}``), so a new one cannot be missed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tyche.__main__ import COMMANDS, main
+
+#: sub-commands that a command's help does not list in a "commands:" block
+EXTRA_SUBCOMMANDS = {"causal": ["train-lens"]}
+#: words that would mean an internal name leaked into the help
+INTERNAL = re.compile(r"\b\w+(Command|Config|Args)\b|\['|\bbool\b|\[str\]|--no[a-z]")
+
+
+def _help(capsys, *argv: str) -> str:
+    try:
+        main([*argv, "--help"])
+    except SystemExit as stop:  # argparse exits after printing help; others just return
+        assert stop.code in (0, None), argv
+    return capsys.readouterr().out
+
+
+def _subcommands(text: str) -> list[str]:
+    """Sub-command names listed by a command's help."""
+    braces = re.search(r"^usage: .*?\{([\w,-]+)\} \.\.\.", text, re.S | re.M)
+    if braces:
+        return braces.group(1).split(",")
+    block = re.search(r"^commands:\n((?:  \S.*\n)+)", text, re.M)
+    return [line.split()[0] for line in block.group(1).splitlines()] if block else []
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_and_subcommand_has_plain_help(capsys, command):
+    top = _help(capsys, command)
+    subs = _subcommands(top) + EXTRA_SUBCOMMANDS.get(command, [])
+    for text in [top] + [_help(capsys, command, sub) for sub in subs]:
+        assert text.strip(), command
+        leaked = INTERNAL.search(text)
+        assert leaked is None, f"`tyche {command}` help shows {leaked.group(0)!r}:\n{text}"
+        assert "(default: None)" not in text
+
+
+def test_subcommands_are_found_from_the_help():
+    assert _subcommands("usage: tyche zoo [-h] {list,train,info} ...\n") == [
+        "list",
+        "train",
+        "info",
+    ]
+    assert _subcommands("usage: tyche causal [--mode {mean,zero}] [--k N]\n") == []  # choices
+    assert _subcommands("usage: x\n\ncommands:\n  train  a\n  cache  b\n\nRun") == [
+        "train",
+        "cache",
+    ]

@@ -1,0 +1,271 @@
+"""Codebook layers against direct computations: top-k, outputs, gradients, k-means, usage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tyche.codebook.layer import (
+    LOSSES,
+    SIMILARITIES,
+    CodebookLayer,
+    CodeEdit,
+    GroupedCodebookLayer,
+    kmeans,
+    usage_stats,
+)
+
+
+def _brute_scores(xhat: torch.Tensor, codes: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Similarity of one vector to every code, one code at a time (the oracle)."""
+    out = []
+    for c in codes:
+        if similarity == "inner_product":
+            out.append(float(xhat @ c) / float(c.norm()))
+        elif similarity == "cosine":
+            out.append(float(xhat @ c) / (float(c.norm()) * float(xhat.norm())))
+        else:
+            out.append(-float((xhat - c).norm()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@torch.no_grad()
+def _brute_layer(layer: GroupedCodebookLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (n, G, k) and outputs (n, G, d) of a grouped layer by loops over tokens and groups."""
+    g, d = layer.n_groups, layer.dim
+    xs = x.reshape(-1, g, d)
+    ids = torch.empty(xs.shape[0], g, layer.k, dtype=torch.long)
+    ys = torch.empty_like(xs)
+    for t in range(xs.shape[0]):
+        for h in range(g):
+            v = xs[t, h]
+            xhat = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+            xhat = xhat * layer.ln_weight[h] + layer.ln_bias[h]
+            scores = _brute_scores(xhat, layer.codebook[h], layer.similarity)
+            order = sorted(range(len(scores)), key=lambda j: -float(scores[j]))[: layer.k]
+            ids[t, h] = torch.tensor(order)
+            ys[t, h] = layer.codebook[h][order].mean(0)
+    return ids, ys
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_and_output_match_brute_force(similarity: str, k: int) -> None:
+    torch.manual_seed(0)
+    layer = GroupedCodebookLayer(3, 6, 20, k, similarity=similarity).double()
+    with torch.no_grad():  # a non-trivial layer-norm affine
+        layer.ln_weight.uniform_(0.5, 1.5)
+        layer.ln_bias.normal_(0, 0.3)
+    x = torch.randn(2, 5, 3, 6, dtype=torch.float64)
+    ids, ys = _brute_layer(layer, x)
+    # float64 throughout: a tie or near-tie (score gap < 1e-12) between random codes has
+    # negligible probability, so the orders must agree exactly
+    assert torch.equal(layer.codes(x).reshape(-1, 3, k), ids)
+    out = layer(x)
+    # the same few float64 terms summed in another order: rounding ~1e-15
+    torch.testing.assert_close(out.reshape(-1, 3, 6), ys, rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.last_ids.reshape(-1, 3, k), ids)
+    # the public similarity is the oracle's too
+    xhat = layer.normalise(x).detach()
+    ref = torch.stack([_brute_scores(xhat.reshape(-1, 3, 6)[0, 1], layer.codebook[1], similarity)])
+    torch.testing.assert_close(layer.similarities(xhat).reshape(-1, 3, 20)[0, 1], ref[0])
+
+
+def test_single_codebook_shapes_and_flat_grouped_input() -> None:
+    torch.manual_seed(1)
+    layer = CodebookLayer(8, 10, k=2)
+    x = torch.randn(4, 7, 8)
+    assert layer(x).shape == x.shape
+    assert layer.codes(x).shape == (4, 7, 2)
+    assert layer.last_ids.shape == (4, 7, 2)
+    grouped = GroupedCodebookLayer(2, 4, 10, 1)
+    flat = torch.randn(3, 8)
+    torch.testing.assert_close(grouped(flat), grouped(flat.view(3, 2, 4)).reshape(3, 8))
+    with pytest.raises(ValueError, match="expects inputs"):
+        grouped(torch.randn(3, 5))
+
+
+def test_groups_are_independent_codebooks() -> None:
+    torch.manual_seed(2)
+    grouped = GroupedCodebookLayer(3, 4, 12, 2)
+    x = torch.randn(5, 3, 4)
+    for h in range(3):
+        single = CodebookLayer(4, 12, 2)
+        with torch.no_grad():
+            single.codebook.copy_(grouped.codebook[h : h + 1])
+            single.ln_weight.copy_(grouped.ln_weight[h : h + 1])
+            single.ln_bias.copy_(grouped.ln_bias[h : h + 1])
+        torch.testing.assert_close(grouped(x)[:, h], single(x[:, h]))
+
+
+def test_bad_settings_raise() -> None:
+    with pytest.raises(ValueError, match="k=11 > num_codes=10"):
+        CodebookLayer(4, 10, k=11)
+    with pytest.raises(ValueError, match="similarity"):
+        CodebookLayer(4, 10, similarity="manhattan")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="loss"):
+        CodebookLayer(4, 10, loss="mse")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_codes"):
+        CodebookLayer(4, 0)
+    with pytest.raises(ValueError, match="beta"):
+        CodebookLayer(4, 10, beta=float("nan"))
+
+
+def _manual_losses(layer, x, loss, weights):
+    """Oracle: the task loss and the auxiliary terms written out with detach()."""
+    xhat = layer.normalise(x).reshape(-1, layer.n_groups, layer.dim)
+    ids = layer.codes(x).reshape(-1, layer.n_groups, layer.k)
+    codes = torch.stack([layer.codebook[h][ids[:, h]] for h in range(layer.n_groups)], 1)
+    y = codes.mean(-2)  # (n, G, d), differentiable in the codes
+    n = xhat.shape[0]
+    task_y = y.detach() if loss == "vqvae" else y
+    out = task_y + xhat - xhat.detach()  # straight-through to x̂
+    total = (out * weights).sum()
+    if loss != "base":
+        total = total + ((y - xhat.detach()) ** 2).sum() / n
+    if loss in ("fullaeloss", "vqvae"):
+        total = total + layer.beta * ((xhat - y.detach()) ** 2).sum() / n
+    return total
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradients_match_the_written_out_objective(loss: str) -> None:
+    torch.manual_seed(3)
+    layer = GroupedCodebookLayer(2, 5, 9, 2, loss=loss, beta=0.3).double()
+    x = torch.randn(3, 4, 2, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(12, 2, 5, dtype=torch.float64)
+    (layer(x).reshape(12, 2, 5) * weights).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    _manual_losses(layer, x, loss, weights).backward()
+    want = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, want):
+        # float64, a handful of terms in another order: rounding ~1e-14
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # only chosen codes get gradients
+    chosen = torch.zeros(2, 9, dtype=torch.bool)
+    for h in range(2):
+        chosen[h, layer.codes(x)[..., h, :].reshape(-1)] = True
+    assert (got[1].abs().sum(-1)[~chosen] == 0).all()
+    assert (got[1].abs().sum(-1)[chosen] > 0).all()
+
+
+def test_straight_through_gradient_reaches_the_input_unchanged() -> None:
+    torch.manual_seed(4)
+    layer = CodebookLayer(6, 7, loss="aeloss")
+    with torch.no_grad():
+        layer.ln_weight.fill_(1.0)
+        layer.ln_bias.zero_()
+    x = torch.randn(10, 6, requires_grad=True)
+    g = torch.randn(10, 6)
+    (layer(x) * g).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    xhat = torch.nn.functional.layer_norm(ref, (6,), eps=1e-5)
+    (xhat * g).sum().backward()  # d/dx of <LN(x), g>: the gradient passed straight through
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_usage_counts_tokens_in_training_only() -> None:
+    layer = CodebookLayer(4, 6, k=2)
+    x = torch.randn(3, 5, 4)
+    layer.eval()
+    layer(x)
+    assert layer.usage.sum() == 0
+    layer.train()
+    layer(x)
+    layer(x[:1])
+    assert int(layer.usage.sum()) == (15 + 5) * 2  # tokens × k, not forward calls
+    stats = layer.take_metrics()
+    assert 0 <= stats["dead_fraction"] <= 1 and stats["mse"] > 0
+    assert 0 < stats["entropy"] <= torch.log(torch.tensor(6.0)) + 1e-6
+
+
+def test_usage_stats_against_hand_computed_values() -> None:
+    stats = usage_stats(torch.tensor([[2, 2, 0, 0]]))
+    assert stats["dead_fraction"] == 0.5
+    assert stats["entropy"] == pytest.approx(float(torch.log(torch.tensor(2.0))))
+
+
+def test_kmeans_recovers_separated_clusters() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, -5.0, 0]])
+    x = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(200, 3, generator=g)
+    found = kmeans(x, 4, generator=g)
+    dist = torch.cdist(found, centres)
+    assert (dist.min(0).values < 0.1).all()  # each true centre has a found centre nearby
+    assert kmeans(x[:2], 4, generator=g).shape == (4, 3)  # fewer points than clusters
+
+
+def test_grouped_kmeans_initialises_every_head() -> None:
+    """The original's per-head (group) k-means left the codes at their random init."""
+    g = torch.Generator().manual_seed(1)
+    layer = GroupedCodebookLayer(2, 4, 3, 1)
+    centres = torch.randn(2, 3, 4, generator=g) * 3  # head h has its own 3 clusters
+    data = centres.repeat_interleave(100, 1) + 0.01 * torch.randn(2, 300, 4, generator=g)
+    layer.init_codes(data.transpose(0, 1), seed=0)
+    expected = layer.normalise(centres.transpose(0, 1)).transpose(0, 1).detach()  # (2, 3, 4)
+    for h in range(2):
+        dist = torch.cdist(layer.codebook[h].detach(), expected[h])
+        # noise 0.01 on points of norm ~6, after layer norm: centres move by < 0.05
+        assert (dist.min(0).values < 0.05).all(), f"head {h}: {dist}"
+
+
+def test_dead_codes_move_to_recent_inputs() -> None:
+    torch.manual_seed(5)
+    layer = CodebookLayer(4, 8)
+    layer.keep_recent = True
+    layer.train()
+    x = torch.randn(64, 4)
+    layer(x)
+    used = layer.usage[0] > 0
+    before = layer.codebook.detach().clone()
+    dead = layer.replace_dead_codes(rho=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dead[0], ~used)
+    assert torch.equal(layer.codebook[0][used], before[0][used])
+    recent = layer.normalise(x).detach().reshape(-1, 4)
+    for row in layer.codebook[0][~used]:  # rho=0: exactly one of the recent inputs
+        assert torch.isclose(recent, row).all(-1).any()
+    assert layer.usage.sum() == 0
+
+
+def _layer_with_known_ids() -> tuple[GroupedCodebookLayer, torch.Tensor]:
+    torch.manual_seed(6)
+    layer = GroupedCodebookLayer(2, 4, 10, 2)
+    return layer, torch.randn(2, 5, 2, 4)
+
+
+def test_edit_force_replace_append_block() -> None:
+    layer, x = _layer_with_known_ids()
+    clean_ids = layer.codes(x)
+    c = layer.codebook
+    layer.edits = (CodeEdit("force", 7, group=1, positions=(-1,)),)
+    y = layer(x)
+    torch.testing.assert_close(y[:, -1, 1], c[1, 7].expand(2, 4))
+    torch.testing.assert_close(y[:, :-1], _unedited(layer)(x)[:, :-1])
+    layer.edits = (CodeEdit("replace", 3, group=0, slot=1),)
+    y = layer(x)
+    want = (c[0, clean_ids[..., 0, 0]] + c[0, 3]) / 2
+    torch.testing.assert_close(y[..., 0, :], want)
+    layer.edits = (CodeEdit("append", 4, group=0, positions=(0,)),)
+    y = layer(x)
+    want0 = (c[0, clean_ids[:, 0, 0, 0]] + c[0, clean_ids[:, 0, 0, 1]] + c[0, 4]) / 3
+    torch.testing.assert_close(y[:, 0, 0], want0)
+    want1 = c[0, clean_ids[:, 1, 0]].mean(-2)  # other positions: the mean of the k codes
+    torch.testing.assert_close(y[:, 1, 0], want1)
+    target = int(clean_ids[0, 0, 0, 0])
+    layer.edits = (CodeEdit("block", target, group=0, refill=True),)
+    layer(x)
+    assert not (layer.last_ids[..., 0, :] == target).any()
+    layer.edits = (CodeEdit("block", target, group=0, refill=False),)
+    y = layer(x)
+    keep = clean_ids[0, 0, 0, 1]
+    torch.testing.assert_close(y[0, 0, 0], c[0, keep] / 2)  # the blocked slot counts as zero
+
+
+def _unedited(layer: GroupedCodebookLayer) -> GroupedCodebookLayer:
+    import copy
+
+    clone = copy.deepcopy(layer)
+    clone.edits = ()
+    return clone

@@ -1,0 +1,175 @@
+"""TokFSM: the machine, its data, and its metrics against an exact oracle model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tyche.codebook.tokfsm import (
+    FSM,
+    first_transition_accuracy,
+    next_state_probs,
+    purity_of,
+    sample,
+    state_labels,
+    transition_accuracy,
+)
+
+
+class Oracle(torch.nn.Module):
+    """The exact next-token distribution of an FSM's sequences (BOS + 2 digits per state)."""
+
+    def __init__(self, fsm: FSM) -> None:
+        super().__init__()
+        self.fsm = fsm
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def _dist(self, row: list[int]) -> torch.Tensor:
+        f, b = self.fsm, self.fsm.base
+        p = torch.zeros(f.vocab_size)
+        digits = row[1:]
+        states = [digits[i] * b + digits[i + 1] for i in range(0, len(digits) - 1, 2)]
+        if len(digits) % 2 == 0:  # next: the first digit of the next state
+            options = f.successors[states[-1]].tolist() if states else range(f.n_states)
+            for s in options:
+                p[s // b] += 1
+        else:  # next: the second digit, given the first
+            options = f.successors[states[-1]].tolist() if states else range(f.n_states)
+            for s in options:
+                if s // b == digits[-1]:
+                    p[s % b] += 1
+        if p.sum() == 0:  # a first digit no successor has: never reached with probability > 0
+            p += 1
+        return (p / p.sum()).clamp_min(1e-30).log()
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        rows = input_ids.tolist()
+        logits = torch.stack(
+            [torch.stack([self._dist(r[: t + 1]) for t in range(len(r))]) for r in rows]
+        )
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def fsm() -> FSM:
+    return FSM.random(100, 10, seed=0)
+
+
+def test_machine(fsm: FSM) -> None:
+    assert (fsm.n_states, fsm.n_edges, fsm.digits, fsm.vocab_size) == (100, 10, 2, 11)
+    assert all(len(set(row)) == 10 for row in fsm.successors.tolist())  # distinct successors
+    assert fsm.edges().sum() == 1000
+    assert fsm.loss_floor == pytest.approx(math.log(10) / 2)
+    assert torch.equal(FSM.random(100, 10, seed=0).successors, fsm.successors)
+    assert not torch.equal(FSM.random(100, 10, seed=1).successors, fsm.successors)
+
+
+def test_walks_follow_edges_and_are_uniform(fsm: FSM) -> None:
+    walks = fsm.walks(4000, 20, torch.Generator().manual_seed(0))
+    edges = fsm.edges()
+    assert edges[walks[:, :-1], walks[:, 1:]].all()
+    # each successor of a state is taken with probability 1/10: chi-square-free check on the
+    # most visited state, 10 bins; 5 sigma of a binomial
+    src, dst = walks[:, :-1].reshape(-1), walks[:, 1:].reshape(-1)
+    s = int(torch.bincount(src).argmax())
+    counts = torch.bincount(dst[src == s], minlength=100)[fsm.successors[s]].double()
+    n = counts.sum()
+    assert (counts - n / 10).abs().max() < 5 * math.sqrt(n * 0.1 * 0.9)
+
+
+def test_encode_decode_and_tokenizer(fsm: FSM, tmp_path) -> None:
+    states = torch.tensor([[7, 42, 99, 0]])
+    tokens = fsm.encode(states)
+    assert tokens.tolist() == [[10, 0, 7, 4, 2, 9, 9, 0, 0]]
+    assert torch.equal(fsm.decode(tokens[:, 1:]), states)
+    assert fsm.decode(torch.tensor([[1, 10, 3, 4]])).tolist() == [[-1, 34]]
+    batch = fsm.batch(3, 64, torch.Generator().manual_seed(1))
+    assert batch.shape == (3, 64) and (batch[:, 0] == 10).all()
+    tok = fsm.tokenizer()
+    text = fsm.text(tokens[0])
+    assert text == "<|endoftext|>07429900"
+    assert tok(text)["input_ids"] == tokens[0].tolist()
+    assert tok.decode(tokens[0]) == text
+    fsm.save(tmp_path)
+    assert torch.equal(FSM.load(tmp_path).successors, fsm.successors)
+
+
+def test_metrics_of_the_exact_oracle(fsm: FSM) -> None:
+    oracle = Oracle(fsm)
+    probs = next_state_probs(oracle, fsm, fsm.encode(torch.tensor([[3], [58]])))
+    want = fsm.edges()[[3, 58]].double() / 10
+    torch.testing.assert_close(probs.double(), want, atol=1e-6, rtol=0)  # float32 softmax
+    assert first_transition_accuracy(oracle, fsm) == 1.0
+    sampled = transition_accuracy(oracle, fsm, n=8, seq_len=21, seed=0)
+    assert sampled["transition_accuracy"] == 1.0 and sampled["n_transitions"] == 8 * 9
+
+
+def test_metrics_of_a_uniform_model(fsm: FSM) -> None:
+    class Uniform(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, fsm.vocab_size))
+
+    model = Uniform()
+    acc = transition_accuracy(model, fsm, n=200, seq_len=41, seed=0)
+    # a random digit pair is a valid successor with probability 10/100, unless BOS is drawn
+    # (1/11 per token); 3600 pairs: 5 sigma ≈ 0.025
+    p_edge = 0.1 * (10 / 11) ** 2
+    assert abs(acc["transition_accuracy"] - p_edge) < 0.03
+    assert torch.equal(sample(model, fsm, 2, 5, seed=3), sample(model, fsm, 2, 5, seed=3))
+
+
+def test_state_labels_and_purity(fsm: FSM) -> None:
+    tokens = fsm.encode(torch.tensor([[12, 34, 56]]))  # BOS 1 2 3 4 5 6
+    state, trigram = state_labels(fsm, tokens)
+    assert state.tolist() == [[-1, -1, 12, -1, 34, -1, 56]]
+    assert trigram.tolist() == [[-1, -1, -1, 123, -1, 345, -1]]
+    codes = torch.tensor([0, 0, 0, 1, 1, 2, 5])
+    labels = torch.tensor([3, 3, 4, 7, 7, 9, -1])
+    rep = purity_of(codes, labels, num_codes=6)
+    # code 0: 2/3 pure, code 1: 1, code 2: 1; the -1 label is ignored (code 5 never fires)
+    assert rep["n_firing"] == 3
+    assert rep["frac_pure_90"] == pytest.approx(2 / 3)
+    assert rep["mean_purity"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert rep["weighted_purity"] == pytest.approx(5 / 6)
+
+
+def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tyche.codebook.model import attach
+    from tyche.codebook.steering import state_codes, state_forcing
+    from tyche.codebook.tokfsm import code_purity
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=11,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    cb = attach(GPTNeoXForCausalLM(cfg), ["attn_heads.*", "mlp_out.*"], num_codes=16).eval()
+    report = code_purity(cb, fsm, n=8, seq_len=33)
+    assert set(report) == {
+        "attn_heads.0/head0",
+        "attn_heads.0/head1",
+        "mlp_out.0",
+        "attn_heads.1/head0",
+        "attn_heads.1/head1",
+        "mlp_out.1",
+    }
+    assert report["mlp_out.0"]["state"]["n_tokens"] == 8 * 16
+    codes = state_codes(cb, fsm, ["mlp_out.0"], n=8, seq_len=33)
+    assert codes["mlp_out.0"].shape == (100,)
+    forcing = state_forcing(copy.deepcopy(cb), fsm, n_trials=3, prefix_states=2, n_walks=8)
+    assert forcing["n_trials"] == 3 and 0 <= forcing["success_rate"] <= 1
+    assert forcing["jsd_patched"] >= 0 and forcing["jsd_unpatched"] >= 0

@@ -16,8 +16,9 @@ one float64 evaluator (sum of the k single-direction energies, joint energy of a
 where the default's time goes (screening, climbing, polishing, final joint energies), and
 ``refine="joint"``: the joint energy of the first i directions, greedy against refined.
 
-``--only tyche`` skips the gist and the general path (for large models, e.g.
-``--model zoo:smollm2-135m --site resid_pre.10 --k 16``). ``--layers`` runs the per-layer
+``--only tyche`` skips the gist and the general path, ``--core`` the breakdown and the
+refinement (for large models, e.g. ``--model zoo:smollm2-135m --site resid_pre.10 --k 16
+--only tyche --core --repeats 1``). ``--layers`` runs the per-layer
 comparison with PCA directions instead (``resid_pre.*``, k = 16).
 """
 
@@ -217,6 +218,8 @@ def compare(args: argparse.Namespace) -> dict:
         + ", ".join(f"{m} {s:.3f}" for m, s in units.items())
     )
 
+    if args.core:
+        return report
     spent = breakdown(lambda: extract_causal_basis(lens, h, args.k, mode=args.mode, n_pca=0))
     report["breakdown"] = spent
     print("\nwhere the default's time goes (passes in full-data units, seconds):")
@@ -303,6 +306,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["all", "tyche"], default="all")
     parser.add_argument("--layers", action="store_true", help="per-layer PCA comparison")
+    parser.add_argument(
+        "--core", action="store_true", help="skip the time breakdown and refine='joint'"
+    )
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -16,9 +16,9 @@ one float64 evaluator (sum of the k single-direction energies, joint energy of a
 where the default's time goes (screening, climbing, polishing, final joint energies), and
 ``refine="joint"``: the joint energy of the first i directions, greedy against refined.
 
-``--only tyche`` skips the gist and the general path, ``--core`` the breakdown and the
-refinement (for large models, e.g. ``--model zoo:smollm2-135m --site resid_pre.10 --k 16
---only tyche --core --repeats 1``). ``--layers`` runs the per-layer
+``--only gist`` skips the general path, ``--only tyche`` the gist too, ``--core`` the
+breakdown and the refinement (for large models, e.g. ``--model zoo:smollm2-135m --site
+resid_pre.10 --k 16 --only tyche --core --repeats 1``). ``--layers`` runs the per-layer
 comparison with PCA directions instead (``resid_pre.*``, k = 16).
 """
 
@@ -132,14 +132,14 @@ def compare(args: argparse.Namespace) -> dict:
         singles = [evaluator.energy(vectors[:, i]) for i in range(vectors.shape[1])]
         return singles, evaluator.energy(vectors)
 
-    methods = (
-        ["tyche, default"]
-        if args.only == "tyche"
-        else ["gist", "tyche, general path", "tyche, default"]
-    )
+    methods = {
+        "tyche": ["tyche, default"],
+        "gist": ["gist", "tyche, default"],
+        "all": ["gist", "tyche, general path", "tyche, default"],
+    }[args.only]
     v = torch.linalg.qr(torch.randn(d, 1, generator=torch.Generator().manual_seed(0)))[0][:, 0]
     units = {"tyche, default": unit_seconds(AblationObjective(lens, h, mode=args.mode), v)}
-    if args.only != "tyche":
+    if "tyche, general path" in methods:
         units["tyche, general path"] = unit_seconds(
             AblationObjective(lens, h, mode=args.mode, fast=False), v
         )
@@ -304,7 +304,12 @@ def main() -> None:
     parser.add_argument("--mode", default="mean")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", choices=["all", "tyche"], default="all")
+    parser.add_argument(
+        "--only",
+        choices=["all", "gist", "tyche"],
+        default="all",
+        help="all: gist, general path, default; gist: gist and default; tyche: default only",
+    )
     parser.add_argument("--layers", action="store_true", help="per-layer PCA comparison")
     parser.add_argument(
         "--core", action="store_true", help="skip the time breakdown and refine='joint'"

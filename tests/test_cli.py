@@ -109,6 +109,29 @@ BASIN_FLAG_ERRORS = [
     (["--resume"], r"--resume: no interrupted run under"),
     (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
     (["--out", "/proc/tyche-cannot-write"], r"--out: cannot write to '/proc/tyche-cannot-write'"),
+    (["--max_memory", "lots"], r"--max_memory: 'lots' is not a memory size; write e.g. 4GiB"),
+    (["--max_memory", "0"], r"--max_memory: a memory size must be a finite number of bytes"),
+    (["--lambda", "--cutoffs", "1e-2"], r"--lambda needs at least two --cutoffs"),
+    (["--lambda", "--cutoff", "0.5"], r"--cutoff 0.5 is not among the --lambda scan"),
+    (["--where", " ; "], r"--where is empty; give e.g. label=3"),
+    (["--where", "colour=red"], r"--where: 'colour=red' is not a subset; write all, label="),
+    (["--where", "label=x"], r"--where: label 'x' is not a class number"),
+    (["--where", "label=12"], r"--where: unknown digit class '12'; known: 0, 1"),
+    (["--where", "label=3;label=03"], r"--where lists label=3 twice"),
+    (["--where", "label=each,3"], r"--where: label=each stands alone"),
+    (["--where", "label="], r"--where: label= has no values"),
+    (["--where", "play=hamlet"], r"--where play= needs the plays as data"),
+    (["--where", "mask="], r"--where: mask= needs a file"),
+    (["--where", "mask=nothere.safetensors"], r"--where mask=nothere.safetensors: no such file"),
+    (["--model", "zoo:shakespeare-lm", "--where", "label=3"], r"--where label= is for zoo:digits"),
+    (
+        ["--model", "zoo:shakespeare-lm", "--data", "zoo:stdlib-docs", "--where", "play=hamlet"],
+        r"--where play= needs the plays as data",
+    ),
+    (
+        ["--model", "zoo:shakespeare-lm", "--data", "zoo:shakespeare", "--where", "play=nope"],
+        r"--where: unknown play 'nope'; known: ",
+    ),
 ]
 
 
@@ -128,6 +151,7 @@ def test_basin_file_errors(tmp_path, capsys, lm_folder, binary_file):
         (["--model", str(lm_folder), "--data", str(tmp_path / "none.txt")], r"--data: no file"),
         (["--model", str(lm_folder), "--data", "zoo:fashion-mnist"], r"image data, not text"),
         (["--out", str(binary_file)], r"exists and is not a folder"),
+        (["--where", f"mask={binary_file}"], r"give a .safetensors or .npy file"),
     ]
     for args, pattern in cases:
         run = cli(capsys, "basin", *args, "--out", str(tmp_path / "o"), *args[-2:])
@@ -279,15 +303,123 @@ def test_a_failing_plot_loses_no_result(tmp_path, capsys, monkeypatch):
     assert "log P (nats)" in run.out  # the table is printed all the same
 
 
+# ----------------------------------------------------------------------------- curves, λ, subsets
+def _digits_curve(where=None, n: int = 8, cutoffs=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1)):
+    """What `tyche basin` should compute, straight from the library (the oracle)."""
+    from tyche.basin.core import estimate_basin
+    from tyche.basin.loss import ModelLoss
+    from tyche.zoo import load_digits_mlp
+
+    mlp = load_digits_mlp()
+    mask = None if where is None else where(mlp.y_train)
+    loss = ModelLoss(mlp.model, mlp.x_train, where=mask)
+    return estimate_basin(loss, loss.anchor, cutoffs=list(cutoffs), sigma=mlp.prior_sigma,
+                          n_samples=n, progress=False)  # fmt: skip
+
+
+def test_basin_lambda_and_where_on_digits(tmp_path, capsys):
+    from tyche.basin import BasinCurve, LearningCoefficient, learning_coefficient
+
+    out = tmp_path / "run"
+    run = cli(capsys, "basin", "--n_samples", "8", "--lambda", "--where", "all;label=3",
+              "--preconditioners", "none", "--out", str(out))  # fmt: skip
+    assert run.code == 0, run.err
+    # one search per direction for the whole --lambda scan, per subset
+    for subset, where in (("all", None), ("label3", lambda y: y == 3)):
+        curve = BasinCurve.load(out / f"none-{subset}-curve")
+        expect = _digits_curve(where)
+        assert torch.equal(curve.estimates, expect.estimates)
+        assert torch.equal(curve.n_evals, expect.n_evals)
+        lam = LearningCoefficient.load(out / f"none-{subset}-lambda")
+        assert lam.value == learning_coefficient(expect).value
+        text = "all" if subset == "all" else "label=3"
+        assert f"none {text}: λ = {lam.value:,.1f}" in run.out
+        at = VolumeResult.load(out / f"none-{subset}-cutoff0.1")
+        assert torch.equal(at.estimates, expect.estimates[:, -1])
+    assert "each direction is searched once for all 5 cutoffs" in run.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(r["subset"], r["cutoff"]) for r in summary} == {
+        (t, c) for t in ("all", "label=3") for c in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    }
+    assert all("lambda" in r and len(r["lambda_ci"]) == 2 for r in summary)
+    assert (out / "cutoff_scan.png").stat().st_size > 10_000
+    # 'all' is the run without --where, on the same directions
+    plain = _digits_curve()
+    assert torch.equal(BasinCurve.load(out / "none-all-curve").estimates, plain.estimates)
+
+
+def test_basin_where_mask_file(tmp_path, capsys):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from tyche.zoo import load_digits_mlp
+
+    y = load_digits_mlp().y_train
+    save_file({"m": y == 7}, str(tmp_path / "sevens.safetensors"))
+    np.save(tmp_path / "sevens.npy", (y == 7).numpy())
+    expect = _digits_curve(lambda labels: labels == 7, n=4, cutoffs=(1e-2,))
+    for name in ("sevens.safetensors", "sevens.npy"):
+        out = tmp_path / f"run-{name}"
+        run = cli(capsys, "basin", "--n_samples", "4", "--preconditioners", "none", "--where",
+                  f"mask={tmp_path / name}", "--out", str(out))  # fmt: skip
+        assert run.code == 0, run.err
+        got = VolumeResult.load(out / "none-mask-sevens-cutoff0.01")
+        assert torch.equal(got.estimates, expect.estimates[:, 0])
+    # a mask that does not fit the data is refused right after loading, in one line
+    save_file({"m": torch.ones(5, dtype=torch.bool)}, str(tmp_path / "short.safetensors"))
+    run = cli(capsys, "basin", "--where", f"mask={tmp_path / 'short.safetensors'}",
+              "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert_one_line_error(run, "basin", r"shape \(5,\) does not fit the evaluation data; it must "
+                          r"be \(1024,\)")  # fmt: skip
+    save_file({"a": y == 1, "b": y == 2}, str(tmp_path / "two.safetensors"))
+    run = cli(capsys, "basin", "--where", f"mask={tmp_path / 'two.safetensors'}",
+              "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert_one_line_error(run, "basin", r"holds 2 tensors \(a, b\)")
+
+
+def test_basin_max_memory_sets_the_batch_and_changes_nothing_else(tmp_path, capsys):
+    args = ["basin", "--n_samples", "5", "--preconditioners", "none"]
+    # a direction costs 2·D·4 bytes (draw, offset) + D·4 (θ+δ in the vmapped loss) = 57,720
+    assert cli(capsys, *args, "--max_memory", "120KB", "--out", str(tmp_path / "a")).code == 0
+    assert cli(capsys, *args, "--out", str(tmp_path / "b")).code == 0
+    small = VolumeResult.load(tmp_path / "a" / "none-cutoff0.01")
+    default = VolumeResult.load(tmp_path / "b" / "none-cutoff0.01")
+    assert small.settings["batch_size"] == 2 and default.settings["batch_size"] == 5
+    assert torch.equal(small.estimates, default.estimates)
+    run = cli(capsys, *args, "--max_memory", "1KB", "--out", str(tmp_path / "c"))
+    assert_one_line_error(run, "basin", r"max_memory=1,000 bytes holds not even one direction")
+
+
+def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
+    out = tmp_path / "run"
+    run = cli(capsys, "basin", "--model", str(lm_folder), "--data", "zoo:shakespeare",
+              "--where", "play=hamlet;play=macbeth;all", "--val_size", "1", "--max_seq_len", "8",
+              "--n_samples", "2", "--preconditioners", "none", "--out", str(out))  # fmt: skip
+    assert run.code == 0, run.err
+    assert "2 sequences × 8 tokens (1 of each of 2 plays)" in run.out
+    res = {s: VolumeResult.load(out / f"none-{s}-cutoff0.01") for s in
+           ("play-hamlet", "play-macbeth", "all")}  # fmt: skip
+    assert torch.equal(res["all"].props, res["play-hamlet"].props)  # the same directions
+    assert res["play-hamlet"].settings["where"] == "play=hamlet"
+    # each play's rows make its mask (the tiny tokenizer reads Shakespeare as <unk>s, so the
+    # radii themselves cannot tell the plays apart here)
+    hashes = {r.settings["where_hash"] for r in res.values()}
+    assert len(hashes) == 3
+    # without --data the model's own data decides, checked right after it loads
+    run = cli(capsys, "basin", "--model", str(lm_folder), "--where", "play=hamlet",
+              "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert_one_line_error(run, "basin", r"needs the plays as data.*zoo:stdlib-docs by default")
+
+
 # ----------------------------------------------------------------------------- resume
 def _interrupt_after_estimation(monkeypatch):
     """Make the run stop like Ctrl-C once every sample is checkpointed (before the report)."""
-    import tyche.basin.cli as basin_cli
+    from tyche.basin import report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(basin_cli, "_finish", interrupted)
+    monkeypatch.setattr(report, "finish", interrupted)
 
 
 def test_resume_refuses_every_setting_that_changes_a_sample(
@@ -320,6 +452,8 @@ def test_resume_refuses_every_setting_that_changes_a_sample(
         (["--exclude", "gpt_neox.embed_in.*"], "--exclude"),
         (["--preconditioners", "none"], "--preconditioners"),
         (["--n_samples", "4"], "--n_samples"),
+        (["--where", "all"], "--where"),
+        (["--lambda"], "--cutoffs"),
     ]
     for extra, flag in changes:
         run = cli(capsys, *base, "--resume", *extra)
@@ -381,7 +515,7 @@ def test_ctrl_c_says_where_the_work_is_and_how_to_resume(tmp_path):
                                 env=env)  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, ignored)
-    first = out / "checkpoints" / "none-cutoff0.01" / "samples-rank0.safetensors"
+    first = out / "checkpoints" / "none" / "samples-rank0.safetensors"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

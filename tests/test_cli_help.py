@@ -17,7 +17,16 @@ from tyche.__main__ import COMMANDS, main
 #: sub-commands that a command's help does not list in a "commands:" block
 EXTRA_SUBCOMMANDS = {"causal": ["train-lens"]}
 #: words that would mean an internal name leaked into the help
-INTERNAL = re.compile(r"\b\w+(Command|Config|Args)\b|\['|\bbool\b|\[str\]|--no[a-z]")
+INTERNAL = re.compile(r"\b\w+(Command|Config|Args)\b|\['|\bbool\b|\[str\]")
+
+
+def _undashed_negation(text: str) -> str | None:
+    """``--noflag`` beside ``--flag`` (a negation spelled without its dash), if any; flags
+    that merely start with "no" (``--node_layers``, ``--norm``) are fine."""
+    for rest in re.findall(r"--no([a-z]\w*)", text):
+        if re.search(rf"--{rest}\b", text):
+            return f"--no{rest}"
+    return None
 
 
 def _help(capsys, *argv: str) -> str:
@@ -46,6 +55,7 @@ def test_every_command_and_subcommand_has_plain_help(capsys, command):
         leaked = INTERNAL.search(text)
         assert leaked is None, f"`tyche {command}` help shows {leaked.group(0)!r}:\n{text}"
         assert "(default: None)" not in text
+        assert _undashed_negation(text) is None, f"`tyche {command}` help:\n{text}"
 
 
 def test_subcommands_are_found_from_the_help():
@@ -54,6 +64,8 @@ def test_subcommands_are_found_from_the_help():
         "train",
         "info",
     ]
+    assert _undashed_negation("--resume --noresume") == "--noresume"
+    assert _undashed_negation("--norm X --node_layers Y --no-plot --plot") is None
     assert _subcommands("usage: tyche causal [--mode {mean,zero}] [--k N]\n") == []  # choices
     assert _subcommands("usage: x\n\ncommands:\n  train  a\n  cache  b\n\nRun") == [
         "train",

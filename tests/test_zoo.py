@@ -71,6 +71,8 @@ def test_registry_lists_every_entry_with_kind() -> None:
         "shakespeare-lm",
         "smollm2-135m",
         "tokfsm",
+        "modadd",
+        "fashion-mlp",
         "shakespeare",
         "stdlib-docs",
         "fashion-mnist",

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "basin": ("tyche.basin.cli", "estimate the basin volume (log-probability) of a model"),
     "causal": ("tyche.causal.cli", "extract causal bases (directions whose ablation matters)"),
     "codebook": ("tyche.codebook.cli", "train, search, steer and browse codebook features"),
+    "interaction": ("tyche.interaction.cli", "local interaction basis: build, ablate, plot"),
     "zoo": ("tyche.zoo.cli", "list, train and inspect the offline zoo of models and data"),
 }
 

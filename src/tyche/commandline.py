@@ -3,8 +3,9 @@
 A command describes its flags as a dataclass whose attribute docstrings are the help text
 (as in ``tyche.basin.cli``); :func:`parse_config` turns it into an ``argparse`` parser:
 
-- ``--name VALUE`` for every field, the help text from the attribute's docstring, the
-  default shown once;
+- ``--name VALUE`` for every field (a trailing underscore is dropped, so a field ``lambda_``
+  is the flag ``--lambda``), the help text from the attribute's docstring, the default shown
+  once;
 - booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
   ``X | None`` fields take an ``X`` and default to None.
 
@@ -149,7 +150,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        names = [f"--{f.name}"]
+        names = [f"--{f.name.rstrip('_')}"]  # `lambda_` (a Python keyword) is the flag --lambda
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]

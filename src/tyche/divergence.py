@@ -192,11 +192,25 @@ class AnchorCache:
     model (same architecture, e.g. with perturbed weights) to the anchor over all batches.
     """
 
-    def __init__(self, logps: Sequence[torch.Tensor], batches: Sequence[Batch]) -> None:
+    def __init__(
+        self,
+        logps: Sequence[torch.Tensor],
+        batches: Sequence[Batch],
+        kl_masks: Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
         if len(logps) != len(batches):
             raise ValueError(f"{len(logps)} log-prob tensors for {len(batches)} batches")
+        if kl_masks is not None and len(kl_masks) != len(batches):
+            raise ValueError(f"{len(kl_masks)} KL masks for {len(batches)} batches")
         self._logps = list(logps)
         self.batches = list(batches)
+        self._kl_masks = None if kl_masks is None else list(kl_masks)
+
+    def with_kl_masks(self, masks: Sequence[torch.Tensor | None]) -> AnchorCache:
+        """The same cache with the KL counted only where ``masks[i]`` (the shape of batch i's
+        positions, bool or 0/1) is true; the model still sees its inputs and attention mask
+        unchanged. ``None`` for a batch falls back to its attention mask."""
+        return AnchorCache(self._logps, self.batches, masks)
 
     @classmethod
     @torch.no_grad()
@@ -244,6 +258,12 @@ class AnchorCache:
         """The ``attention_mask`` of batch ``index`` (``None`` for tensor batches)."""
         return _batch_mask(self.batches[index])
 
+    def kl_mask(self, index: int) -> torch.Tensor | None:
+        """Where the KL of batch ``index`` counts: its KL mask if set, else its attention mask."""
+        if self._kl_masks is not None and self._kl_masks[index] is not None:
+            return self._kl_masks[index]
+        return self.mask(index)
+
     @property
     def nbytes(self) -> int:
         """Bytes used by the cached log-probabilities."""
@@ -251,10 +271,10 @@ class AnchorCache:
 
     @property
     def n_positions(self) -> int:
-        """Number of unmasked positions over all batches (the denominator of ``mean_kl``)."""
+        """Number of counted positions over all batches (the denominator of ``mean_kl``)."""
         total = 0
         for i, logp in enumerate(self._logps):
-            m = self.mask(i)
+            m = self.kl_mask(i)
             total += int(m.sum()) if m is not None else logp[..., 0].numel()
         return total
 
@@ -282,7 +302,7 @@ class AnchorCache:
         with torch.set_grad_enabled(grad):
             for i, batch in enumerate(self.batches):
                 logits = forward_logits(model, _to_device(batch, device))
-                mask = self.mask(i)
+                mask = self.kl_mask(i)
                 mask = None if mask is None else mask.to(device)
                 total = total + masked_kl(self.logp(i, device), logits, mask, "token").sum()
         return total / self.n_positions

@@ -44,8 +44,14 @@ def basin_cutoff_scan(
     results: Mapping[str, Sequence[Any]],
     n_params: int,
     path: str | Path,
+    fits: Mapping[str, Any] | None = None,
 ) -> Path:
-    """log-probability against log(cutoff) per label, with the quadratic-basin slope D/2."""
+    """log-probability against log(cutoff) per label, with the quadratic-basin slope D/2.
+
+    ``fits`` maps a label to a fitted line with ``value`` (slope λ), ``intercept``,
+    ``ci_low``/``ci_high`` and ``cutoffs`` (the fitted ones): drawn dashed over the whole
+    range, with λ and its interval in the legend.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     logc = [math.log(c) for c in cutoffs]
@@ -55,6 +61,16 @@ def basin_cutoff_scan(
         lo = [r.interval()[0] for r in runs]
         hi = [r.interval()[1] for r in runs]
         ax.fill_between(logc, lo, hi, color=f"C{i}", alpha=0.2)
+        fit = (fits or {}).get(label)
+        if fit is not None:
+            ax.plot(
+                logc,
+                [fit.value * x + fit.intercept for x in logc],
+                "--",
+                color=f"C{i}",
+                label=f"{label}: λ = {fit.value:,.1f} [{fit.ci_low:,.1f}, {fit.ci_high:,.1f}] "
+                f"(fit ≤ {max(fit.cutoffs):g})",
+            )
     first = next(iter(results.values()))
     y0 = first[0].log_prob
     ax.plot(

@@ -1,6 +1,7 @@
 """Basin volume: the log-probability that a random parameter vector keeps a model's behaviour.
 
-``estimate_basin`` is the generic estimator on a flat parameter vector and a batched loss;
+``estimate_basin`` is the generic estimator on a flat parameter vector and a batched loss
+(one cutoff, or a ``BasinCurve`` over several, from which ``learning_coefficient`` fits λ);
 ``model_loss`` builds that loss for any module whose output is logits; ``VolumeConfig`` and
 ``VolumeEstimator`` are the seed-compatible interface for HuggingFace causal LMs. Names are
 imported on first use.
@@ -9,22 +10,28 @@ imported on first use.
 from tyche._lazy import lazy_exports
 
 __all__ = [
+    "BasinCurve",
+    "LearningCoefficient",
     "ModelLoss",
     "VolumeConfig",
     "VolumeEstimator",
     "VolumeResult",
     "estimate_basin",
+    "learning_coefficient",
     "model_loss",
 ]
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
+        "BasinCurve": "tyche.basin.curve",
+        "LearningCoefficient": "tyche.basin.lambda_fit",
         "ModelLoss": "tyche.basin.loss",
         "VolumeConfig": "tyche.basin.config",
         "VolumeEstimator": "tyche.basin.estimator",
         "VolumeResult": "tyche.basin.result",
         "estimate_basin": "tyche.basin.core",
+        "learning_coefficient": "tyche.basin.lambda_fit",
         "model_loss": "tyche.basin.loss",
     },
 )

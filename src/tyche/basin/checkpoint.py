@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from tyche.io import write_json, write_safetensors
 
-#: the per-sample fields a checkpoint keeps, all 1-D and indexed like ``index``
+#: the per-sample fields a checkpoint keeps, indexed like ``index`` along dim 0 (radii, deltas,
+#: logabsint and estimates have one column per cutoff)
 FIELDS = ("index", "radii", "deltas", "props", "logabsint", "estimates", "n_evals")
 
 

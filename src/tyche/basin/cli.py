@@ -4,16 +4,16 @@ With no arguments it runs the project's main job: the digits MLP of the basin pa
 (``zoo:digits-mlp``), naive against Adam-preconditioned, printed as a table, saved, plotted.
 
 Every flag is checked before anything is loaded, the model's own settings (parameter
-globs, optimizer state) right after it loads. Each preconditioner × cutoff result is saved
-as soon as it is finished, then ``summary.json``, then the table and the plots; a failing
-plot never loses a result. Finished directions are checkpointed after every batch, and a
-resumed run refuses any setting that would change a sample.
+globs, optimizer state, ``--where`` masks) right after it loads. Each direction is searched
+once for all ``--cutoffs``; each preconditioner × subset curve is saved as soon as it is
+finished (one result folder per cutoff), then ``summary.json``, then the table and the
+plots; a failing plot never loses a result. Finished directions are checkpointed after every
+batch, and a resumed run refuses any setting that would change a sample.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -22,9 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tyche.basin.resume import (
+    CLI_WORDS,
+    RUN_FILE,
+    flag_identity,
+    mismatch_message,
+    refuse_mixing,
+)
 from tyche.commandline import (
     CommandError,
-    best_effort,
     check_number,
     check_readable_text,
     check_writable_folder,
@@ -39,16 +45,20 @@ from tyche.commandline import (
 if TYPE_CHECKING:
     import torch
 
-    from tyche.basin.loss import ModelLoss
+    from tyche.basin.report import Row
     from tyche.basin.result import VolumeResult
+    from tyche.basin.where import Subset
 
 PROG = "tyche basin"
 PRECONDITIONERS = ("none", "adam", "fisher")
 DEFAULT_PRECONDITIONERS = "none,adam"
 DEFAULT_CUTOFF = 1e-2
+LAMBDA_CUTOFFS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_VAL_SIZE = 8
 DEFAULT_MAX_SEQ_LEN = 64
 DIGITS = "zoo:digits-mlp"
+SHAKESPEARE = "zoo:shakespeare"
+PLAY_DATA = "--where play= needs the plays as data: --data zoo:shakespeare with a language model"
 
 
 @dataclass
@@ -61,6 +71,8 @@ class BasinCommand:
 
       tyche basin                                    # the digits MLP, naive vs Adam
       tyche basin --cutoffs 1e-5,1e-4,1e-3,1e-2,1e-1 # and log P against the cutoff
+      tyche basin --lambda                           # the learning coefficient λ
+      tyche basin --where 'all;label=each'           # one basin per digit class
       tyche basin --model zoo:shakespeare-lm --data zoo:shakespeare --n_samples 16
       tyche basin --resume                           # continue an interrupted run
     """
@@ -72,12 +84,24 @@ class BasinCommand:
     file (default: the model's own zoo data, else zoo:stdlib-docs); not for the digits MLP,
     which is measured on its 1,024 training inputs"""
     n_samples: int = 100
-    """Monte Carlo directions per preconditioner and cutoff"""
+    """Monte Carlo directions per preconditioner (and subset)"""
     cutoff: float | None = None
     """KL cutoff in nats (default 1e-2); with --cutoffs, the one whose histogram is drawn
     (default: the largest of them)"""
     cutoffs: str | None = None
-    """comma-separated cutoffs (nats) for a log P against cutoff scan, e.g. 1e-4,1e-3,1e-2"""
+    """comma-separated cutoffs (nats) for a log P against cutoff curve, e.g. 1e-4,1e-3,1e-2;
+    each direction is searched once for all of them"""
+    lambda_: bool = False
+    """fit the learning coefficient λ, the slope of log P against ln(cutoff) at the three
+    smallest cutoffs (bootstrap interval over directions), print it and draw it on
+    cutoff_scan.png; without --cutoffs it scans 1e-5,1e-4,1e-3,1e-2,1e-1"""
+    where: str | None = None
+    """measure the basin of part of the data only, one basin per subset on the same
+    directions, subsets separated by ';': all, label=3 or label=3,5 or label=each (digit
+    classes), play=hamlet or play=each (lines of Shakespeare plays: the evaluation set is then
+    --val_size sequences of each named play), mask=FILE (one tensor of True/False in a
+    .safetensors or .npy file, over the evaluation examples (N,) or tokens (N, T)); e.g.
+    'all;label=each'"""
     preconditioners: str | None = None
     """comma-separated from none, adam, fisher (default none,adam; adam is then skipped with
     a note when the model has no saved optimizer state)"""
@@ -90,10 +114,14 @@ class BasinCommand:
     the measured parameters)"""
     seed: int = 0
     """seed of the directions (direction i comes from the seed and i alone)"""
-    batch_size: int = 16
-    """directions searched together (results do not depend on it)"""
+    batch_size: int | None = None
+    """directions searched together (default: as many as --max_memory holds, at most 16 and
+    at most 2^25 parameters' worth); results do not depend on it"""
+    max_memory: str | None = None
+    """memory the batch of directions may use, e.g. 4GiB or 512MiB (default: half the memory
+    free on the model's device when the run starts)"""
     val_size: int | None = None
-    """language models: evaluation sequences (default 8)"""
+    """language models: evaluation sequences (default 8; per play with --where play=)"""
     max_seq_len: int | None = None
     """language models: tokens per sequence (default 64)"""
     exclude: str | None = None
@@ -121,64 +149,9 @@ class Plan:
     data: str | None
     val_size: int
     max_seq_len: int
-
-
-#: settings recorded with every sample -> the words a user of this command knows them by
-CLI_WORDS = {
-    "model": "--model",
-    "model_hash": "--model (its weights changed)",
-    "data": "--data",
-    "data_hash": "--data (its tokens changed)",
-    "val_size": "--val_size",
-    "max_seq_len": "--max_seq_len",
-    "exclude": "--exclude",
-    "n_params": "--exclude (the number of measured parameters)",
-    "preconditioner_kind": "--preconditioners",
-    "preconditioner": "--preconditioners",
-    "preconditioner_hash": "the preconditioner's values (--eps, --exponent or the optimizer state)",
-    "eps": "--eps",
-    "exponent": "--exponent",
-    "sigma": "--sigma",
-    "cutoff": "--cutoff",
-    "seed": "--seed",
-    "n_samples": "--n_samples",
-    "max_radius": "--sigma (the search's radius bound)",
-}
-
-
-RUN_FILE = "run.json"
-
-
-def _flag_identity(cmd: BasinCommand, plan: Plan) -> dict[str, Any]:
-    """Every flag that changes a sample, as the user gave it (defaults filled in)."""
-    return {
-        "--model": cmd.model,
-        "--data": plan.data,
-        "--val_size": None if plan.is_digits else plan.val_size,
-        "--max_seq_len": None if plan.is_digits else plan.max_seq_len,
-        "--exclude": list(plan.exclude),
-        "--preconditioners": list(plan.kinds),
-        "--eps": cmd.eps,
-        "--exponent": cmd.exponent,
-        "--sigma": cmd.sigma,
-        "--cutoffs": list(plan.cutoffs),
-        "--seed": cmd.seed,
-        "--n_samples": cmd.n_samples,
-    }
-
-
-def _refuse_mixing(saved: dict[str, Any], now: dict[str, Any], folder: Path) -> None:
-    differ = [
-        f"{key} (saved {_plain(saved.get(key))}, now {_plain(now.get(key))})"
-        for key in dict.fromkeys([*saved, *now])
-        if saved.get(key) != now.get(key)
-    ]
-    if differ:
-        raise CommandError(
-            f"cannot --resume the run in {folder}: these settings differ from it: "
-            f"{'; '.join(differ)}. Resume with the saved settings, or drop --resume and "
-            "choose another --out to start afresh"
-        )
+    subsets: tuple[Subset, ...] | None
+    max_memory: int | None
+    lam: bool
 
 
 # ----------------------------------------------------------------------------- checks
@@ -209,6 +182,66 @@ def _check_data_spec(spec: str) -> None:
     check_readable_text(spec, "--data")
 
 
+def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | None:
+    """Parse --where and check it against the model and data named (nothing loaded)."""
+    if cmd.where is None:
+        return None
+    from tyche.basin.where import check_values, parse_where
+
+    try:
+        subsets = parse_where(cmd.where)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    keys = {s.key for s in subsets}
+    if "label" in keys:
+        if not is_digits:
+            raise CommandError(f"--where label= is for {DIGITS} (its classes); for a language "
+                               "model use play= or mask=")  # fmt: skip
+        try:
+            check_values(subsets, "label", [str(k) for k in range(10)], "digit class")
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+    if "play" in keys:
+        # without --data the model's own data decides, checked once it is loaded
+        if is_digits or cmd.data not in (None, SHAKESPEARE):
+            raise CommandError(PLAY_DATA)
+        from tyche.zoo.text import play_titles
+
+        try:
+            check_values(subsets, "play", play_titles(), "play")
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+    for s in subsets:
+        if s.key == "mask":
+            path = Path(s.values[0]).expanduser()
+            if not path.is_file():
+                raise CommandError(f"--where mask={s.values[0]}: no such file")
+            if path.suffix not in (".safetensors", ".npy"):
+                raise CommandError(f"--where mask={s.values[0]}: give a .safetensors or .npy "
+                                   "file holding one boolean tensor")  # fmt: skip
+    return tuple(subsets)
+
+
+def _check_cutoffs(cmd: BasinCommand) -> tuple[list[float], float]:
+    if cmd.cutoffs is not None:
+        cutoffs = sorted(parse_numbers(cmd.cutoffs, "--cutoffs"))
+        if cmd.lambda_ and len(cutoffs) < 2:
+            raise CommandError("--lambda needs at least two --cutoffs (three test straightness)")
+    elif cmd.lambda_:
+        cutoffs = list(LAMBDA_CUTOFFS)
+    else:
+        cutoff = cmd.cutoff if cmd.cutoff is not None else DEFAULT_CUTOFF
+        return [cutoff], cutoff
+    if cmd.cutoff is not None and cmd.cutoff not in cutoffs:
+        flag = "--cutoffs" if cmd.cutoffs is not None else "the --lambda scan"
+        raise CommandError(
+            f"--cutoff {cmd.cutoff:g} is not among {flag} "
+            f"{cmd.cutoffs or ','.join(f'{c:g}' for c in cutoffs)}; add it there or drop "
+            "--cutoff (the histogram is then drawn at the largest cutoff)"
+        )
+    return cutoffs, cmd.cutoff if cmd.cutoff is not None else cutoffs[-1]
+
+
 def validate(cmd: BasinCommand) -> Plan:
     """Check every flag and combination without loading anything; the filled-in plan."""
     check_number(cmd.n_samples, "--n_samples", minimum=1, integer=True)
@@ -220,20 +253,18 @@ def validate(cmd: BasinCommand) -> Plan:
     check_number(cmd.cutoff, "--cutoff", above=0)
     check_number(cmd.val_size, "--val_size", minimum=1, integer=True)
     check_number(cmd.max_seq_len, "--max_seq_len", minimum=2, integer=True)
+    max_memory = None
+    if cmd.max_memory is not None:
+        from tyche.basin.memory import parse_size
+
+        try:
+            max_memory = parse_size(cmd.max_memory)
+        except ValueError as err:
+            raise CommandError(f"--max_memory: {err}") from None
     kinds_given = cmd.preconditioners is not None
     kinds = parse_choices(cmd.preconditioners or DEFAULT_PRECONDITIONERS, "--preconditioners",
                           PRECONDITIONERS)  # fmt: skip
-    if cmd.cutoffs is not None:
-        cutoffs = sorted(parse_numbers(cmd.cutoffs, "--cutoffs"))
-        if cmd.cutoff is not None and cmd.cutoff not in cutoffs:
-            raise CommandError(
-                f"--cutoff {cmd.cutoff:g} is not among --cutoffs {cmd.cutoffs}; add it there or "
-                "drop --cutoff (the histogram is then drawn at the largest cutoff)"
-            )
-        cutoff = cmd.cutoff if cmd.cutoff is not None else cutoffs[-1]
-    else:
-        cutoff = cmd.cutoff if cmd.cutoff is not None else DEFAULT_CUTOFF
-        cutoffs = [cutoff]
+    cutoffs, cutoff = _check_cutoffs(cmd)
     exclude = split_list(cmd.exclude)
     if cmd.exclude is not None and not exclude:
         raise CommandError("--exclude is empty; give globs of parameter names or drop the flag")
@@ -248,6 +279,7 @@ def validate(cmd: BasinCommand) -> Plan:
                 )
     if cmd.data is not None:
         _check_data_spec(cmd.data)
+    subsets = _check_where(cmd, is_digits)
     if cmd.resume and not cmd.checkpoint:
         raise CommandError("--resume needs the checkpoints: drop --no-checkpoint")
     out = check_writable_folder(cmd.out, "--out")
@@ -271,10 +303,13 @@ def validate(cmd: BasinCommand) -> Plan:
         data=cmd.data,
         val_size=cmd.val_size or DEFAULT_VAL_SIZE,
         max_seq_len=cmd.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+        subsets=subsets,
+        max_memory=max_memory,
+        lam=cmd.lambda_,
     )
     if cmd.resume:
         saved_run = json.loads((checkpoints / RUN_FILE).read_text())
-        _refuse_mixing(saved_run["flags"], _flag_identity(cmd, plan), checkpoints)
+        refuse_mixing(saved_run["flags"], flag_identity(cmd, plan), checkpoints)
     return plan
 
 
@@ -296,42 +331,82 @@ def _record_run(cmd: BasinCommand, plan: Plan, setup: Setup) -> None:
             )
     elif get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / RUN_FILE, {"flags": _flag_identity(cmd, plan), **hashes})
+        write_json(folder / RUN_FILE, {"flags": flag_identity(cmd, plan), **hashes})
     barrier()
 
 
 # ----------------------------------------------------------------------------- setup
 @dataclass
 class Setup:
-    """The loaded model's loss and everything a sample depends on."""
+    """The loaded model and data, and everything a sample depends on."""
 
-    loss: ModelLoss
+    model: torch.nn.Module
+    inputs: Any  # classifier inputs (N, ...) or LM token dict, on the model's device
+    names: list[str]
+    shapes: list[Any]
     default_sigma: float | None
     optimizer_state: Any
     name: str
     data: str
     data_note: str
     identity: dict[str, Any]
+    subsets: list[tuple[str | None, Any]]  # (subset text or None, mask or None)
+
+
+def _lm_tokens(plan: Plan, zm: Any, data: str) -> tuple[dict, str, list[str] | None]:
+    """The evaluation tokens, a note on them and, with play= subsets, each row's play."""
+    from tyche.data import chunk_and_tokenize
+    from tyche.zoo import resolve_texts
+
+    def chunks(texts: list[str]) -> dict:
+        tokens = chunk_and_tokenize(texts, zm.tokenizer, max_seq_len=plan.max_seq_len,
+                                    chunking=True, max_examples=plan.val_size)  # fmt: skip
+        return {k: v[: plan.val_size] for k, v in tokens.items()}
+
+    plays = [s for s in plan.subsets or () if s.key == "play"]
+    if not plays:
+        tokens = chunks(resolve_texts(data))
+        rows, width = tokens["input_ids"].shape
+        note = f"{data}: {rows} sequences × {width} tokens"
+        if rows < plan.val_size:
+            note += f" (the text has only {rows} of the {plan.val_size} asked for)"
+        return tokens, note, None
+    import torch
+
+    from tyche.basin.where import named_plays
+    from tyche.zoo.text import load_shakespeare, play_titles
+
+    titles = play_titles()
+    by_title = dict(zip(titles, load_shakespeare()))
+    parts, row_plays = [], []
+    for title in named_plays(plays, titles):
+        part = chunks([by_title[title]])
+        parts.append(part)
+        row_plays += [title] * len(part["input_ids"])
+    tokens = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    rows, width = tokens["input_ids"].shape
+    note = f"{data}: {rows} sequences × {width} tokens ({plan.val_size} of each of " \
+           f"{len(parts)} plays)"  # fmt: skip
+    return tokens, note, row_plays
 
 
 def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
     """Load the model and data, check the model's own settings; no estimation yet."""
-    from tyche.basin.loss import ModelLoss
+    from tyche.basin.params import select_parameters
     from tyche.io import model_hash
 
+    labels = row_plays = None
     if plan.is_digits:
         from tyche.zoo import load_digits_mlp
 
         mlp = load_digits_mlp()
-        _check_globs(mlp.model, plan.exclude)
-        loss = ModelLoss(mlp.model, mlp.x_train, exclude=list(plan.exclude) or None)
+        model, inputs, labels = mlp.model, mlp.x_train, mlp.y_train
+        _check_globs(model, plan.exclude)
         data, note = "digits training inputs", f"{len(mlp.x_train):,} digits training inputs"
         data_hash = model_hash({"x": mlp.x_train})
         sigma, state, name = mlp.prior_sigma, mlp.optimizer_state, "zoo:digits-mlp"
-        model = mlp.model
     else:
-        from tyche.data import chunk_and_tokenize
-        from tyche.zoo import resolve_model, resolve_texts
+        from tyche.zoo import resolve_model
 
         zm = resolve_model(cmd.model)
         if zm.tokenizer is None:
@@ -339,18 +414,13 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
         model, name, sigma, state = zm.model, zm.name, None, zm.optimizer_state
         _check_globs(model, plan.exclude)
         data = plan.data or zm.default_data or "zoo:stdlib-docs"
-        tokens = chunk_and_tokenize(resolve_texts(data), zm.tokenizer,
-                                    max_seq_len=plan.max_seq_len, chunking=True,
-                                    max_examples=plan.val_size)  # fmt: skip
-        tokens = {k: v[: plan.val_size] for k, v in tokens.items()}
-        rows, width = tokens["input_ids"].shape
-        note = f"{data}: {rows} sequences × {width} tokens"
-        if rows < plan.val_size:
-            note += f" (the text has only {rows} of the {plan.val_size} asked for)"
+        if any(s.key == "play" for s in plan.subsets or ()) and data != SHAKESPEARE:
+            raise CommandError(f"{PLAY_DATA} ({zm.name} is measured on {data} by default)")
+        tokens, note, row_plays = _lm_tokens(plan, zm, data)
         data_hash = model_hash(tokens)
         device = next(model.parameters()).device
-        loss = ModelLoss(model, {k: v.to(device) for k, v in tokens.items()},
-                         exclude=list(plan.exclude) or None)  # fmt: skip
+        inputs = {k: v.to(device) for k, v in tokens.items()}
+    named = select_parameters(model, "*", list(plan.exclude) or None)
     identity = {
         "model": name,
         "model_hash": model_hash(model),
@@ -362,7 +432,29 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
         "eps": cmd.eps,
         "exponent": cmd.exponent,
     }
-    return Setup(loss, sigma, state, name, data, note, identity)
+    subsets = _subset_masks(plan, inputs, labels, row_plays)
+    return Setup(model, inputs, [n for n, _ in named], [p.shape for _, p in named], sigma,
+                 state, name, data, note, identity, subsets)  # fmt: skip
+
+
+def _subset_masks(plan: Plan, inputs: Any, labels: Any, row_plays: Any) -> list:
+    """(subset text, mask) per subset, 'each' expanded; [(None, None)] without --where."""
+    if plan.subsets is None:
+        return [(None, None)]
+    from tyche.basin.where import expand, subset_mask
+
+    subsets = list(plan.subsets)
+    if labels is not None:
+        subsets = expand(subsets, "label", [str(v) for v in sorted(set(labels.tolist()))])
+    if row_plays is not None:
+        subsets = expand(subsets, "play", list(dict.fromkeys(row_plays)))
+    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+    shape = tuple(ids.shape[:2]) if isinstance(inputs, dict) else (len(ids),)
+    try:
+        return [(s.text, subset_mask(s, shape, labels=labels, row_plays=row_plays))
+                for s in subsets]  # fmt: skip
+    except ValueError as err:
+        raise CommandError(str(err)) from None
 
 
 def _check_globs(model: torch.nn.Module, globs: tuple[str, ...]) -> None:
@@ -385,18 +477,19 @@ def _preconditioner(kind: str, setup: Setup, cmd: BasinCommand) -> torch.Tensor 
         fisher_diagonal,
     )
 
-    loss = setup.loss
-    names, shapes = list(loss.layout.names), list(loss.layout.shapes)
     if kind == "none":
         return None
     if kind == "adam":
-        return adam_preconditioner(setup.optimizer_state, names, shapes, eps=cmd.eps,
-                                   exponent=cmd.exponent, model=loss.model)  # fmt: skip
+        return adam_preconditioner(setup.optimizer_state, setup.names, setup.shapes,
+                                   eps=cmd.eps, exponent=cmd.exponent,
+                                   model=setup.model)  # fmt: skip
     import torch
 
-    # the sampled labels are seeded, so every rank and every resumed run get the same p
-    generator = torch.Generator(loss.anchor.device).manual_seed(cmd.seed)
-    fisher = fisher_diagonal(loss.model, loss.cache.batches[0], names=names, generator=generator)
+    # the sampled labels are seeded, so every rank and every resumed run get the same p;
+    # computed on all the evaluation data, so every --where subset gets the same directions
+    device = next(setup.model.parameters()).device
+    generator = torch.Generator(device).manual_seed(cmd.seed)
+    fisher = fisher_diagonal(setup.model, setup.inputs, names=setup.names, generator=generator)
     return diag_preconditioner(fisher, eps=cmd.eps, exponent=cmd.exponent)
 
 
@@ -417,141 +510,88 @@ def _kinds(plan: Plan, setup: Setup) -> list[str]:
 
 # ----------------------------------------------------------------------------- run
 def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeResult]:
-    """Run the command; returns the results at the histogram's cutoff by preconditioner."""
+    """Run the command; returns the results at the histogram's cutoff by preconditioner
+    (``"kind subset"`` keys with --where)."""
     plan = validate(cmd)
     from tyche import distributed as dist
+    from tyche.basin import report
     from tyche.basin.checkpoint import SettingsMismatch
     from tyche.basin.core import estimate_basin
+    from tyche.basin.lambda_fit import learning_coefficient
+    from tyche.basin.loss import ModelLoss
+    from tyche.basin.report import Row
+    from tyche.io import model_hash
 
     dist.init_distributed()
-    dist.rank0_print("settings: " + json.dumps(asdict(cmd)))
+    dist.rank0_print("settings: " + json.dumps({k.rstrip("_"): v for k, v in asdict(cmd).items()}))
     setup = _setup(cmd, plan)
     kinds = _kinds(plan, setup)
     if cmd.checkpoint:
         _record_run(cmd, plan, setup)
-    loss = setup.loss
     sigma = cmd.sigma if cmd.sigma is not None else setup.default_sigma
-    dist.rank0_print(
-        f"model {setup.name}: D = {loss.n_params:,} parameters; data {setup.data_note}; "
-        f"anchor cache {loss.cache_bytes / 2**20:.2f} MiB"
-    )
     checkpoints = plan.out / "checkpoints"
     if cmd.checkpoint:
         again = resume_command(PROG, argv if argv is not None else sys.argv[1:])
         on_interrupt(f"finished directions are saved under {checkpoints}/; resume with:\n  {again}")
     else:
         on_interrupt("nothing was saved (--no-checkpoint)")
-    rows: list[tuple[str, float, VolumeResult, float]] = []
-    for kind in kinds:
-        pre = _preconditioner(kind, setup, cmd)
-        for c in plan.cutoffs:
+    exclude = list(plan.exclude) or None
+    pres = {kind: _preconditioner(kind, setup, cmd) for kind in kinds}
+    rows: list[Row] = []
+    for text, mask in setup.subsets:
+        loss = ModelLoss(setup.model, setup.inputs, exclude=exclude, where=mask)
+        if text is None or text == setup.subsets[0][0]:
+            dist.rank0_print(
+                f"model {setup.name}: D = {loss.n_params:,} parameters; data {setup.data_note}; "
+                f"anchor cache {loss.cache_bytes / 2**20:.2f} MiB"
+            )
+        where = {} if text is None else {"where": text, "where_hash": model_hash({"m": mask})}
+        tag = "" if text is None else "-" + _slug(text)
+        for kind in kinds:
             t0 = time.perf_counter()
             try:
                 with warnings.catch_warnings():  # the ESS column and footnote say it
                     warnings.filterwarnings("ignore", message="effective sample size")
-                    res = estimate_basin(
+                    curve = estimate_basin(
                         loss,
                         loss.anchor,
-                        cutoff=c,
+                        cutoffs=list(plan.cutoffs),
                         sigma=sigma,
                         n_samples=cmd.n_samples,
-                        preconditioner=pre,
+                        preconditioner=pres[kind],
                         batch_size=cmd.batch_size,
+                        max_memory=plan.max_memory,
                         seed=cmd.seed,
-                        checkpoint=checkpoints / f"{kind}-cutoff{c:g}" if cmd.checkpoint else None,
+                        checkpoint=checkpoints / f"{kind}{tag}" if cmd.checkpoint else None,
                         resume=cmd.resume,
-                        extra_settings={**setup.identity, "preconditioner_kind": kind},
+                        extra_settings={**setup.identity, "preconditioner_kind": kind, **where},
                     )
             except SettingsMismatch as err:
-                raise CommandError(_mismatch_message(err)) from None
+                raise CommandError(mismatch_message(err)) from None
             seconds = time.perf_counter() - t0
+            lam = learning_coefficient(curve) if plan.lam else None
             if dist.get_rank() == 0:
-                res.save(plan.out / f"{kind}-cutoff{c:g}")
-            rows.append((kind, c, res, seconds))
+                for res in curve.results:
+                    res.save(plan.out / f"{kind}{tag}-cutoff{res.cutoff:g}")
+                if len(curve) > 1:
+                    curve.save(plan.out / f"{kind}{tag}-curve")
+                if lam is not None:
+                    lam.save(plan.out / f"{kind}{tag}-lambda")
+            rows.append(Row(kind, text, curve, seconds, lam))
+        del loss
     if dist.get_rank() == 0:
-        _finish(rows, loss.n_params, plan)
+        report.finish(rows, plan.cutoff, plan.out)
         if cmd.checkpoint:
             shutil.rmtree(checkpoints, ignore_errors=True)
     on_interrupt(None)
     dist.barrier()
-    return {kind: res for kind, c, res, _ in rows if c == plan.cutoff}
+    return {row.label: row.curve.at(plan.cutoff) for row in rows}
 
 
-def _mismatch_message(err: Any) -> str:
-    differ = []
-    for key, (saved, now) in err.differences.items():
-        words = CLI_WORDS.get(key, key)
-        if key.endswith("_hash"):
-            differ.append(words)
-        else:
-            differ.append(f"{words} (saved {_plain(saved)}, now {_plain(now)})")
-    return (
-        f"cannot --resume the run in {err.folder}: these settings differ from it: "
-        f"{'; '.join(dict.fromkeys(differ))}. Resume with the saved settings, or drop --resume "
-        "and choose another --out to start afresh"
-    )
+def _slug(text: str) -> str:
+    from tyche.basin.where import parse_where
 
-
-def _plain(value: Any) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _finish(rows: list, n_params: int, plan: Plan) -> None:
-    """summary.json, the table, the plots: each one's failure is reported, not fatal."""
-    from tyche.io import write_json
-
-    table = [{"preconditioner": k, "cutoff": c, **r.summary(), "seconds": s} for k, c, r, s in rows]
-    best_effort(PROG, "write summary.json", lambda: write_json(plan.out / "summary.json", table),
-                plan.out)  # fmt: skip
-    best_effort(PROG, "print the table", lambda: print(report(rows, n_params)), plan.out)
-    best_effort(PROG, "draw the plots", lambda: _plots(rows, n_params, plan), plan.out)
-    print(f"results in {plan.out}/ (one folder per preconditioner and cutoff)")
-
-
-def report(rows: list, n_params: int) -> str:
-    """The results table, its footnote and, over several cutoffs, the slope of log P."""
-    head = (
-        f"{'preconditioner':<14} {'cutoff':>8} {'log P (nats)':>16} {'95% CI':>27} "
-        f"{'max':>12} {'ESS':>6} {'evals/dir':>9} {'time (s)':>9}"
-    )
-    lines = [head, "-" * len(head)]
-    for kind, c, res, seconds in rows:
-        lo, hi = res.interval()
-        lines.append(
-            f"{kind:<14} {c:>8.0e} {res.log_prob:>16,.1f} {f'[{lo:,.0f}, {hi:,.0f}]':>27} "
-            f"{res.max:>12,.1f} {res.ess:>6.2f} {res.evals_per_direction:>9.2f} {seconds:>9.1f}"
-        )
-    if any(res.is_lower_bound for _, _, res, _ in rows):
-        lines.append(
-            "ESS ≈ 1: the log-mean-exp is dominated by its best direction, so it is a lower "
-            "bound (the paper's regime); more directions or a better preconditioner raise it."
-        )
-    first = [(c, r) for k, c, r, _ in rows if k == rows[0][0]] if rows else []
-    if len(first) > 1:
-        (c0, r0), (c1, r1) = first[0], first[1]
-        slope = (r1.log_prob - r0.log_prob) / (math.log(c1) - math.log(c0))
-        lines.append(
-            f"slope of log P against ln(cutoff) at the smallest cutoffs: {slope:,.0f} "
-            f"(D/2 = {n_params / 2:,.0f})"
-        )
-    return "\n".join(lines)
-
-
-def _plots(rows: list, n_params: int, plan: Plan) -> None:
-    from tyche import plotting
-
-    at = {kind: res for kind, c, res, _ in rows if c == plan.cutoff}
-    plotting.basin_histogram(at, plan.out / "histogram.png")
-    if len(plan.cutoffs) > 1:
-        by_kind: dict[str, list] = {}
-        for kind, _, res, _ in rows:
-            by_kind.setdefault(kind, []).append(res)
-        plotting.basin_cutoff_scan(list(plan.cutoffs), by_kind, n_params,
-                                   plan.out / "cutoff_scan.png")  # fmt: skip
+    return parse_where(text)[0].slug
 
 
 def main(argv: list[str]) -> None:

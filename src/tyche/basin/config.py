@@ -42,7 +42,11 @@ class VolumeConfig:
     rtol: float = 1e-2
     """Every reported delta lies within rtol·cutoff of the cutoff."""
     model_batch_size: int | None = None
-    """Directions evaluated together (default 1 above 10M selected parameters, else 8)."""
+    """Directions evaluated together (default: as many as ``max_memory`` holds, at most 16
+    and at most 2^25 parameters' worth; see ``tyche.basin.memory``)."""
+    max_memory: int | str | None = None
+    """Memory the batch of directions may use: bytes or a size such as "4GiB" (default: half
+    the memory free on the model's device)."""
     data_batch_size: int | None = None
     """Sequences per forward pass (default: all of them)."""
     include: str | list[str] = "*"

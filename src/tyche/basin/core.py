@@ -12,36 +12,59 @@ integral, so each sampled direction gives an unbiased importance-sampling estima
 with u uniform on the sphere, v = Pu for a unit-determinant preconditioner P (the
 −D log|Pu| term is the exact importance weight of the angular central Gaussian), and
 v̂ = v/|v|. The answer is the log-mean-exp of the estimates.
+
+Memory stays bounded at any D: directions are drawn chunk by chunk in the anchor's dtype and
+device (``tyche.basin.sampling``), the float64 sums they need are accumulated by slices, and
+the batch of directions searched together is sized from a memory budget
+(``tyche.basin.memory``). With ``cutoffs=[...]`` every direction is searched once for all of
+them and the result is a `BasinCurve`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 
 from tyche import distributed as dist
 from tyche.basin.checkpoint import FIELDS, SampleCheckpoint, field_dtype
+from tyche.basin.curve import BasinCurve
+from tyche.basin.memory import bytes_per_direction, choose_batch
 from tyche.basin.preconditioners import user_preconditioner
 from tyche.basin.radial import (
     log_gaussian_ray_mass,
     log_uniform_ray_volume,
     log_unit_sphere_area,
 )
-from tyche.basin.radius import search_radii
-from tyche.basin.result import VolumeResult
-from tyche.basin.sampling import unit_directions
+from tyche.basin.radius import RadiusSearch, search_radii
+from tyche.basin.result import LOW_ESS, VolumeResult
+from tyche.basin.sampling import DirectionBatch, sq_norm
 from tyche.io import model_hash
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _check_cutoffs(cutoff: float | None, cutoffs: Sequence[float] | None) -> list[float]:
+    if (cutoff is None) == (cutoffs is None):
+        raise ValueError("give either cutoff= (one cutoff) or cutoffs=[...] (a curve)")
+    values = [cutoff] if cutoffs is None else list(cutoffs)
+    if not values:
+        raise ValueError("cutoffs is empty; give at least one cutoff in nats")
+    for c in values:
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+            raise ValueError(f"cutoff must be a positive finite number of nats, got {c!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"cutoffs must be distinct, got {values}")
+    return sorted(float(c) for c in values)
+
+
 def _check_args(
     anchor: torch.Tensor,
-    cutoff: float,
     sigma: float | None,
     n_samples: int,
     prior: str,
@@ -52,10 +75,10 @@ def _check_args(
         raise ValueError(
             "anchor must be a non-empty 1-D tensor θ of length D (the flat parameters)"
         )
+    if not anchor.is_floating_point():
+        raise ValueError(f"anchor must be a floating-point tensor, got {anchor.dtype}")
     if not torch.isfinite(anchor).all():
         raise ValueError("anchor contains NaN or inf values")
-    if not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff > 0):
-        raise ValueError(f"cutoff must be a positive finite number of nats, got {cutoff!r}")
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     if not isinstance(n_samples, int) or n_samples < 1:
@@ -66,6 +89,11 @@ def _check_args(
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
+
+
+def _sq_norm(x: torch.Tensor) -> float:
+    """|x|² in float64, accumulated by slices (no float64 copy of x)."""
+    return float(sq_norm(x, None))
 
 
 def _evaluate(loss_fn: LossFn, offsets: torch.Tensor) -> torch.Tensor:
@@ -80,23 +108,24 @@ def _evaluate(loss_fn: LossFn, offsets: torch.Tensor) -> torch.Tensor:
     return out.detach().to("cpu", torch.float64)
 
 
-def _apply(pre: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
-    """v = P u for rows u (B, D): diagonal p ⊙ u or matrix P u."""
-    if pre is None:
-        return u
-    return u * pre if pre.dim() == 1 else u @ pre.T
-
-
+@overload
+def estimate_basin(loss_fn: LossFn, anchor: torch.Tensor, *, cutoff: float,
+                   cutoffs: None = None, **kwargs: Any) -> VolumeResult: ...  # fmt: skip
+@overload
+def estimate_basin(loss_fn: LossFn, anchor: torch.Tensor, *, cutoff: None = None,
+                   cutoffs: Sequence[float], **kwargs: Any) -> BasinCurve: ...  # fmt: skip
 def estimate_basin(
     loss_fn: LossFn,
     anchor: torch.Tensor,
     *,
-    cutoff: float,
+    cutoff: float | None = None,
+    cutoffs: Sequence[float] | None = None,
     sigma: float | None = None,
     n_samples: int,
     prior: Literal["gaussian", "uniform"] = "gaussian",
     preconditioner: torch.Tensor | None = None,
     batch_size: int | None = None,
+    max_memory: int | None = None,
     rtol: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
@@ -104,39 +133,51 @@ def estimate_basin(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     extra_settings: dict[str, Any] | None = None,
-) -> VolumeResult:
+) -> VolumeResult | BasinCurve:
     """Estimate log P(region) under N(0, σ²I_D) (or log Vol(region)), natural log.
 
     Args:
         loss_fn: maps offsets δ, shape (B, D), to losses, shape (B,), e.g. the mean KL of the
-            model at θ+δ from the model at θ (``tyche.basin.loss``).
-        anchor: θ, shape (D,). Offsets are built in its dtype and on its device.
-        cutoff: the region is where loss_fn(δ) − loss_fn(0) < cutoff (nats for a KL).
+            model at θ+δ from the model at θ (``tyche.basin.loss``). It may declare
+            ``bytes_per_offset``, the memory it needs per row, for the batch budget.
+        anchor: θ, shape (D,). Directions and offsets are built in its dtype and on its
+            device.
+        cutoff: the region is where loss_fn(δ) − loss_fn(0) < cutoff (nats for a KL); or
+        cutoffs: several cutoffs, every direction searched once for all of them; the result
+            is then a `BasinCurve`.
         sigma: prior standard deviation; default the anchor's RMS, recorded in the result.
         n_samples: number of sampled directions.
         prior: "gaussian" for log-probability, "uniform" for log-volume.
         preconditioner: None, a positive (D,) vector p (v = p ⊙ u) or a (D, D) positive-
             definite matrix (v = P u, in parameter space); normalised to unit determinant.
-        batch_size: directions evaluated together (one loss_fn call per search round);
-            default min(n_samples, 16). Results do not depend on it.
-        rtol: every returned loss rise lies within rtol·cutoff of the cutoff.
-        seed: direction i is drawn from a generator seeded by (seed, i).
+        batch_size: directions searched together (one loss_fn call per search round);
+            default as many as ``max_memory`` holds, at most 16 and at most 2^25 parameters'
+            worth (``tyche.basin.memory``). Results do not depend on it.
+        max_memory: bytes the batch may use (its draws and offsets, plus the loss's own per
+            offset); default half the memory free on the anchor's device.
+        rtol: every returned loss rise lies within rtol·cutoff of its cutoff.
+        seed: direction i is drawn from generators seeded by (seed, i).
         max_radius: no boundary within this distance raises; default 100·(|θ| + σ√D).
         checkpoint: folder where finished samples are saved after every batch.
         resume: continue the run saved in ``checkpoint`` (its settings must match).
     """
-    _check_args(anchor, cutoff, sigma, n_samples, prior, batch_size, rtol)
+    targets = _check_cutoffs(cutoff, cutoffs)
+    _check_args(anchor, sigma, n_samples, prior, batch_size, rtol)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint folder of the run to continue")
     dim = anchor.numel()
-    theta64 = anchor.detach().to("cpu", torch.float64)
-    theta_sq = float(theta64 @ theta64)
+    anchor = anchor.detach()
+    theta_sq = _sq_norm(anchor)
     if sigma is None:
         sigma = math.sqrt(theta_sq / dim) or 1.0
     pre = None if preconditioner is None else user_preconditioner(preconditioner.cpu(), dim)
     if max_radius is None:
         max_radius = 100.0 * (math.sqrt(theta_sq) + sigma * math.sqrt(dim))
-    batch_size = batch_size or min(n_samples, 16)
+    per_direction = bytes_per_direction(
+        dim, anchor.element_size(), getattr(loss_fn, "bytes_per_offset", 0)
+    )
+    batch_size = choose_batch(n_samples, dim, per_direction, batch_size=batch_size,
+                              max_memory=max_memory, device=anchor.device)  # fmt: skip
     dist.init_distributed()
 
     base = _evaluate(loss_fn, torch.zeros(1, dim, dtype=anchor.dtype, device=anchor.device))
@@ -145,7 +186,7 @@ def estimate_basin(
             f"loss_fn(0) (the loss at the anchor) is {float(base[0])}; it must be finite"
         )
     settings = {
-        "cutoff": cutoff,
+        **({"cutoff": targets[0]} if cutoffs is None else {"cutoffs": targets}),
         "sigma": sigma,
         "n_samples": n_samples,
         "prior": prior,
@@ -164,73 +205,64 @@ def estimate_basin(
         dist.barrier()
     done = store.load_finished() if store is not None and resume else None
     finished = set(done["index"].tolist()) if done is not None else set()
+    if pre is not None and pre.dim() == 1:
+        pre = pre.to(anchor.device)
 
-    def directions(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unit directions v̂ (B, D) in the anchor's dtype/device, props |Pu| (B,) and
-        v̂·θ (B,), the last two from the float64 directions."""
-        u = unit_directions(seed, indices, dim, dtype=torch.float64)
-        v = _apply(None if pre is None else pre.to(torch.float64), u)
-        props = v.norm(dim=1)
-        v = v / props[:, None]
-        return v.to(anchor.dtype).to(anchor.device), props, v @ theta64
-
-    def search(indices: list[int], init: float | None):
-        vhat, props, dots = directions(indices)
-
+    def search(batch: DirectionBatch, init: float | None, guide) -> RadiusSearch:
         def rise(idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-            r = radius.to(anchor.device, anchor.dtype)[:, None]
-            return _evaluate(loss_fn, r * vhat[idx.to(anchor.device)]) - base
+            return _evaluate(loss_fn, batch.offsets(idx, radius)) - base
 
-        found = search_radii(
-            rise,
-            len(indices),
-            cutoff=cutoff,
-            rtol=rtol,
-            init_radius=init,
-            max_radius=max_radius,
-            labels=indices,
-        )
-        return props, dots, found
+        return search_radii(rise, len(batch.indices), cutoffs=targets, rtol=rtol,
+                            init_radius=init, max_radius=max_radius, labels=batch.indices,
+                            guide=guide)  # fmt: skip
 
-    # A pilot search along direction 0 sets the starting radius of every other direction,
-    # identically on every rank and for every batch size.
-    _, _, pilot = search([0], None)
-    init = float(pilot.radii[0])
+    # A pilot search along direction 0 sets the starting radius of every other direction and
+    # the shape they extrapolate along, identically on every rank and for every batch size.
+    first = DirectionBatch.draw(seed, [0], anchor, pre)
+    pilot = search(first, None, None)
+    init, guide = float(pilot.radii[0, 0]), pilot.trace[0]
+    reuse = {0: (first.z[0], first.sums[0])}
+    del first
 
     mine = [i for i in dist.shard_range(n_samples) if i not in finished]
     new: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
     bar = dist.progress(total=len(mine), desc="basin directions", disable=not progress)
+    batch = None
     for start in range(0, len(mine), batch_size):
         indices = mine[start : start + batch_size]
-        props, dots, found = search(indices, init)
-        radii = found.radii.to(torch.float64)
+        batch = DirectionBatch.draw(seed, indices, anchor, pre, reuse=reuse, recycle=batch)
+        reuse = {}  # the pilot's draw is only ever in the first batch (rank 0's)
+        found = search(batch, init, guide)
+        props, dots = batch.props, batch.dots
+        radii = found.radii.to(torch.float64)  # (B, K)
         if prior == "gaussian":
-            est = log_gaussian_ray_mass(dim, sigma, dots, theta_sq, radii)
+            est = log_gaussian_ray_mass(dim, sigma, dots[:, None], theta_sq, radii)
             # the radial integral alone: the ray mass less its constant (no second quadrature)
             logint = est - log_unit_sphere_area(dim) + dim / 2 * math.log(2 * math.pi * sigma**2)
         else:
             logint = dim * torch.log(radii) - math.log(dim)
             est = log_uniform_ray_volume(dim, radii)
-        est = est - dim * torch.log(props)
-        batch = {
+        est = est - dim * torch.log(props)[:, None]
+        record = {
             "index": torch.tensor(indices, dtype=torch.long),
             "radii": radii,
             "deltas": found.deltas.to(torch.float64),
             "props": props.double(),
-            "logabsint": torch.as_tensor(logint, dtype=torch.float64).reshape(-1),
-            "estimates": torch.as_tensor(est, dtype=torch.float64).reshape(-1),
+            "logabsint": torch.as_tensor(logint, dtype=torch.float64).reshape(radii.shape),
+            "estimates": torch.as_tensor(est, dtype=torch.float64).reshape(radii.shape),
             "n_evals": found.n_evals.to(torch.long),
         }
         for k in FIELDS:
-            new[k].append(batch[k])
+            new[k].append(record[k])
         if store is not None:
-            store.add(batch)
+            store.add(record)
         bar.update(len(indices))
     bar.close()
+    del batch
 
+    width = len(targets)
     gathered = {
-        k: dist.all_gather_cat(torch.cat(v) if v else torch.empty(0, dtype=field_dtype(k)))
-        for k, v in new.items()
+        k: dist.all_gather_cat(torch.cat(v) if v else _empty(k, width)) for k, v in new.items()
     }
     if done is not None:
         gathered = {k: torch.cat([done[k], gathered[k]]) for k in FIELDS}
@@ -238,25 +270,46 @@ def estimate_basin(
     rec = {k: v[order] for k, v in gathered.items()}
     if rec["index"].tolist() != list(range(n_samples)):
         raise RuntimeError("internal error: samples are missing or duplicated after gathering")
-    result = VolumeResult(
+    curve = BasinCurve(
+        cutoffs=torch.tensor(targets, dtype=torch.float64),
         estimates=rec["estimates"],
         radii=rec["radii"],
         deltas=rec["deltas"],
         props=rec["props"],
-        mults=rec["radii"] / rec["props"],
         logabsint=rec["logabsint"],
         n_evals=rec["n_evals"],
-        cutoff=float(cutoff),
         sigma=float(sigma),
         n_params=dim,
         prior=prior,
         settings={
             **settings,
             "pilot_radius": init,
+            "pilot_radii": pilot.radii[0].tolist(),
             "pilot_evals": int(pilot.n_evals.sum()),
             "batch_size": batch_size,
         },
     )
     if dist.get_rank() == 0:
-        result.warn_if_bound()
-    return result
+        _warn_if_bound(curve)
+    if cutoffs is not None:
+        return curve
+    return dataclasses.replace(curve[0], settings=dict(curve.settings))
+
+
+def _warn_if_bound(curve: BasinCurve) -> None:
+    bound = [r for r in curve.results if r.is_lower_bound]
+    if len(bound) == len(curve) == 1:
+        bound[0].warn_if_bound(stacklevel=4)
+    elif bound:
+        shown = ", ".join(f"{r.cutoff:g} (ESS {r.ess:.2f})" for r in bound)
+        warnings.warn(
+            f"effective sample size below {LOW_ESS} at cutoffs {shown}: there the log-mean-exp "
+            "is dominated by the largest sample, so it is only a lower bound on the log-"
+            "probability; use a preconditioner or more samples.",
+            stacklevel=3,
+        )
+
+
+def _empty(field: str, width: int) -> torch.Tensor:
+    per_cutoff = field in ("radii", "deltas", "logabsint", "estimates")
+    return torch.empty((0, width) if per_cutoff else (0,), dtype=field_dtype(field))

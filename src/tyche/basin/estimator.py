@@ -8,7 +8,8 @@ import torch
 
 from tyche.basin.config import VolumeConfig
 from tyche.basin.core import estimate_basin
-from tyche.basin.loss import INPLACE_ABOVE, ModelLoss
+from tyche.basin.loss import ModelLoss
+from tyche.basin.memory import parse_size
 from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
@@ -93,7 +94,7 @@ class VolumeEstimator:
 
     def run(self) -> VolumeResult:
         cfg = self.config
-        batch = cfg.model_batch_size or (1 if self.loss.n_params > INPLACE_ABOVE else 8)
+        max_memory = None if cfg.max_memory is None else parse_size(cfg.max_memory)
         extra: dict[str, Any] = {
             "model_hash": model_hash(cfg.model),
             "val_size": cfg.val_size,
@@ -108,7 +109,8 @@ class VolumeEstimator:
             n_samples=cfg.n_samples,
             prior=cfg.prior,
             preconditioner=self.preconditioner,
-            batch_size=batch,
+            batch_size=cfg.model_batch_size,
+            max_memory=max_memory,
             rtol=cfg.rtol,
             seed=cfg.seed,
             progress=cfg.tqdm,

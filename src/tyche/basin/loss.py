@@ -13,6 +13,11 @@ Strategies for a batch of B offsets:
   large models).
 ``"auto"`` takes inplace above ``INPLACE_ABOVE`` selected parameters; below, it tries vmap
 on the first call and falls back to loop if the model refuses it.
+
+``where`` restricts the KL to part of the data, a behaviour of the model: a boolean mask over
+the examples (N,) or, for language models, over the tokens (N, T) (a digit class, the lines
+of one play). The model still reads every input as before (a token's context is unchanged);
+only which positions the mean runs over changes. Rows with nothing selected are not run.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class ModelLoss:
         include: str | Sequence[str] = "*",
         exclude: str | Sequence[str] | None = None,
         mask: torch.Tensor | None = None,
+        where: torch.Tensor | None = None,
         data_batch_size: int | None = None,
         strategy: Strategy = "auto",
         cache_device: torch.device | str | None = None,
@@ -106,15 +112,43 @@ class ModelLoss:
         self.anchor = self.layout.flatten([p for _, p in named]).clone()
         device = next(iter(self.params.values())).device
         model.eval()
-        batches = [
-            _with_mask(_to(x, device), m) for x, m in _batches(inputs, mask, data_batch_size)
-        ]
+        self.where = None if where is None else _check_where(where, inputs)
+        token_where = None
+        if self.where is not None:
+            keep = self.where.reshape(self.where.shape[0], -1).any(1).nonzero()[:, 0]
+            inputs = _rows(inputs, keep)
+            mask = None if mask is None else mask[keep]
+            token_where = self.where[keep] if self.where.dim() == 2 else None
+        parts = list(_batches(inputs, mask, data_batch_size))
+        batches = [_with_mask(_to(x, device), m) for x, m in parts]
         store = device if cache_device is None else torch.device(cache_device)
         self.cache = AnchorCache.from_model(model, batches, device=store)
+        if token_where is not None:
+            sizes = [len(x["input_ids"]) for x in batches]
+            self.cache = self.cache.with_kl_masks(
+                [
+                    w.to(device) & _attention(b).bool()
+                    for w, b in zip(token_where.split(sizes), batches)
+                ]  # fmt: skip
+            )
+        if self.cache.n_positions == 0:
+            raise ValueError("where selects only padding: no position is left to average over")
         self.cache_bytes = self.cache.nbytes
         self.n_params = self.layout.size
         if strategy == "auto" and self.n_params > INPLACE_ABOVE:
             self.strategy = "inplace"
+
+    @property
+    def n_positions(self) -> int:
+        """Examples or tokens the mean KL runs over."""
+        return self.cache.n_positions
+
+    @property
+    def bytes_per_offset(self) -> int:
+        """Memory one offset row costs inside a call: θ+δ for vmap/loop, nothing in place."""
+        if self.strategy == "inplace":
+            return 0
+        return self.n_params * self.anchor.element_size()
 
     def _kl(self, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         """Mean KL(anchor ‖ model) over all evaluation positions for one setting (scalar)."""
@@ -179,6 +213,48 @@ def _with_mask(x: Inputs, mask: torch.Tensor | None) -> Inputs:
             raise ValueError("mask is only supported for language-model inputs (a dict)")
         return x
     return {**x, "attention_mask": mask.to(x["input_ids"].device)}
+
+
+def _n_examples(inputs: Inputs) -> int:
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise ValueError(f"inputs must hold 'input_ids'; got keys {sorted(inputs)}")
+        return int(inputs["input_ids"].shape[0])
+    return int(inputs.shape[0])
+
+
+def _check_where(where: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """``where`` as a bool tensor (N,) or (N, T), checked against the inputs."""
+    where = torch.as_tensor(where)
+    if where.dtype != torch.bool:
+        binary = not (where.is_floating_point() or where.is_complex())
+        if not (binary and ((where == 0) | (where == 1)).all()):
+            raise ValueError("where must be boolean (or 0/1 integers): True where the KL counts")
+        where = where.bool()
+    n = _n_examples(inputs)
+    shapes = [(n,)]
+    if isinstance(inputs, Mapping):
+        shapes.append(tuple(inputs["input_ids"].shape))
+    if tuple(where.shape) not in shapes:
+        what = " or ".join(str(s) for s in shapes)
+        raise ValueError(
+            f"where has shape {tuple(where.shape)}; it must be {what}: one entry per example"
+            + (" or per token" if len(shapes) > 1 else "")
+        )
+    if not where.any():
+        raise ValueError("where selects nothing: no example or token is left to average over")
+    return where.cpu()
+
+
+def _rows(inputs: Inputs, keep: torch.Tensor) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {k: v[keep.to(v.device)] for k, v in inputs.items()}
+    return inputs[keep.to(inputs.device)]
+
+
+def _attention(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"]) if mask is None else mask
 
 
 def _to(x: Inputs, device: torch.device) -> Inputs:

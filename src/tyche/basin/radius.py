@@ -18,10 +18,20 @@ log-log coordinates x = log r, f = log(Δ/cutoff) (the root is f = 0):
 On a quadratic the second evaluation is exact; on smooth losses the mean is 3–4.5
 evaluations per direction at rtol = 1e-2 (see tests/test_basin_radius.py). A NaN or infinite
 Δ counts as "above the cutoff" (never accepted); a negative or zero Δ counts as "below".
+
+Several cutoffs c_1 < … < c_K are searched along each direction at once: one target at a
+time, smallest first, each starting from every point measured so far. Up to its first
+crossing the rise is monotone along the ray, so the points measured for one cutoff bracket
+the next, and a point that lands in another cutoff's band settles that one too. Every cutoff
+still gets a radius where Δ was measured within its own band. A ``guide`` (the measured
+points of a reference direction, e.g. a pilot) supplies the shape of Δ(r) when extrapolating:
+the next radius is placed where the guide reaches the target, scaled to the nearest measured
+point, instead of along a straight log-log line.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,14 +48,18 @@ MIN_LOG_RADIUS = math.log(1e-300)  # below this the radius would underflow
 
 @dataclass(frozen=True)
 class RadiusSearch:
-    """Result of `search_radii` for n directions (all tensors (n,), on the CPU).
+    """Result of `search_radii` for n directions and K cutoffs (tensors on the CPU).
+
+    With ``cutoff=c`` the per-cutoff fields have shape (n,); with ``cutoffs=[...]`` they have
+    shape (n, K), column k for ``cutoffs[k]`` (sorted ascending).
 
     radii: radius at which ``deltas`` was measured and accepted (same units as the radii
         passed to ``rise_fn``), float64.
     deltas: Δ measured at exactly ``radii``; |deltas − cutoff| ≤ rtol·cutoff, float64.
-    n_evals: number of ``rise_fn`` evaluations spent on each direction, int64.
-    low, high: final bracket: largest radius measured below the band (0 = the anchor) and
-        smallest radius measured above it or non-finite (inf if none), float64.
+    n_evals: (n,) ``rise_fn`` evaluations spent on each direction (for all cutoffs), int64.
+    low, high: the measured radii nearest the returned one below and above the band (0 = the
+        anchor; inf when nothing was measured above it), float64.
+    trace: per direction, every (radius, Δ) measured, in order (a guide for other searches).
     """
 
     radii: torch.Tensor
@@ -53,13 +67,55 @@ class RadiusSearch:
     n_evals: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor
-    cutoff: float
+    cutoff: float | None
     rtol: float
+    cutoffs: tuple[float, ...] = ()
+    trace: tuple[tuple[tuple[float, float], ...], ...] = ()
 
     @property
     def mean_evals(self) -> float:
         """Average number of loss evaluations per direction."""
         return float(self.n_evals.double().mean())
+
+
+class Guide:
+    """The shape of a reference direction's Δ(r): log r as a function of log Δ.
+
+    Built from measured (radius, Δ) points; only finite positive Δ that rise with r are
+    kept (the part before the first crossing). Between points it interpolates linearly in
+    (log Δ, log r); beyond them it continues with the end segment's slope (clamped), and
+    with the quadratic slope 2 when fewer than two points are usable.
+    """
+
+    def __init__(self, points: Sequence[tuple[float, float]]):
+        kept: list[tuple[float, float]] = []  # (log Δ, log r), increasing in both
+        for r, d in sorted(points):
+            if r > 0 and math.isfinite(d) and d > 0 and (not kept or math.log(d) > kept[-1][0]):
+                kept.append((math.log(d), math.log(r)))
+        self.points = kept
+
+    def _end_slope(self, a: tuple[float, float], b: tuple[float, float]) -> float:
+        s = (b[0] - a[0]) / (b[1] - a[1]) if b[1] != a[1] else 2.0
+        return min(max(s, MIN_SLOPE), MAX_SLOPE)
+
+    def log_radius(self, log_delta: float) -> float:
+        """log r at which the reference reaches log Δ (up to an additive constant)."""
+        pts = self.points
+        if not pts:
+            return log_delta / 2.0
+        if len(pts) == 1:
+            return pts[0][1] + (log_delta - pts[0][0]) / 2.0
+        if log_delta <= pts[0][0]:
+            return pts[0][1] + (log_delta - pts[0][0]) / self._end_slope(pts[0], pts[1])
+        if log_delta >= pts[-1][0]:
+            return pts[-1][1] + (log_delta - pts[-1][0]) / self._end_slope(pts[-2], pts[-1])
+        k = bisect.bisect_right([p[0] for p in pts], log_delta)
+        (f0, x0), (f1, x1) = pts[k - 1], pts[k]
+        return x0 + (log_delta - f0) * (x1 - x0) / (f1 - f0)
+
+    def step(self, from_log_delta: float, to_log_delta: float) -> float:
+        """Δ(log r) between the levels, along the reference."""
+        return self.log_radius(to_log_delta) - self.log_radius(from_log_delta)
 
 
 @dataclass
@@ -69,6 +125,8 @@ class _Ray:
     index: int
     r: float  # next radius to evaluate
     label: int = -1  # how error messages name this direction (the caller's sample index)
+    log_cut: float = 0.0  # log of this target's cutoff
+    guide: Guide | None = None  # the reference shape used to extrapolate
     x_lo: float = -math.inf  # bracket: f(x_lo) < band (−inf: the anchor r = 0)
     f_lo: float = -math.inf  # −inf when Δ ≤ 0 there
     x_hi: float = math.inf  # bracket: f(x_hi) > band or non-finite (inf: none yet)
@@ -131,7 +189,10 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
                 "increase max_radius or the cutoff may be above the loss's range"
             )
         if math.isfinite(ray.f_lo):
-            step = -ray.f_lo / _slope(ray.prev_lo, ray.x_lo, ray.f_lo)
+            if ray.guide is not None:
+                step = ray.guide.step(ray.f_lo + ray.log_cut, ray.log_cut)
+            else:
+                step = -ray.f_lo / _slope(ray.prev_lo, ray.x_lo, ray.f_lo)
             step = min(max(step, 1e-6), MAX_STEP)
         else:
             step = MAX_STEP
@@ -139,7 +200,10 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
     if math.isinf(ray.x_lo):  # nothing below yet: extrapolate downwards from the high end
         step = -MAX_STEP
         if math.isfinite(ray.f_hi):
-            step = max(-ray.f_hi / _slope(ray.prev_hi, ray.x_hi, ray.f_hi), -MAX_STEP)
+            if ray.guide is not None:
+                step = max(ray.guide.step(ray.f_hi + ray.log_cut, ray.log_cut), -MAX_STEP)
+            else:
+                step = max(-ray.f_hi / _slope(ray.prev_hi, ray.x_hi, ray.f_hi), -MAX_STEP)
         if ray.x_hi + step < MIN_LOG_RADIUS:
             raise ValueError(
                 f"the loss rise is above the cutoff at every radius tried along direction "
@@ -207,18 +271,98 @@ def _initial_radii(
     return init.tolist()
 
 
+def _f(delta: float, log_cut: float) -> float:
+    """log(Δ/cutoff): +inf for NaN/inf Δ (above), −inf for Δ ≤ 0 (below)."""
+    if not math.isfinite(delta):
+        return math.inf
+    return math.log(delta) - log_cut if delta > 0 else -math.inf
+
+
+class _Direction:
+    """Search state of one direction over every cutoff: its points and its current target."""
+
+    def __init__(self, index: int, r: float, label: int, cutoffs: list[float], guide):
+        self.index, self.r, self.label = index, r, label
+        self.cutoffs = cutoffs
+        self.guide = guide
+        self.points: list[tuple[float, float]] = []  # (x = log r, Δ) in measurement order
+        self.found: list[tuple[float, float] | None] = [None] * len(cutoffs)
+        self.n_evals = 0
+        self.target = 0
+        self.ray = _Ray(index, r, label=label, log_cut=math.log(cutoffs[0]), guide=guide)
+
+    def in_band(self, delta: float, k: int, rtol: float) -> bool:
+        return math.isfinite(delta) and abs(delta - self.cutoffs[k]) <= rtol * self.cutoffs[k]
+
+    def start_target(self, k: int) -> None:
+        """Make cutoff k the current target, its bracket rebuilt from every measured point."""
+        self.target = k
+        c = self.cutoffs[k]
+        ray = _Ray(self.index, self.r, label=self.label, log_cut=math.log(c), guide=self.guide)
+        pts = sorted(self.points)
+        above = [(x, d) for x, d in pts if not (math.isfinite(d) and d < c)]
+        x_hi = above[0][0] if above else math.inf
+        for x, d in pts:  # ascending, so the largest point below is recorded last
+            if math.isfinite(d) and d < c and x < x_hi:
+                _record(ray, x, d, c)
+        for x, d in reversed(above[:2]):  # the nearest point above is recorded last
+            _record(ray, x, d, c)
+        near = [ray.prev_lo, (ray.x_lo, ray.f_lo), (ray.x_hi, ray.f_hi), ray.prev_hi]
+        ray.history = [p for p in near if p is not None and all(map(math.isfinite, p))][:3]
+        self.ray = ray
+
+    def record(self, r: float, delta: float, rtol: float, limit: int, log_max: float,
+               max_r: float) -> bool:  # fmt: skip
+        """Take the measurement Δ(r) and propose the next radius; True when all are found."""
+        self.n_evals += 1
+        x = math.log(r)
+        self.points.append((x, delta))
+        for k in range(len(self.cutoffs)):
+            if self.found[k] is None and self.in_band(delta, k, rtol):
+                self.found[k] = (r, delta)
+        if self.found[self.target] is None:
+            _record(self.ray, x, delta, self.cutoffs[self.target])
+        else:
+            rest = [k for k, v in enumerate(self.found) if v is None]
+            if not rest:
+                return True
+            self.start_target(rest[0])
+        if self.n_evals >= limit:
+            ray = self.ray
+            raise ValueError(
+                f"radius search along direction {self.label} did not converge in {limit} "
+                f"evaluations; the crossing lies in [{math.exp(ray.x_lo):.6g}, "
+                f"{math.exp(ray.x_hi):.6g}] (last Δ={delta:.6g}, cutoff="
+                f"{self.cutoffs[self.target]:.6g}); raise max_evals or rtol, or check that "
+                "the loss is continuous"
+            )
+        self.r = math.exp(_propose(self.ray, log_max, max_r))
+        return False
+
+    def bracket(self, k: int) -> tuple[float, float]:
+        """Measured radii nearest the accepted one below and above cutoff k's band."""
+        r, c = self.found[k][0], self.cutoffs[k]
+        below = [math.exp(x) for x, d in self.points if math.isfinite(d) and d < c]
+        above = [math.exp(x) for x, d in self.points if not (math.isfinite(d) and d <= c)]
+        below = [v for v in below if v < r]
+        above = [v for v in above if v > r]
+        return (max(below) if below else 0.0), (min(above) if above else math.inf)
+
+
 def search_radii(
     rise_fn: RiseFn,
     n: int,
     *,
-    cutoff: float,
+    cutoff: float | None = None,
+    cutoffs: Sequence[float] | None = None,
     rtol: float = 1e-2,
     init_radius: float | torch.Tensor | Sequence[float] | None = None,
     max_radius: float = 1e8,
     max_evals: int = 60,
     labels: Sequence[int] | None = None,
+    guide: Sequence[tuple[float, float]] | None = None,
 ) -> RadiusSearch:
-    """Find, for n directions, a radius where the loss rise is within rtol·cutoff of cutoff.
+    """Find, for n directions, radii where the loss rise is within rtol·cutoff of each cutoff.
 
     Args:
         rise_fn: ``rise_fn(index, radius) -> delta``: index LongTensor (m,) of directions in
@@ -226,24 +370,37 @@ def search_radii(
             radii. Called once per round with every unfinished direction, so the caller can
             batch the forward passes. Δ may be negative (below), NaN or inf (above).
         n: number of directions (≥ 1).
-        cutoff: target loss rise (> 0), e.g. nats of KL.
+        cutoff: target loss rise (> 0), e.g. nats of KL; or
+        cutoffs: several targets, searched together (one of the two must be given).
         rtol: relative tolerance on Δ: accept |Δ − cutoff| ≤ rtol·cutoff, 0 < rtol < 1.
         init_radius: first radius to try, scalar or (n,); default 1.0.
         max_radius: largest radius tried; no crossing below it raises.
-        max_evals: evaluations allowed per direction before raising.
+        max_evals: evaluations allowed per direction and cutoff before raising.
         labels: how error messages name direction i (default i), e.g. global sample indices.
+        guide: measured (radius, Δ) points of a reference direction whose shape predicts
+            where each target lies (see the module docstring); None: log-log lines.
 
     Returns:
-        `RadiusSearch`; the result for direction i depends only on Δ_i, not on the batch.
+        `RadiusSearch`; the result for direction i depends only on Δ_i (and the guide), not
+        on the batch.
 
     Raises:
         ValueError: bad arguments; no crossing up to max_radius; NaN/inf loss between the
         anchor and the cutoff; a jump across the band; more than max_evals evaluations.
     """
+    if (cutoff is None) == (cutoffs is None):
+        raise ValueError("give either cutoff= (one target) or cutoffs= (several)")
+    targets = [cutoff] if cutoffs is None else list(cutoffs)
+    if not targets:
+        raise ValueError("cutoffs is empty; give at least one cutoff")
+    for c in targets:
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+            raise ValueError(f"cutoff must be positive and finite, got {c!r}")
+    targets = sorted(float(c) for c in targets)
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"cutoffs must be distinct, got {targets}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if not (math.isfinite(cutoff) and cutoff > 0):
-        raise ValueError(f"cutoff must be positive and finite, got {cutoff!r}")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
     if not (math.isfinite(max_radius) and max_radius > 0):
@@ -254,13 +411,16 @@ def search_radii(
     if labels is not None and len(labels) != n:
         raise ValueError(f"labels must have {n} entries, got {len(labels)}")
     names = list(range(n)) if labels is None else [int(v) for v in labels]
+    shape = None if guide is None else Guide(guide)
+    limit = max_evals * len(targets)
     rays = [
-        _Ray(i, r, label=names[i]) for i, r in enumerate(_initial_radii(init_radius, n, max_radius))
+        _Direction(i, r, names[i], targets, shape)
+        for i, r in enumerate(_initial_radii(init_radius, n, max_radius))
     ]
     active = list(rays)
     while active:
-        radii = [ray.r for ray in active]
-        index = torch.tensor([ray.index for ray in active], dtype=torch.long)
+        radii = [d.r for d in active]
+        index = torch.tensor([d.index for d in active], dtype=torch.long)
         out = rise_fn(index, torch.tensor(radii, dtype=torch.float64))
         out = torch.as_tensor(out)
         if out.shape != (len(active),):
@@ -270,33 +430,24 @@ def search_radii(
             )
         deltas = out.detach().to("cpu", torch.float64).tolist()
         still = []
-        for ray, r, delta in zip(active, radii, deltas):
-            ray.n_evals += 1
-            if math.isfinite(delta) and abs(delta - cutoff) <= rtol * cutoff:
-                ray.radius, ray.delta = r, delta
-                continue
-            _record(ray, math.log(r), delta, cutoff)
-            if ray.n_evals >= max_evals:
-                lo = math.exp(ray.x_lo)
-                raise ValueError(
-                    f"radius search along direction {ray.label} did not converge in "
-                    f"{max_evals} evaluations; the crossing lies in [{lo:.6g}, "
-                    f"{math.exp(ray.x_hi):.6g}] (last Δ={delta:.6g}, cutoff={cutoff:.6g}); "
-                    "raise max_evals or rtol, or check that the loss is continuous"
-                )
-            ray.r = math.exp(_propose(ray, log_max, max_radius))
-            still.append(ray)
+        for d, r, delta in zip(active, radii, deltas):
+            if not d.record(r, delta, rtol, limit, log_max, max_radius):
+                still.append(d)
         active = still
 
-    def col(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype)
+    def col(values: list, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t[:, 0] if cutoffs is None and t.dim() == 2 else t
 
+    brackets = [[d.bracket(k) for k in range(len(targets))] for d in rays]
     return RadiusSearch(
-        radii=col([ray.radius for ray in rays]),
-        deltas=col([ray.delta for ray in rays]),
-        n_evals=col([ray.n_evals for ray in rays], torch.long),
-        low=col([math.exp(ray.x_lo) for ray in rays]),
-        high=col([math.exp(ray.x_hi) for ray in rays]),
-        cutoff=float(cutoff),
+        radii=col([[f[0] for f in d.found] for d in rays]),
+        deltas=col([[f[1] for f in d.found] for d in rays]),
+        n_evals=torch.tensor([d.n_evals for d in rays], dtype=torch.long),
+        low=col([[b[0] for b in bs] for bs in brackets]),
+        high=col([[b[1] for b in bs] for bs in brackets]),
+        cutoff=None if cutoff is None else float(cutoff),
         rtol=float(rtol),
+        cutoffs=tuple(targets),
+        trace=tuple(tuple((math.exp(x), dl) for x, dl in d.points) for d in rays),
     )

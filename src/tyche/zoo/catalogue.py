@@ -25,6 +25,8 @@ _TABLE: dict[str, tuple[str, str]] = {
     "shakespeare-lm": ("model", "tyche.zoo.shakespeare_lm:ShakespeareLMEntry"),
     "smollm2-135m": ("model", "tyche.zoo.smollm2:SmolLM2Entry"),
     "tokfsm": ("model", "tyche.zoo.tokfsm:TokFSMEntry"),
+    "modadd": ("model", "tyche.zoo.modadd:ModAddEntry"),
+    "fashion-mlp": ("model", "tyche.zoo.fashion_mlp:FashionMLPEntry"),
     "shakespeare": ("data", "tyche.zoo.text:ShakespeareEntry"),
     "stdlib-docs": ("data", "tyche.zoo.text:StdlibDocsEntry"),
     "fashion-mnist": ("data", "tyche.zoo.fashion_mnist:FashionMNISTEntry"),

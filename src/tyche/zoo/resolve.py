@@ -23,7 +23,8 @@ TRAINER_OPTIMIZER_FILE = "optimizer.pt"
 class ZooModel:
     """A resolved model in eval mode.
 
-    ``tokenizer`` is None for non-text models (``zoo:digits-mlp``). ``optimizer_state`` maps
+    ``tokenizer`` is None for non-text models (``zoo:digits-mlp``, ``zoo:modadd``,
+    ``zoo:fashion-mlp``). ``optimizer_state`` maps
     parameter names to raw Adam moments ``{"exp_avg", "exp_avg_sq"}`` (None when the folder
     has none). ``default_data`` is a ``resolve_texts`` spec the model is naturally evaluated
     on, or None.
@@ -108,6 +109,14 @@ def resolve_model(
 
             digits = load_digits_mlp()
             return ZooModel(digits.model, None, digits.optimizer_state, name, entry.default_data)
+        if entry.name == "modadd":
+            from tyche.zoo.modadd import load_modadd
+
+            return ZooModel(load_modadd()[0], None, None, name, None)
+        if entry.name == "fashion-mlp":
+            from tyche.zoo.fashion_mlp import load_fashion_mlp
+
+            return ZooModel(load_fashion_mlp(), None, None, name, None)
         model, tokenizer, state = load_hf_folder(entry.path, dtype=dtype)
         return ZooModel(model, tokenizer, state, name, entry.default_data)
     path = Path(spec).expanduser()

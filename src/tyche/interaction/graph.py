@@ -1,0 +1,366 @@
+"""``build_interaction_graph``: the local interaction basis of every node layer and its edges.
+
+Three stages, each of which can be resumed from the previous one's saved result:
+
+1. **grams**: one forward pass over the data reads every node layer; means and covariances
+   accumulate in float64 (:mod:`tyche.interaction.gram`).
+2. **bases**: from the last node layer backwards. The last one gets its PCA basis
+   (``rotate_final=True``) or stays in raw coordinates; each earlier one gets its basis
+   relative to the next one's (:mod:`tyche.interaction.basis`), from the integrated
+   gradients of the section after it (:mod:`tyche.interaction.moments`).
+3. **edges**: between consecutive node layers (:mod:`tyche.interaction.edges`). With the
+   ``jacobian`` basis the gradients of stage 2 are reused when they fit in ``cache_gb``, so
+   each section is differentiated once.
+
+Under ``torchrun`` the data is split over the ranks (``split="data"``) or every rank takes
+all the data and a share of the output features (``split="outputs"``); sums are reduced with
+``torch.distributed`` and every rank ends with the same graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tyche.distributed import all_reduce_sum, progress
+from tyche.interaction.basis import (
+    BASES,
+    LIB_FORMULAS,
+    InteractionBasis,
+    final_pca_basis,
+    lib_basis,
+    neuron_basis,
+    pca,
+    svd_basis,
+    unrotated_basis,
+)
+from tyche.interaction.edges import EDGE_FORMULAS, edges_from_cache, section_edges
+from tyche.interaction.gram import GramAccumulator
+from tyche.interaction.integrate import rule_for_layers
+from tyche.interaction.jacobian import SectionPlan, position_weights
+from tyche.interaction.moments import lib_moments
+from tyche.interaction.result import InteractionGrams, InteractionGraph
+from tyche.interaction.sections import (
+    Batch,
+    ModelRunner,
+    make_batches,
+    prepared_model,
+    resolve_node_layers,
+)
+from tyche.io import model_hash
+
+__all__ = ["build_grams", "build_interaction_graph", "collect_grams"]
+
+#: settings that stage 1 (grams) depends on, and those stage 2 (bases) adds
+GRAM_KEYS = ("node_layers", "dtype", "gram_dtype", "n_rows", "rotate_final")
+BASIS_KEYS = (*GRAM_KEYS, "basis", "integration", "n_intervals", "center",
+              "truncation_threshold", "n_stochastic_sources", "n_stochastic_sources_hidden",
+              "seed")  # fmt: skip
+
+
+def check_settings(basis: str, edges: str | None, center: bool, integration: Any, n_intervals: int,
+              dtype: torch.dtype | None, gram_dtype: torch.dtype, split: str,
+              sources: int | None, hidden: int | None) -> None:  # fmt: skip
+    """Raise ``ValueError`` naming what to fix for settings that cannot work together."""
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+    if edges is not None and edges not in EDGE_FORMULAS:
+        raise ValueError(f"unknown edges {edges!r}; choose one of {EDGE_FORMULAS} or None")
+    if basis == "neuron" and center:
+        raise ValueError("the neuron basis is the identity and cannot be centred: center=False")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (or None), got {dtype}")
+    if gram_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    if split not in ("data", "outputs"):
+        raise ValueError(f"split must be 'data' or 'outputs', got {split!r}")
+    for name, value in (("n_stochastic_sources", sources), ("n_stochastic_sources_hidden", hidden)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive int or None, got {value}")
+    if hidden is not None and basis != "jacobian":
+        raise ValueError("n_stochastic_sources_hidden only applies to the jacobian basis")
+    if edges == "functional" and sources is not None:
+        raise ValueError("functional edges are exact; drop n_stochastic_sources or use squared")
+    if basis == "(1-alpha)^2":
+        rules = integration.values() if isinstance(integration, Mapping) else [integration]
+        if "gradient" in rules or n_intervals == 0:
+            raise ValueError(
+                "the (1-alpha)^2 basis integrates over alpha (its integrand vanishes at alpha = "
+                "1): use integration='trapezoidal' or 'gauss-legendre' with n_intervals > 0"
+            )
+
+
+def collect_grams(
+    runner: ModelRunner,
+    batches: list[Batch],
+    *,
+    skip_last: bool,
+    dtype: torch.dtype = torch.float64,
+    settings: dict | None = None,
+    show_progress: bool = True,
+) -> InteractionGrams:
+    """Stage 1: counts, means and covariances of every node layer (one forward per batch).
+
+    ``skip_last``: do not accumulate the last node layer's covariance (an unrotated final
+    layer needs none; for a language model's logits it would be vocabulary squared).
+    """
+    start = time.perf_counter()
+    names = [n.name for n in runner.node_layers]
+    accs: list[GramAccumulator | None] = [None] * len(names)
+    dims = [0] * len(names)
+    for batch in progress(batches, desc="grams", disable=not show_progress, leave=False):
+        acts = runner.read(batch)
+        for i, name in enumerate(names):
+            a = acts[name]
+            dims[i] = a.shape[-1]
+            if skip_last and i == len(names) - 1:
+                continue
+            if accs[i] is None:
+                accs[i] = GramAccumulator(a.shape[-1], dtype, device=a.device)
+            accs[i].update(a.reshape(-1, a.shape[-1]), position_weights(batch, a).reshape(-1))
+    dims_t = all_reduce_sum(torch.tensor(dims, dtype=torch.float64))  # ranks with no batch: 0
+    counts, means, covs = [], [], []
+    for i in range(len(names)):
+        acc = accs[i]
+        if acc is None and not (skip_last and i == len(names) - 1):
+            acc = GramAccumulator(int(dims_t[i]) // max(1, _nonzero_ranks(dims[i])), dtype)
+        if acc is None:
+            counts.append(0.0), means.append(None), covs.append(None)
+            continue
+        acc.all_reduce()
+        counts.append(float(acc.n))
+        means.append(acc.mean.double().cpu())
+        covs.append(acc.covariance.double().cpu())
+    settings = dict(settings or {})
+    settings["dims"] = [int(d) for d in _dims_everywhere(dims)]
+    return InteractionGrams(names, counts, means, covs, settings, None,
+                            time.perf_counter() - start)  # fmt: skip
+
+
+def _nonzero_ranks(dim: int) -> int:
+    return int(all_reduce_sum(torch.tensor([1.0 if dim else 0.0])).item())
+
+
+def _dims_everywhere(dims: list[int]) -> list[int]:
+    """Every rank's view of the node widths (a rank without batches saw none)."""
+    t = torch.tensor(dims, dtype=torch.float64)
+    n = torch.tensor([1.0 if any(dims) else 0.0])
+    return (all_reduce_sum(t) / all_reduce_sum(n).clamp_min(1)).round().long().tolist()
+
+
+def _check_resume(saved: dict, settings: dict, keys: Sequence[str], what: str) -> None:
+    diffs = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
+    if diffs:
+        detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(
+            f"the saved {what} were computed with other settings ({detail}); compute them "
+            "again or build with the saved settings"
+        )
+
+
+def build_interaction_graph(
+    model: nn.Module,
+    inputs: Any,
+    node_layers: Sequence[str],
+    *,
+    basis: str = "jacobian",
+    edges: str | None = "squared",
+    integration: str | Mapping[str, str] = "gradient",
+    n_intervals: int = 0,
+    center: bool = True,
+    dtype: torch.dtype | None = torch.float64,
+    rotate_final: bool = False,
+    n_stochastic_sources: int | None = None,
+    n_stochastic_sources_hidden: int | None = None,
+    truncation_threshold: float = 1e-14,
+    batch_size: int | None = None,
+    gram_dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    split: str = "data",
+    grams: InteractionGrams | None = None,
+    bases: InteractionGraph | None = None,
+    cache_gb: float = 2.0,
+    check_cuts: bool = True,
+    progress: bool = True,
+) -> InteractionGraph:
+    """Build the local interaction graph of ``model`` on ``inputs``.
+
+    Args:
+        model: any ``nn.Module`` (an HF model, an MLP, ...). It is run in eval mode, in
+            ``dtype``, with frozen parameters; all of that is restored afterwards.
+        inputs: a tensor, a dict of model keyword arguments (``input_ids``,
+            ``attention_mask``...), or an iterable of them (each one batch).
+        node_layers: site patterns in forward order (aliases such as ``resid_pre.1``, module
+            names, ``name:input``) and optionally ``"output"`` (the logits) last.
+        basis: ``jacobian``, ``(1-0)*alpha``, ``(1-alpha)^2``, ``svd`` (PCA) or ``neuron``.
+        edges: ``squared``, ``functional`` or None (bases only).
+        integration: ``gradient``, ``trapezoidal`` or ``gauss-legendre``, or a dict from
+            node-layer names (or prefixes) to rules; ``n_intervals`` for the latter two.
+        center: centre the bases (the constant direction comes first).
+        dtype: the dtype the model runs in (float64 recommended; None keeps the model's).
+        rotate_final: give the last node layer its PCA basis (else its raw coordinates).
+        n_stochastic_sources: random +-1 combinations of output positions instead of every
+            position (basis and squared edges); ``n_stochastic_sources_hidden`` the same over
+            output features (jacobian basis only).
+        truncation_threshold: directions with eigenvalue (Gram) or Lambda at or below this
+            fraction of the largest are dropped (at least 1e-6 with float32 Grams). Both are
+            squared quantities: a dropped direction moves the next layer by at most about
+            the square root of this, relative.
+        batch_size: rows per forward pass for tensor or dict inputs (None: all at once).
+        gram_dtype: accumulation dtype of the Gram matrices (float64 or float32).
+        seed: seed of the stochastic sources.
+        split: under ``torchrun``, ``data`` (each rank a share of the rows) or ``outputs``
+            (each rank all rows, a share of the output features).
+        grams, bases: results of earlier stages to resume from (checked against the settings).
+        cache_gb: memory for reusing the jacobian basis's gradients for the edges.
+        check_cuts: test that every node layer is a cut of the model (one extra pass on a few
+            rows per section).
+        progress: progress bars (rank 0 only).
+    """
+    check_settings(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
+              n_stochastic_sources, n_stochastic_sources_hidden)  # fmt: skip
+    layers = resolve_node_layers(model, node_layers)
+    names = [n.name for n in layers]
+    rules = rule_for_layers(integration, n_intervals, names)
+    mhash = model_hash(model)
+    seconds: dict[str, float] = {}
+    with prepared_model(model, dtype) as prepared:
+        runner = ModelRunner(prepared, layers, dtype)
+        batches = make_batches(inputs, batch_size, shard=True)
+        n_rows = int(all_reduce_sum(torch.tensor(float(sum(b.n for b in batches)))).item())
+        settings = {
+            "node_layers": names, "basis": basis, "edges": edges,
+            "integration": dict(integration) if isinstance(integration, Mapping) else integration,
+            "n_intervals": n_intervals, "center": center, "dtype": str(runner.dtype),
+            "rotate_final": rotate_final, "n_stochastic_sources": n_stochastic_sources,
+            "n_stochastic_sources_hidden": n_stochastic_sources_hidden,
+            "truncation_threshold": truncation_threshold, "gram_dtype": str(gram_dtype),
+            "seed": seed, "split": split, "n_rows": n_rows, "batch_size": batch_size,
+        }  # fmt: skip
+        if grams is None:
+            grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
+                                  settings=settings, show_progress=progress)  # fmt: skip
+            grams = InteractionGrams(grams.node_layers, grams.counts, grams.means,
+                                     grams.covariances, grams.settings, mhash,
+                                     grams.seconds)  # fmt: skip
+        else:
+            _check_resume(grams.settings, settings, GRAM_KEYS, "grams")
+            _check_model(grams.model_hash, mhash, "grams")
+        seconds["grams"] = grams.seconds
+        sweep_batches = batches if split == "data" else make_batches(inputs, batch_size,
+                                                                      shard=False)  # fmt: skip
+        if check_cuts and sweep_batches:
+            for i in range(len(layers) - 1):
+                runner.check_cut(sweep_batches[0], i, 1e-6 if runner.dtype == torch.float64
+                                 else 1e-3)  # fmt: skip
+        if bases is not None:
+            _check_resume(bases.settings, settings, BASIS_KEYS, "bases")
+            _check_model(bases.model_hash, mhash, "bases")
+        # float32 Grams are rounded at ~1e-7 of their largest eigenvalue: no finer threshold
+        floor = 1e-6 if gram_dtype == torch.float32 else 0.0
+        graph_bases, graph_edges, t_bases, t_edges = _sweep(
+            runner, sweep_batches, grams, rules, settings, bases, progress, cache_gb,
+            max(truncation_threshold, floor),
+        )  # fmt: skip
+    seconds["bases"], seconds["edges"] = t_bases, t_edges
+    return InteractionGraph(names, graph_bases, graph_edges, settings, mhash,
+                            list(grams.counts), seconds)  # fmt: skip
+
+
+def build_grams(
+    model: nn.Module,
+    inputs: Any,
+    node_layers: Sequence[str],
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    rotate_final: bool = False,
+    batch_size: int | None = None,
+    gram_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> InteractionGrams:
+    """Stage 1 alone: the means and covariances of the node layers, to save and resume from
+    (``build_interaction_graph(..., grams=...)`` with the same settings)."""
+    if gram_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    layers = resolve_node_layers(model, node_layers)
+    mhash = model_hash(model)
+    with prepared_model(model, dtype) as prepared:
+        runner = ModelRunner(prepared, layers, dtype)
+        batches = make_batches(inputs, batch_size, shard=True)
+        n_rows = int(all_reduce_sum(torch.tensor(float(sum(b.n for b in batches)))).item())
+        settings = {"node_layers": [n.name for n in layers], "dtype": str(runner.dtype),
+                    "gram_dtype": str(gram_dtype), "n_rows": n_rows,
+                    "rotate_final": rotate_final}  # fmt: skip
+        grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
+                              settings=settings, show_progress=progress)  # fmt: skip
+    return InteractionGrams(grams.node_layers, grams.counts, grams.means, grams.covariances,
+                            grams.settings, mhash, grams.seconds)  # fmt: skip
+
+
+def _check_model(saved: str | None, now: str, what: str) -> None:
+    if saved is not None and saved != now:
+        raise ValueError(
+            f"the saved {what} belong to another model (hash {saved}, this one {now}); "
+            "compute them again for this model"
+        )
+
+
+def _sweep(runner, batches, grams, rules, settings, given, show, cache_gb, threshold):  # noqa: ANN001
+    """Stages 2 and 3: bases from the last node layer backwards, edges section by section."""
+    n = len(runner.node_layers)
+    formula, edge_formula = settings["basis"], settings["edges"]
+    center = settings["center"]
+    out: list[InteractionBasis | None] = [None] * n
+    edges: list[Tensor | None] = [None] * (n - 1)
+    t_bases = t_edges = 0.0
+    start = time.perf_counter()
+    last = n - 1
+    if given is not None:
+        out = list(given.bases)
+    elif settings["rotate_final"]:
+        if grams.covariances[last] is None:
+            raise ValueError("the saved grams lack the last node layer (built without "
+                             "rotate_final); compute the grams again")  # fmt: skip
+        out[last] = final_pca_basis(grams.node_layers[last], grams.means[last],
+                                    grams.covariances[last], threshold)  # fmt: skip
+    else:
+        out[last] = unrotated_basis(grams.node_layers[last], grams.settings["dims"][last],
+                                    grams.means[last])  # fmt: skip
+    t_bases += time.perf_counter() - start
+    for i in reversed(range(n - 1)):
+        start = time.perf_counter()
+        plan = SectionPlan(i, rules[i], out[i + 1].C, settings["n_stochastic_sources"],
+                           settings["n_stochastic_sources_hidden"], settings["seed"],
+                           settings["split"] == "outputs")  # fmt: skip
+        cache, n_pos = None, grams.counts[i]
+        if given is None:
+            p = _pca(grams, i, center, threshold)
+            if formula in LIB_FORMULAS:
+                keep = cache_gb * 2**30 if edge_formula == "squared" else 0.0
+                mom = lib_moments(runner, batches, plan, p, formula, cache_bytes=keep,
+                                  show_progress=show)  # fmt: skip
+                out[i] = lib_basis(grams.node_layers[i], p, mom.M, mom.lambda_dash, formula,
+                                   threshold)  # fmt: skip
+                cache, n_pos = mom.cache, mom.n_positions
+            elif formula == "svd":
+                out[i] = svd_basis(grams.node_layers[i], p)
+            else:
+                out[i] = neuron_basis(grams.node_layers[i], p)
+        t_bases += time.perf_counter() - start
+        start = time.perf_counter()
+        if edge_formula is not None:
+            if cache is not None:
+                edges[i] = edges_from_cache(cache, out[i], n_pos)
+            else:
+                edges[i] = section_edges(runner, batches, plan, out[i], edge_formula,
+                                         out[i + 1].dim, show_progress=show)  # fmt: skip
+        t_edges += time.perf_counter() - start
+    return out, [e for e in edges if e is not None], t_bases, t_edges
+
+
+def _pca(grams: InteractionGrams, i: int, center: bool, threshold: float):  # noqa: ANN202
+    return pca(grams.means[i], grams.covariances[i], center=center, threshold=threshold)

@@ -7,10 +7,15 @@ shards differ in size and in their means), and saves its result to ``OUT/{mode}_
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
+
+#: a search tolerance below float32 resolution: runs end on L-BFGS's stall test, so one and
+#: two processes are compared at the noise floor of the objective, not at the stopping rule
+TOL = 1e-6
 
 
 def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -23,6 +28,21 @@ def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     mask[5, 6:] = False
     mask[1, 8:] = False
     return SoftmaxTarget(6, seed=12), h, mask
+
+
+def subsample_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (41, 9, 6) and a mask: enough rows for a screening subsample."""
+    from test_causal import random_hiddens
+
+    mask = torch.ones(41, 9, dtype=torch.bool)
+    mask[20, 5:] = False
+    return random_hiddens((41, 9, 6), seed=13), mask
+
+
+def SoftmaxTarget6() -> torch.nn.Module:  # noqa: N802
+    from test_causal import SoftmaxTarget
+
+    return SoftmaxTarget(6, seed=14)
 
 
 def model_problem() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -53,14 +73,25 @@ def main(out: Path) -> None:
             mode=mode,
             mask=mask[rows.start : rows.stop],
             max_iter=60,
+            tol=TOL,
         )
         basis.save(out / f"{mode}_rank{get_rank()}")
+    # the screening subsample is defined on global rows: the ranks' parts make up one process's
+    from tyche.causal import AblationObjective
+
+    big, big_mask = subsample_problem()
+    rows = shard_range(big.shape[0])
+    obj = AblationObjective(SoftmaxTarget6(), big[rows.start : rows.stop],
+                            mask=big_mask[rows.start : rows.stop], batch_size=3,
+                            screen_positions=72)  # fmt: skip
+    picked = [rows.start + r for s in obj.screen[0] for r in range(s.start, s.stop)]
+    (out / f"screen_rank{get_rank()}.json").write_text(json.dumps([picked, obj.screen[1]]))
     # the model-level call shards the rows itself (the original gave every rank the same data)
     from tyche.causal import extract_causal_bases
 
     model, tokens = model_problem()
-    bases = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=20, n_pca=2,
-                                 progress=False)  # fmt: skip
+    bases = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=60, n_pca=2,
+                                 progress=False, tol=TOL)  # fmt: skip
     bases["resid_pre.1"].save(out / f"model_rank{get_rank()}")
 
 

@@ -166,6 +166,11 @@ CAUSAL_FLAG_ERRORS = [
     (["--lens", "somewhere"], r"--lens is only used with --target tuned"),
     (["--target", "tuned", "--lens", "nowhere"], r"--lens: no tuned lens saved in 'nowhere'"),
     (["--n_starts", "0"], r"--n_starts must be at least 1"),
+    (["--refine", "both"], r"argument --refine: invalid choice: 'both'"),
+    (["--cache_gb", "-1"], r"--cache_gb must be at least 0"),
+    (["--cache_gb", "lots"], r"--cache_gb.*'lots' is not a number"),
+    (["--target", "model", "--no-fast"], r"--no-fast and --cache_gb apply to lens targets"),
+    (["--target", "model", "--cache_gb", "8"], r"apply to lens targets, not --target model"),
     (["--tol", "0"], r"--tol must be greater than 0"),
     (["--sites", " , "], r"--sites is empty"),
     (["--model", "zoo:digits-mlp"], r"has no tokens; give a language model"),
@@ -565,7 +570,7 @@ def test_n_starts_reaches_the_extraction(tmp_path, capsys, lm_folder, text_file)
     common = ["causal", "--model", str(lm_folder), "--data", str(text_file), "--seq_len", "16",
               "--n_sequences", "6", "--k", "1", "--sites", "resid_pre.1", "--max_iter", "8",
               "--n_pca", "0", "--no-plot"]  # fmt: skip
-    one = cli(capsys, *common, "--out", str(tmp_path / "one"))
+    one = cli(capsys, *common, "--n_starts", "1", "--out", str(tmp_path / "one"))
     three = cli(capsys, *common, "--n_starts", "3", "--out", str(tmp_path / "three"))
     assert one.code == 0 and three.code == 0, three.err
     assert f"data {text_file}: 6 sequences × 16 tokens" in three.out
@@ -577,6 +582,30 @@ def test_n_starts_reaches_the_extraction(tmp_path, capsys, lm_folder, text_file)
     # the best of 3 starts includes the single run's start (the best candidate), run
     # identically, so it can only be at least as high
     assert float(multi.energies[0]) >= float(single.energies[0])
+
+
+def test_refine_fast_and_cache_flags_reach_the_extraction(tmp_path, capsys, lm_folder, text_file):
+    from tyche.causal import CausalBasis
+
+    common = ["causal", "--model", str(lm_folder), "--data", str(text_file), "--seq_len", "16",
+              "--n_sequences", "6", "--k", "3", "--sites", "resid_pre.1", "--max_iter", "20",
+              "--n_pca", "0", "--no-plot"]  # fmt: skip
+    joint = cli(capsys, *common, "--refine", "joint", "--cache_gb", "0", "--out",
+                str(tmp_path / "joint"))  # fmt: skip
+    plain = cli(capsys, *common, "--no-fast", "--out", str(tmp_path / "plain"))
+    assert joint.code == 0 and plain.code == 0, (joint.err, plain.err)
+    refined = CausalBasis.load(tmp_path / "joint" / "resid_pre.1")
+    assert refined.settings["refine"] == "joint" and refined.settings["fast"]
+    assert refined.settings["cache_gb"] == 0 and refined.settings["cached_fraction"] == 0
+    greedy = refined.greedy_subspace_energies
+    assert greedy is not None and float(refined.subspace_energies[-1]) >= float(greedy[-1])
+    assert "joint energy of the first i directions" in joint.out
+    summary = json.loads((tmp_path / "joint" / "summary.json").read_text())
+    assert summary["sites"]["resid_pre.1"]["greedy_subspace_energies"] == greedy.tolist()
+    general = CausalBasis.load(tmp_path / "plain" / "resid_pre.1")
+    assert not general.settings["fast"] and general.settings["refine"] == "none"
+    assert general.greedy_subspace_energies is None and general.settings["cached_fraction"] == 0
+    assert "joint energy of the first i" not in plain.out
 
 
 # ----------------------------------------------------------------------------- torchrun

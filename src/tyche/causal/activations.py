@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tyche.causal.objective import IGNORE_INDEX
-from tyche.hooks import read_activations
+from tyche.hooks import read_activations, replace_activations
 
 __all__ = ["next_token_labels", "read_site_activations", "token_inputs"]
 
@@ -44,17 +45,36 @@ def next_token_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return torch.where(valid, labels, IGNORE_INDEX)
 
 
+class _Enough(Exception):
+    """Raised by a hook once every site of the batch is recorded (the rest is not needed)."""
+
+
 @torch.no_grad()
 def read_site_activations(
     model: nn.Module, tokens: Mapping[str, Tensor], sites: list[str], batch_size: int
 ) -> dict[str, Tensor]:
-    """Activations (N, T, d) in float32 at each site, read in batches of ``batch_size`` rows."""
+    """Activations (N, T, d) in float32 at each site, read in batches of ``batch_size`` rows.
+
+    Each forward pass stops as soon as every site is recorded: the layers after the last
+    site, the final norm and the unembedding (the largest product for big vocabularies) are
+    not run.
+    """
     device = next(model.parameters()).device
     pieces: dict[str, list[Tensor]] = {s: [] for s in sites}
     n = tokens["input_ids"].shape[0]
     with read_activations(model, sites) as acts:
-        for start in range(0, n, batch_size):
-            model(**{k: v[start : start + batch_size].to(device) for k, v in tokens.items()})
-            for s in sites:
-                pieces[s].append(acts[s].float())
+
+        def stop_when_complete(tensor: Tensor) -> Tensor:
+            if all(s in acts for s in sites):
+                raise _Enough
+            return tensor
+
+        with replace_activations(model, {s: stop_when_complete for s in sites}):
+            for start in range(0, n, batch_size):
+                acts.clear()
+                batch = {k: v[start : start + batch_size].to(device) for k, v in tokens.items()}
+                with contextlib.suppress(_Enough):
+                    model(**batch)
+                for s in sites:
+                    pieces[s].append(acts[s].float())
     return {s: torch.cat(p) if p else torch.empty(0) for s, p in pieces.items()}

@@ -86,13 +86,22 @@ class CausalConfig(DataConfig):
     lens: str | None = None
     """folder of a tuned lens saved by `tyche causal train-lens` (for --target tuned)"""
     max_iter: int = 100
-    """L-BFGS iterations per direction"""
+    """L-BFGS iterations per run (each direction's climb and polish, the joint refinement)"""
     min_energy: float = 0.0
     """stop at a site once a direction's energy is below this (nats)"""
-    tol: float = 1e-7
-    """relative energy change that ends a direction's search"""
-    n_starts: int = 1
-    """L-BFGS runs per direction from the best candidate starts; the best is kept"""
+    tol: float = 1e-2
+    """a search ends once its tangent gradient is at most tol × energy"""
+    n_starts: int = 2
+    """climbs per direction (on a token subsample) from the best candidate starts; the best
+    is polished on all tokens"""
+    refine: Literal["none", "joint"] = "none"
+    """joint: after the greedy pass, maximise the energy of ablating all k directions
+    together and order them by marginal contribution"""
+    fast: bool = True
+    """evaluate lens targets (logit, tuned) by exact algebra instead of running the lens"""
+    cache_gb: float = 2.0
+    """GiB of clean lens readouts (tokens × vocabulary) kept between evaluations; the rest is
+    recomputed each time"""
     n_pca: int = 16
     """top principal directions whose energies are reported for comparison (0: none)"""
     out: str = "runs/causal"
@@ -150,6 +159,9 @@ def validate(cfg: CausalConfig) -> None:
     check_number(cfg.min_energy, "--min_energy", minimum=0)
     check_number(cfg.tol, "--tol", above=0)
     check_number(cfg.n_starts, "--n_starts", minimum=1, integer=True)
+    check_number(cfg.cache_gb, "--cache_gb", minimum=0)
+    if cfg.target == "model" and (not cfg.fast or cfg.cache_gb != 2.0):
+        raise CommandError("--no-fast and --cache_gb apply to lens targets, not --target model")
     check_number(cfg.n_pca, "--n_pca", minimum=0, integer=True)
     if cfg.target == "tuned":
         if not cfg.lens:
@@ -271,6 +283,9 @@ def run_causal(cfg: CausalConfig) -> dict:
         tol=cfg.tol,
         n_starts=cfg.n_starts,
         n_pca=cfg.n_pca,
+        refine=cfg.refine,
+        fast=cfg.fast,
+        cache_gb=cfg.cache_gb,
     )
     on_interrupt(None)
     elapsed = time.perf_counter() - start
@@ -278,6 +293,9 @@ def run_causal(cfg: CausalConfig) -> dict:
         summary = {"config": asdict(cfg), "seconds": elapsed,
                    "sites": {s: {"energies": b.energies.tolist(),
                                  "subspace_energies": b.subspace_energies.tolist(),
+                                 "greedy_subspace_energies": None
+                                 if b.greedy_subspace_energies is None
+                                 else b.greedy_subspace_energies.tolist(),
                                  "pca_energies": None if b.pca_energies is None
                                  else b.pca_energies.tolist(),
                                  "n_evals": b.n_evals} for s, b in bases.items()}}  # fmt: skip
@@ -289,6 +307,8 @@ def run_causal(cfg: CausalConfig) -> dict:
             f"{cfg.target} target, {tokens['input_ids'].numel()} tokens, {elapsed:.1f} s)"
         )
         best_effort(PROG, "print the table", lambda: print(head + "\n" + energy_table(bases)), out)
+        if cfg.refine == "joint":
+            best_effort(PROG, "print the joint table", lambda: print(joint_table(bases)), out)
         if cfg.plot:
             best_effort(PROG, "draw energies.png",
                     lambda: print(f"figure: {causal_energies(bases, out / 'energies.png')}"),
@@ -358,4 +378,18 @@ def energy_table(bases: Mapping[str, CausalBasis], n_show: int = 4) -> str:
         lines.append("  ".join(row))
     unit = next(iter(bases.values())).units if bases else "nats"
     lines.append(f"(energies in {unit}: mean KL(clean ‖ ablated) per position, or CE increase)")
+    return "\n".join(lines)
+
+
+def joint_table(bases: Mapping[str, CausalBasis]) -> str:
+    """Per site, the joint energy of ablating the first i directions, greedy then refined."""
+    lines = ["joint energy of the first i directions (nats), greedy basis / refined basis:"]
+    width = max([len("site")] + [len(s) for s in bases])
+    for site, b in bases.items():
+        greedy = b.greedy_subspace_energies
+        cells = ", ".join(
+            f"{'-' if greedy is None else f'{float(greedy[i]):.4g}'}/{float(e):.4g}"
+            for i, e in enumerate(b.subspace_energies)
+        )
+        lines.append(f"{site:<{width}}  {cells}")
     return "\n".join(lines)

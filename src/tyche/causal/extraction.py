@@ -7,33 +7,40 @@ For a target ``f`` (hidden states -> logits) and hidden states ``h``, the j-th d
 
 where ``r`` ablates span(v) by zero, mean or resample ablation (``tyche.ablation``), or the
 increase in next-token cross-entropy with ``objective="ce"``. Each direction is found by
-L-BFGS with a strong-Wolfe line search on an unconstrained ``w``, evaluated at
-``v = Q w / ‖Q w‖`` with ``Q = I - B Bᵀ`` projecting out the directions ``B`` found so far:
-the constraint lives inside the objective, so gradients respect it and nothing edits the
-parameter behind the optimiser's back. A fresh optimiser is made for every direction.
+L-BFGS on the sphere in the complement of the earlier ones (``tyche.causal.search``: screen
+candidate starts on a subsample, climb on it, polish on all the data, stop on the tangent
+gradient). Lens targets are evaluated by exact algebra (``tyche.causal.lens_algebra``).
 
-The search for each direction starts from the best (by energy) of a few candidates: the top
-principal directions of the hidden states in the complement of ``B`` and, when the target
-exposes ``readout_matrix()``, the top right-singular vectors of that readout (projected into
-the complement). ``n_init=0`` starts from a random direction instead. The objective has
-several local maxima; ``n_starts > 1`` runs L-BFGS from that many of the best candidates and
-keeps the best result (a more global search at ``n_starts`` times the cost).
+``refine="joint"`` then maximises the energy of ablating all k directions together over
+orthonormal bases and orders the result by marginal contribution (``tyche.causal.refine``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from tyche.ablation import AblationMode
 from tyche.causal.activations import next_token_labels, read_site_activations, token_inputs
-from tyche.causal.objective import AblationObjective, Objective, Target
+from tyche.causal.objective import (
+    DEFAULT_CACHE_GB,
+    SCREEN_POSITIONS,
+    AblationObjective,
+    Objective,
+    Target,
+)
+from tyche.causal.refine import order_by_marginal_contribution, refine_jointly
 from tyche.causal.result import CausalBasis
+from tyche.causal.search import (
+    find_direction,
+    pca_directions,
+    readout_directions,
+    starting_directions,
+)
 from tyche.distributed import progress as progress_bar
 from tyche.distributed import shard_range
 from tyche.io import model_hash
@@ -46,141 +53,7 @@ __all__ = [
 ]
 
 
-def _project_out(x: Tensor, basis: Tensor) -> Tensor:
-    """``(I - B Bᵀ) x`` applied twice (re-orthogonalisation keeps float32 errors ~1e-7)."""
-    if basis.shape[1] == 0:
-        return x
-    for _ in range(2):
-        x = x - basis @ (basis.T @ x)
-    return x
-
-
-def pca_directions(moment: Tensor, m: int, exclude: Tensor | None = None) -> Tensor:
-    """Top-``m`` eigenvectors (d, m) of a (d, d) second moment, in the complement of ``exclude``.
-
-    Eigenvectors are ordered by decreasing eigenvalue; the sign of each is fixed so that its
-    largest-magnitude entry is positive (the same on every rank and every run).
-    """
-    d = moment.shape[0]
-    if exclude is not None and exclude.shape[1]:
-        q = torch.eye(d, dtype=moment.dtype, device=moment.device)
-        q = q - exclude.to(moment) @ exclude.to(moment).T
-        moment = q @ moment @ q
-    values, vectors = torch.linalg.eigh((moment + moment.T) / 2)
-    vectors = vectors[:, values.argsort(descending=True)[:m]]
-    sign = vectors.gather(0, vectors.abs().argmax(0, keepdim=True)).sign()
-    return vectors * torch.where(sign == 0, 1.0, sign)
-
-
-def _readout_directions(target: Target, d: int) -> Tensor | None:
-    """(d, r) right-singular vectors of ``target.readout_matrix()``, strongest first."""
-    readout = getattr(target, "readout_matrix", None)
-    if not callable(readout):
-        return None
-    matrix = readout()
-    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[1] != d:
-        raise ValueError(f"readout_matrix() must return a (V, {d}) tensor")
-    _, _, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
-    return vh.T
-
-
-def _random_directions(d: int, m: int, found: Tensor, generator: torch.Generator) -> Tensor:
-    """``m`` random unit directions (d, m) orthogonal to ``found``, from ``generator``."""
-    w = _project_out(torch.randn(d, m, generator=generator, dtype=torch.float64), found.double())
-    return w / w.norm(dim=0)
-
-
-def _starting_directions(
-    objective: AblationObjective,
-    found: Tensor,
-    moment: Tensor,
-    readout: Tensor | None,
-    n_init: int,
-    n_starts: int,
-    generator: torch.Generator,
-) -> tuple[Tensor, list[float], int]:
-    """The ``n_starts`` best candidates (d, n_starts), unit and ⟂ ``found``, their energies,
-    and the number of candidates evaluated.
-
-    Candidates: the top ``n_init`` principal directions of the data in the complement of
-    ``found`` and the top ``n_init`` readout directions projected into it; random directions
-    make up the number when there are too few (or ``n_init=0``).
-    """
-    h = objective.hiddens
-    d = h.shape[-1]
-    pool = moment.new_zeros(d, 0)
-    if n_init:
-        candidates = [pca_directions(moment, n_init, found)]
-        if readout is not None:
-            candidates.append(readout[:, :n_init].to(moment))
-        pool = _project_out(torch.cat(candidates, 1), found.to(moment))
-        norms = pool.norm(dim=0)
-        pool = pool[:, norms > 1e-6] / norms[norms > 1e-6]
-    if pool.shape[1] < n_starts:  # too few candidates (or none): add random directions
-        extra = _random_directions(d, n_starts - pool.shape[1], found, generator)
-        pool = torch.cat([pool, extra.to(pool)], 1)
-    pool = pool.to(h)
-    energies = torch.tensor([objective.energy(pool[:, i]) for i in range(pool.shape[1])])
-    best = energies.argsort(descending=True)[:n_starts]
-    return pool[:, best], energies[best].tolist(), pool.shape[1]
-
-
-def _optimise_direction(
-    objective: AblationObjective,
-    found: Tensor,
-    start: Tensor,
-    start_energy: float,
-    max_iter: int,
-    tol: float,
-) -> tuple[Tensor, int]:
-    """Maximise the energy over unit vectors ⟂ ``found`` from ``start``; (v, evaluations)."""
-    w = torch.nn.Parameter(start.detach().clone())
-    scale = max(abs(start_energy), 1e-12)
-    optimiser = torch.optim.LBFGS(
-        [w],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=tol * scale,
-        tolerance_change=tol * scale,
-        history_size=10,
-        line_search_fn="strong_wolfe",
-    )
-    n_evals = 0
-
-    def closure() -> Tensor:
-        nonlocal n_evals
-        n_evals += 1
-        optimiser.zero_grad()
-        with torch.enable_grad():
-            u = _project_out(w, found)
-            v = u / u.norm()
-            energy, grad_v = objective.value_and_grad(v.detach())
-            (w.grad,) = torch.autograd.grad(v, w, grad_outputs=-grad_v)
-        return -energy.to(w.dtype)
-
-    if max_iter > 0:
-        optimiser.step(closure)
-    u = _project_out(w.detach(), found)
-    return u / u.norm(), n_evals
-
-
-def _best_direction(
-    objective: AblationObjective,
-    found: Tensor,
-    starts: Tensor,
-    start_energies: list[float],
-    max_iter: int,
-    tol: float,
-) -> tuple[Tensor, float, int]:
-    """Optimise from every start; the best direction, its energy and the evaluations spent."""
-    best_v, best_energy, n_evals = starts[:, 0], -math.inf, 0
-    for i, e0 in enumerate(start_energies):
-        v, n = _optimise_direction(objective, found, starts[:, i], e0, max_iter, tol)
-        energy = objective.energy(v)
-        n_evals += n + 1
-        if energy > best_energy:
-            best_v, best_energy = v, energy
-    return best_v, best_energy, n_evals
+Refine = Literal["none", "joint"]
 
 
 def extract_causal_basis(
@@ -194,11 +67,15 @@ def extract_causal_basis(
     labels: Tensor | None = None,
     max_iter: int = 100,
     min_energy: float = 0.0,
-    tol: float = 1e-7,
+    tol: float = 1e-2,
     n_init: int = 4,
-    n_starts: int = 1,
+    n_starts: int = 2,
     n_pca: int = 16,
+    refine: Refine = "none",
     batch_size: int | None = None,
+    fast: bool = True,
+    cache_gb: float = DEFAULT_CACHE_GB,
+    screen_positions: int = SCREEN_POSITIONS,
     generator: torch.Generator | None = None,
     site: str | None = None,
     model_hash: str | None = None,
@@ -217,17 +94,23 @@ def extract_causal_basis(
         mask: ``hiddens.shape[:-1]`` bool/0-1 positions to use (padding off); None = all.
         labels: ``hiddens.shape[:-1]`` long, the class each position predicts (``-100`` =
             none); required for ``objective="ce"``.
-        max_iter: L-BFGS iterations per direction.
+        max_iter: L-BFGS iterations per run (each direction's climb and polish, the joint
+            refinement).
         min_energy: stop when a direction's energy falls below this; it is not included.
-        tol: relative tolerance on energy change (and gradient) that ends a direction's search.
+        tol: a search ends once the gradient tangent to its constraint set is at most
+            ``tol`` times the energy (the energy is then within ~``tol²`` of the maximum).
         n_init: candidates of each kind (principal, readout) screened for each direction's
             start; 0: random starts only.
-        n_starts: L-BFGS runs per direction, from the best ``n_starts`` candidates by energy;
-            the best result is kept (the objective has several local maxima; cost grows
-            linearly).
+        n_starts: climbs per direction (on the subsample), from the best ``n_starts``
+            candidates; the best is polished (the objective has several local maxima).
         n_pca: also report the energies of the top ``n_pca`` principal directions (0: skip).
+        refine: ``"none"`` (greedy basis, sorted by energy) or ``"joint"`` (then maximise the
+            energy of ablating all k together, ordered by marginal contribution).
         batch_size: rows of the leading dimension per forward pass (None: chunks of about
             1024 positions).
+        fast: evaluate lens targets by exact algebra (see :class:`AblationObjective`).
+        cache_gb: GiB of clean lens readouts the fast path keeps (the rest is recomputed).
+        screen_positions: positions in the subsample used to screen and climb.
         generator: CPU generator for the random start (``n_init=0``) and the resampling
             derangement (held fixed for the whole extraction). Default: seeded with 0, so
             every rank under torchrun starts identically.
@@ -245,6 +128,10 @@ def extract_causal_basis(
         raise ValueError(f"k must be an int in 1..d={d} (the hidden size), got {k!r}")
     if max_iter < 0 or n_init < 0 or n_pca < 0 or n_starts < 1:
         raise ValueError("max_iter, n_init and n_pca must be >= 0 and n_starts >= 1")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if refine not in ("none", "joint"):
+        raise ValueError(f"refine must be 'none' or 'joint', got {refine!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     obj = AblationObjective(
         target,
@@ -255,9 +142,12 @@ def extract_causal_basis(
         labels=labels,
         generator=generator,
         batch_size=batch_size,
+        fast=fast,
+        cache_gb=cache_gb,
+        screen_positions=screen_positions,
     )
     moment = obj.second_moment(centred=mode != "zero")
-    readout = _readout_directions(target, d) if n_init else None
+    readout = readout_directions(target, d) if n_init else None
     if progress is True:
         bar = progress_bar(total=k, desc=site or "causal basis")
     else:  # False/None: no bar; otherwise a bar owned by the caller
@@ -265,35 +155,47 @@ def extract_causal_basis(
 
     found = hiddens.new_zeros(d, 0)
     energies: list[float] = []
-    evals: list[int] = []
+    evals: list[float] = []
     seconds: list[float] = []
     for _ in range(k):
         start_time = time.perf_counter()
-        starts, start_energies, n_screened = _starting_directions(
+        starts, start_energies, n_screened = starting_directions(
             obj, found, moment, readout, n_init, n_starts, generator
         )
-        v, energy, n_opt = _best_direction(obj, found, starts, start_energies, max_iter, tol)
-        if energy < min_energy:
+        best = find_direction(obj, found, starts, start_energies, tol=tol, max_iter=max_iter)
+        if best.energy < min_energy:
             break
-        n_evals = n_screened + n_opt
+        n_evals = best.evals + n_screened * obj.subsample_fraction
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(energy=f"{energy:.4g}", evals=n_evals)
-        found = torch.cat([found, v[:, None]], 1)
-        energies.append(energy)
+            bar.set_postfix(energy=f"{best.energy:.4g}", evals=f"{n_evals:.1f}")
+        found = torch.cat([found, best.vector[:, None]], 1)
+        energies.append(best.energy)
         evals.append(n_evals)
         seconds.append(time.perf_counter() - start_time)
     if progress is True and bar is not None:
         bar.close()
     if not energies:
         raise ValueError(
-            f"no direction reached min_energy={min_energy} nats (the best had {energy:.3g}); "
-            "lower min_energy"
+            f"no direction reached min_energy={min_energy} nats (the best had "
+            f"{best.energy:.3g}); lower min_energy"
         )
 
     order = torch.tensor(energies).argsort(descending=True)
     vectors = found[:, order]
+    single = torch.tensor(energies, dtype=torch.float64)[order]
+    evals, seconds = [evals[i] for i in order.tolist()], [seconds[i] for i in order.tolist()]
     subspace = [obj.energy(vectors[:, : i + 1]) for i in range(vectors.shape[1])]
+    greedy_subspace = None
+    if refine == "joint" and vectors.shape[1] > 1:
+        start_time = time.perf_counter()
+        joint = refine_jointly(obj, vectors, subspace[-1], tol=tol, max_iter=max_iter)
+        vectors, prefix, n_order = order_by_marginal_contribution(obj, joint.vector)
+        single = torch.tensor([obj.energy(v) for v in vectors.T], dtype=torch.float64)
+        greedy_subspace, subspace = torch.tensor(subspace, dtype=torch.float64), prefix
+        share = (time.perf_counter() - start_time) / len(seconds)  # spread over the directions
+        spent = (joint.evals + n_order + vectors.shape[1]) / len(evals)
+        evals, seconds = [e + spent for e in evals], [s + share for s in seconds]
     pca_energies = None
     if n_pca:
         pcs = pca_directions(obj.second_moment(centred=True), min(n_pca, d)).to(hiddens)
@@ -302,14 +204,15 @@ def extract_causal_basis(
         )
     return CausalBasis(
         vectors=vectors.detach().cpu(),
-        energies=torch.tensor(energies, dtype=torch.float64)[order],
+        energies=single,
         subspace_energies=torch.tensor(subspace, dtype=torch.float64),
+        greedy_subspace_energies=greedy_subspace,
         site=site,
         mode=mode,
         objective=objective,
         n_positions=obj.n_positions,
-        n_evals=[evals[i] for i in order.tolist()],
-        seconds=[seconds[i] for i in order.tolist()],
+        n_evals=evals,
+        seconds=seconds,
         pca_energies=pca_energies,
         model_hash=model_hash,
         settings={
@@ -318,6 +221,11 @@ def extract_causal_basis(
             "tol": tol,
             "n_init": n_init,
             "n_starts": n_starts,
+            "refine": refine,
+            "fast": obj.factored is not None,
+            "cache_gb": cache_gb,
+            "cached_fraction": 0.0 if obj.factored is None else obj.factored.cached_fraction,
+            "screen_positions": obj.screen[1],
             "k_requested": k,
         },
     )
@@ -352,7 +260,8 @@ def extract_causal_bases(
         on_basis: called as ``on_basis(site, basis)`` as soon as a site is done (e.g. to save
             it, so an interruption loses no finished site).
         options: passed to :func:`extract_causal_basis` (``mode``, ``objective``,
-            ``max_iter``, ``min_energy``, ``tol``, ``n_init``, ``n_starts``, ``n_pca``).
+            ``max_iter``, ``min_energy``, ``tol``, ``n_init``, ``n_starts``, ``n_pca``,
+            ``refine``, ``fast``, ``cache_gb``, ``screen_positions``).
 
     Returns:
         ``{site name: CausalBasis}`` in layer order; identical on every rank.

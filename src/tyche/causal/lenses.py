@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from tyche.causal.lens_algebra import LensFactors, norm_factors
 from tyche.io import ResultIO, model_hash
 from tyche.sites import Site, final_norm, resolve_sites, unembedding
 
@@ -68,6 +69,17 @@ class LogitLens(nn.Module):
             h = h.to(weight.dtype)
         return self.unembed(self.norm(h))
 
+    def lens_factors(self) -> LensFactors | None:
+        """The lens as norm + linear readout (``tyche.causal.lens_algebra``), or None when the
+        norm or the unembedding is not one it recognises (then only the general path works)."""
+        unembed = self.unembed.inner
+        if not isinstance(unembed, nn.Linear):
+            return None
+        norm = norm_factors(self.norm.inner, unembed.in_features)
+        if norm is None:
+            return None
+        return LensFactors(readout=unembed.weight, readout_bias=unembed.bias, **norm)
+
     def readout_matrix(self) -> Tensor:
         """(V, d): the unembedding times the norm's per-channel gain (centring ignored)."""
         weight = getattr(self.unembed.inner, "weight", None)
@@ -92,6 +104,17 @@ class LensAtSite(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.lens.inner(h, self.index)
+
+    def lens_factors(self) -> LensFactors | None:
+        """The logit lens's factors after the translator ``h -> (I + A) h + b``."""
+        lens: TunedLens = self.lens.inner
+        factors = lens.logit_lens.lens_factors()
+        if factors is None:
+            return None
+        translator = lens.translators[self.index]
+        weight = translator.weight.detach()
+        eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return factors.with_translator(eye + weight, translator.bias)
 
     def readout_matrix(self) -> Tensor:
         """(V, d): ``W (I + A)`` with ``W`` the logit lens's readout (the bias is not linear)."""

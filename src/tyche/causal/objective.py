@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
-from tyche.distributed import all_reduce_sum
+from tyche.causal.lens_algebra import FactoredReadout, check_factors
+from tyche.distributed import all_reduce_sum, get_rank, get_world_size
 from tyche.divergence import masked_kl
 
 __all__ = ["AblationObjective", "Objective", "Target", "target_for_rows"]
@@ -35,6 +36,15 @@ IGNORE_INDEX = -100
 #: with ``batch_size=None``, chunks hold about this many positions (measured fastest on CPU:
 #: 512-1024 positions per chunk evaluate ~2x faster than 8192 at once)
 AUTO_CHUNK_POSITIONS = 1024
+#: default memory for the fast lens path's cached clean readouts: 2 GiB holds the (N, V)
+#: float32 readout of 8,192 positions of a 49,152-token vocabulary (1.5 GiB)
+DEFAULT_CACHE_GB = 2.0
+#: default size of the screening subsample (positions): the energy of a candidate direction
+#: is a mean over positions, and 1,024 of them rank candidates whose energies differ by more
+#: than a few per cent (the spread of such means on 1/8 of the data)
+SCREEN_POSITIONS = 1024
+#: the subsample is this many runs of consecutive rows, spread evenly over the data
+SCREEN_RUNS = 8
 
 
 def target_for_rows(target: Target, rows: slice) -> Target:
@@ -77,6 +87,14 @@ class AblationObjective:
             objective is deterministic).
         batch_size: rows of the leading dimension per forward pass (None: about
             ``AUTO_CHUNK_POSITIONS`` positions per pass).
+        fast: for targets that expose ``lens_factors()`` (:class:`LogitLens`, a tuned lens),
+            evaluate by the exact algebra of ``tyche.causal.lens_algebra`` (no (N × d × V)
+            product per evaluation) once the factors are checked to reproduce the target's
+            logits; False: always run the target.
+        cache_gb: GiB of clean lens readouts (N × V) the fast path keeps between evaluations;
+            chunks beyond it recompute theirs (a forward product) on every evaluation.
+        screen_positions: about this many positions (whole chunks, spread over the data) make
+            the subsample used by ``subsample=True`` evaluations (all positions if fewer).
     """
 
     def __init__(
@@ -90,6 +108,9 @@ class AblationObjective:
         labels: Tensor | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
+        fast: bool = True,
+        cache_gb: float = DEFAULT_CACHE_GB,
+        screen_positions: int = SCREEN_POSITIONS,
     ) -> None:
         if not isinstance(hiddens, Tensor) or not hiddens.is_floating_point():
             raise TypeError("hiddens must be a floating-point tensor of shape (..., d)")
@@ -104,6 +125,8 @@ class AblationObjective:
             raise ValueError(f"unknown objective {objective!r}; choose 'kl' or 'ce'")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
+        if not cache_gb >= 0:
+            raise ValueError(f"cache_gb must be >= 0 (GiB of cached lens readouts), got {cache_gb}")
         self.target, self.mode, self.objective = target, mode, objective
         self.hiddens = hiddens.detach()
         per_row = max(int(torch.Size(hiddens.shape[1:-1]).numel()), 1)
@@ -126,7 +149,9 @@ class AblationObjective:
         if self.n_positions == 0:
             raise ValueError("no positions to average over: the mask (and labels) select nothing")
         self.delta = self._ablation_offsets(generator)
-        self.clean = self._clean_statistics()
+        self.screen = self._screening_rows(screen_positions)
+        self.factored = self._factored_readout(fast, cache_gb)
+        self.clean = None if self.factored is not None else self._clean_statistics()
 
     @staticmethod
     def _check_mask(mask: Tensor | None, lead: torch.Size) -> Tensor:
@@ -188,22 +213,76 @@ class AblationObjective:
         for start in range(0, n, self.batch_size):
             yield slice(start, min(start + self.batch_size, n))
 
+    def _screening_rows(self, positions: int) -> tuple[list[slice], int]:
+        """The subsample for ``subsample=True``: slices of this rank's rows, and the number of
+        counted positions in it over every rank.
+
+        The subsample is defined on the global row index (ranks hold contiguous blocks of rows
+        in rank order, as ``tyche.distributed.shard_range`` gives them), so N ranks use the
+        same rows as one process: ``SCREEN_RUNS`` runs of rows starting at evenly spaced
+        rows, about ``positions`` positions in all. Everything if the data is not larger.
+        """
+        n_local = self.hiddens.shape[0]
+        per_row = max(int(torch.Size(self.hiddens.shape[1:-1]).numel()), 1)
+        counts = torch.zeros(get_world_size(), dtype=torch.float64)
+        counts[get_rank()] = n_local
+        counts = all_reduce_sum(counts)
+        n_rows, offset = int(counts.sum()), int(counts[: get_rank()].sum())
+        n_pick = -(-max(positions, 1) // per_row)
+        if n_pick * 2 > n_rows:  # not worth it: use everything
+            return list(self.chunks()), self.n_positions
+        runs = min(SCREEN_RUNS, n_pick)
+        length = -(-n_pick // runs)
+        picked = []
+        for k in range(runs):
+            first = k * n_rows // runs
+            last = min(first + length, (k + 1) * n_rows // runs)  # runs never overlap
+            lo, hi = max(first - offset, 0), min(last - offset, n_local)
+            for chunk in self.chunks():  # never straddle a chunk
+                start, stop = max(lo, chunk.start), min(hi, chunk.stop)
+                if start < stop:
+                    picked.append(slice(start, stop))
+        count = sum(int(self.weight[rows].sum()) for rows in picked)
+        total = int(all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)).item())
+        if total == 0:  # the subsample holds no counted position: use everything
+            return list(self.chunks()), self.n_positions
+        return picked, total
+
+    def _factored_readout(self, fast: bool, cache_gb: float) -> FactoredReadout | None:
+        """The exact lens algebra for targets that expose ``lens_factors()``, if it checks out.
+
+        The decision is the same on every rank (all must run the same reductions).
+        """
+        factors_of = getattr(self.target, "lens_factors", None)
+        factors = factors_of() if fast and callable(factors_of) else None
+        probe = self.hiddens.reshape(-1, self.hiddens.shape[-1])[:64]
+        usable = factors is not None and check_factors(factors, self.target, probe)
+        votes = all_reduce_sum(torch.tensor(float(usable), dtype=torch.float64))
+        if factors is None or int(votes.item()) != get_world_size():
+            return None
+        labels = self.labels if self.objective == "ce" else None
+        return FactoredReadout(
+            factors,
+            self.hiddens,
+            self.delta,
+            self.weight,
+            list(self.chunks()),
+            labels,
+            cache_gb * 2**30,
+        )
+
     @torch.no_grad()
-    def _clean_statistics(self) -> Tensor | list[Tensor]:
-        """Clean log-probs per chunk (KL), or the global clean cross-entropy sum (CE)."""
-        if self.objective == "kl":
-            out = []
-            for rows in self.chunks():
-                logits = _logits(target_for_rows(self.target, rows)(self.hiddens[rows]))
-                self._check_logits(logits, rows)
-                out.append(_upcast(logits).log_softmax(-1))
-            return out
-        total = self.hiddens.new_zeros((), dtype=torch.float64)
+    def _clean_statistics(self) -> list[Tensor]:
+        """Per chunk: clean log-probs (KL) or clean cross-entropies per position (CE)."""
+        out = []
         for rows in self.chunks():
             logits = _logits(target_for_rows(self.target, rows)(self.hiddens[rows]))
             self._check_logits(logits, rows)
-            total = total + self._cross_entropy_sum(logits, rows).double()
-        return all_reduce_sum(total)
+            if self.objective == "kl":
+                out.append(_upcast(logits).log_softmax(-1))
+            else:
+                out.append(self._cross_entropy(logits, rows).double())
+        return out
 
     def _check_logits(self, logits: Tensor, rows: slice) -> None:
         if tuple(logits.shape[:-1]) != tuple(self.hiddens[rows].shape[:-1]):
@@ -214,33 +293,33 @@ class AblationObjective:
         if not torch.isfinite(logits).all():
             raise ValueError("the target returned NaN/inf logits on the clean hidden states")
 
-    def _cross_entropy_sum(self, logits: Tensor, rows: slice) -> Tensor:
+    def _cross_entropy(self, logits: Tensor, rows: slice) -> Tensor:
+        """Cross-entropy at each position of ``rows`` (0 where there is no label)."""
         return F.cross_entropy(
             _upcast(logits).reshape(-1, logits.shape[-1]),
             self.labels[rows].reshape(-1),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+            reduction="none",
+        ).reshape(self.labels[rows].shape)
 
     def _chunk_sum(self, rows: slice, vectors: Tensor) -> Tensor:
-        """Sum over the chunk's counted positions of the per-position energy."""
+        """Sum over the counted positions of ``rows`` (within one chunk) of the energy."""
+        index = rows.start // self.batch_size
+        local = slice(rows.start - index * self.batch_size, rows.stop - index * self.batch_size)
+        if self.factored is not None:
+            per_row = self.delta[0].numel() // self.delta.shape[-1]
+            positions = slice(local.start * per_row, local.stop * per_row)
+            return self.factored.chunk_sum(index, positions, vectors)
         h = self.hiddens[rows]
         ablated = h - (self.delta[rows] @ vectors) @ vectors.T
         logits = _logits(target_for_rows(self.target, rows)(ablated))
         if self.objective == "kl":
-            kl = masked_kl(
-                self.clean[rows.start // self.batch_size],
-                _upcast(logits),
-                self.weight[rows],
-                reduction="token",
-            )
+            kl = masked_kl(self.clean[index][local], _upcast(logits), self.weight[rows], "token")
             return kl.sum()
-        return self._cross_entropy_sum(logits, rows)
+        return (self._cross_entropy(logits, rows) - self.clean[index][local]).sum()
 
-    def _finish(self, total: Tensor) -> Tensor:
-        if self.objective == "ce":
-            total = total - self.clean
-        energy = total / self.n_positions
+    def _finish(self, total: Tensor, count: int) -> Tensor:
+        energy = total / count
         if not torch.isfinite(energy):
             raise FloatingPointError(
                 "the ablation energy is not finite; the target overflowed on ablated hidden "
@@ -248,29 +327,44 @@ class AblationObjective:
             )
         return energy
 
+    @property
+    def subsample_fraction(self) -> float:
+        """Counted positions in the subsample over all counted positions (1: everything)."""
+        return self.screen[1] / self.n_positions
+
+    def _rows(self, subsample: bool) -> tuple[list[slice], int]:
+        return self.screen if subsample else (list(self.chunks()), self.n_positions)
+
     @torch.no_grad()
-    def energy(self, vectors: Tensor) -> float:
-        """Energy (nats) of ablating span(``vectors``) jointly; ``vectors`` (d,) or (d, m)."""
-        vectors = (vectors[:, None] if vectors.ndim == 1 else vectors).to(self.hiddens)
-        total = self.hiddens.new_zeros((), dtype=torch.float64)
-        for rows in self.chunks():
-            total = total + self._chunk_sum(rows, vectors).double()
-        return float(self._finish(all_reduce_sum(total)))
+    def energy(self, vectors: Tensor, *, subsample: bool = False) -> float:
+        """Energy (nats) of ablating span(``vectors``) jointly; ``vectors`` (d,) or (d, m).
 
-    def value_and_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Energy of ablating the unit vector ``v`` (d,) and its gradient wrt ``v`` (d,).
-
-        The gradient treats ``v`` as a free vector in the ablation formula; chain it through
-        any parametrisation of ``v``. Both are identical on every rank.
+        ``subsample``: average over the screening subsample only (``screen_positions``).
         """
-        v_leaf = v.detach().to(self.hiddens).clone().requires_grad_(True)
-        total = torch.zeros((), dtype=torch.float64, device=v_leaf.device)
-        grad = torch.zeros_like(v_leaf, dtype=torch.float64)
+        vectors = (vectors[:, None] if vectors.ndim == 1 else vectors).to(self.hiddens)
+        chunks, count = self._rows(subsample)
+        total = self.hiddens.new_zeros((), dtype=torch.float64)
+        for rows in chunks:
+            total = total + self._chunk_sum(rows, vectors).double()
+        return float(self._finish(all_reduce_sum(total), count))
+
+    def value_and_grad(self, vectors: Tensor, *, subsample: bool = False) -> tuple[Tensor, Tensor]:
+        """Energy of ablating span(``vectors``) and its gradient wrt ``vectors``.
+
+        ``vectors`` is a unit vector (d,) or an orthonormal (d, m) matrix; the gradient has its
+        shape and treats it as free in the ablation formula ``h - (δ V) Vᵀ`` (chain it through
+        any parametrisation). Both are identical on every rank.
+        """
+        leaf = vectors.detach().to(self.hiddens).clone().requires_grad_(True)
+        matrix = leaf[:, None] if leaf.ndim == 1 else leaf
+        chunks, count = self._rows(subsample)
+        total = torch.zeros((), dtype=torch.float64, device=leaf.device)
+        grad = torch.zeros_like(leaf, dtype=torch.float64)
         with torch.enable_grad():
-            for rows in self.chunks():
-                s = self._chunk_sum(rows, v_leaf[:, None])
-                (g,) = torch.autograd.grad(s, v_leaf)
+            for rows in chunks:
+                s = self._chunk_sum(rows, matrix)
+                (g,) = torch.autograd.grad(s, leaf)
                 total, grad = total + s.detach().double(), grad + g.double()
-        packed = all_reduce_sum(torch.cat([grad, total[None]]))
-        energy = self._finish(packed[-1])
-        return energy, (packed[:-1] / self.n_positions).to(v_leaf.dtype)
+        packed = all_reduce_sum(torch.cat([grad.reshape(-1), total[None]]))
+        energy = self._finish(packed[-1], count)
+        return energy, (packed[:-1] / count).reshape(leaf.shape).to(leaf.dtype)

@@ -19,19 +19,25 @@ class CausalBasis(ResultIO):
     """An ordered orthonormal basis of the directions whose ablation changes the output most.
 
     Attributes:
-        vectors: (d, k) orthonormal columns, sorted by decreasing ``energies``.
+        vectors: (d, k) orthonormal columns, sorted by decreasing ``energies`` (greedy
+            basis), or by marginal contribution to the joint energy (``refine="joint"``).
         energies: (k,) energy of ablating each column *alone*: the mean over positions of
             KL(clean ‖ ablated) in nats (``objective="kl"``), or the mean increase of the
             next-token cross-entropy in nats (``objective="ce"``).
         subspace_energies: (k,) energy of ablating the first ``i + 1`` columns *jointly*
             (greedy deflation does not make these the best i-dimensional subspaces).
+        greedy_subspace_energies: with ``refine="joint"``, the ``subspace_energies`` the
+            greedy basis had before the refinement (its last entry is the greedy joint
+            energy of all k); None otherwise.
         site: where the hidden states came from (e.g. ``"resid_pre.3"``), or None.
         mode: the ablation used, ``"zero"``, ``"mean"`` or ``"resample"``.
         objective: ``"kl"`` or ``"ce"``.
         n_positions: number of positions (over every rank) the energies average over.
-        n_evals: passes of the objective over the data spent on each column, in the order
-            of ``vectors``: candidate screening (forward only), L-BFGS (forward + backward)
-            and the final energy.
+        n_evals: evaluation-equivalents spent on each column, in the order of ``vectors``:
+            passes of the objective over all the data, a pass over the screening subsample
+            counting its fraction of the positions, forward-only passes (screening) counted
+            like forward + backward ones; with ``refine="joint"`` the refinement's passes are
+            shared equally among the columns.
         seconds: wall-clock seconds spent on each column, in the order of ``vectors``.
         pca_energies: (m,) energies of the top-m principal directions of the same hidden
             states under the same ablation (a baseline), or None if not computed.
@@ -42,6 +48,7 @@ class CausalBasis(ResultIO):
     UNITS: ClassVar[dict[str, str]] = {
         "energies": "nats",
         "subspace_energies": "nats",
+        "greedy_subspace_energies": "nats",
         "pca_energies": "nats",
         "seconds": "s",
     }
@@ -49,11 +56,12 @@ class CausalBasis(ResultIO):
     vectors: Tensor
     energies: Tensor
     subspace_energies: Tensor
+    greedy_subspace_energies: Tensor | None = None
     site: str | None = None
     mode: str = "mean"
     objective: str = "kl"
     n_positions: int = 0
-    n_evals: list[int] = field(default_factory=list)
+    n_evals: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     pca_energies: Tensor | None = None
     model_hash: str | None = None

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (imported on first use: matplotlib is slow)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -20,7 +21,7 @@ def _pyplot() -> Any:
 def basin_histogram(results: Mapping[str, Any], path: str | Path) -> Path:
     """Histogram of per-sample log-estimates (nats), one colour per labelled VolumeResult,
     with each run's log-mean-exp as a vertical line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, res) in enumerate(results.items()):
         color = f"C{i}"
@@ -36,7 +37,7 @@ def basin_histogram(results: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("directions")
     ax.set_title("Basin volume: per-direction estimates (dashed: log-mean-exp)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def basin_cutoff_scan(
@@ -52,7 +53,7 @@ def basin_cutoff_scan(
     ``ci_low``/``ci_high`` and ``cutoffs`` (the fitted ones): drawn dashed over the whole
     range, with λ and its interval in the legend.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     logc = [math.log(c) for c in cutoffs]
     for i, (label, runs) in enumerate(results.items()):
@@ -83,7 +84,7 @@ def basin_cutoff_scan(
     ax.set_ylabel("log-probability of the basin (nats)")
     ax.set_title("Basin volume against KL cutoff")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def causal_energies(bases: Mapping[str, Any], path: str | Path) -> Path:
@@ -92,7 +93,7 @@ def causal_energies(bases: Mapping[str, Any], path: str | Path) -> Path:
     Energies (log scale, nats) against the direction's rank; a last panel shows, per site, the
     first causal direction's energy next to the best principal direction's. Saved as PNG.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = len(bases) + 1
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -120,12 +121,13 @@ def causal_energies(bases: Mapping[str, Any], path: str | Path) -> Path:
     for ax in flat[n:]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as an image at ``path`` (folders made as needed), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
     return path

@@ -19,19 +19,11 @@ from typing import Any
 import torch
 
 from tyche.interaction.result import InteractionGraph
+from tyche.plotting import pyplot, save_figure
 
 __all__ = ["draw_graph", "plot_ablation_curves", "plot_graph"]
 
 POSITIVE, NEGATIVE = "#1f5fbf", "#d62728"
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _norm(e: torch.Tensor, norm: str) -> torch.Tensor:
@@ -117,7 +109,7 @@ def plot_graph(graph: InteractionGraph, path: str | Path, *, nodes_per_layer: in
                labels: bool | Mapping[str, Sequence[str]] = False,
                title: str | None = None) -> Path:  # fmt: skip
     """The interaction graph as a PNG (see :func:`draw_graph`); returns the path."""
-    plt = _pyplot()
+    plt = pyplot()
     n_layers = len(graph.node_layers)
     fig, ax = plt.subplots(figsize=(1.8 * n_layers + 1, 1.5 + nodes_per_layer * 0.22))
     draw_graph(ax, graph, nodes_per_layer=nodes_per_layer, threshold=threshold, norm=norm,
@@ -125,7 +117,7 @@ def plot_graph(graph: InteractionGraph, path: str | Path, *, nodes_per_layer: in
     basis = graph.settings.get("basis", "")
     ax.set_title(title or f"interaction graph ({basis}, {graph.settings.get('edges', '')} "
                  f"edges, {norm} norm, >= {threshold:g} of max)", fontsize=9)  # fmt: skip
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Path, *,
@@ -135,7 +127,7 @@ def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Pa
     ``curves``: ``{label: {where: AblationCurve}}`` (e.g. ``{"LIB": ..., "PCA": ...}``). The
     unablated model's value is a dashed line.
     """
-    plt = _pyplot()
+    plt = pyplot()
     wheres = list(dict.fromkeys(w for by in curves.values() for w in by))
     if not wheres:
         raise ValueError("no ablation curves to plot")
@@ -161,12 +153,4 @@ def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Pa
     for ax in axes.ravel()[len(wheres) :]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -7,6 +7,7 @@ Every model is built from a config (no hub access), has vocab 512, 2 layers, wid
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -215,3 +216,31 @@ def run_torchrun(script: str | os.PathLike, *args: str, nproc: int = 2, timeout:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+@dataclass
+class Run:
+    """One in-process ``tyche`` call: exit code, stdout, stderr and wall seconds."""
+
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> Run:
+    """``tyche ARGS`` in-process, as the console script runs it."""
+    import time
+
+    from tyche.__main__ import main
+
+    capsys.readouterr()
+    start = time.perf_counter()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    seconds = time.perf_counter() - start
+    captured = capsys.readouterr()
+    return Run(code, captured.out, captured.err, seconds)

@@ -14,38 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from tyche.__main__ import main
+from conftest import Run, cli
 from tyche.basin.result import VolumeResult
 
 #: a flag error must be reported before anything heavy is imported or loaded
 FLAG_ERROR_SECONDS = 5.0
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-    seconds: float
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> Run:
-    capsys.readouterr()
-    start = time.perf_counter()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    seconds = time.perf_counter() - start
-    captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err, seconds)
 
 
 def assert_one_line_error(run: Run, command: str, pattern: str) -> None:

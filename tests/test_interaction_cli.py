@@ -6,37 +6,15 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 
+from conftest import Run, cli
 from tyche.__main__ import main
 from tyche.commandline import parse_config
 from tyche.interaction import AblationCurve, InteractionGrams, InteractionGraph
 from tyche.interaction.cli import BuildConfig, run_build
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-    seconds: float
-
-
-def _cli(capsys: pytest.CaptureFixture, *args: str) -> Run:
-    """``tyche ARGS`` in-process, as the console script runs it (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    start = time.perf_counter()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    seconds = time.perf_counter() - start
-    captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err, seconds)
 
 
 def _assert_one_line_error(run: Run, pattern: str) -> None:
@@ -114,7 +92,7 @@ def test_stages_resume_and_sources(tmp_path, capsys) -> None:
     for a, b in zip(staged.edges, whole.edges):
         # the same sums; the one-pass build reuses its gradients, the staged one recomputes
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14 * a.abs().max())
-    run = _cli(capsys, *args, "--resume", "--no-center")
+    run = cli(capsys, *args, "--resume", "--no-center")
     _assert_one_line_error(run, "other settings")
     # stochastic sources and the outputs split (one process: the same as the data split)
     main([*args, "--n_stochastic_sources", "2", "--n_stochastic_sources_hidden", "3",
@@ -249,18 +227,18 @@ def test_flag_errors_are_one_line_before_loading(args, pattern, saved_graph, cap
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr("tyche.interaction.cli.load_source", no_loading)
-    run = _cli(capsys, "interaction", *args)
+    run = cli(capsys, "interaction", *args)
     _assert_one_line_error(run, pattern)
 
 
 def test_resume_and_leftover_builds(tmp_path, capsys, saved_graph) -> None:
-    run = _cli(capsys, "interaction", "build", "--out", saved_graph)
+    run = cli(capsys, "interaction", "build", "--out", saved_graph)
     _assert_one_line_error(run, r"holds a build already \(stages grams, bases, edges\); add "
                                 r"--resume")  # fmt: skip
-    run = _cli(capsys, "interaction", "build", "--resume", "--out", str(tmp_path / "empty"))
+    run = cli(capsys, "interaction", "build", "--resume", "--out", str(tmp_path / "empty"))
     _assert_one_line_error(run, r"--resume: no saved stage under")
     # --layers naming a node layer the graph lacks: after the (cheap) graph load, no model
-    run = _cli(capsys, "interaction", "ablate", "--graph", saved_graph, "--layers", "9:input")
+    run = cli(capsys, "interaction", "ablate", "--graph", saved_graph, "--layers", "9:input")
     _assert_one_line_error(run, r"--layers: 9:input not in the graph's node layers 0:input")
 
 
@@ -270,10 +248,10 @@ def test_ablate_without_edges_and_no_summary(tmp_path, capsys, saved_graph) -> N
 
     bases = tmp_path / "only" / "bases"  # a bases folder with no build's summary.json above it
     shutil.copytree(Path(saved_graph) / "bases", bases)
-    run = _cli(capsys, "interaction", "ablate", "--graph", str(bases), "--kind", "edges",
+    run = cli(capsys, "interaction", "ablate", "--graph", str(bases), "--kind", "edges",
                "--model", "zoo:digits-mlp", "--out", str(tmp_path / "a"))  # fmt: skip
     _assert_one_line_error(run, r"--kind edges: the graph in .* has no edges")
-    run = _cli(capsys, "interaction", "ablate", "--graph", str(bases))
+    run = cli(capsys, "interaction", "ablate", "--graph", str(bases))
     _assert_one_line_error(run, r"--model: no .*summary.json to take the model from")
 
 
@@ -283,10 +261,10 @@ def test_help_and_rules(capsys) -> None:
 
     assert RULE_NAMES == RULES
     for name in SUBCOMMANDS:
-        run = _cli(capsys, "interaction", name, "--help")
+        run = cli(capsys, "interaction", name, "--help")
         assert run.code == 0 and "Config" not in run.out and "(default: None)" not in run.out
         assert "--plot, --no-plot" in run.out or name == "plot"
-    top = _cli(capsys, "interaction", "--help")
+    top = cli(capsys, "interaction", "--help")
     assert top.code == 0 and "build" in top.out and "ablate" in top.out
 
 

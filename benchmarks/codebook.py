@@ -3,10 +3,10 @@
     python benchmarks/codebook.py [--reps 9] [--threads 1]
 
 Model: the TokFSM layout of ``zoo:tokfsm`` (GPT-NeoX, 4 layers, width 128, 4 heads, MLP 512,
-vocabulary 11; k = 1 codebooks of 256 codes on every head and MLP output), batches of 32
-walks of 64 tokens. One training step is forward + backward + AdamW. The two models run
-interleaved on the same batches, so load from other work hits both alike; the ratio of the
-medians is the figure. Then a cache of 256 walks is built and searched.
+vocabulary 11; k = 1 codebooks of 256 codes on every head and MLP output), batches of the
+zoo recipe (16 walks of 64 tokens). One training step is forward + backward + AdamW. The two
+models run interleaved on the same batches, so load from other work hits both alike; the
+ratio of the medians is the figure. Then a cache of 256 walks is built and searched.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=9, help="timed steps per model (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--batch_size", type=int, default=32, help="walks per step")
-    parser.add_argument("--seq_len", type=int, default=64, help="tokens per walk")
+    recipe = TokFSMConfig()
+    parser.add_argument("--batch_size", type=int, default=recipe.batch_size, help="walks per step")
+    parser.add_argument("--seq_len", type=int, default=recipe.seq_len, help="tokens per walk")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     times = step_times(args.reps, args.batch_size, args.seq_len)

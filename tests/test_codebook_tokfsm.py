@@ -173,3 +173,29 @@ def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None
     forcing = state_forcing(copy.deepcopy(cb), fsm, n_trials=3, prefix_states=2, n_walks=8)
     assert forcing["n_trials"] == 3 and 0 <= forcing["success_rate"] <= 1
     assert forcing["jsd_patched"] >= 0 and forcing["jsd_unpatched"] >= 0
+
+
+def test_zoo_cache_is_keyed_on_the_recipe(tmp_path, monkeypatch) -> None:
+    """The cached folder is named after the recipe; a folder whose stored recipe differs is
+    refused instead of being loaded; how the work runs (threads, processes) is not recipe."""
+    from dataclasses import asdict, replace
+
+    from tyche.zoo.entry import METRICS_FILE, ZooError, write_json
+    from tyche.zoo.tokfsm import TokFSMConfig, TokFSMEntry
+
+    monkeypatch.setenv("TYCHE_CACHE", str(tmp_path))
+    cfg = TokFSMConfig()
+    entry = TokFSMEntry()
+    assert entry.path == tmp_path / f"tokfsm-{cfg.recipe_key()}"
+    assert replace(cfg, threads=2, parallel=False).recipe_key() == cfg.recipe_key()
+    for change in ({"lr": cfg.lr * 2}, {"num_codes": 512}, {"sites": ("mlp_out.*",)}):
+        assert replace(cfg, **change).recipe_key() != cfg.recipe_key(), change
+    assert not entry.is_ready()
+    entry.path.mkdir()
+    write_json(entry.path / METRICS_FILE, {"config": asdict(replace(cfg, parallel=False))})
+    assert entry.is_ready()  # the same recipe, trained one process at a time
+    write_json(entry.path / METRICS_FILE, {"config": asdict(replace(cfg, steps=cfg.steps + 1))})
+    with pytest.raises(ZooError, match=r"another recipe.*\['steps'\]"):
+        entry.is_ready()
+    with pytest.raises(ZooError, match="another recipe"):
+        entry.prepare()

@@ -255,7 +255,7 @@ def validate(cmd: BasinCommand) -> Plan:
     check_number(cmd.max_seq_len, "--max_seq_len", minimum=2, integer=True)
     max_memory = None
     if cmd.max_memory is not None:
-        from tyche.basin.memory import parse_size
+        from tyche.memory import parse_size
 
         try:
             max_memory = parse_size(cmd.max_memory)

@@ -32,7 +32,7 @@ from tyche.commandline import (
     resume_command,
     split_list,
 )
-from tyche.interaction.cli.config import (
+from tyche.interaction.cli.flags import (
     CLASS_MODELS,
     PROG,
     RULE_NAMES,

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-__all__ = ["available_memory", "parse_size"]
+__all__ = ["available_memory", "free_memory_share", "parse_size"]
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?)?b?\s*", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -54,3 +54,12 @@ def available_memory(device: torch.device | str) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
         return 8 << 30
+
+
+def free_memory_share(device: torch.device | str, share: float = 0.5) -> int:
+    """Bytes this process may plan to use on ``device``: ``share`` of what is free there now,
+    divided among the ``torchrun`` processes of this machine when they share its host memory
+    (``LOCAL_WORLD_SIZE``; each CUDA rank has a device of its own)."""
+    device = torch.device(device)
+    sharing = 1 if device.type == "cuda" else max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return int(share * available_memory(device) / sharing)

@@ -5,7 +5,8 @@ Each direction of a batch holds its draw (D entries in the model's dtype) and, w
 is evaluated, its offset (D more), plus whatever the loss needs per offset (a ``ModelLoss``
 that evaluates offsets side by side builds θ+δ for each: D more; one that writes them into
 the model in place needs nothing per offset). The batch is the largest that fits in
-``max_memory`` (default: half the memory free on the anchor's device), at most
+``max_memory`` (default: half the memory free on the anchor's device, split among the
+``torchrun`` processes sharing a host: ``tyche.memory.free_memory_share``), at most
 ``batch_size``; without ``batch_size`` also at most 16 directions and at most
 ``MAX_BATCH_ENTRIES`` parameters' worth of them: batching amortises the per-call overhead
 of the loss, which is negligible once one call moves tens of millions of numbers.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tyche.memory import available_memory
+from tyche.memory import free_memory_share
 
 __all__ = ["bytes_per_direction", "choose_batch"]
 
@@ -43,7 +44,7 @@ def choose_batch(
 
     Raises ValueError when an explicit ``max_memory`` cannot hold even one direction.
     """
-    budget = available_memory(device) // 2 if max_memory is None else int(max_memory)
+    budget = free_memory_share(device) if max_memory is None else int(max_memory)
     fit = budget // max(per_direction, 1)
     if fit < 1 and max_memory is not None:
         raise ValueError(

@@ -26,7 +26,7 @@ from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
 from tyche.causal.lens_algebra import FactoredReadout, check_factors
 from tyche.distributed import all_reduce_sum, get_rank, get_world_size
 from tyche.divergence import masked_kl
-from tyche.memory import available_memory
+from tyche.memory import free_memory_share
 
 __all__ = ["AblationObjective", "Objective", "Target", "target_for_rows"]
 
@@ -97,7 +97,8 @@ class AblationObjective:
         cache_gb: GiB of clean lens readouts and probabilities (N × V each) the fast path keeps
             between evaluations (readouts first); what does not fit is recomputed on every
             evaluation. None: half the memory free on the hidden states' device
-            (``AUTO_CACHE_SHARE``); the value used is ``self.cache_gb``.
+            (``AUTO_CACHE_SHARE``, split among the ``torchrun`` processes sharing a host);
+            the value used is ``self.cache_gb``.
         screen_positions: about this many positions (whole chunks, spread over the data) make
             the subsample used by ``subsample=True`` evaluations (all positions if fewer).
     """
@@ -131,7 +132,7 @@ class AblationObjective:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
         if cache_gb is None:
-            cache_gb = AUTO_CACHE_SHARE * available_memory(hiddens.device) / 2**30
+            cache_gb = free_memory_share(hiddens.device, AUTO_CACHE_SHARE) / 2**30
         if not cache_gb >= 0:
             raise ValueError(f"cache_gb must be >= 0 (GiB of cached lens readouts), got {cache_gb}")
         self.target, self.mode, self.objective = target, mode, objective

@@ -16,6 +16,14 @@ import torch
 from tyche import distributed as td
 
 
+def fail_on_rank_one() -> None:
+    """Rank 1 raises at once while rank 0 waits for it at a barrier."""
+    td.init_distributed()
+    if td.get_rank() == 1:
+        raise RuntimeError("TYCHE-DELIBERATE failure on rank 1")
+    td.barrier()
+
+
 def main(out_dir: Path) -> None:
     td.init_distributed()
     td.init_distributed()  # idempotent
@@ -67,4 +75,7 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--fail":
+        fail_on_rank_one()
+    else:
+        main(Path(sys.argv[1]))

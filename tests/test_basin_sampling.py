@@ -17,7 +17,6 @@ from tyche.basin.memory import (
     MAX_BATCH_ENTRIES,
     bytes_per_direction,
     choose_batch,
-    parse_size,
 )
 from tyche.basin.sampling import (
     CHUNK,
@@ -26,6 +25,7 @@ from tyche.basin.sampling import (
     fill_gaussian,
     gaussian_directions,
 )
+from tyche.memory import parse_size
 
 WORKER = Path(__file__).with_name("basin_memory_worker.py")
 

@@ -154,6 +154,25 @@ def test_cache_budget_changes_memory_not_results():
         AblationObjective(target, h, cache_gb=-1.0)
 
 
+def test_default_cache_is_half_the_free_memory(monkeypatch):
+    import tyche.causal.objective as objective
+    import tyche.memory as memory
+
+    target = lens_target("gpt2", "logit")
+    h, mask, _, _ = problem()
+    chunk_bytes = 2 * 7 * 512 * 8  # one chunk's readout (float64 hidden states)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for free, fraction in ((0, 0.0), (2 * 1.2 * chunk_bytes, 0.5), (1 << 40, 1.0)):
+        monkeypatch.setattr(memory, "available_memory", lambda device, free=free: free)
+        obj = AblationObjective(target, h, mask=mask, batch_size=2)
+        assert obj.cache_gb == int(objective.AUTO_CACHE_SHARE * free) / 2**30
+        assert obj.factored.cached_fraction == fraction
+    # two torchrun processes on one host split the share between them
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    obj = AblationObjective(target, h, mask=mask, batch_size=2)
+    assert obj.cache_gb == int(objective.AUTO_CACHE_SHARE * free / 2) / 2**30
+
+
 def test_an_unknown_or_wrong_norm_falls_back_to_the_general_path():
     class ShiftedRMSNorm(ExactRMSNorm):  # looks like an RMSNorm, but the gain is 1 + w
         def forward(self, g):

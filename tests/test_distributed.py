@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,14 @@ def test_two_gloo_ranks_under_torchrun(tmp_path):
         )
         assert res["progress_items"] == [0, 1, 2]
         assert res["progress_disabled"] == (r != 0)
+
+
+def test_a_failing_rank_ends_the_run_at_once():
+    """An uncaught error skips the exit barrier (which waits up to 60 s for the other ranks)."""
+    start = time.perf_counter()
+    proc = run_torchrun(WORKER, "--fail", check=False, timeout=100)
+    seconds = time.perf_counter() - start
+    assert proc.returncode != 0 and "TYCHE-DELIBERATE" in proc.stdout + proc.stderr
+    # the exit barrier's timeout is 60 s; a run that skips it takes ~5-10 s here (two
+    # interpreters importing torch), so 45 s separates the two even on a loaded machine
+    assert seconds < 45, seconds

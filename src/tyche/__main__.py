@@ -74,6 +74,14 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _mark_failed() -> None:
+    """Under ``torchrun``, let the exit skip waiting for the other ranks (only if the
+    distributed helpers were loaded: a flag error must not import torch)."""
+    distributed = sys.modules.get("tyche.distributed")
+    if distributed is not None:
+        distributed.mark_failed()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to the named command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if debug:
             raise
+        _mark_failed()
         hint = commandline.interrupt_hint()
         if _is_rank0():
             print(f"\ntyche {name}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     except _user_errors() as err:
         if debug:
             raise
+        _mark_failed()
         if _is_rank0():
             print(f"tyche {name}: error: {_message(err)}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None

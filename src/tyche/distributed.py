@@ -14,8 +14,12 @@ prints (:func:`rank0_print`) or shows progress bars (:func:`progress`).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import os
+import sys
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,6 +37,7 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_distributed",
+    "mark_failed",
     "progress",
     "rank0_print",
     "shard_range",
@@ -94,18 +99,55 @@ def init_distributed() -> None:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend)
+    _watch_for_uncaught_errors()
     atexit.register(_destroy_process_group)
 
 
-def _destroy_process_group() -> None:
-    """Tear the group down before the interpreter exits.
+#: how long a normal exit waits for the other ranks before tearing the group down anyway
+EXIT_BARRIER_SECONDS = 60
 
-    A gloo group left alive at exit can abort the process from a C++ destructor
-    ("terminate called without an active exception", SIGABRT) after all work is done, which
-    ``torchrun`` reports as a failed run.
+# Set when an exception escapes to the top level: the ranks are then not in step, so the exit
+# must not wait for them at a barrier.
+_exiting_on_error = False
+
+
+def mark_failed() -> None:
+    """Say that this process is ending on an error it has handled itself (e.g. printed and
+    turned into an exit code): the exit then does not wait for the other ranks at a barrier.
+    Uncaught exceptions are noticed without it."""
+    global _exiting_on_error
+    _exiting_on_error = True
+
+
+def _watch_for_uncaught_errors() -> None:
+    previous = sys.excepthook
+
+    def hook(*args: Any) -> None:
+        mark_failed()
+        previous(*args)
+
+    sys.excepthook = hook
+
+
+def _destroy_process_group() -> None:
+    """Tear the group down, in step with the other ranks, before the interpreter exits.
+
+    A gloo group torn down while its peers are still working, or left for the interpreter's
+    finalisation, can abort the process from a C++ destructor ("terminate called without an
+    active exception", SIGABRT) after all work is done, which ``torchrun`` reports as a failed
+    run. So on a normal exit every rank first meets the others at a barrier (bounded by a
+    timeout, so a missing rank delays the exit instead of hanging it), frees what still refers
+    to the group, and then destroys it. After an error (uncaught, or declared with
+    :func:`mark_failed`) the barrier is skipped.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not _exiting_on_error and dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):  # a rank is gone: nothing to keep in step with
+            dist.monitored_barrier(timeout=timedelta(seconds=EXIT_BARRIER_SECONDS))
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:

@@ -9,11 +9,11 @@ import torch
 from tyche.basin.config import VolumeConfig
 from tyche.basin.core import estimate_basin
 from tyche.basin.loss import ModelLoss
-from tyche.basin.memory import parse_size
 from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
 from tyche.io import model_hash
+from tyche.memory import parse_size
 
 
 class VolumeEstimator:

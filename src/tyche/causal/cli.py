@@ -99,9 +99,9 @@ class CausalConfig(DataConfig):
     together and order them by marginal contribution"""
     fast: bool = True
     """evaluate lens targets (logit, tuned) by exact algebra instead of running the lens"""
-    cache_gb: float = 2.0
-    """GiB of clean lens readouts (tokens × vocabulary) kept between evaluations; the rest is
-    recomputed each time"""
+    cache_gb: float | None = None
+    """GiB of clean lens readouts and probabilities (tokens × vocabulary each) kept between
+    evaluations; the rest is recomputed each time (default: half the free memory)"""
     n_pca: int = 16
     """top principal directions whose energies are reported for comparison (0: none)"""
     out: str = "runs/causal"
@@ -159,8 +159,9 @@ def validate(cfg: CausalConfig) -> None:
     check_number(cfg.min_energy, "--min_energy", minimum=0)
     check_number(cfg.tol, "--tol", above=0)
     check_number(cfg.n_starts, "--n_starts", minimum=1, integer=True)
-    check_number(cfg.cache_gb, "--cache_gb", minimum=0)
-    if cfg.target == "model" and (not cfg.fast or cfg.cache_gb != 2.0):
+    if cfg.cache_gb is not None:
+        check_number(cfg.cache_gb, "--cache_gb", minimum=0)
+    if cfg.target == "model" and (not cfg.fast or cfg.cache_gb is not None):
         raise CommandError("--no-fast and --cache_gb apply to lens targets, not --target model")
     check_number(cfg.n_pca, "--n_pca", minimum=0, integer=True)
     if cfg.target == "tuned":

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from tyche.ablation import AblationMode
 from tyche.causal.activations import next_token_labels, read_site_activations, token_inputs
 from tyche.causal.objective import (
-    DEFAULT_CACHE_GB,
     SCREEN_POSITIONS,
     AblationObjective,
     Objective,
@@ -74,7 +73,7 @@ def extract_causal_basis(
     refine: Refine = "none",
     batch_size: int | None = None,
     fast: bool = True,
-    cache_gb: float = DEFAULT_CACHE_GB,
+    cache_gb: float | None = None,
     screen_positions: int = SCREEN_POSITIONS,
     generator: torch.Generator | None = None,
     site: str | None = None,
@@ -109,7 +108,8 @@ def extract_causal_basis(
         batch_size: rows of the leading dimension per forward pass (None: chunks of about
             1024 positions).
         fast: evaluate lens targets by exact algebra (see :class:`AblationObjective`).
-        cache_gb: GiB of clean lens readouts the fast path keeps (the rest is recomputed).
+        cache_gb: GiB of clean lens readouts and probabilities the fast path keeps (the rest
+            is recomputed); None: half the memory free on the hidden states' device.
         screen_positions: positions in the subsample used to screen and climb.
         generator: CPU generator for the random start (``n_init=0``) and the resampling
             derangement (held fixed for the whole extraction). Default: seeded with 0, so
@@ -223,7 +223,7 @@ def extract_causal_basis(
             "n_starts": n_starts,
             "refine": refine,
             "fast": obj.factored is not None,
-            "cache_gb": cache_gb,
+            "cache_gb": obj.cache_gb,
             "cached_fraction": 0.0 if obj.factored is None else obj.factored.cached_fraction,
             "screen_positions": obj.screen[1],
             "k_requested": k,

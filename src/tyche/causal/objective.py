@@ -26,6 +26,7 @@ from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
 from tyche.causal.lens_algebra import FactoredReadout, check_factors
 from tyche.distributed import all_reduce_sum, get_rank, get_world_size
 from tyche.divergence import masked_kl
+from tyche.memory import free_memory_share
 
 __all__ = ["AblationObjective", "Objective", "Target", "target_for_rows"]
 
@@ -36,9 +37,11 @@ IGNORE_INDEX = -100
 #: with ``batch_size=None``, chunks hold about this many positions (measured fastest on CPU:
 #: 512-1024 positions per chunk evaluate ~2x faster than 8192 at once)
 AUTO_CHUNK_POSITIONS = 1024
-#: default memory for the fast lens path's cached clean readouts: 2 GiB holds the (N, V)
-#: float32 readout of 8,192 positions of a 49,152-token vocabulary (1.5 GiB)
-DEFAULT_CACHE_GB = 2.0
+#: share of the memory free on the hidden states' device that the fast lens path may keep
+#: its clean readouts and probabilities (N, V) in, when ``cache_gb`` is None. Both held save
+#: an exponential and two passes over (N, V) per evaluation: measured 1.3x faster forward
+#: energies and 1.2x faster gradients at N = 8,192, V = 49,152 than holding the readouts only
+AUTO_CACHE_SHARE = 0.5
 #: default size of the screening subsample (positions): the energy of a candidate direction
 #: is a mean over positions, and 1,024 of them rank candidates whose energies differ by more
 #: than a few per cent (the spread of such means on 1/8 of the data)
@@ -91,8 +94,11 @@ class AblationObjective:
             evaluate by the exact algebra of ``tyche.causal.lens_algebra`` (no (N × d × V)
             product per evaluation) once the factors are checked to reproduce the target's
             logits; False: always run the target.
-        cache_gb: GiB of clean lens readouts (N × V) the fast path keeps between evaluations;
-            chunks beyond it recompute theirs (a forward product) on every evaluation.
+        cache_gb: GiB of clean lens readouts and probabilities (N × V each) the fast path keeps
+            between evaluations (readouts first); what does not fit is recomputed on every
+            evaluation. None: half the memory free on the hidden states' device
+            (``AUTO_CACHE_SHARE``, split among the ``torchrun`` processes sharing a host);
+            the value used is ``self.cache_gb``.
         screen_positions: about this many positions (whole chunks, spread over the data) make
             the subsample used by ``subsample=True`` evaluations (all positions if fewer).
     """
@@ -109,7 +115,7 @@ class AblationObjective:
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         fast: bool = True,
-        cache_gb: float = DEFAULT_CACHE_GB,
+        cache_gb: float | None = None,
         screen_positions: int = SCREEN_POSITIONS,
     ) -> None:
         if not isinstance(hiddens, Tensor) or not hiddens.is_floating_point():
@@ -125,9 +131,12 @@ class AblationObjective:
             raise ValueError(f"unknown objective {objective!r}; choose 'kl' or 'ce'")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
+        if cache_gb is None:
+            cache_gb = free_memory_share(hiddens.device, AUTO_CACHE_SHARE) / 2**30
         if not cache_gb >= 0:
             raise ValueError(f"cache_gb must be >= 0 (GiB of cached lens readouts), got {cache_gb}")
         self.target, self.mode, self.objective = target, mode, objective
+        self.cache_gb = float(cache_gb)
         self.hiddens = hiddens.detach()
         per_row = max(int(torch.Size(hiddens.shape[1:-1]).numel()), 1)
         self.batch_size = batch_size or max(AUTO_CHUNK_POSITIONS // per_row, 1)

@@ -19,27 +19,27 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tyche.basin.cli.flags import (
+    PLAY_DATA,
+    PROG,
+    SHAKESPEARE,
+    BasinCommand,
+    Plan,
+    validate,
+)
 from tyche.basin.resume import (
     CLI_WORDS,
     RUN_FILE,
     flag_identity,
     mismatch_message,
-    refuse_mixing,
 )
 from tyche.commandline import (
     CommandError,
-    check_number,
-    check_readable_text,
-    check_writable_folder,
     on_interrupt,
-    parse_choices,
     parse_config,
-    parse_numbers,
     resume_command,
-    split_list,
 )
 
 if TYPE_CHECKING:
@@ -47,270 +47,8 @@ if TYPE_CHECKING:
 
     from tyche.basin.report import Row
     from tyche.basin.result import VolumeResult
-    from tyche.basin.where import Subset
 
-PROG = "tyche basin"
-PRECONDITIONERS = ("none", "adam", "fisher")
-DEFAULT_PRECONDITIONERS = "none,adam"
-DEFAULT_CUTOFF = 1e-2
-LAMBDA_CUTOFFS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_VAL_SIZE = 8
-DEFAULT_MAX_SEQ_LEN = 64
-DIGITS = "zoo:digits-mlp"
-SHAKESPEARE = "zoo:shakespeare"
-PLAY_DATA = "--where play= needs the plays as data: --data zoo:shakespeare with a language model"
-
-
-@dataclass
-class BasinCommand:
-    """Estimate log P(basin) under a Gaussian prior (nats) for a model on some data.
-
-    The basin is the region around the trained parameters where the mean KL from the trained
-    model stays below the cutoff; P is its prior probability, estimated by Monte Carlo over
-    directions. Examples:
-
-      tyche basin                                    # the digits MLP, naive vs Adam
-      tyche basin --cutoffs 1e-5,1e-4,1e-3,1e-2,1e-1 # and log P against the cutoff
-      tyche basin --lambda                           # the learning coefficient λ
-      tyche basin --where 'all;label=each'           # one basin per digit class
-      tyche basin --model zoo:shakespeare-lm --data zoo:shakespeare --n_samples 16
-      tyche basin --resume                           # continue an interrupted run
-    """
-
-    model: str = DIGITS
-    """zoo:digits-mlp, zoo:shakespeare-lm, zoo:smollm2-135m, or a save_pretrained folder"""
-    data: str | None = None
-    """language models' evaluation text: zoo:shakespeare, zoo:stdlib-docs or a UTF-8 text
-    file (default: the model's own zoo data, else zoo:stdlib-docs); not for the digits MLP,
-    which is measured on its 1,024 training inputs"""
-    n_samples: int = 100
-    """Monte Carlo directions per preconditioner (and subset)"""
-    cutoff: float | None = None
-    """KL cutoff in nats (default 1e-2); with --cutoffs, the one whose histogram is drawn
-    (default: the largest of them)"""
-    cutoffs: str | None = None
-    """comma-separated cutoffs (nats) for a log P against cutoff curve, e.g. 1e-4,1e-3,1e-2;
-    each direction is searched once for all of them"""
-    lambda_: bool = False
-    """fit the learning coefficient λ, the slope of log P against ln(cutoff) at the three
-    smallest cutoffs (bootstrap interval over directions), print it and draw it on
-    cutoff_scan.png; without --cutoffs it scans 1e-5,1e-4,1e-3,1e-2,1e-1"""
-    where: str | None = None
-    """measure the basin of part of the data only, one basin per subset on the same
-    directions, subsets separated by ';': all, label=3 or label=3,5 or label=each (digit
-    classes), play=hamlet or play=each (lines of Shakespeare plays: the evaluation set is then
-    --val_size sequences of each named play), mask=FILE (one tensor of True/False in a
-    .safetensors or .npy file, over the evaluation examples (N,) or tokens (N, T)); e.g.
-    'all;label=each'"""
-    preconditioners: str | None = None
-    """comma-separated from none, adam, fisher (default none,adam; adam is then skipped with
-    a note when the model has no saved optimizer state)"""
-    eps: float = 1e-3
-    """adam and fisher: p = 1/(s^exponent + eps), s the second moment or Fisher diagonal"""
-    exponent: float = 0.5
-    """adam and fisher: the exponent of s in p = 1/(s^exponent + eps) (0.5 ≈ F^-1/2)"""
-    sigma: float | None = None
-    """prior standard deviation (default: the zoo model's L2-implied prior, else the RMS of
-    the measured parameters)"""
-    seed: int = 0
-    """seed of the directions (direction i comes from the seed and i alone)"""
-    batch_size: int | None = None
-    """directions searched together (default: as many as --max_memory holds, at most 16 and
-    at most 2^25 parameters' worth); results do not depend on it"""
-    max_memory: str | None = None
-    """memory the batch of directions may use, e.g. 4GiB or 512MiB (default: half the memory
-    free on the model's device when the run starts)"""
-    val_size: int | None = None
-    """language models: evaluation sequences (default 8; per play with --where play=)"""
-    max_seq_len: int | None = None
-    """language models: tokens per sequence (default 64)"""
-    exclude: str | None = None
-    """comma-separated globs of parameter names held fixed, e.g. 'transformer.wte.*,*ln*';
-    each must match a parameter"""
-    out: str = "runs/basin"
-    """folder for results (safetensors + JSON), summary.json and PNG plots"""
-    checkpoint: bool = True
-    """save finished directions after every batch under OUT/checkpoints"""
-    resume: bool = False
-    """continue the interrupted run saved under OUT/checkpoints (its settings must match)"""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The checked command: what to run, with every default filled in."""
-
-    kinds: tuple[str, ...]
-    kinds_given: bool
-    cutoffs: tuple[float, ...]
-    cutoff: float
-    exclude: tuple[str, ...]
-    out: Path
-    is_digits: bool
-    data: str | None
-    val_size: int
-    max_seq_len: int
-    subsets: tuple[Subset, ...] | None
-    max_memory: int | None
-    lam: bool
-
-
-# ----------------------------------------------------------------------------- checks
-def _check_model_spec(spec: str) -> bool:
-    """True for the digits MLP; raises for an unknown zoo name or a folder without a model."""
-    from tyche.zoo.catalogue import check_name
-
-    if spec.startswith("zoo:"):
-        return check_name(spec, kind="model") == "digits-mlp"
-    folder = Path(spec).expanduser()
-    if not folder.is_dir():
-        raise CommandError(
-            f"--model: no folder {spec!r}; give zoo:NAME or a save_pretrained folder"
-        )
-    if not (folder / "config.json").is_file():
-        raise CommandError(f"--model: {spec!r} has no config.json; is it a save_pretrained folder?")
-    return False
-
-
-def _check_data_spec(spec: str) -> None:
-    from tyche.zoo.catalogue import check_name
-
-    if spec.startswith("zoo:"):
-        name = check_name(spec, kind="data")
-        if name == "fashion-mnist":
-            raise CommandError("--data: zoo:fashion-mnist is image data, not text")
-        return
-    check_readable_text(spec, "--data")
-
-
-def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | None:
-    """Parse --where and check it against the model and data named (nothing loaded)."""
-    if cmd.where is None:
-        return None
-    from tyche.basin.where import check_values, parse_where
-
-    try:
-        subsets = parse_where(cmd.where)
-    except ValueError as err:
-        raise CommandError(str(err)) from None
-    keys = {s.key for s in subsets}
-    if "label" in keys:
-        if not is_digits:
-            raise CommandError(f"--where label= is for {DIGITS} (its classes); for a language "
-                               "model use play= or mask=")  # fmt: skip
-        try:
-            check_values(subsets, "label", [str(k) for k in range(10)], "digit class")
-        except ValueError as err:
-            raise CommandError(str(err)) from None
-    if "play" in keys:
-        # without --data the model's own data decides, checked once it is loaded
-        if is_digits or cmd.data not in (None, SHAKESPEARE):
-            raise CommandError(PLAY_DATA)
-        from tyche.zoo.text import play_titles
-
-        try:
-            check_values(subsets, "play", play_titles(), "play")
-        except ValueError as err:
-            raise CommandError(str(err)) from None
-    for s in subsets:
-        if s.key == "mask":
-            path = Path(s.values[0]).expanduser()
-            if not path.is_file():
-                raise CommandError(f"--where mask={s.values[0]}: no such file")
-            if path.suffix not in (".safetensors", ".npy"):
-                raise CommandError(f"--where mask={s.values[0]}: give a .safetensors or .npy "
-                                   "file holding one boolean tensor")  # fmt: skip
-    return tuple(subsets)
-
-
-def _check_cutoffs(cmd: BasinCommand) -> tuple[list[float], float]:
-    if cmd.cutoffs is not None:
-        cutoffs = sorted(parse_numbers(cmd.cutoffs, "--cutoffs"))
-        if cmd.lambda_ and len(cutoffs) < 2:
-            raise CommandError("--lambda needs at least two --cutoffs (three test straightness)")
-    elif cmd.lambda_:
-        cutoffs = list(LAMBDA_CUTOFFS)
-    else:
-        cutoff = cmd.cutoff if cmd.cutoff is not None else DEFAULT_CUTOFF
-        return [cutoff], cutoff
-    if cmd.cutoff is not None and cmd.cutoff not in cutoffs:
-        flag = "--cutoffs" if cmd.cutoffs is not None else "the --lambda scan"
-        raise CommandError(
-            f"--cutoff {cmd.cutoff:g} is not among {flag} "
-            f"{cmd.cutoffs or ','.join(f'{c:g}' for c in cutoffs)}; add it there or drop "
-            "--cutoff (the histogram is then drawn at the largest cutoff)"
-        )
-    return cutoffs, cmd.cutoff if cmd.cutoff is not None else cutoffs[-1]
-
-
-def validate(cmd: BasinCommand) -> Plan:
-    """Check every flag and combination without loading anything; the filled-in plan."""
-    check_number(cmd.n_samples, "--n_samples", minimum=1, integer=True)
-    check_number(cmd.batch_size, "--batch_size", minimum=1, integer=True)
-    check_number(cmd.seed, "--seed", minimum=0, integer=True)
-    check_number(cmd.eps, "--eps", minimum=0)
-    check_number(cmd.exponent, "--exponent", minimum=0)
-    check_number(cmd.sigma, "--sigma", above=0)
-    check_number(cmd.cutoff, "--cutoff", above=0)
-    check_number(cmd.val_size, "--val_size", minimum=1, integer=True)
-    check_number(cmd.max_seq_len, "--max_seq_len", minimum=2, integer=True)
-    max_memory = None
-    if cmd.max_memory is not None:
-        from tyche.basin.memory import parse_size
-
-        try:
-            max_memory = parse_size(cmd.max_memory)
-        except ValueError as err:
-            raise CommandError(f"--max_memory: {err}") from None
-    kinds_given = cmd.preconditioners is not None
-    kinds = parse_choices(cmd.preconditioners or DEFAULT_PRECONDITIONERS, "--preconditioners",
-                          PRECONDITIONERS)  # fmt: skip
-    cutoffs, cutoff = _check_cutoffs(cmd)
-    exclude = split_list(cmd.exclude)
-    if cmd.exclude is not None and not exclude:
-        raise CommandError("--exclude is empty; give globs of parameter names or drop the flag")
-    is_digits = _check_model_spec(cmd.model)
-    if is_digits:
-        for flag, value in (("--data", cmd.data), ("--val_size", cmd.val_size),
-                            ("--max_seq_len", cmd.max_seq_len)):  # fmt: skip
-            if value is not None:
-                raise CommandError(
-                    f"{flag} does not apply to {DIGITS}: it is measured on its 1,024 training "
-                    "inputs; drop the flag"
-                )
-    if cmd.data is not None:
-        _check_data_spec(cmd.data)
-    subsets = _check_where(cmd, is_digits)
-    if cmd.resume and not cmd.checkpoint:
-        raise CommandError("--resume needs the checkpoints: drop --no-checkpoint")
-    out = check_writable_folder(cmd.out, "--out")
-    checkpoints = out / "checkpoints"
-    saved = list(checkpoints.glob("*/samples-rank*.safetensors")) if checkpoints.is_dir() else []
-    if cmd.resume and not (checkpoints / RUN_FILE).is_file():
-        raise CommandError(f"--resume: no interrupted run under {checkpoints}; drop --resume")
-    if not cmd.resume and cmd.checkpoint and (saved or (checkpoints / RUN_FILE).is_file()):
-        raise CommandError(
-            f"{checkpoints} holds an interrupted run: add --resume to continue it, or choose "
-            "another --out (or delete that folder) to start afresh"
-        )
-    plan = Plan(
-        kinds=tuple(kinds),
-        kinds_given=kinds_given,
-        cutoffs=tuple(cutoffs),
-        cutoff=cutoff,
-        exclude=tuple(exclude),
-        out=out,
-        is_digits=is_digits,
-        data=cmd.data,
-        val_size=cmd.val_size or DEFAULT_VAL_SIZE,
-        max_seq_len=cmd.max_seq_len or DEFAULT_MAX_SEQ_LEN,
-        subsets=subsets,
-        max_memory=max_memory,
-        lam=cmd.lambda_,
-    )
-    if cmd.resume:
-        saved_run = json.loads((checkpoints / RUN_FILE).read_text())
-        refuse_mixing(saved_run["flags"], flag_identity(cmd, plan), checkpoints)
-    return plan
+__all__ = ["BasinCommand", "main", "run", "validate"]
 
 
 def _record_run(cmd: BasinCommand, plan: Plan, setup: Setup) -> None:

@@ -1,0 +1,282 @@
+"""``tyche interaction build | ablate | plot``: local interaction graphs from the command line.
+
+Examples::
+
+    tyche interaction build --model zoo:modadd --out runs/modadd-lib            # the paper's
+    tyche interaction build --model zoo:modadd --basis svd --out runs/modadd-pca
+    tyche interaction ablate --graph runs/modadd-lib --kind nodes --split test
+    tyche interaction ablate --graph runs/modadd-lib --kind edges --schedule bisect
+    tyche interaction plot --graph runs/modadd-lib --out runs/modadd-lib/graph.png
+    tyche interaction build --model zoo:shakespeare-lm --rotate_final --n_stochastic_sources 4
+    torchrun --nproc_per_node=2 -m tyche interaction build ...   # rows split over the ranks
+
+``build`` saves its stages under ``--out`` (``grams/``, ``bases/``, ``graph/``, each
+safetensors + JSON) and ``--resume`` continues from the last one saved (the settings must
+match); ``--stage`` stops early. ``ablate`` saves one curve per node layer or section and
+``curves.png``; ``plot`` draws the graph. Every flag is checked before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tyche.commandline import (
+    CommandError,
+    best_effort,
+    on_interrupt,
+    parse_config,
+    resume_command,
+    split_list,
+)
+from tyche.interaction.cli.flags import (
+    CLASS_MODELS,
+    PROG,
+    RULE_NAMES,
+    STAGE_FILES,
+    AblateConfig,
+    BuildConfig,
+    PlotConfig,
+    SourceConfig,
+    parse_integration,
+    validate_ablate,
+    validate_build,
+    validate_plot,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RULE_NAMES", "AblateConfig", "BuildConfig", "PlotConfig", "main", "run_build"]
+
+
+def _lm_rows(cfg: SourceConfig, tokenizer: Any, default_data: str | None) -> dict:
+    import torch
+
+    from tyche.data import chunk_and_tokenize
+    from tyche.zoo import resolve_texts
+
+    spec = cfg.data or default_data or "zoo:shakespeare"
+    tokens = chunk_and_tokenize(resolve_texts(spec), tokenizer, max_seq_len=cfg.seq_len)
+    n = tokens["input_ids"].shape[0]
+    if n < 2 * cfg.n_sequences:
+        raise CommandError(
+            f"--n_sequences {cfg.n_sequences}: {spec} gives {n} sequences of {cfg.seq_len} "
+            f"tokens, and the train and test draws need {2 * cfg.n_sequences}; ask for fewer"
+        )
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    half = pick[: cfg.n_sequences] if cfg.split == "train" else pick[-cfg.n_sequences :]
+    return {k: v[half.sort().values] for k, v in tokens.items()}
+
+
+def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor | None, list[str]]:
+    """``(model, inputs, labels or None, default node layers)`` for ``cfg``."""
+    name = cfg.model
+    if name == "zoo:modadd":
+        from tyche.zoo.modadd import NODE_LAYERS, load_modadd
+
+        model, data = load_modadd()
+        x, y = (data.x_train, data.y_train) if cfg.split == "train" else (data.x_test, data.y_test)
+        layers = list(NODE_LAYERS)
+    elif name == "zoo:digits-mlp":
+        from tyche.zoo import load_digits_mlp
+
+        mlp = load_digits_mlp()
+        model = mlp.model
+        x, y = (mlp.x_train, mlp.y_train) if cfg.split == "train" else (mlp.x_test, mlp.y_test)
+        layers = ["0:input", "2:input", "output"]
+    elif name == "zoo:fashion-mlp":
+        from tyche.zoo.fashion_mlp import NODE_LAYERS, fashion_tensors, load_fashion_mlp
+
+        model = load_fashion_mlp()
+        x_tr, y_tr, x_te, y_te = fashion_tensors()
+        x, y = (x_tr, y_tr) if cfg.split == "train" else (x_te, y_te)
+        layers = list(NODE_LAYERS)
+    else:
+        from tyche.sites import n_layers
+        from tyche.zoo import resolve_model
+
+        zoo = resolve_model(name)
+        if zoo.tokenizer is None:
+            raise CommandError(
+                f"--model {name} has no tokenizer: give a language model or one of "
+                f"{', '.join(CLASS_MODELS)}"
+            )
+        n = n_layers(zoo.model)
+        layers = [f"resid_pre.{i}" for i in range(max(0, n - 2), n)] + ["unembed"]
+        return zoo.model, _lm_rows(cfg, zoo.tokenizer, zoo.default_data), None, layers
+    if cfg.n_rows:
+        x, y = x[: cfg.n_rows], y[: cfg.n_rows]
+    return model, x, y, layers
+
+
+# ----------------------------------------------------------------------------- commands
+def run_build(cfg: BuildConfig, argv: list[str] | None = None):
+    """``tyche interaction build``; returns the graph (or the grams with ``--stage grams``)."""
+    validate_build(cfg)
+    from tyche.distributed import get_rank, init_distributed, rank0_print
+    from tyche.interaction.graph import build_grams, build_interaction_graph, check_settings
+    from tyche.interaction.report import graph_summary, summary_table
+    from tyche.interaction.result import InteractionGrams, InteractionGraph
+    from tyche.io import write_json
+
+    dtypes = _dtypes()
+    integration = parse_integration(cfg.integration)
+    edges = None if cfg.edges == "none" else cfg.edges
+    sources = cfg.n_stochastic_sources or None
+    hidden = cfg.n_stochastic_sources_hidden or None
+    try:
+        check_settings(cfg.basis, edges, cfg.center, integration, cfg.n_intervals,
+                       dtypes[cfg.dtype], dtypes[cfg.gram_dtype], cfg.split_over, sources,
+                       hidden)  # fmt: skip
+    except ValueError as err:
+        raise CommandError(f"{err} (see `{PROG} build --help`)") from None
+    init_distributed()
+    rank0_print("settings: " + json.dumps(asdict(cfg)))
+    model, inputs, _, default_layers = load_source(cfg)
+    layers = split_list(cfg.node_layers) or default_layers
+    out = Path(cfg.out)
+    grams = bases = None
+    if cfg.resume and (out / STAGE_FILES["bases"]).is_file() and cfg.stage == "edges":
+        bases = InteractionGraph.load(out / "bases")
+        rank0_print(f"resuming from the bases in {out / 'bases'}")
+    elif cfg.resume and (out / STAGE_FILES["grams"]).is_file():
+        grams = InteractionGrams.load(out / "grams")
+        rank0_print(f"resuming from the grams in {out / 'grams'}")
+    common = dict(dtype=dtypes[cfg.dtype], rotate_final=cfg.rotate_final,
+                  batch_size=cfg.batch_size or None, gram_dtype=dtypes[cfg.gram_dtype])  # fmt: skip
+    if argv is not None:
+        on_interrupt(f"finished stages are saved under {out}/; continue with: "
+                     f"{resume_command(f'{PROG} build', argv[1:])}")  # fmt: skip
+    start = time.perf_counter()
+    if grams is None and bases is None:
+        grams = build_grams(model, inputs, layers, **common)
+        if get_rank() == 0:
+            grams.save(out / "grams")
+    if cfg.stage == "grams":
+        on_interrupt(None)
+        rank0_print(f"saved the grams of {grams.node_layers} under {out / 'grams'}")
+        return grams
+    graph = build_interaction_graph(
+        model, inputs, layers, basis=cfg.basis, edges=None if cfg.stage == "bases" else edges,
+        integration=integration, n_intervals=cfg.n_intervals, center=cfg.center,
+        n_stochastic_sources=sources, n_stochastic_sources_hidden=hidden,
+        truncation_threshold=cfg.truncation_threshold, seed=cfg.seed, split=cfg.split_over,
+        grams=grams, bases=bases, **common,
+    )  # fmt: skip
+    on_interrupt(None)
+    seconds = time.perf_counter() - start
+    if get_rank() == 0:
+        if bases is None:
+            graph.without_edges().save(out / "bases")
+        if graph.has_edges:
+            graph.save(out / "graph")
+        summary = {"config": asdict(cfg), "seconds": seconds, **graph_summary(graph)}
+        best_effort(PROG, "write summary.json",
+                    lambda: write_json(out / "summary.json", summary), out)  # fmt: skip
+        if cfg.plot and graph.has_edges:
+            from tyche.interaction.plot import plot_graph
+
+            best_effort(PROG, "draw graph.png",
+                        lambda: print(f"figure: {plot_graph(graph, out / 'graph.png')}"),
+                        out)  # fmt: skip
+        best_effort(PROG, "print the table", lambda: print(summary_table(graph, seconds)), out)
+    return graph
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"float64": torch.float64, "float32": torch.float32}
+
+
+def run_ablate(cfg: AblateConfig) -> dict:
+    """``tyche interaction ablate``; returns ``{where: AblationCurve}``."""
+    folder = validate_ablate(cfg)
+    from tyche.distributed import get_rank, init_distributed, rank0_print
+    from tyche.interaction.ablate import ablate_edges, ablate_nodes
+    from tyche.interaction.result import InteractionGraph
+
+    graph = InteractionGraph.load(folder)
+    if cfg.kind == "edges" and not graph.has_edges:
+        raise CommandError(f"--kind edges: the graph in {folder} has no edges; build it with "
+                           "--edges squared")  # fmt: skip
+    unknown = [w for w in split_list(cfg.layers) if w not in graph.node_layers]
+    if unknown:
+        raise CommandError(f"--layers: {', '.join(unknown)} not in the graph's node layers "
+                           f"{', '.join(graph.node_layers)}")  # fmt: skip
+    init_distributed()
+    model, inputs, labels, _ = load_source(cfg)
+    kw = dict(schedule=cfg.schedule, cutoff=cfg.cutoff, base=cfg.base, tolerance=cfg.tolerance,
+              batch_size=cfg.batch_size or None, dtype=_dtypes()[cfg.dtype])  # fmt: skip
+    if cfg.kind == "nodes":
+        curves = ablate_nodes(model, graph, inputs, labels, layers=split_list(cfg.layers) or None,
+                              **kw)  # fmt: skip
+    else:
+        curves = ablate_edges(model, graph, inputs, labels, **kw)
+    out = Path(cfg.out) if cfg.out else folder.parent / f"ablate-{cfg.kind}"
+    if get_rank() == 0:
+        for i, curve in enumerate(curves.values()):
+            curve.save(out / f"{i}")
+        if cfg.plot:
+            from tyche.interaction.plot import plot_ablation_curves
+
+            label = graph.settings.get("basis", "graph")
+
+            def draw() -> None:
+                print(f"figure: {plot_ablation_curves({label: curves}, out / 'curves.png')}")
+
+            best_effort(PROG, "draw curves.png", draw, out)
+    for where, c in curves.items():
+        extra = f", fewest within {cfg.tolerance}: {c.n_required}" if c.n_required is not None \
+            else ""  # fmt: skip
+        rank0_print(f"{where}: baseline accuracy {c.baseline_accuracy:.4f}, loss "
+                    f"{c.baseline_loss:.4f}{extra}")  # fmt: skip
+        rank0_print("  kept:     " + " ".join(f"{n:>6}" for n in c.n_kept))
+        rank0_print("  accuracy: " + " ".join(f"{a:6.3f}" for a in c.accuracy))
+    return curves
+
+
+def run_plot(cfg: PlotConfig):
+    """``tyche interaction plot``; returns the PNG path."""
+    folder = validate_plot(cfg)
+    from tyche.interaction.plot import plot_graph
+    from tyche.interaction.result import InteractionGraph
+
+    graph = InteractionGraph.load(folder)
+    out = Path(cfg.out) if cfg.out else folder.parent / "graph.png"
+    path = plot_graph(graph, out, nodes_per_layer=cfg.nodes_per_layer,
+                      threshold=cfg.threshold, norm=cfg.norm, hide_constant=cfg.hide_constant,
+                      labels=cfg.labels)  # fmt: skip
+    print(f"figure: {path}")
+    return path
+
+
+SUBCOMMANDS = {"build": BuildConfig, "ablate": AblateConfig, "plot": PlotConfig}
+
+
+def main(argv: list[str]) -> None:
+    """``tyche interaction build|ablate|plot [--flags]``."""
+    argv = list(argv)
+    names = "|".join(SUBCOMMANDS)
+    if argv and argv[0] in ("-h", "--help"):
+        lines = [f"usage: {PROG} {{{','.join(SUBCOMMANDS)}}} ...", "", "commands:"]
+        for name, cls in SUBCOMMANDS.items():
+            lines.append(f"  {name:<7} {(cls.__doc__ or '').splitlines()[0]}")
+        lines += ["", f"Run `{PROG} <command> --help` for its flags."]
+        print("\n".join(lines))
+        return
+    if not argv or argv[0] not in SUBCOMMANDS:
+        got = repr(argv[0]) if argv else "none"
+        raise CommandError(f"{PROG} needs a command: {names} (got {got})")
+    prog = f"{PROG} {argv[0]}"
+    cfg = parse_config(SUBCOMMANDS[argv[0]], argv[1:], prog)
+    if isinstance(cfg, BuildConfig):
+        run_build(cfg, argv)
+    elif isinstance(cfg, AblateConfig):
+        run_ablate(cfg)
+    else:
+        run_plot(cfg)

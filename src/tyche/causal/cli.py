@@ -159,8 +159,7 @@ def validate(cfg: CausalConfig) -> None:
     check_number(cfg.min_energy, "--min_energy", minimum=0)
     check_number(cfg.tol, "--tol", above=0)
     check_number(cfg.n_starts, "--n_starts", minimum=1, integer=True)
-    if cfg.cache_gb is not None:
-        check_number(cfg.cache_gb, "--cache_gb", minimum=0)
+    check_number(cfg.cache_gb, "--cache_gb", minimum=0)  # None (the default) passes
     if cfg.target == "model" and (not cfg.fast or cfg.cache_gb is not None):
         raise CommandError("--no-fast and --cache_gb apply to lens targets, not --target model")
     check_number(cfg.n_pca, "--n_pca", minimum=0, integer=True)

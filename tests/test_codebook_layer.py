@@ -12,6 +12,7 @@ from tyche.codebook.layer import (
     CodebookLayer,
     CodeEdit,
     GroupedCodebookLayer,
+    _argmax_last,
     usage_stats,
 )
 
@@ -275,3 +276,63 @@ def _unedited(layer: GroupedCodebookLayer) -> GroupedCodebookLayer:
     clone = copy.deepcopy(layer)
     clone.edits = ()
     return clone
+
+
+def test_blockwise_argmax_is_argmax() -> None:
+    """The blockwise argmax of k = 1 layers against ``torch.argmax``: ties (first index
+    wins), NaN (counts as largest), maxima at block edges, and lengths it leaves to argmax."""
+    torch.manual_seed(0)
+    s = torch.randn(3, 50, 256)
+    s[0, 0] = 1.0  # all tied
+    s[0, 1, 31] = s[0, 1, 200] = 99.0  # tie across blocks
+    s[0, 2, 32] = s[0, 2, 33] = 99.0  # tie inside a block
+    s[1, 0, 255] = 99.0
+    s[1, 1, 7] = float("nan")
+    s[1, 2, 100] = float("inf")
+    assert torch.equal(_argmax_last(s), s.argmax(-1))
+    for n in (20, 32, 100):  # too short or not a multiple of the block: plain argmax
+        t = torch.randn(4, n)
+        assert torch.equal(_argmax_last(t), t.argmax(-1))
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_fast_paths_train_like_the_plain_formulas(gpt2_model, monkeypatch, similarity) -> None:
+    """A few training steps with the layer's fast paths (batched scores, blockwise argmax,
+    fused layer-norm affine, fused metric) give the losses and weights of the same steps with
+    the plain formulas (:meth:`similarities`, ``argmax``, layer norm then affine)."""
+    import copy
+
+    from tyche.codebook import layer as layer_module
+    from tyche.codebook.model import attach
+    from tyche.codebook.train import TrainConfig, row_sampler, train_codebooks
+
+    rows = torch.randint(3, 512, (16, 12), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=4, batch_size=4, log_every=1, warmup_steps=1, replace_dead_every=2)
+
+    def run() -> tuple[list[float], dict]:
+        model = copy.deepcopy(gpt2_model).double()
+        sites = ["attn_heads.*", "mlp_out.*"]
+        cb = attach(model, sites, num_codes=64, seed=0, similarity=similarity)
+        result = train_codebooks(cb, row_sampler(rows, 4), cfg, show_progress=False)
+        return [h["loss"] for h in result.history], cb.state_dict()
+
+    fast_losses, fast_state = run()
+    plain = GroupedCodebookLayer
+
+    def plain_scores(self, flat):
+        return self.similarities(flat).transpose(0, 1)  # (G, n, N)
+
+    def plain_normalise(self, grouped):
+        normed = torch.nn.functional.layer_norm(grouped, (self.dim,), eps=1e-5)
+        return normed * self.ln_weight + self.ln_bias
+
+    monkeypatch.setattr(plain, "_ranking_scores", plain_scores)
+    monkeypatch.setattr(plain, "_normalise", plain_normalise)
+    monkeypatch.setattr(layer_module, "_argmax_last", lambda s: s.argmax(-1))
+    plain_losses, plain_state = run()
+    # float64: the two computations differ only in rounding (~1e-16 per operation); a code
+    # chosen differently would change a loss by ~1e-2. 4 steps of AdamW amplify rounding by
+    # at most ~1/eps_adam = 1e8 in the worst case, so 1e-6 still separates the two cases
+    torch.testing.assert_close(fast_losses, plain_losses, rtol=1e-6, atol=1e-6)
+    for name, value in fast_state.items():
+        torch.testing.assert_close(value, plain_state[name], rtol=1e-6, atol=1e-6, msg=name)

@@ -96,6 +96,50 @@ def test_resume_gives_the_same_model(gpt2_model, tmp_path) -> None:
         )
 
 
+def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
+    """``stop_at`` checkpoints a run part-way; resumed, it ends as the run in one go. A copy
+    that never snaps continues from the same start as the baseline (no k-means, codebooks
+    untouched)."""
+    import shutil
+
+    rows = _rows()
+    cfg = TrainConfig(
+        steps=5, batch_size=4, log_every=1, warmup_steps=1, snap_after=2, kmeans_init=True
+    )
+
+    def fresh():
+        return attach(copy.deepcopy(gpt2_model), ["attn_heads.0", "mlp_out.1"], num_codes=8, seed=1)
+
+    straight = fresh()
+    train_codebooks(straight, row_sampler(rows, 4), cfg, show_progress=False)
+    shared = fresh()
+    part = train_codebooks(
+        shared, row_sampler(rows, 4), cfg, out=tmp_path / "a", stop_at=2, show_progress=False
+    )
+    assert [h["step"] for h in part.history] == [1, 2]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    branched = fresh()
+    train_codebooks(
+        branched, row_sampler(rows, 4), cfg, out=tmp_path / "a", resume=True, show_progress=False
+    )
+    for (name, a), b in zip(straight.state_dict().items(), branched.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    baseline = fresh()
+    codes_before = [p.clone() for p in baseline.codebook_parameters()]
+    baseline.set_snap(False)
+    train_codebooks(
+        baseline, row_sampler(rows, 4), cfg, out=tmp_path / "b", resume=True, show_progress=False
+    )
+    assert not any(layer.snap for layer in baseline.codebooks.values())
+    for before, after in zip(codes_before, baseline.codebook_parameters()):
+        assert torch.equal(before, after)  # never snapped: no k-means, no gradient
+    assert not torch.equal(baseline.base.lm_head.weight, straight.base.lm_head.weight)
+    with pytest.raises(ValueError, match="stop_at"):
+        train_codebooks(fresh(), row_sampler(rows, 4), cfg, stop_at=2, show_progress=False)
+    with pytest.raises(ValueError, match="stop_at"):
+        train_codebooks(fresh(), row_sampler(rows, 4), cfg, out=tmp_path / "c", stop_at=9)
+
+
 def test_bad_settings_raise(cb) -> None:
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
@@ -122,6 +166,16 @@ def test_schedule() -> None:
     assert cfg.lr_factor(10) == pytest.approx(1.0)
     assert cfg.lr_factor(60) == pytest.approx(0.55)
     assert cfg.lr_factor(110) == pytest.approx(0.1)
+    snapped = TrainConfig(steps=110, warmup_steps=10, snap_after=50, snap_lr_factor=0.5)
+    assert snapped.lr_factor(49) == pytest.approx(cfg.lr_factor(49))  # the schedule until then
+    assert snapped.lr_factor(50) == pytest.approx(0.05)  # a new warm-up from the snap
+    assert snapped.lr_factor(59) == pytest.approx(0.5)
+    assert snapped.lr_factor(85) == pytest.approx(0.5 * 0.55)  # then a cosine of 50 steps
+    assert snapped.lr_factor(110) == pytest.approx(0.05)
+    flat = TrainConfig(**{**snapped.__dict__, "schedule": "constant"})
+    assert flat.lr_factor(109) == pytest.approx(0.5) and flat.lr_factor(5) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="snap_lr_factor"):
+        TrainConfig(snap_lr_factor=0.0)
 
 
 @pytest.mark.distributed

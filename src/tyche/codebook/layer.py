@@ -110,10 +110,11 @@ class _SnapGradient(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         y, xhat = ctx.saved_tensors
         diff = y - xhat
-        grad_y = grad if ctx.task else torch.zeros_like(grad)
-        if ctx.recon:
-            grad_y = grad_y + ctx.recon * diff
-        grad_x = grad - ctx.commit * diff if ctx.commit else grad
+        if ctx.task:
+            grad_y = torch.add(grad, diff, alpha=ctx.recon) if ctx.recon else grad
+        else:
+            grad_y = diff * ctx.recon if ctx.recon else torch.zeros_like(grad)
+        grad_x = torch.sub(grad, diff, alpha=ctx.commit) if ctx.commit else grad
         return grad_y, grad_x, None, None, None
 
 
@@ -220,7 +221,12 @@ class GroupedCodebookLayer(nn.Module):
         )
 
     def _normalise(self, grouped: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(grouped, (self.dim,), eps=1e-5) * self.ln_weight + self.ln_bias
+        if self.n_groups == 1:  # one fused kernel with the affine
+            w, b = self.ln_weight[0], self.ln_bias[0]
+            return F.layer_norm(grouped, (self.dim,), w, b, eps=1e-5)
+        return torch.addcmul(
+            self.ln_bias, F.layer_norm(grouped, (self.dim,), eps=1e-5), self.ln_weight
+        )
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """The layer-normalised input x̂, shape ``(..., G, d)`` (autograd kept)."""
@@ -241,18 +247,14 @@ class GroupedCodebookLayer(nn.Module):
         """Scores ``(G, n, N)`` of ``flat`` ``(n, G, d)`` with the same ranking as
         :meth:`similarities` per token, computed with one batched matmul."""
         codes = self.codebook.detach().to(flat.dtype)
-        scores = flat.new_empty(self.n_groups, flat.shape[0], self.num_codes)
-        # one matmul per group into the output: on CPU several times faster than bmm over the
-        # strided (G, n, d) view
+        # a contiguous (G, n, d) copy: bmm on it is faster on CPU than a matmul per group on
+        # the strided (n, G, d) view (a vanilla layer's single group needs no copy)
+        grouped = flat.transpose(0, 1) if self.n_groups == 1 else flat.transpose(0, 1).contiguous()
         if self.similarity == "euclidean":  # −‖x−c‖² + ‖x‖² = 2⟨x,c⟩ − ‖c‖²
-            neg_sq = -(codes * codes).sum(-1, keepdim=True)  # (G, N, 1)
-            for g in range(self.n_groups):
-                torch.addmm(neg_sq[g].T, flat[:, g], codes[g].T, alpha=2.0, out=scores[g])
-            return scores
+            neg_sq = -(codes * codes).sum(-1).unsqueeze(1)  # (G, 1, N)
+            return torch.baddbmm(neg_sq, grouped, codes.transpose(1, 2), alpha=2.0)
         unit = codes / codes.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        for g in range(self.n_groups):
-            torch.mm(flat[:, g], unit[g].T, out=scores[g])
-        return scores
+        return torch.bmm(grouped, unit.transpose(1, 2))
 
     # ------------------------------------------------------------------ forward
     def _choose(self, flat: torch.Tensor, lead: torch.Size) -> torch.Tensor:
@@ -267,7 +269,7 @@ class GroupedCodebookLayer(nn.Module):
                 pos = _positions(e.positions, view.shape[2], scores.device)
                 view[groups, :, pos, e.code] = -torch.inf
         if self.k == 1:
-            ids = scores.argmax(-1, keepdim=True)
+            ids = _argmax_last(scores).unsqueeze(-1)
         else:
             ids = scores.topk(self.k, dim=-1).indices
         return ids.transpose(0, 1)  # (n, G, k)
@@ -330,12 +332,13 @@ class GroupedCodebookLayer(nn.Module):
                 flat = flat[(ids[..., : self.k] >= 0).reshape(-1)]
             counts = torch.bincount(flat, minlength=self.n_groups * self.num_codes)
             self.usage += counts.view(self.n_groups, self.num_codes)
-            err = (y.detach() - xhat.detach()).pow(2).sum(-1)  # (n, G)
-            self._mse_sum = self._mse_sum.to(err.device) + err.sum().double()
-            self._mse_count += err.numel()
+            err = F.mse_loss(y.detach(), xhat.detach(), reduction="sum")  # one kernel
+            self._mse_sum = self._mse_sum.to(err.device) + err.double()
+            self._mse_count += ids.shape[0] * self.n_groups
             if self.keep_recent:
                 stride = max(1, xhat.shape[0] // RECENT_INPUTS)  # deterministic subset
-                self.recent = xhat.detach()[::stride][:RECENT_INPUTS].clone()
+                # a view, not a copy: nothing writes into x̂ (autograd keeps it as it is)
+                self.recent = xhat.detach()[::stride][:RECENT_INPUTS]
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()
@@ -459,6 +462,22 @@ def usage_stats(usage: torch.Tensor) -> dict[str, float]:
     ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1)
     ent = torch.where(totals.squeeze(-1) > 0, ent, torch.full_like(ent, float("nan")))
     return {"dead_fraction": dead, "entropy": float(ent.mean())}
+
+
+def _argmax_last(scores: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``scores.argmax(-1)`` (the first index of the largest value; NaN counts as largest),
+    computed blockwise: the best block of ``block`` entries by ``amax``, then the best entry
+    in it. On CPU ``argmax`` over a long last axis is a scalar loop while ``amax`` is
+    vectorised, so this is several times faster; the result is identical (the first block
+    holding the maximum holds its first occurrence)."""
+    n = scores.shape[-1]
+    if n % block or n <= block:
+        return scores.argmax(-1)
+    blocks = scores.unflatten(-1, (n // block, block))  # (..., n/block, block)
+    best = blocks.amax(-1).argmax(-1, keepdim=True)  # (..., 1)
+    index = best.unsqueeze(-1).expand(*best.shape, block)  # (..., 1, block)
+    inner = torch.gather(blocks, -2, index).squeeze(-2).argmax(-1)
+    return best.squeeze(-1) * block + inner
 
 
 def _positions(positions: Sequence[int] | None, length: int, device: torch.device):

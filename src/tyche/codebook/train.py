@@ -73,6 +73,11 @@ class TrainConfig:
     #: steps at the start with the codebooks passing their inputs through (a warm start of
     #: the model); the codebooks snap from this step on (after k-means, with ``kmeans_init``)
     snap_after: int = 0
+    #: with ``snap_after``: the schedule restarts at the snap (a warm restart: a new linear
+    #: warm-up of ``warmup_steps`` to this multiple of the peak learning rates, then the
+    #: schedule over the remaining steps), instead of running on, which would leave the
+    #: snapped model little learning rate to adapt with (None: the schedule runs through)
+    snap_lr_factor: float | None = None
     kmeans_init: bool = False
     kmeans_tokens: int = 16384
     #: with ``kmeans_init``, fit each codebook's layer-norm affine so that codes output
@@ -101,16 +106,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        factor = self.snap_lr_factor
+        if factor is not None and not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"snap_lr_factor must be a positive number, got {factor}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak learning rates at ``step`` (linear warm-up, then schedule)."""
+        """Multiplier of the peak learning rates at ``step`` (linear warm-up, then schedule;
+        with ``snap_lr_factor``, the same again from the snap on, scaled by that factor)."""
+        if self.snap_lr_factor is not None and 0 < self.snap_after <= step:
+            after = step - self.snap_after
+            return self.snap_lr_factor * self._shape(after, self.steps - self.snap_after)
+        return self._shape(step, self.steps)
+
+    def _shape(self, step: int, steps: int) -> float:
+        """Warm-up then schedule, for ``step`` of a run of ``steps`` steps."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return 1.0
-        frac = min((step - self.warmup_steps) / max(1, self.steps - self.warmup_steps), 1.0)
+        frac = min((step - self.warmup_steps) / max(1, steps - self.warmup_steps), 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
@@ -228,7 +244,9 @@ def _load_checkpoint(
     if not (folder / "trainer_state.json").is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume")
     state = json.loads((folder / "trainer_state.json").read_text())
-    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    # a setting added since the checkpoint was written counts with its default
+    defaults = _settings(TrainConfig())
+    saved = {**defaults, **{k: v for k, v in state["config"].items() if k not in RESUMABLE}}
     if saved != _settings(cfg):
         diff = {k: (saved.get(k), v) for k, v in _settings(cfg).items() if saved.get(k) != v}
         raise ValueError(
@@ -297,12 +315,17 @@ def train_codebooks(
     eval_fn: Callable[[CodebookModel], dict[str, float]] | None = None,
     show_progress: bool = True,
     desc: str = "codebooks",
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Train ``model`` (codebooks, and the base unless ``freeze_base``) on ``batches``.
 
     With ``out`` a checkpoint goes to ``out/checkpoint`` every ``checkpoint_every`` steps
     and at the end (rank 0 writes). ``eval_fn(model)`` runs at the end (in eval mode) and its
-    numbers are stored in the result. Returns a :class:`TrainResult`.
+    numbers are stored in the result. ``stop_at`` ends the run after that many steps (of
+    ``cfg.steps``, the schedule unchanged) with a checkpoint in ``out``: a run resumed from
+    it continues exactly, so several runs can branch from one shared start (e.g. a model
+    and its codebook version, which is the same model until ``snap_after``). Returns a
+    :class:`TrainResult`.
     """
     if not isinstance(model, CodebookModel):
         raise TypeError("train_codebooks needs a CodebookModel (use tyche.codebook.model)")
@@ -312,6 +335,11 @@ def train_codebooks(
     out_path = Path(out) if out is not None else None
     if resume and out_path is None:
         raise ValueError("resume=True needs the output folder of the run (out=...)")
+    end = cfg.steps if stop_at is None else stop_at
+    if not 0 < end <= cfg.steps:
+        raise ValueError(f"stop_at must be in [1, steps={cfg.steps}], got {stop_at}")
+    if stop_at is not None and out_path is None:
+        raise ValueError("stop_at needs an output folder (out=...) for its checkpoint")
     opt = _optimizer(model, cfg)
     peaks = [group["lr"] for group in opt.param_groups]
     start, history = 0, []
@@ -332,7 +360,7 @@ def train_codebooks(
     losses: list[torch.Tensor] = []
     began = time.perf_counter()
     bar = progress(
-        range(start, cfg.steps),
+        range(start, end),
         total=cfg.steps,
         initial=start,
         desc=desc,
@@ -341,7 +369,7 @@ def train_codebooks(
     )
     for step in bar:
         if step == cfg.snap_after:
-            if cfg.kmeans_init and model.sites:
+            if cfg.kmeans_init and any(snapping.values()):
                 model.kmeans_init(
                     (batches(-1 - i) for i in range(10_000)),
                     max_tokens=cfg.kmeans_tokens,
@@ -377,13 +405,13 @@ def train_codebooks(
             losses = []
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", dead=f"{row['dead_fraction']:.2f}")
-        if replacing and done % cfg.replace_dead_every == 0 and done < cfg.steps:
+        if replacing and done % cfg.replace_dead_every == 0 and done < end:
             _replace_dead(model, opt, cfg, step)
             before = {s: layer.usage.clone() for s, layer in model.layers().items()}
         if (
             out_path is not None
             and get_rank() == 0
-            and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps)
+            and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end)
         ):
             _save_checkpoint(model, opt, done, cfg, history, out_path)
     bar.close()
@@ -399,7 +427,7 @@ def train_codebooks(
         config=asdict(cfg),
         history=history,
         seconds=seconds,
-        steps_per_second=(cfg.steps - start) / seconds if seconds > 0 else float("nan"),
+        steps_per_second=(end - start) / seconds if seconds > 0 else float("nan"),
         world_size=world,
         n_params_model=sum(p.numel() for p in model.model_parameters()),
         n_params_codebooks=n_code,

@@ -2,28 +2,36 @@
 
 Recipe (seeded, CPU, float32): the FSM of the paper's size (100 states, 10 successors each,
 two digit tokens per state, seed 0); a GPT-NeoX of the paper's layout (4 layers, width 128,
-4 heads, MLP 512, vocabulary 11) with k = 1 codebooks of 256 codes on every attention head
-and every MLP output, trained from scratch on fresh random walks (16 × 64 tokens a step,
-AdamW, peak learning rate 1.5e-3, cosine; per token of compute this learns several times
-faster than 32 × 64 at 1e-2); and the same model without codebooks trained on
-the same batches for the same number of steps. The codebook model starts with its codebooks
-passing their inputs through (a warm start: from random weights every k = 1 codebook
-collapses to a few codes and the model stays at the unigram loss), so until ``snap_after``
-it is the baseline; there its codebooks are initialised by k-means, site by site in forward
-order, on the activations they will see (their layer norms fitted so that codes output at
-the inputs' scale, which keeps the snapped model close to the unsnapped one), and snap from
-then on, with unused codes moved to recent inputs every ``replace_dead_every`` steps. The
-folder holds the codebook model (``CodebookModel.save_pretrained``: the base model loads in
-``transformers`` alone), ``fsm.json`` (successor table, digit encoding, special tokens),
-``baseline/`` and ``zoo.json`` with both models' metrics: first-transition accuracy over
-all states, sampled transition accuracy, held-out loss, code purity, state forcing and the
-timing, and the recipe (:meth:`TokFSMConfig.recipe`), whose hash names the cache folder.
+4 heads, MLP 512, vocabulary 11), with sequential residual blocks (each MLP reads its
+block's attention output: with NeoX's default parallel blocks the first MLP sees only the
+current token, and its codes can only name digits), with k = 1 codebooks of 256 codes on
+every attention head and every MLP output, trained from scratch on fresh random walks
+(16 × 64 tokens a step, AdamW, peak learning rate 1.5e-3, cosine; per token of compute
+this learns several times faster than 32 × 64 at 1e-2); and the same model without
+codebooks trained on the same batches for the same number of steps.
+
+Until ``snap_after`` the codebook model's codebooks pass their inputs through (a warm
+start: from random weights every k = 1 codebook collapses to a few codes and the model stays
+at the unigram loss), so it *is* the baseline: those steps are trained once and both models
+branch from them. At the snap the codebooks are initialised by k-means, site by site in
+forward order, on the activations they will see (their layer norms fitted so that codes
+output at the inputs' scale, which keeps the snapped model close to the unsnapped one), and
+snap from then on, with unused codes moved to recent inputs every ``replace_dead_every``
+steps; the learning-rate schedule restarts there (``snap_lr_factor`` × the peak, cosine
+over the remaining steps) for both models. The folder holds the codebook model
+(``CodebookModel.save_pretrained``: the base model loads in ``transformers`` alone),
+``fsm.json`` (successor table, digit encoding, special tokens), ``baseline/`` and
+``zoo.json`` with both models' metrics: first-transition accuracy over all states, sampled
+transition accuracy, held-out loss, code purity, state forcing and the timing (wall and CPU
+seconds of the shared steps and of each branch), and the recipe
+(:meth:`TokFSMConfig.recipe`), whose hash names the cache folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,16 +71,24 @@ class TokFSMConfig:
     n_heads: int = 4
     mlp: int = 512
     rotary_pct: float = 1.0
+    #: GPT-NeoX's parallel attention and MLP; with False each MLP reads its block's
+    #: attention output, so the first MLP can already see a whole state
+    parallel_residual: bool = False
     seq_len: int = 64
     batch_size: int = 16
-    steps: int = 2400
+    steps: int = 4400
     lr: float = 1.5e-3
+    #: learning rate of the codes (None: ``lr``)
+    code_lr: float | None = None
     warmup_steps: int = 50
     num_codes: int = 256
     k: int = 1
     #: steps before the codebooks snap (then k-means initialised); the baseline trains on
     #: the same batches for the same total number of steps
     snap_after: int = 1600
+    #: from the snap on, both models train at this multiple of the peak learning rates
+    #: (constant, after a new warm-up; None: the cosine runs on)
+    snap_lr_factor: float | None = 0.7
     replace_dead_every: int = 100
     sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")
     eval_samples: int = 100
@@ -110,6 +126,7 @@ def build_base(cfg: TokFSMConfig, fsm: FSM) -> torch.nn.Module:
         intermediate_size=cfg.mlp,
         max_position_embeddings=2 * cfg.seq_len,
         rotary_pct=cfg.rotary_pct,
+        use_parallel_residual=cfg.parallel_residual,
         bos_token_id=fsm.bos_id,
         eos_token_id=fsm.bos_id,
         pad_token_id=fsm.bos_id,
@@ -133,7 +150,9 @@ def _train_config(cfg: TokFSMConfig) -> TrainConfig:
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        code_lr=cfg.code_lr,
         warmup_steps=cfg.warmup_steps,
+        snap_lr_factor=cfg.snap_lr_factor,
         seed=cfg.seed,
         snap_after=cfg.snap_after,
         kmeans_init=True,
@@ -143,29 +162,71 @@ def _train_config(cfg: TokFSMConfig) -> TrainConfig:
     )
 
 
-def train_one(name: str, cfg: TokFSMConfig, folder: Path, progress: bool = True) -> dict:
-    """Train, evaluate and save one of the two models (``"codebooks"`` or ``"baseline"``)
-    into ``folder``; returns its metrics. Both see the same batches."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed)
-    held = fsm.batch(cfg.eval_sequences, cfg.seq_len, torch.Generator().manual_seed(2**31 - 1))
-
+def _batch_fn(cfg: TokFSMConfig, fsm: FSM):
     def batches(step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         return fsm.batch(cfg.batch_size, cfg.seq_len, g)
 
-    base = build_base(cfg, fsm)
-    if name == "codebooks":
-        model = attach(base, list(cfg.sites), cfg.num_codes, cfg.k, seed=cfg.seed)
-    else:
-        model = CodebookModel(base)
-        model._rehook()
+    return batches
+
+
+def _fresh_model(cfg: TokFSMConfig, fsm: FSM) -> CodebookModel:
+    """The codebook model as initialised (the baseline is this model never snapping)."""
+    model = attach(build_base(cfg, fsm), list(cfg.sites), cfg.num_codes, cfg.k, seed=cfg.seed)
     model.tokenizer = fsm.tokenizer()
-    result = train_codebooks(model, batches, _train_config(cfg), show_progress=progress, desc=name)
+    return model
+
+
+def train_prefix(cfg: TokFSMConfig, work: Path, progress: bool = True) -> dict:
+    """Train the steps both models share (until ``snap_after`` the codebook model passes its
+    inputs through: it *is* the baseline) and checkpoint them into ``work``; returns the
+    wall and CPU seconds."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed)
+    model = _fresh_model(cfg, fsm)
+    wall, cpu = time.perf_counter(), time.process_time()
+    train_codebooks(
+        model,
+        _batch_fn(cfg, fsm),
+        _train_config(cfg),
+        out=work,
+        stop_at=cfg.snap_after,
+        show_progress=progress,
+        desc="shared steps",
+    )
+    return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+
+def train_one(
+    name: str, cfg: TokFSMConfig, folder: Path, work: Path | None = None, progress: bool = True
+) -> dict:
+    """Train, evaluate and save one of the two models (``"codebooks"`` or ``"baseline"``)
+    into ``folder``, continuing from the shared steps checkpointed in ``work`` (None: from
+    the start); returns its metrics. Both see the same batches."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed)
+    held = fsm.batch(cfg.eval_sequences, cfg.seq_len, torch.Generator().manual_seed(2**31 - 1))
+    model = _fresh_model(cfg, fsm)
+    if name == "baseline":
+        model.set_snap(False)  # its codebooks pass their inputs through for good
+    cpu = time.process_time()
+    result = train_codebooks(
+        model,
+        _batch_fn(cfg, fsm),
+        _train_config(cfg),
+        out=work,
+        resume=work is not None,
+        show_progress=progress,
+        desc=name,
+    )
+    cpu = time.process_time() - cpu
     report = _evaluate(model, fsm, cfg, held)
     report.update(
         train_seconds=result.seconds,
+        train_cpu_seconds=cpu,
+        trained_steps=cfg.steps - (cfg.snap_after if work is not None else 0),
         steps_per_second=result.steps_per_second,
         history=result.history,
         torch_threads=torch.get_num_threads(),
@@ -186,27 +247,39 @@ def train_one(name: str, cfg: TokFSMConfig, folder: Path, progress: bool = True)
 def train_tokfsm(
     out_dir: Path, config: TokFSMConfig | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Train the codebook model and the baseline (in two processes when ``cfg.parallel``);
-    save both atomically; return the metrics."""
+    """Train the shared steps once, then the codebook model and the baseline from there (in
+    two processes when ``cfg.parallel``); save both atomically; return the metrics."""
     cfg = config or TokFSMConfig()
     metrics: dict[str, Any] = {"config": asdict(cfg)}
     start = time.perf_counter()
     with atomic_folder(Path(out_dir)) as tmp:
         folders = {"codebooks": tmp, "baseline": tmp / "baseline"}
-        if cfg.parallel:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        scratch = tmp / ".training"
+        works: dict[str, Path | None] = {name: None for name in folders}
+        threads = torch.get_num_threads()
+        try:
+            if cfg.snap_after > 0:
+                metrics["shared"] = train_prefix(cfg, scratch / "shared", progress)
+                metrics["shared"]["steps"] = cfg.snap_after
+                for name in folders:
+                    works[name] = scratch / name
+                    shutil.copytree(scratch / "shared", scratch / name)
+            if cfg.parallel:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
 
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(2, mp_context=context) as pool:
-                jobs = {n: pool.submit(train_one, n, cfg, f, progress) for n, f in folders.items()}
-                reports = {n: job.result() for n, job in jobs.items()}
-        else:
-            threads = torch.get_num_threads()
-            try:
-                reports = {n: train_one(n, cfg, f, progress) for n, f in folders.items()}
-            finally:
-                torch.set_num_threads(threads)
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(2, mp_context=context) as pool:
+                    jobs = {
+                        n: pool.submit(train_one, n, cfg, f, works[n], progress)
+                        for n, f in folders.items()
+                    }
+                    reports = {n: job.result() for n, job in jobs.items()}
+            else:
+                reports = {n: train_one(n, cfg, f, works[n], progress) for n, f in folders.items()}
+        finally:
+            torch.set_num_threads(threads)
+            shutil.rmtree(scratch, ignore_errors=True)
         metrics.update(reports)
         metrics["loss_floor"] = FSM.random(cfg.n_states, cfg.n_edges, seed=cfg.seed).loss_floor
         metrics["transition_ratio"] = metrics["codebooks"]["transition_accuracy"] / max(
@@ -214,6 +287,10 @@ def train_tokfsm(
         )
         metrics["step_time_ratio"] = (
             metrics["baseline"]["steps_per_second"] / metrics["codebooks"]["steps_per_second"]
+        )
+        shared = metrics.get("shared", {"seconds": 0.0, "cpu_seconds": 0.0})
+        metrics["train_cpu_seconds_both"] = shared["cpu_seconds"] + sum(
+            reports[n]["train_cpu_seconds"] for n in reports
         )
         metrics["wall_seconds"] = time.perf_counter() - start
         write_json(tmp / METRICS_FILE, metrics)

@@ -100,8 +100,6 @@ def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
     """``stop_at`` checkpoints a run part-way; resumed, it ends as the run in one go. A copy
     that never snaps continues from the same start as the baseline (no k-means, codebooks
     untouched)."""
-    import shutil
-
     rows = _rows()
     cfg = TrainConfig(
         steps=5, batch_size=4, log_every=1, warmup_steps=1, snap_after=2, kmeans_init=True
@@ -110,20 +108,28 @@ def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
     def fresh():
         return attach(copy.deepcopy(gpt2_model), ["attn_heads.0", "mlp_out.1"], num_codes=8, seed=1)
 
+    # stopped right after a dead-code replacement of snapped codebooks (step 3), then resumed
+    snapped = TrainConfig(**{**cfg.__dict__, "snap_after": 1, "replace_dead_every": 3})
     straight = fresh()
-    train_codebooks(straight, row_sampler(rows, 4), cfg, show_progress=False)
-    shared = fresh()
+    train_codebooks(straight, row_sampler(rows, 4), snapped, show_progress=False)
     part = train_codebooks(
-        shared, row_sampler(rows, 4), cfg, out=tmp_path / "a", stop_at=2, show_progress=False
+        fresh(), row_sampler(rows, 4), snapped, out=tmp_path / "s", stop_at=3, show_progress=False
     )
-    assert [h["step"] for h in part.history] == [1, 2]
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert [h["step"] for h in part.history] == [1, 2, 3]
     branched = fresh()
     train_codebooks(
-        branched, row_sampler(rows, 4), cfg, out=tmp_path / "a", resume=True, show_progress=False
+        branched,
+        row_sampler(rows, 4),
+        snapped,
+        out=tmp_path / "s",
+        resume=True,
+        show_progress=False,
     )
     for (name, a), b in zip(straight.state_dict().items(), branched.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    train_codebooks(
+        fresh(), row_sampler(rows, 4), cfg, out=tmp_path / "b", stop_at=2, show_progress=False
+    )
     baseline = fresh()
     codes_before = [p.clone() for p in baseline.codebook_parameters()]
     baseline.set_snap(False)
@@ -133,7 +139,7 @@ def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
     assert not any(layer.snap for layer in baseline.codebooks.values())
     for before, after in zip(codes_before, baseline.codebook_parameters()):
         assert torch.equal(before, after)  # never snapped: no k-means, no gradient
-    assert not torch.equal(baseline.base.lm_head.weight, straight.base.lm_head.weight)
+    assert not torch.equal(baseline.base.lm_head.weight, fresh().base.lm_head.weight)
     with pytest.raises(ValueError, match="stop_at"):
         train_codebooks(fresh(), row_sampler(rows, 4), cfg, stop_at=2, show_progress=False)
     with pytest.raises(ValueError, match="stop_at"):

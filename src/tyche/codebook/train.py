@@ -405,7 +405,7 @@ def train_codebooks(
             losses = []
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", dead=f"{row['dead_fraction']:.2f}")
-        if replacing and done % cfg.replace_dead_every == 0 and done < end:
+        if replacing and done % cfg.replace_dead_every == 0 and done < cfg.steps:
             _replace_dead(model, opt, cfg, step)
             before = {s: layer.usage.clone() for s, layer in model.layers().items()}
         if (

@@ -170,6 +170,33 @@ def test_inputs_may_be_an_iterable_of_batches() -> None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13 * a.abs().max())
 
 
+@pytest.mark.parametrize("sources", [None, 2])
+def test_blocks_of_rows_give_the_same_graph(monkeypatch, gpt2_model, token_batch, sources) -> None:
+    """A batch too wide for the chunk budget is swept in blocks of rows (offsets and masks
+    follow each block, so stochastic sources draw the same signs)."""
+    import tyche.interaction.jacobian as jacobian
+
+    layers = ["resid_pre.1", "unembed"]
+    kw = dict(rotate_final=True, n_stochastic_sources=sources, progress=False)
+    whole = build_interaction_graph(gpt2_model, token_batch, layers, **kw)
+    rows_seen: list[int] = []
+    forward = jacobian.section_outputs
+
+    def spy(runner, batch, *args, **kwargs):  # noqa: ANN001, ANN202
+        rows_seen.append(batch.n)
+        return forward(runner, batch, *args, **kwargs)
+
+    monkeypatch.setattr(jacobian, "section_outputs", spy)
+    monkeypatch.setattr(jacobian, "CPU_BUDGET", 2**14)  # one row per block at this width
+    blocks = build_interaction_graph(gpt2_model, token_batch, layers, **kw)
+    assert rows_seen and max(rows_seen) == 1  # the basis and the edge sweeps, row by row
+    for a, b in zip(whole.bases[:-1], blocks.bases[:-1]):
+        # the same sums in another order: float64 rounding of sums over 64 positions
+        torch.testing.assert_close(a.Lambda, b.Lambda, rtol=1e-9, atol=1e-13 * a.Lambda.max())
+    for a, b in zip(whole.edges, blocks.edges):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13 * a.abs().max())
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -36,7 +36,7 @@ from tyche.interaction.jacobian import (
     functional_cotangents,
     integrated_vjp,
     position_weights,
-    section_outputs,
+    section_blocks,
     source_cotangents,
 )
 from tyche.interaction.moments import GradientCache
@@ -53,9 +53,13 @@ def edges_from_cache(
     """Squared edges from the integrated gradients kept by a ``jacobian`` basis pass."""
     C, C_pinv = basis_in.C, basis_in.C_pinv
     E = torch.zeros(cache.n_out, C.shape[1], dtype=torch.float64, device=C.device)
+    f_hats: dict[int, Tensor] = {}  # the input features of each block of rows, computed once
     for features, J, h in cache.entries:
-        a = (J.matmul(C_pinv.T) * (h @ C)).sum(2)  # (m, B, k)
-        E.index_add_(0, features, (a * a).sum(1))
+        f_hat = f_hats.get(id(h))
+        if f_hat is None:
+            f_hat = f_hats[id(h)] = h @ C
+        a = J.attributions(C_pinv, f_hat)  # (m, B, k)
+        E.index_add_(0, features, a.square_().sum(1))
     return all_reduce_sum(E) * (cache.scale / n_positions)
 
 
@@ -80,26 +84,25 @@ def section_edges(
     scale = 1.0
     bar = progress(batches, desc=f"edges {basis_in.node_layer}", disable=not show_progress,
                    leave=False)  # fmt: skip
-    for batch in bar:
-        fwd = section_outputs(runner, batch, plan.index, plan.rule,
-                              need_full=formula == "functional")  # fmt: skip
-        w_in = position_weights(batch, fwd.h)
-        w_out = position_weights(batch, fwd.full).unsqueeze(-1)
-        f_hat = (fwd.h.double() @ C) * w_in.unsqueeze(-1)
-        n_pos += w_in.sum()
-        if formula == "squared":
-            cot = plan.cotangents(fwd.full, hidden=False)
-            scale = cot.scale
-            make = source_cotangents(cot, batch, w_out)
-            for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(len(cot)), make,
-                                          plan.chunk(fwd)):  # fmt: skip
-                attr = (J.double().matmul(C_pinv.T) * f_hat).sum(2)  # (m, B, k_in)
-                E.index_add_(0, cot.feature_of(a, b).to(E.device), (attr * attr).sum(1))
-        else:
-            make = functional_cotangents(plan, fwd.full, w_out)
-            for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(n_out), make,
-                                          plan.chunk(fwd)):  # fmt: skip
-                E[a:b] += (J.double().matmul(C_pinv.T) * f_hat).sum((1, 2))
+    for whole in bar:
+        for batch, fwd in section_blocks(runner, whole, plan, need_full=formula == "functional"):
+            w_in = position_weights(batch, fwd.h)
+            w_out = position_weights(batch, fwd.full).unsqueeze(-1)
+            f_hat = (fwd.h.double() @ C) * w_in.unsqueeze(-1)
+            n_pos += w_in.sum()
+            if formula == "squared":
+                cot = plan.cotangents(fwd.full, hidden=False)
+                scale = cot.scale
+                make = source_cotangents(cot, batch, w_out)
+                for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(len(cot)), make,
+                                              plan.chunk(fwd)):  # fmt: skip
+                    attr = J.double().attributions(C_pinv, f_hat)  # (m, B, k_in)
+                    E.index_add_(0, cot.feature_of(a, b).to(E.device), attr.square_().sum(1))
+            else:
+                make = functional_cotangents(plan, fwd.full, w_out)
+                for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(n_out), make,
+                                              plan.chunk(fwd)):  # fmt: skip
+                    E[a:b] += (J.double().matmul(C_pinv.T) * f_hat).sum((1, 2))
     E = all_reduce_sum(E)
     if not plan.split_outputs:
         n_pos = all_reduce_sum(n_pos)

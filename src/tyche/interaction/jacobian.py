@@ -39,6 +39,7 @@ __all__ = [
     "integrated_vjp",
     "position_weights",
     "rademacher",
+    "section_blocks",
     "section_outputs",
 ]
 
@@ -183,19 +184,30 @@ def section_outputs(
     return SectionOutputs(h, vjps, ys, full)
 
 
+def section_blocks(
+    runner: ModelRunner, batch: Batch, plan: SectionPlan, *, need_full: bool, split: bool = True
+) -> Iterator[tuple[Batch, SectionOutputs]]:
+    """Forward passes of section ``plan.index`` over ``batch``, in blocks of rows small enough
+    that each batched backward carries at least :data:`MIN_CHUNK` cotangents (one block when
+    the whole batch allows that, or when not ``split``: for one cotangent per point)."""
+    rows = plan.rows_per_block(runner, batch) if split and batch.n > 1 else batch.n
+    for start in range(0, batch.n, rows):
+        block = batch if rows >= batch.n else batch.slice(start, min(start + rows, batch.n))
+        yield block, section_outputs(runner, block, plan.index, plan.rule, need_full=need_full)
+
+
 MakeCotangents = Callable[[int, int, int, Tensor], Tensor]
 
 
 def symmetric_product(a: Tensor) -> Tensor:
-    """``a^T a`` for ``a`` ``(n, k)``; on the CPU in float64 by BLAS ``dsyrk`` (half the work
-    of a general product: only one triangle is computed)."""
-    if a.device.type != "cpu" or a.dtype != torch.float64 or a.shape[0] < 4 * a.shape[1]:
-        return a.T @ a
-    from scipy.linalg.blas import dsyrk
+    """``a^T a`` for ``a`` ``(n, k)``, exactly symmetric.
 
-    a = a.contiguous()
-    upper = torch.from_numpy(dsyrk(1.0, a.numpy().T, trans=0))  # a.T is Fortran-ordered
-    return upper.triu() + upper.triu(1).T
+    One torch matmul, on torch's own threads. A BLAS ``syrk`` from another library would do
+    half the flops but run its own thread pool, which contends with torch's: on 2 cores with
+    one busy, the Grams of the ``zoo:modadd`` build took 12-33 s that way instead of 0.5-3 s.
+    """
+    out = a.T @ a
+    return (out + out.T) * 0.5
 
 
 @dataclass
@@ -218,7 +230,7 @@ class Gradients:
 
     def matmul(self, matrix: Tensor) -> Tensor:
         """``[g_f, g_c] @ matrix`` for ``matrix`` ``(d + 1, k)``: ``(m, B, P, k)``."""
-        return torch.addcmul(self.f @ matrix[:-1], self.c.unsqueeze(-1), matrix[-1])
+        return (self.f @ matrix[:-1]).addcmul_(self.c.unsqueeze(-1), matrix[-1])
 
     def gram(self) -> Tensor:
         """``sum over rows of [g_f, g_c]^T [g_f, g_c]``: ``(d + 1, d + 1)``."""
@@ -235,6 +247,12 @@ class Gradients:
         d = self.f.shape[-1]
         rows = h.reshape(-1, h.shape[-1])
         return torch.cat([self.f.reshape(-1, d).T @ rows, (self.c.reshape(-1) @ rows)[None]])
+
+    def attributions(self, C_pinv: Tensor, f_hat: Tensor) -> Tensor:
+        """``(m, B, k)``: ``sum over positions of (d out / d f_hat) * f_hat`` for the input
+        features ``f_hat = [f, 1] C`` ``(B, P, k)`` (``C_pinv`` ``(k, d + 1)``)."""
+        x = self.matmul(C_pinv.T).mul_(f_hat)  # (m, B, P, k)
+        return x.squeeze(2) if x.shape[2] == 1 else x.sum(2)
 
     @property
     def nbytes(self) -> int:
@@ -269,6 +287,18 @@ def integrated_vjp(
         yield start, stop, Gradients(g_f, g_c)
 
 
+#: ``chunk * B * width`` elements per batched backward on the CPU: small enough that a chunk's
+#: tensors stay in cache. The ``zoo:modadd`` build on 2 cores (median of 2 runs): 2^21 19 s,
+#: 2^22 17 s, 2^23 20 s, 2^24 20 s, 2^25 26 s.
+CPU_BUDGET = 2**22
+#: the same on an accelerator, where larger batches fill the device
+ACCELERATOR_BUDGET = 2**25
+#: fewest cotangents per batched backward: a batch with more rows than the budget allows at
+#: this many is split into blocks of rows (on ``zoo:modadd``'s attention section, 4 cotangents
+#: over 1,024 rows cost the same CPU time per cotangent as 1 over all 3,830)
+MIN_CHUNK = 4
+
+
 @dataclass(frozen=True)
 class SectionPlan:
     """How to sweep section ``index``: its rule, the next layer's basis, the sources.
@@ -276,7 +306,8 @@ class SectionPlan:
     ``C_next`` ``(d' + 1, K)`` is the next node layer's basis (None: its raw features).
     ``split_outputs``: under ``torchrun`` every rank sees all the data and does its share of
     the cotangents (else each rank has its share of the data). ``budget``: elements of
-    ``chunk * B * width`` one batched backward may hold.
+    ``chunk * B * width`` one batched backward may hold (None: :data:`CPU_BUDGET` on the CPU,
+    :data:`ACCELERATOR_BUDGET` elsewhere).
     """
 
     index: int
@@ -286,7 +317,7 @@ class SectionPlan:
     n_stochastic_sources_hidden: int | None = None
     seed: int = 0
     split_outputs: bool = False
-    budget: int = 2**25
+    budget: int | None = None
 
     def features(self, y: Tensor) -> Tensor:
         """``(d' + 1, K)``: the output features as columns over ``y``'s coordinates."""
@@ -308,11 +339,24 @@ class SectionPlan:
 
         return shard_range(n) if self.split_outputs else range(n)
 
+    def _budget(self, device: torch.device) -> int:
+        if self.budget is not None:
+            return self.budget
+        return CPU_BUDGET if device.type == "cpu" else ACCELERATOR_BUDGET
+
     def chunk(self, fwd: SectionOutputs) -> int:
         """Cotangents per batched backward for this batch."""
         b, p, width = fwd.h.shape
         out_width = fwd.full.shape[1] * fwd.full.shape[2]
-        return max(1, self.budget // max(1, b * 4 * max(p * width, out_width)))
+        per_row = 4 * max(p * width, out_width)
+        return max(1, self._budget(fwd.h.device) // max(1, b * per_row))
+
+    def rows_per_block(self, runner: ModelRunner, batch: Batch) -> int:
+        """Rows per forward pass such that :meth:`chunk` is at least :data:`MIN_CHUNK` (all of
+        ``batch`` if it fits; the sizes come from one row run without gradients)."""
+        h, y = runner.section(batch.slice(0, 1), self.index)
+        per_row = 4 * max(h.shape[1] * h.shape[2], y.shape[1] * y.shape[2])
+        return max(1, self._budget(h.device) // (MIN_CHUNK * per_row))
 
 
 def position_weights(batch: Batch, acts: Tensor) -> Tensor:

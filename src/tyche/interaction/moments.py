@@ -30,7 +30,7 @@ from tyche.interaction.jacobian import (
     alpha_cotangents,
     integrated_vjp,
     position_weights,
-    section_outputs,
+    section_blocks,
     source_cotangents,
 )
 from tyche.interaction.sections import Batch, ModelRunner
@@ -90,35 +90,35 @@ def lib_moments(
         cache = GradientCache()
     scale = 1.0
     name = runner.node_layers[plan.index].name
-    for batch in progress(batches, desc=f"basis {name}", disable=not show_progress, leave=False):
-        fwd = section_outputs(runner, batch, plan.index, plan.rule,
-                              need_full=formula != "jacobian")  # fmt: skip
-        w_in = position_weights(batch, fwd.h)
-        w_out = position_weights(batch, fwd.full).unsqueeze(-1)
-        h = fwd.h.double()
-        n_pos += w_in.sum()
-        w_in = None if bool((w_in == 1).all()) else w_in
-        if formula == "jacobian":
-            cot = plan.cotangents(fwd.full)
-            scale = cot.scale
-            if cache is not None:
-                cache.scale, cache.n_out = cot.scale, cot.n_out_features
-            make = source_cotangents(cot, batch, w_out)
-            for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(len(cot)), make,
-                                          plan.chunk(fwd)):  # fmt: skip
-                J = J.double().masked(w_in)
-                Mraw += J.gram()
+    for whole in progress(batches, desc=f"basis {name}", disable=not show_progress, leave=False):
+        for batch, fwd in section_blocks(runner, whole, plan, need_full=formula != "jacobian",
+                                         split=formula == "jacobian"):  # fmt: skip
+            w_in = position_weights(batch, fwd.h)
+            w_out = position_weights(batch, fwd.full).unsqueeze(-1)
+            h = fwd.h.double()
+            n_pos += w_in.sum()
+            w_in = None if bool((w_in == 1).all()) else w_in
+            if formula == "jacobian":
+                cot = plan.cotangents(fwd.full)
+                scale = cot.scale
                 if cache is not None:
-                    cache.entries.append((cot.feature_of(a, b).to(dev), J, h))
-                    cache.nbytes += J.nbytes
-                    if cache.nbytes > cache_bytes:
-                        cache = None
-        else:
-            make = alpha_cotangents(formula, plan, fwd.full, w_out)
-            for _, _, J in integrated_vjp(fwd, plan.rule, range(1), make, 1):
-                J = J.double().masked(w_in)
-                Mraw += J.gram()
-                lam += J.outer(h)
+                    cache.scale, cache.n_out = cot.scale, cot.n_out_features
+                make = source_cotangents(cot, batch, w_out)
+                for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(len(cot)), make,
+                                              plan.chunk(fwd)):  # fmt: skip
+                    J = J.double().masked(w_in)
+                    Mraw += J.gram()
+                    if cache is not None:
+                        cache.entries.append((cot.feature_of(a, b).to(dev), J, h))
+                        cache.nbytes += J.nbytes
+                        if cache.nbytes > cache_bytes:
+                            cache = None
+            else:
+                make = alpha_cotangents(formula, plan, fwd.full, w_out)
+                for _, _, J in integrated_vjp(fwd, plan.rule, range(1), make, 1):
+                    J = J.double().masked(w_in)
+                    Mraw += J.gram()
+                    lam += J.outer(h)
     Mraw = all_reduce_sum(Mraw)
     if not (plan.split_outputs and formula == "jacobian"):  # else every rank saw all rows
         n_pos = all_reduce_sum(n_pos)

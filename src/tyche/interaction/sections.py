@@ -113,6 +113,11 @@ class Batch:
         }
         return Batch(picked, len(index), self.offset)
 
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows ``start..stop`` of this batch, with their own global offset."""
+        part = self.rows(torch.arange(start, stop))
+        return Batch(part.data, part.n, self.offset + start)
+
     def mask(self) -> Tensor | None:
         """The ``attention_mask`` (B, T) if the batch has one, else None."""
         if isinstance(self.data, Mapping):

@@ -197,6 +197,36 @@ def test_blocks_of_rows_give_the_same_graph(monkeypatch, gpt2_model, token_batch
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13 * a.abs().max())
 
 
+def test_edges_from_kept_gradients_equal_edges_computed_again(monkeypatch) -> None:
+    """The jacobian basis keeps its gradients for the edges when they fit in ``cache_gb``
+    (by default half the free memory); with no room the edges differentiate again."""
+    import tyche.interaction.graph as graph_module
+
+    model, x = tiny_modadd()
+    layers = ["resid_pre.0", "blocks.0.resid_mid", "unembed", "output"]
+    calls: list[int] = []
+    again = graph_module.section_edges
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return again(*args, **kwargs)
+
+    monkeypatch.setattr(graph_module, "section_edges", spy)
+    monkeypatch.setattr(graph_module, "free_memory_share", lambda device, share: 2**30)
+    kept = build_interaction_graph(model, x, layers, progress=False)
+    assert calls == []
+    recomputed = build_interaction_graph(model, x, layers, cache_gb=0, progress=False)
+    assert len(calls) == len(layers) - 1
+    monkeypatch.setattr(graph_module, "free_memory_share", lambda device, share: 0)
+    build_interaction_graph(model, x, layers, progress=False)
+    assert len(calls) == 2 * (len(layers) - 1)
+    for a, b in zip(kept.edges, recomputed.edges):
+        # the same gradients summed in the same order; only the products differ in grouping
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14 * a.abs().max())
+    with pytest.raises(ValueError, match="cache_gb must be >= 0"):
+        build_interaction_graph(model, x, layers, cache_gb=-1.0, progress=False)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -52,8 +52,12 @@ from tyche.interaction.sections import (
     resolve_node_layers,
 )
 from tyche.io import model_hash
+from tyche.memory import free_memory_share
 
 __all__ = ["build_grams", "build_interaction_graph", "collect_grams"]
+
+#: share of the free memory the jacobian basis may keep for the edges by default
+AUTO_CACHE_SHARE = 0.5
 
 #: settings that stage 1 (grams) depends on, and those stage 2 (bases) adds
 GRAM_KEYS = ("node_layers", "dtype", "gram_dtype", "n_rows", "rotate_final")
@@ -183,7 +187,7 @@ def build_interaction_graph(
     split: str = "data",
     grams: InteractionGrams | None = None,
     bases: InteractionGraph | None = None,
-    cache_gb: float = 2.0,
+    cache_gb: float | None = None,
     check_cuts: bool = True,
     progress: bool = True,
 ) -> InteractionGraph:
@@ -216,13 +220,17 @@ def build_interaction_graph(
         split: under ``torchrun``, ``data`` (each rank a share of the rows) or ``outputs``
             (each rank all rows, a share of the output features).
         grams, bases: results of earlier stages to resume from (checked against the settings).
-        cache_gb: memory for reusing the jacobian basis's gradients for the edges.
+        cache_gb: memory for reusing the jacobian basis's gradients for the edges (None:
+            half the memory free on the model's device, shared among the ``torchrun``
+            processes of a host). It changes the time taken, never the result.
         check_cuts: test that every node layer is a cut of the model (one extra pass on a few
             rows per section).
         progress: progress bars (rank 0 only).
     """
     check_settings(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
               n_stochastic_sources, n_stochastic_sources_hidden)  # fmt: skip
+    if cache_gb is not None and not cache_gb >= 0:
+        raise ValueError(f"cache_gb must be >= 0 (None: half the free memory), got {cache_gb}")
     layers = resolve_node_layers(model, node_layers)
     names = [n.name for n in layers]
     rules = rule_for_layers(integration, n_intervals, names)
@@ -263,7 +271,8 @@ def build_interaction_graph(
         # float32 Grams are rounded at ~1e-7 of their largest eigenvalue: no finer threshold
         floor = 1e-6 if gram_dtype == torch.float32 else 0.0
         graph_bases, graph_edges, t_bases, t_edges = _sweep(
-            runner, sweep_batches, grams, rules, settings, bases, progress, cache_gb,
+            runner, sweep_batches, grams, rules, settings, bases, progress,
+            _cache_bytes(cache_gb, runner),
             max(truncation_threshold, floor),
         )  # fmt: skip
     seconds["bases"], seconds["edges"] = t_bases, t_edges
@@ -309,7 +318,14 @@ def _check_model(saved: str | None, now: str, what: str) -> None:
         )
 
 
-def _sweep(runner, batches, grams, rules, settings, given, show, cache_gb, threshold):  # noqa: ANN001
+def _cache_bytes(cache_gb: float | None, runner: ModelRunner) -> float:
+    """Bytes the jacobian basis may keep for the edges (``cache_gb`` None: half the free memory)."""
+    if cache_gb is None:
+        return float(free_memory_share(runner.device, AUTO_CACHE_SHARE))
+    return cache_gb * 2**30
+
+
+def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, threshold):  # noqa: ANN001
     """Stages 2 and 3: bases from the last node layer backwards, edges section by section."""
     n = len(runner.node_layers)
     formula, edge_formula = settings["basis"], settings["edges"]
@@ -340,7 +356,7 @@ def _sweep(runner, batches, grams, rules, settings, given, show, cache_gb, thres
         if given is None:
             p = _pca(grams, i, center, threshold)
             if formula in LIB_FORMULAS:
-                keep = cache_gb * 2**30 if edge_formula == "squared" else 0.0
+                keep = cache_bytes if edge_formula == "squared" else 0.0
                 mom = lib_moments(runner, batches, plan, p, formula, cache_bytes=keep,
                                   show_progress=show)  # fmt: skip
                 out[i] = lib_basis(grams.node_layers[i], p, mom.M, mom.lambda_dash, formula,

@@ -53,11 +53,10 @@ def edges_from_cache(
     """Squared edges from the integrated gradients kept by a ``jacobian`` basis pass."""
     C, C_pinv = basis_in.C, basis_in.C_pinv
     E = torch.zeros(cache.n_out, C.shape[1], dtype=torch.float64, device=C.device)
-    f_hats: dict[int, Tensor] = {}  # the input features of each block of rows, computed once
+    h_seen, f_hat = None, None
     for features, J, h in cache.entries:
-        f_hat = f_hats.get(id(h))
-        if f_hat is None:
-            f_hat = f_hats[id(h)] = h @ C
+        if h is not h_seen:  # a block's entries are consecutive: its features computed once
+            h_seen, f_hat = h, h @ C
         a = J.attributions(C_pinv, f_hat)  # (m, B, k)
         E.index_add_(0, features, a.square_().sum(1))
     return all_reduce_sum(E) * (cache.scale / n_positions)
@@ -102,7 +101,7 @@ def section_edges(
                 make = functional_cotangents(plan, fwd.full, w_out)
                 for a, b, J in integrated_vjp(fwd, plan.rule, plan.my_range(n_out), make,
                                               plan.chunk(fwd)):  # fmt: skip
-                    E[a:b] += (J.double().matmul(C_pinv.T) * f_hat).sum((1, 2))
+                    E[a:b] += J.double().attributions(C_pinv, f_hat).sum(1)
     E = all_reduce_sum(E)
     if not plan.split_outputs:
         n_pos = all_reduce_sum(n_pos)

@@ -344,19 +344,22 @@ class SectionPlan:
             return self.budget
         return CPU_BUDGET if device.type == "cpu" else ACCELERATOR_BUDGET
 
+    @staticmethod
+    def _per_row(h: Tensor, y: Tensor) -> int:
+        """Elements one cotangent of one row costs a batched backward (input ``h`` and output
+        ``y`` ``(B, P, width)``; 4 tensors of the larger size)."""
+        return 4 * max(h.shape[1] * h.shape[2], y.shape[1] * y.shape[2])
+
     def chunk(self, fwd: SectionOutputs) -> int:
         """Cotangents per batched backward for this batch."""
-        b, p, width = fwd.h.shape
-        out_width = fwd.full.shape[1] * fwd.full.shape[2]
-        per_row = 4 * max(p * width, out_width)
-        return max(1, self._budget(fwd.h.device) // max(1, b * per_row))
+        per_row = self._per_row(fwd.h, fwd.full)
+        return max(1, self._budget(fwd.h.device) // max(1, fwd.h.shape[0] * per_row))
 
     def rows_per_block(self, runner: ModelRunner, batch: Batch) -> int:
         """Rows per forward pass such that :meth:`chunk` is at least :data:`MIN_CHUNK` (all of
         ``batch`` if it fits; the sizes come from one row run without gradients)."""
         h, y = runner.section(batch.slice(0, 1), self.index)
-        per_row = 4 * max(h.shape[1] * h.shape[2], y.shape[1] * y.shape[2])
-        return max(1, self._budget(h.device) // (MIN_CHUNK * per_row))
+        return max(1, self._budget(h.device) // (MIN_CHUNK * self._per_row(h, y)))
 
 
 def position_weights(batch: Batch, acts: Tensor) -> Tensor:

@@ -86,8 +86,8 @@ class TokFSMConfig:
     #: steps before the codebooks snap (then k-means initialised); the baseline trains on
     #: the same batches for the same total number of steps
     snap_after: int = 1600
-    #: from the snap on, both models train at this multiple of the peak learning rates
-    #: (constant, after a new warm-up; None: the cosine runs on)
+    #: at the snap the schedule restarts for both models: a new warm-up to this multiple of
+    #: the peak learning rates, then cosine over the remaining steps (None: the cosine runs on)
     snap_lr_factor: float | None = 0.7
     replace_dead_every: int = 100
     sites: tuple[str, ...] = ("attn_heads.*", "mlp_out.*")

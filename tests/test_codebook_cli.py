@@ -396,6 +396,8 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
     )
     out = capsys.readouterr().out
     assert "first-transition accuracy" in out and "forcing another state" in out
+    assert "whole next state" in out
+    assert report["state_forcing"]["n_trials"] == 2  # --n_trials reaches the measurement
     assert 0 <= report["first_transition_accuracy"] <= 1
     main(
         [

@@ -173,6 +173,25 @@ def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None
     forcing = state_forcing(copy.deepcopy(cb), fsm, n_trials=3, prefix_states=2, n_walks=8)
     assert forcing["n_trials"] == 3 and 0 <= forcing["success_rate"] <= 1
     assert forcing["jsd_patched"] >= 0 and forcing["jsd_unpatched"] >= 0
+    assert 0 <= forcing["next_token_success_rate"] <= 1
+    for key in ("next_token_target_mass", "next_token_baseline_mass"):
+        assert 0 <= forcing[key] <= 1 + 1e-6
+    assert 0 <= forcing["next_token_jsd_patched"] <= math.log(2) + 1e-6
+
+    # an intervention that changes nothing: the patched distributions are the unpatched ones,
+    # so no trial moves closer to the other state and every patched figure equals its baseline
+    import contextlib
+
+    from tyche.codebook import steering
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steering, "intervene", lambda model, ivs: contextlib.nullcontext())
+        null = state_forcing(copy.deepcopy(cb), fsm, n_trials=4, prefix_states=2, n_walks=8)
+    assert null["next_token_success_rate"] == 0
+    assert null["next_token_jsd_patched"] == pytest.approx(null["next_token_jsd_unpatched"])
+    assert null["next_token_target_mass"] == pytest.approx(null["next_token_baseline_mass"])
+    assert null["success_rate"] == null["baseline_rate"]
+    assert null["jsd_patched"] == pytest.approx(null["jsd_unpatched"])
 
 
 def test_zoo_cache_is_keyed_on_the_recipe(tmp_path, monkeypatch) -> None:

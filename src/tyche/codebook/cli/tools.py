@@ -205,8 +205,17 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
             forcing = state_forcing(model, fsm, sites=mlp, n_trials=args.n_trials, seed=args.seed)
             report["state_forcing"] = forcing
             print(
-                f"forcing another state's MLP codes: its successors predicted in "
-                f"{100 * forcing['success_rate']:.0f}% of {forcing['n_trials']} trials "
+                f"forcing another state's MLP codes ({forcing['n_trials']} trials), next token: "
+                f"closer to that state's than to the own state's in "
+                f"{100 * forcing['next_token_success_rate']:.0f}% of trials; mass on digits "
+                f"that begin its successors {forcing['next_token_target_mass']:.2f} (without: "
+                f"{forcing['next_token_baseline_mass']:.2f}); JSD to that state "
+                f"{forcing['next_token_jsd_patched']:.3f} nats (unpatched "
+                f"{forcing['next_token_jsd_unpatched']:.3f})"
+            )
+            print(
+                f"  whole next state: its successors most likely in "
+                f"{100 * forcing['success_rate']:.0f}% of trials "
                 f"(without: {100 * forcing['baseline_rate']:.0f}%); JSD to that state "
                 f"{forcing['jsd_patched']:.3f} nats (unpatched {forcing['jsd_unpatched']:.3f})"
             )

@@ -2,7 +2,8 @@
 
     python benchmarks/codebook.py [--reps 9] [--threads 1]
 
-Model: the TokFSM layout of ``zoo:tokfsm`` (GPT-NeoX, 4 layers, width 128, 4 heads, MLP 512,
+Model: the TokFSM layout of ``zoo:tokfsm`` (GPT-2, or GPT-NeoX with ``--arch gpt_neox``;
+4 layers, width 128, 4 heads, MLP 512,
 vocabulary 11; k = 1 codebooks of 256 codes on every head and MLP output), batches of the
 zoo recipe (16 walks of 64 tokens). One training step is forward + backward + AdamW, timed
 in CPU seconds of this process (``time.process_time``: with one thread, the wall time less
@@ -28,8 +29,8 @@ from tyche.codebook.train import TrainConfig, _optimizer, compute_gradients
 from tyche.zoo.tokfsm import TokFSMConfig, build_base
 
 
-def step_times(reps: int, batch_size: int, seq_len: int) -> dict[str, list[float]]:
-    cfg = TokFSMConfig()
+def step_times(reps: int, batch_size: int, seq_len: int, arch: str) -> dict[str, list[float]]:
+    cfg = TokFSMConfig(arch=arch)
     fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=0)
     plain = CodebookModel(build_base(cfg, fsm))
     plain._rehook()
@@ -51,8 +52,8 @@ def step_times(reps: int, batch_size: int, seq_len: int) -> dict[str, list[float
     return times
 
 
-def cache_and_search(reps: int) -> dict[str, float]:
-    cfg = TokFSMConfig()
+def cache_and_search(reps: int, arch: str) -> dict[str, float]:
+    cfg = TokFSMConfig(arch=arch)
     fsm = FSM.random(cfg.n_states, cfg.n_edges, seed=0)
     model = attach(build_base(cfg, fsm), list(cfg.sites), cfg.num_codes, cfg.k, seed=0).eval()
     model.tokenizer = fsm.tokenizer()
@@ -79,20 +80,26 @@ def main() -> None:
     recipe = TokFSMConfig()
     parser.add_argument("--batch_size", type=int, default=recipe.batch_size, help="walks per step")
     parser.add_argument("--seq_len", type=int, default=recipe.seq_len, help="tokens per walk")
+    parser.add_argument(
+        "--arch", choices=("gpt2", "gpt_neox"), default=recipe.arch, help="base model family"
+    )
+    parser.add_argument("--no_cache", action="store_true", help="time the training steps only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    times = step_times(args.reps, args.batch_size, args.seq_len)
+    times = step_times(args.reps, args.batch_size, args.seq_len, args.arch)
     base = statistics.median(times["without codebooks"])
     print(
-        f"TokFSM training step, batch {args.batch_size} x {args.seq_len} tokens, "
+        f"TokFSM {args.arch} training step, batch {args.batch_size} x {args.seq_len} tokens, "
         f"{args.threads} thread(s), median of {args.reps}:"
     )
     print("| model | CPU ms/step | steps/s | ratio |\n| --- | --- | --- | --- |")
     for name, values in times.items():
         med = statistics.median(values)
         print(f"| {name} | {1000 * med:.0f} | {1 / med:.2f} | {med / base:.2f} |")
+    if args.no_cache:
+        return
     print("\n| operation | seconds |\n| --- | --- |")
-    for label, seconds in cache_and_search(args.reps).items():
+    for label, seconds in cache_and_search(args.reps, args.arch).items():
         print(f"| {label} | {seconds:.3f} |")
 
 

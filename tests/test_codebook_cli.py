@@ -396,8 +396,20 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
     )
     out = capsys.readouterr().out
     assert "first-transition accuracy" in out and "forcing another state" in out
-    assert "whole next state" in out
+    assert "whole next state" in out and "codes of that state's run also" in out
     assert report["state_forcing"]["n_trials"] == 2  # --n_trials reaches the measurement
+    assert report["state_forcing"]["sites"] == ["mlp_out.0"]
+    folder = str(tmp_path / "tokfsm")
+    short = ["tokfsm", "--model", folder, "--n_samples", "2", "--seq_len", "9", "--n_trials", "2"]
+    with pytest.raises(ValueError, match="no codebook"):  # heads hold one codebook each
+        codebook_main([*short, "--forcing_sites", "attn_out.0"])
+    with pytest.raises(ValueError, match="state_codes needs single codebooks"):
+        codebook_main([*short, "--forcing_sites", "attn_heads.0"])
+    with pytest.raises(ValueError, match="--seq_len 129 > the model's 128 learned positions"):
+        codebook_main([*short[:-4], "--seq_len", "129"])
+    report = codebook_main([*short, "--forcing_sites", "mlp_out.0"])
+    assert report["state_forcing"]["sites"] == ["mlp_out.0"]
+    assert "codes at mlp_out.0 (2 trials)" in capsys.readouterr().out
     assert 0 <= report["first_transition_accuracy"] <= 1
     main(
         [

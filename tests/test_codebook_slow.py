@@ -21,7 +21,12 @@ def test_tokfsm_zoo_model_meets_the_paper_figures() -> None:
     assert cb["transition_accuracy"] >= 0.9 * base["transition_accuracy"]
     mlp0 = cb["purity"]["mlp_out.0"]["state"]
     assert mlp0["frac_pure_90"] >= 0.5
-    assert cb["state_forcing"]["success_rate"] > 0.5
+    forcing = cb["state_forcing"]
+    # the prediction made where the codes are forced (the next state's first digit), and the
+    # whole next state with the codes of the other state's run carried to its second digit
+    assert forcing["next_token_success_rate"] > 0.5
+    assert forcing["next_token_jsd_patched"] < forcing["next_token_jsd_unpatched"]
+    assert forcing["carried_success_rate"] > 0.5
 
 
 def test_frozen_smollm2_with_codebooks() -> None:

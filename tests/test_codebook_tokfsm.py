@@ -190,6 +190,11 @@ def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None
     assert null["next_token_success_rate"] == 0
     assert null["next_token_jsd_patched"] == pytest.approx(null["next_token_jsd_unpatched"])
     assert null["next_token_target_mass"] == pytest.approx(null["next_token_baseline_mass"])
+    # (float32 sums in other batch shapes: the masses and JSDs agree to rounding)
+    assert null["carried_mass_on_target"] == pytest.approx(null["baseline_mass"], rel=1e-4)
+    assert null["carried_jsd_patched"] == pytest.approx(null["jsd_unpatched"], abs=1e-5)
+    assert 0 <= forcing["carried_success_rate"] <= 1
+    assert 0 <= forcing["carried_mass_on_target"] <= 1 + 1e-6
     assert null["success_rate"] == null["baseline_rate"]
     assert null["jsd_patched"] == pytest.approx(null["jsd_unpatched"])
 
@@ -207,7 +212,13 @@ def test_zoo_cache_is_keyed_on_the_recipe(tmp_path, monkeypatch) -> None:
     entry = TokFSMEntry()
     assert entry.path == tmp_path / f"tokfsm-{cfg.recipe_key()}"
     assert replace(cfg, threads=2, parallel=False).recipe_key() == cfg.recipe_key()
-    for change in ({"lr": cfg.lr * 2}, {"num_codes": 512}, {"sites": ("mlp_out.*",)}):
+    changes = (
+        {"lr": cfg.lr * 2},
+        {"num_codes": 512},
+        {"sites": ("mlp_out.*",)},
+        {"arch": "gpt_neox"},
+    )
+    for change in changes:
         assert replace(cfg, **change).recipe_key() != cfg.recipe_key(), change
     assert not entry.is_ready()
     entry.path.mkdir()
@@ -218,3 +229,53 @@ def test_zoo_cache_is_keyed_on_the_recipe(tmp_path, monkeypatch) -> None:
         entry.is_ready()
     with pytest.raises(ZooError, match="another recipe"):
         entry.prepare()
+
+
+def test_carried_codes_of_the_own_run_change_nothing(fsm: FSM) -> None:
+    """Forcing at every digit position the codes a run already has gives back the model's own
+    next-state distribution (chain rule over both digits); codes of another state's run
+    change it, and the result is a distribution over states."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tyche.codebook import attach
+    from tyche.codebook.steering import _carried_next_state
+    from tyche.codebook.tokfsm import next_state_probs
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(
+        vocab_size=11,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_inner=64,
+        n_positions=64,
+        bos_token_id=10,
+        eos_token_id=10,
+    )
+    cb = attach(GPT2LMHeadModel(cfg), ["attn_heads.*", "mlp_out.*"], num_codes=16).eval()
+    walks = fsm.walks(2, 3, torch.Generator().manual_seed(0))
+    prefix, donor = fsm.encode(walks)
+    sites = ["mlp_out.0", "mlp_out.1"]
+    own = _carried_next_state(cb, fsm, sites, prefix, prefix)
+    # the same forward passes up to batch shape: float32 rounding only
+    torch.testing.assert_close(
+        own, next_state_probs(cb, fsm, prefix[None])[0], atol=1e-6, rtol=1e-4
+    )
+    other = _carried_next_state(cb, fsm, sites, prefix, donor)
+    assert other.shape == (fsm.n_states,) and float(other.sum()) <= 1 + 1e-5
+    assert not torch.allclose(other, own, atol=1e-4)
+
+
+def test_tokfsm_base_models(fsm: FSM) -> None:
+    """Both architectures build with the recipe's shape; another name is a clear error."""
+    from dataclasses import replace
+
+    from tyche.zoo.tokfsm import TokFSMConfig, build_base
+
+    cfg = TokFSMConfig(n_layers=1, hidden=16, n_heads=2, mlp=32, seq_len=8)
+    for arch, kind in (("gpt2", "GPT2LMHeadModel"), ("gpt_neox", "GPTNeoXForCausalLM")):
+        model = build_base(replace(cfg, arch=arch), fsm)
+        assert type(model).__name__ == kind
+        assert model(input_ids=fsm.batch(2, 8, torch.Generator())).logits.shape == (2, 8, 11)
+    with pytest.raises(ValueError, match="arch must be 'gpt_neox' or 'gpt2', got 'bert'"):
+        build_base(replace(cfg, arch="bert"), fsm)

@@ -6,7 +6,8 @@
   (the prediction made at the forced position: the first digit of the next state) and on the
   whole next state (two tokens; the second digit is predicted one position later, where no
   code is forced and the model can read the real state from its digits again): rates, and
-  JSDs to the distributions after a prefix that really ends in s'.
+  JSDs to the distributions after a prefix that really ends in s'. A third measure carries
+  the codes of the run ending in s' through the next state's digits too.
 - :func:`topic_codes` + :func:`topic_steering`: find codes that fire on a word by regex search
   over a cache, force them at every position while sampling, and count how many continuations
   contain the word, against the same sampling without the intervention.
@@ -76,6 +77,46 @@ def _next_digit_logp(model: CodebookModel, fsm: FSM, prefixes: torch.Tensor) -> 
 
 
 @torch.no_grad()
+def _carried_next_state(
+    model: CodebookModel,
+    fsm: FSM,
+    sites: Sequence[str],
+    prefix: torch.Tensor,
+    donor: torch.Tensor,
+) -> torch.Tensor:
+    """P(next state) ``(n_states,)`` after ``prefix`` ``(L,)`` with the top code of every
+    codebook at ``sites`` taken from the run of ``donor`` ``(L,)`` (a prefix ending in another
+    state) at each position where a digit of the next state is predicted: the last token and
+    the next state's own digits so far (the same ones in both runs). Chain rule over digits."""
+    b, d, last = fsm.base, fsm.digits, prefix.shape[0] - 1
+    # every string of the next state's first d - 1 digits: (b ** (d - 1), d - 1)
+    heads = torch.cartesian_prod(*[torch.arange(b)] * (d - 1)) if d > 1 else torch.zeros(1, 0)
+    heads = heads.reshape(-1, d - 1).long()
+    donors = torch.cat([donor.expand(heads.shape[0], -1), heads], 1).to(model.device)
+    model(input_ids=donors)
+    codes = {s: model.codebook(s).last_ids.reshape(*donors.shape, -1)[..., 0].cpu() for s in sites}
+    logp = torch.empty(heads.shape[0], d, b)  # per row, per digit position: log P(digit)
+    for r in range(heads.shape[0]):
+        ivs = [
+            Intervention(s, int(codes[s][r, last + j]), "force", positions=(last + j,))
+            for s in sites
+            for j in range(d)
+        ]
+        row = torch.cat([prefix, heads[r]])[None].to(model.device)
+        with intervene(model, ivs):
+            logits = model(input_ids=row).logits[0, last:].float()
+        # over the whole vocabulary, as next_state_probs: mass on other tokens is lost
+        logp[r] = torch.log_softmax(logits, -1)[:, :b].cpu()
+    # state with digits (h, x): sum of log P(h_j) read in row h, then log P(x) at the end
+    states = torch.arange(b**d)
+    rows = states // b  # row index of the state's first d - 1 digits (base-b number)
+    total = logp[rows, d - 1, states % b]
+    for j in range(d - 1):
+        total += logp[rows, j, heads[rows, j]]
+    return total.exp()[: fsm.n_states]
+
+
+@torch.no_grad()
 def state_forcing(
     model: CodebookModel,
     fsm: FSM,
@@ -105,7 +146,12 @@ def state_forcing(
     of s'), ``baseline_rate`` (the same without the intervention), ``mass_on_target`` (mean
     probability of the successors of s', patched) and ``baseline_mass``, ``jsd_patched``
     (mean JSD in nats between the patched next-state distribution and that of a prefix ending
-    in s') and ``jsd_unpatched`` (the same for the unpatched prefix).
+    in s') and ``jsd_unpatched`` (the same for the unpatched prefix); and the same for the
+    whole next state with the codes carried through it: ``carried_success_rate``,
+    ``carried_mass_on_target`` and ``carried_jsd_patched``, where at the last token and at the
+    next state's own digits every codebook at ``sites`` gets the top code it has in the run of
+    the prefix that really ends in s' (at the last token these are the codes of s' in context; one
+    position later, the codes that follow them).
     """
     chosen = model.match(sites)
     codes = state_codes(model, fsm, chosen, n=n_walks)
@@ -132,6 +178,9 @@ def state_forcing(
         with intervene(model, ivs):
             patched[i] = next_state_probs(model, fsm, prefixes[i : i + 1])[0]
             patched_tok[i] = _next_digit_logp(model, fsm, prefixes[i : i + 1])[0]
+    carried = torch.stack(
+        [_carried_next_state(model, fsm, chosen, prefixes[i], swapped[i]) for i in range(n_trials)]
+    )
     succ = edges[targets]  # (n, N) bool
     hit = succ.gather(1, patched.argmax(-1, keepdim=True)).float()
     base_hit = succ.gather(1, clean.argmax(-1, keepdim=True)).float()
@@ -155,6 +204,11 @@ def state_forcing(
         "baseline_mass": float((clean * succ).sum(-1).mean()),
         "jsd_patched": float(token_jsd(_log(patched), _log(target_clean)).mean()),
         "jsd_unpatched": float(token_jsd(_log(clean), _log(target_clean)).mean()),
+        "carried_success_rate": float(
+            succ.gather(1, carried.argmax(-1, keepdim=True)).float().mean()
+        ),
+        "carried_mass_on_target": float((carried * succ).sum(-1).mean()),
+        "carried_jsd_patched": float(token_jsd(_log(carried), _log(target_clean)).mean()),
     }
 
 

@@ -212,6 +212,9 @@ class TokFSMArgs(ModelArgs):
     """tokens per sampled sequence"""
     n_trials: int = 100
     """state-forcing trials"""
+    forcing_sites: str | None = None
+    """codebooks whose state codes are forced, a site glob of single codebooks (not per head),
+    e.g. 'mlp_out.0' for the first layer's alone (default: every MLP codebook, if any)"""
     seed: int = 0
     """sampling seed"""
 

@@ -176,6 +176,12 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
 
     model = load_model(args.model).eval()
     fsm = FSM.load(folder_of(args.model))
+    positions = getattr(model.base.config, "n_positions", None)  # learned positions (GPT-2)
+    if positions is not None and args.seq_len > positions:
+        raise ValueError(
+            f"--seq_len {args.seq_len} > the model's {positions} learned positions; "
+            f"sample at most {positions} tokens"
+        )
     report: dict[str, Any] = {
         "first_transition_accuracy": first_transition_accuracy(model, fsm),
         **transition_accuracy(model, fsm, n=args.n_samples, seq_len=args.seq_len, seed=args.seed),
@@ -200,12 +206,18 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
                 f"{100 * rep['state']['frac_pure_90']:17.1f}% "
                 f"{100 * rep['trigram']['frac_pure_90']:19.1f}%"
             )
-        mlp = [s for s in model.sites if s.startswith("mlp_out")]
-        if mlp:
-            forcing = state_forcing(model, fsm, sites=mlp, n_trials=args.n_trials, seed=args.seed)
+        if args.forcing_sites is None:
+            forced = [s for s in model.sites if s.startswith("mlp_out")]
+        else:  # a clear error when it names a site without a codebook
+            forced = model.match(args.forcing_sites)
+        if forced:
+            forcing = state_forcing(
+                model, fsm, sites=forced, n_trials=args.n_trials, seed=args.seed
+            )
             report["state_forcing"] = forcing
             print(
-                f"forcing another state's MLP codes ({forcing['n_trials']} trials), next token: "
+                f"forcing another state's codes at {', '.join(forced)} "
+                f"({forcing['n_trials']} trials), next token: "
                 f"closer to that state's than to the own state's in "
                 f"{100 * forcing['next_token_success_rate']:.0f}% of trials; mass on digits "
                 f"that begin its successors {forcing['next_token_target_mass']:.2f} (without: "
@@ -218,6 +230,11 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
                 f"{100 * forcing['success_rate']:.0f}% of trials "
                 f"(without: {100 * forcing['baseline_rate']:.0f}%); JSD to that state "
                 f"{forcing['jsd_patched']:.3f} nats (unpatched {forcing['jsd_unpatched']:.3f})"
+            )
+            print(
+                f"  whole next state, codes of that state's run also at its digits: its "
+                f"successors most likely in {100 * forcing['carried_success_rate']:.0f}% of "
+                f"trials; JSD to that state {forcing['carried_jsd_patched']:.3f} nats"
             )
     return report
 

@@ -141,23 +141,21 @@ def test_state_labels_and_purity(fsm: FSM) -> None:
     assert rep["weighted_purity"] == pytest.approx(5 / 6)
 
 
-def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
+def _tiny_codebook_model(fsm: FSM, arch: str, seed: int = 0):
+    """An untrained 2-layer, width-32 model of the zoo's TokFSM family for ``fsm``'s tokens,
+    with 16-code codebooks on every head and MLP."""
     from tyche.codebook.model import attach
+    from tyche.zoo.tokfsm import TokFSMConfig, build_base
+
+    cfg = TokFSMConfig(arch=arch, seed=seed, n_layers=2, hidden=32, n_heads=2, mlp=64, seq_len=32)
+    return attach(build_base(cfg, fsm), ["attn_heads.*", "mlp_out.*"], num_codes=16).eval()
+
+
+def test_code_purity_and_state_forcing_run_on_a_codebook_model(fsm: FSM) -> None:
     from tyche.codebook.steering import state_codes, state_forcing
     from tyche.codebook.tokfsm import code_purity
 
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=11,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    cb = attach(GPTNeoXForCausalLM(cfg), ["attn_heads.*", "mlp_out.*"], num_codes=16).eval()
+    cb = _tiny_codebook_model(fsm, "gpt_neox")
     report = code_purity(cb, fsm, n=8, seq_len=33)
     assert set(report) == {
         "attn_heads.0/head0",
@@ -235,24 +233,10 @@ def test_carried_codes_of_the_own_run_change_nothing(fsm: FSM) -> None:
     """Forcing at every digit position the codes a run already has gives back the model's own
     next-state distribution (chain rule over both digits); codes of another state's run
     change it, and the result is a distribution over states."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tyche.codebook import attach
     from tyche.codebook.steering import _carried_next_state
     from tyche.codebook.tokfsm import next_state_probs
 
-    torch.manual_seed(1)
-    cfg = GPT2Config(
-        vocab_size=11,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_inner=64,
-        n_positions=64,
-        bos_token_id=10,
-        eos_token_id=10,
-    )
-    cb = attach(GPT2LMHeadModel(cfg), ["attn_heads.*", "mlp_out.*"], num_codes=16).eval()
+    cb = _tiny_codebook_model(fsm, "gpt2", seed=1)
     walks = fsm.walks(2, 3, torch.Generator().manual_seed(0))
     prefix, donor = fsm.encode(walks)
     sites = ["mlp_out.0", "mlp_out.1"]

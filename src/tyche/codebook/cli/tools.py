@@ -182,6 +182,10 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
             f"--seq_len {args.seq_len} > the model's {positions} learned positions; "
             f"sample at most {positions} tokens"
         )
+    if args.forcing_sites is None:
+        forced = [s for s in model.sites if s.startswith("mlp_out")]
+    else:  # a clear error, before any evaluation, when it names a site without a codebook
+        forced = model.match(args.forcing_sites)
     report: dict[str, Any] = {
         "first_transition_accuracy": first_transition_accuracy(model, fsm),
         **transition_accuracy(model, fsm, n=args.n_samples, seq_len=args.seq_len, seed=args.seed),
@@ -206,10 +210,6 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
                 f"{100 * rep['state']['frac_pure_90']:17.1f}% "
                 f"{100 * rep['trigram']['frac_pure_90']:19.1f}%"
             )
-        if args.forcing_sites is None:
-            forced = [s for s in model.sites if s.startswith("mlp_out")]
-        else:  # a clear error when it names a site without a codebook
-            forced = model.match(args.forcing_sites)
         if forced:
             forcing = state_forcing(
                 model, fsm, sites=forced, n_trials=args.n_trials, seed=args.seed

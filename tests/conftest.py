@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,6 +22,16 @@ import torch  # noqa: E402
 # runs (`make test-portable`) really change how reductions are split across threads.
 if os.environ.get("TYCHE_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["TYCHE_TEST_THREADS"]))
+
+# TYCHE_TOLERANCE_REPORT=file.jsonl records how much of its tolerance every comparison uses
+# (tests/tolerance_report.py); the comparisons are wrapped before any test module imports them.
+if os.environ.get("TYCHE_TOLERANCE_REPORT"):
+    import tolerance_report  # noqa: E402
+
+    _TOLERANCE_RECORDER = tolerance_report.install(os.environ["TYCHE_TOLERANCE_REPORT"])
+
+    def pytest_configure(config: pytest.Config) -> None:
+        config.pluginmanager.register(_TOLERANCE_RECORDER, "tyche-tolerance-report")
 
 VOCAB = 512
 WIDTH = 64
@@ -39,9 +50,12 @@ WORDS = (
 
 @pytest.fixture(scope="session", autouse=True)
 def _tyche_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Point the zoo cache at a per-session folder unless the caller set one."""
-    if "TYCHE_CACHE" not in os.environ:
-        os.environ["TYCHE_CACHE"] = str(tmp_path_factory.mktemp("tyche-cache"))
+    """Point the zoo cache at a per-session folder, whatever ``TYCHE_CACHE`` says (the user's
+    own cache is never written by the suite). ``TYCHE_TEST_CACHE=~/.cache/tyche`` (read by the
+    suite only) opts in to a cache of already trained zoo models, for the slow tests."""
+    chosen = os.environ.get("TYCHE_TEST_CACHE")
+    folder = Path(chosen).expanduser() if chosen else tmp_path_factory.mktemp("tyche-cache")
+    os.environ["TYCHE_CACHE"] = str(folder)
 
 
 def _finish(model: torch.nn.Module, family: str) -> torch.nn.Module:

@@ -243,5 +243,5 @@ def test_adam_preconditioner_from_trainer_optimizer_file(tiny_tokenizer, tiny_te
     expect = adam_preconditioner(
         by_name, [n for n, _ in named], [p.shape for _, p in named], eps=cfg.preconditioner_eps
     )
-    # the same reader on the same moments, by path and by name: identical (measured)
+    # same path: adam_preconditioner on the same moments (saved bits), by path and by name
     assert torch.allclose(est.preconditioner, expect)

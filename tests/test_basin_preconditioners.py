@@ -83,8 +83,8 @@ def test_diag_preconditioner_errors(spec, kwargs, match):
 def test_normalize_unit_det_is_scale_invariant_and_validates():
     p = torch.tensor([0.5, 2.0, 8.0, 1.0], dtype=F64)
     q = normalize_unit_det(p)
-    # float64, 4 logs of size ≲ 6: rounding ~1e-15, far inside the float64 default (1e-7)
-    torch.testing.assert_close(normalize_unit_det(37.0 * p), q)
+    # float64, 4 logs of size ≲ 6 (+ log 37 ≈ 3.6) and one exp: ≲ 4·eps·10 ≈ 1e-14 relative
+    torch.testing.assert_close(normalize_unit_det(37.0 * p), q, rtol=1e-13, atol=0)
     # geometric mean 2^¾; exp of a 4-term mean of logs ≲ 2 plus two roundings: ≲ 4·eps·2 + 2·eps
     # ≈ 2e-15 relative at worst; measured 1.9e-16
     torch.testing.assert_close(q, p / 2 ** (3 / 4), rtol=1e-14, atol=0)
@@ -164,7 +164,9 @@ def test_normalize_unit_det_matrix():
 
 def test_user_preconditioner_validation():
     p = user_preconditioner(torch.tensor([1.0, 4.0]), 2)
-    torch.testing.assert_close(p, torch.tensor([0.5, 2.0]))  # powers of 2: exact (measured)
+    # exact: the float64 log/exp land within a few float64 ulps of 0.5 and 2.0, which round to
+    # them exactly in float32 (measured identical)
+    torch.testing.assert_close(p, torch.tensor([0.5, 2.0]), rtol=0, atol=0)
     assert user_preconditioner([1.0, 4.0], 2).dtype == torch.float32  # plain lists accepted
     m = user_preconditioner(random_spd(3, seed=3), 3)
     # κ = 1e5: measured 2.6e-11, which the former 1e-10 only cleared by 4×
@@ -221,8 +223,10 @@ def test_adam_from_named_optimizer_state_dict_and_path(tmp_path):
     torch.testing.assert_close(p, expected(model, opt, names, eps=1e-4), rtol=1e-6, atol=0)
     path = tmp_path / "optimizer.pt"
     torch.save(opt.state_dict(), path)
+    # same path: diag_preconditioner on the same moments, read back bit for bit from the file
     torch.testing.assert_close(adam_preconditioner(str(path), names, shapes, eps=1e-4), p)
     p1 = adam_preconditioner(path, names, shapes, order=1, eps=1e-4, exponent=1.0)
+    # as above, on exp_avg (measured identical); a wrong mapping or moment is off by O(1)
     torch.testing.assert_close(
         p1, expected(model, opt, names, "exp_avg", eps=1e-4, exponent=1.0), rtol=1e-6, atol=0
     )
@@ -247,6 +251,7 @@ def test_adam_from_unnamed_state_dict_with_groups_needs_the_optimizer_order():
     # as above: the same formula on the same moments (measured identical)
     torch.testing.assert_close(p, expected(model, opt, names), rtol=1e-6, atol=0)
     # given the model, the reader finds the Trainer-style order by itself
+    # same path: the same moments found by another name mapping, through the same formula
     torch.testing.assert_close(adam_preconditioner(state, names, shapes, model=model), p)
     # without either, ids are matched to `names` (model order): wrong shapes are caught
     with pytest.raises(ValueError, match="could not match"):
@@ -262,7 +267,7 @@ def test_adam_from_zoo_mapping_and_errors():
     params = dict(model.named_parameters())
     zoo = {n: dict(opt.state[p]) for n, p in params.items()}
     names, shapes = list(params), [p.shape for p in params.values()]
-    # the same formula on the same moments (measured identical); float32 default
+    # same path: diag_preconditioner on the same concatenated float32 moments
     torch.testing.assert_close(adam_preconditioner(zoo, names, shapes), expected(model, opt, names))
     partial = {n: v for n, v in zoo.items() if n != "2.bias"}
     with pytest.raises(ValueError, match=r"1 selected parameters have no 'exp_avg_sq'.*2\.bias"):
@@ -304,9 +309,9 @@ def test_fisher_exact_matches_the_softmax_closed_form(softmax_model):
     for batch_size in (7, 32):
         f = fisher_diagonal(model, x, names=["weight", "bias"], exact=True, batch_size=batch_size)
         assert f.dtype == F64 and f.shape == (24,)
-        torch.testing.assert_close(f, closed, rtol=1e-10, atol=0)
+        torch.testing.assert_close(f, closed, rtol=1e-10, atol=0)  # ≲ 30·eps, as above
     f_bias = fisher_diagonal(model, x, names=["bias"], exact=True)
-    torch.testing.assert_close(f_bias, closed[-4:], rtol=1e-10, atol=0)
+    torch.testing.assert_close(f_bias, closed[-4:], rtol=1e-10, atol=0)  # ≲ 30·eps, as above
 
 
 def test_fisher_sampled_is_unbiased_for_the_closed_form(softmax_model):
@@ -368,10 +373,13 @@ def test_fisher_of_a_causal_lm_matches_closed_form_and_ignores_masked_tokens(
     # float64: backward passes vs a closed form over V = 512 words, a variance E[W²] - E[W]²
     # that cancels ~10×: ≲ 512·eps·10 ≈ 1e-12 relative; measured 2.8e-15
     torch.testing.assert_close(exact, closed, rtol=1e-8, atol=0)
-    # what sits at masked positions does not matter (float64; measured identical)
     other = {k: v.clone() for k, v in token_batch.items()}
     other["input_ids"][1, -2:] = 7
-    torch.testing.assert_close(fisher_diagonal(model, other, names=names, exact=True), exact)
+    # what sits at masked positions does not matter: the same batch through the same ops, the
+    # masked tokens' terms weighted by 0 (float64; measured identical)
+    torch.testing.assert_close(
+        fisher_diagonal(model, other, names=names, exact=True), exact, rtol=1e-12, atol=0
+    )
     # the sampled per-sequence estimator is unbiased for the per-token Fisher
     gen = torch.Generator().manual_seed(0)
     sampled = fisher_diagonal(model, token_batch, names=names, n_draws=128, generator=gen)

@@ -85,9 +85,11 @@ def test_basis_is_orthonormal_sorted_and_energies_reproduce(mode):
     # tight against scoring the wrong vector or mode (≥ 1e-2 apart)
     for i in range(d):  # each energy is that of ablating its vector alone
         e = manual_energy(target, h, basis.vectors[:, i], mode, mask)
+        # rel 1e-4 + abs 1e-7: the summation bound above with a floor for energies near 0
         assert math.isclose(e, float(basis.energies[i]), rel_tol=1e-4, abs_tol=1e-7)
     for i in [0, 2, d - 1]:  # the first i+1 vectors ablated jointly
         e = manual_energy(target, h, basis.vectors[:, : i + 1], mode, mask)
+        # as above: rel 1e-4 over ENERGY_RTOL's summation bound, abs 1e-7 for energies near 0
         assert math.isclose(e, float(basis.subspace_energies[i]), rel_tol=1e-4, abs_tol=1e-7)
     assert basis.units == "nats" and basis.mode == mode and basis.n_positions == 37
     assert len(basis.n_evals) == d and all(n > 0 for n in basis.n_evals)
@@ -215,7 +217,7 @@ def test_padding_does_not_change_the_basis():
     # replaced by 0, the mean and PCA select the masked rows), and matmul rows do not mix, so
     # both runs take the same float steps; any leak of the garbage would show
     torch.testing.assert_close(a.energies, b.energies, rtol=0, atol=0)
-    torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=0)
+    torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=0)  # exact, as above
 
 
 def test_resample_uses_one_fixed_derangement_from_the_generator():
@@ -275,7 +277,7 @@ def test_save_load_round_trip(tmp_path):
     loaded = CausalBasis.load(path)
     # exact: safetensors stores the bits
     torch.testing.assert_close(loaded.vectors, basis.vectors, rtol=0, atol=0)
-    torch.testing.assert_close(loaded.pca_energies, basis.pca_energies, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.pca_energies, basis.pca_energies, rtol=0, atol=0)  # bits
     assert loaded.site == "toy" and loaded.n_evals == basis.n_evals
     assert '"energies": "nats"' in (path / "meta.json").read_text()
     assert not list(path.glob("*.pt")) and not list(path.glob("*.pkl"))
@@ -325,7 +327,7 @@ def test_chunked_evaluation_equals_one_pass(mode):
     assert math.isclose(whole.energy(v), chunked.energy(v), rel_tol=ENERGY_RTOL)
     e1, g1 = whole.value_and_grad(v[:, 0])
     e2, g2 = chunked.value_and_grad(v[:, 0])
-    torch.testing.assert_close(e1, e2, rtol=ENERGY_RTOL, atol=0)
+    torch.testing.assert_close(e1, e2, rtol=ENERGY_RTOL, atol=0)  # ENERGY_RTOL, as above
     # gradient components are signed sums (they cancel), so they get an absolute floor too;
     # measured within 1/40 of this tolerance (1/2 threads, generic kernels)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
@@ -376,8 +378,11 @@ def test_model_from_site_is_the_model_and_ablates_inside_it(gpt2_model, token_ba
             ablated = remove_subspace(h, v, mode, mask=mask)
             with replace_activations(gpt2_model, {site: lambda x, a=ablated: a}):
                 expected = gpt2_model(**token_batch).logits
+            # the same splice both ways: as above, 1e-5 allows a reordered float32 reduction
             torch.testing.assert_close(target(ablated), expected, rtol=1e-5, atol=1e-5)
         rows = target.select(slice(1, 3))
+        # a batch of 2 rows vs rows of the batch of 4: float32 kernels may block (and so add)
+        # differently by batch size, |logit| ≲ 1; the 1e-5 bound above
         torch.testing.assert_close(rows(h[1:3]), logits[1:3], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="hidden states have shape"):
         target(h[:2])
@@ -414,7 +419,7 @@ def test_tuned_lens_trains_saves_and_loads(gpt2_model, neox_model, token_batch, 
     lens.save(tmp_path / "lens")
     loaded = TunedLens.load(tmp_path / "lens", gpt2_model)
     h = torch.randn(2, 3, 64)
-    # the saved weights through the same ops (measured identical)
+    # same path: the saved float32 weights (safetensors keeps the bits) through the same ops
     torch.testing.assert_close(loaded(h, "resid_pre.1"), lens(h, "resid_pre.1"))
     assert loaded.stats["kl_tuned_lens"] == after
     with pytest.raises(ValueError, match="trained on a model with hash"):
@@ -550,8 +555,9 @@ def assert_same_basis(
     assert (sines < tol.span_sine).all(), sines
     mine = torch.tensor([evaluate(sharded.vectors[:, i]) for i in range(sharded.k)])
     theirs = torch.tensor([evaluate(single.vectors[:, i]) for i in range(single.k)])
+    # the measured bounds of the problem (TOY_TOLERANCE / MODEL_TOLERANCE above)
     torch.testing.assert_close(mine[:1], theirs[:1], rtol=tol.first_rtol, atol=0)
-    torch.testing.assert_close(mine[1:], theirs[1:], rtol=tol.later_rtol, atol=0)
+    torch.testing.assert_close(mine[1:], theirs[1:], rtol=tol.later_rtol, atol=0)  # as above
 
 
 @pytest.mark.distributed
@@ -588,6 +594,7 @@ def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
     single = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=60, n_pca=2,
                                   progress=False, tol=TOL)["resid_pre.1"]  # fmt: skip
     both = [CausalBasis.load(out / f"model_rank{r}") for r in (0, 1)]
+    # exact: every sum is all-reduced, so both ranks take identical steps (as above)
     torch.testing.assert_close(both[0].vectors, both[1].vectors, rtol=0, atol=0)
     assert both[0].n_positions == single.n_positions == 5 * 12 - 3 - 7
     # one evaluator for both: the single process's own energy of ablating each vector
@@ -655,3 +662,16 @@ def test_cli_extracts_saves_prints_and_plots(
     assert (out / "energies.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="needs --lens"):
         main([*common, "--target", "tuned", "--out", str(out)])
+    # a rerun of other settings into a finished folder is refused by name; --overwrite
+    # replaces it, leaving nothing of the old run
+    lens = ["train-lens", *common, "--out", str(tmp_path / "lens")]
+    with pytest.raises(ValueError, match=r"finished run of other settings: --steps \(saved 5, "
+                                         r"now 6\); choose another --out, or pass --overwrite"):
+        main([*lens, "--steps", "6"])
+    redo = [*common, "--k", "1", "--max_iter", "5", "--n_pca", "3", "--sites", "resid_pre.1",
+            "--no-plot", "--out", str(out)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--k \(saved 2, now 1\)"):
+        main(redo)
+    main([*redo, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["resid_pre.1", "run.json", "summary.json"]
+    assert CausalBasis.load(out / "resid_pre.1").k == 1

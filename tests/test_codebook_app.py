@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -154,3 +157,40 @@ def test_app_in_headless_chromium(cache_dir) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_to_tyche_stops_the_streamlit_server(cache_dir, sig, code, tmp_path) -> None:
+    """``kill`` of the ``tyche codebook app`` process (not its group) stops its server too,
+    and tyche exits with the conventional code (128 + the signal)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tyche", "codebook", "app", "--cache", str(cache_dir), "--port",
+           str(port)]  # fmt: skip
+    log = tmp_path / "app.log"  # a file, not a pipe: an orphaned server would hold a pipe open
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(port, proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1, children  # the streamlit server
+        server = int(children[0])
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == code, log.read_text()[-2000:]
+        deadline = time.time() + 5
+        while _alive(server) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server), f"the streamlit server {server} outlived tyche"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session
+        proc.wait(timeout=10)

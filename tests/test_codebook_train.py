@@ -87,6 +87,7 @@ def test_resume_gives_the_same_model(gpt2_model, tmp_path) -> None:
         resumed, row_sampler(rows, 4), cfg, out=tmp_path, resume=True, show_progress=False
     )
     assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
+    # exact: the same steps on the same batches in one process, the state restored bit for bit
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="other settings"):
@@ -125,6 +126,7 @@ def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
         resume=True,
         show_progress=False,
     )
+    # exact, as above: the same steps on the same batches, the state restored bit for bit
     for (name, a), b in zip(straight.state_dict().items(), branched.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     train_codebooks(
@@ -167,19 +169,25 @@ def test_bad_settings_raise(cb) -> None:
 
 def test_schedule() -> None:
     cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
-    assert cfg.lr_factor(0) == pytest.approx(0.1)
-    assert cfg.lr_factor(9) == pytest.approx(1.0)
-    assert cfg.lr_factor(10) == pytest.approx(1.0)
-    assert cfg.lr_factor(60) == pytest.approx(0.55)
-    assert cfg.lr_factor(110) == pytest.approx(0.1)
+    # float64 closed forms of a cosine and ≤ 4 roundings: ≲ 1e-15 off; rel 1e-12 (a wrong step
+    # or phase is ≳ 1e-3 off)
+    assert cfg.lr_factor(0) == pytest.approx(0.1, rel=1e-12)
+    assert cfg.lr_factor(9) == pytest.approx(1.0, rel=1e-12)  # as above
+    assert cfg.lr_factor(10) == pytest.approx(1.0, rel=1e-12)  # as above
+    assert cfg.lr_factor(60) == pytest.approx(0.55, rel=1e-12)  # as above
+    assert cfg.lr_factor(110) == pytest.approx(0.1, rel=1e-12)  # as above
     snapped = TrainConfig(steps=110, warmup_steps=10, snap_after=50, snap_lr_factor=0.5)
-    assert snapped.lr_factor(49) == pytest.approx(cfg.lr_factor(49))  # the schedule until then
-    assert snapped.lr_factor(50) == pytest.approx(0.05)  # a new warm-up from the snap
-    assert snapped.lr_factor(59) == pytest.approx(0.5)
-    assert snapped.lr_factor(85) == pytest.approx(0.5 * 0.55)  # then a cosine of 50 steps
-    assert snapped.lr_factor(110) == pytest.approx(0.05)
+    # same path: the schedule until the snap is the one without it, on the same step
+    assert snapped.lr_factor(49) == pytest.approx(cfg.lr_factor(49))
+    # float64 closed forms, as above
+    assert snapped.lr_factor(50) == pytest.approx(0.05, rel=1e-12)  # a new warm-up from the snap
+    assert snapped.lr_factor(59) == pytest.approx(0.5, rel=1e-12)  # as above
+    # then a cosine of 50 steps (as above)
+    assert snapped.lr_factor(85) == pytest.approx(0.5 * 0.55, rel=1e-12)
+    assert snapped.lr_factor(110) == pytest.approx(0.05, rel=1e-12)  # as above
     flat = TrainConfig(**{**snapped.__dict__, "schedule": "constant"})
-    assert flat.lr_factor(109) == pytest.approx(0.5) and flat.lr_factor(5) == pytest.approx(0.6)
+    assert flat.lr_factor(109) == pytest.approx(0.5, rel=1e-12)  # as above
+    assert flat.lr_factor(5) == pytest.approx(0.6, rel=1e-12)  # as above
     with pytest.raises(ValueError, match="snap_lr_factor"):
         TrainConfig(snap_lr_factor=0.0)
 

@@ -50,6 +50,7 @@ def test_token_kl_matches_double_loop_and_kl_div(pair):
     oracle = slow_kl(anchor, other)
     got = token_kl(torch.log_softmax(anchor, -1), other)
     assert got.dtype == torch.float32 and got.shape == (3, 5)
+    # float32 against the float64 oracle: RTOL/ATOL's log-softmax rounding bound (above)
     torch.testing.assert_close(got.double(), oracle, rtol=RTOL, atol=ATOL)
     via_kl_div = F.kl_div(
         torch.log_softmax(other, -1),
@@ -70,20 +71,22 @@ def test_reductions_against_oracle_and_each_other(pair):
     tok = masked_kl(logp, other, mask, reduction="token")
     assert tok.shape == (3, 5)
     assert torch.all(tok[~mask] == 0)
+    # float32 against the float64 oracle here and below: RTOL/ATOL's rounding bound (above)
     torch.testing.assert_close(tok[mask].double(), oracle[mask], rtol=RTOL, atol=ATOL)
     mean = masked_kl(logp, other, mask)
     assert mean.shape == ()
-    torch.testing.assert_close(mean.double(), oracle[mask].mean(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(mean.double(), oracle[mask].mean(), rtol=RTOL, atol=ATOL)  # ditto
     per_example = masked_kl(logp, other, mask.long(), reduction="example")
     assert per_example.shape == (3,)
     want = torch.stack([oracle[i][mask[i]].mean() for i in range(3)])
-    torch.testing.assert_close(per_example.double(), want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(per_example.double(), want, rtol=RTOL, atol=ATOL)  # as above
     # example means weighted by their counts give back the overall mean
     counts = mask.sum(-1)
+    weighted = (per_example * counts).sum() / counts.sum()
     # float32 sums of 13 terms ≲ 2 in another order: ≲ 13·2^-24·2 ≈ 1.6e-6, inside the float32
-    # default (atol 1e-5 + rtol 1.3e-6)
-    torch.testing.assert_close((per_example * counts).sum() / counts.sum(), mean)
-    # no mask: plain mean of every position
+    # default (atol 1e-5 + rtol 1.3e-6), passed explicitly
+    torch.testing.assert_close(weighted, mean, rtol=1.3e-6, atol=1e-5)
+    # no mask: plain mean of every position, against the oracle within RTOL/ATOL (above)
     torch.testing.assert_close(masked_kl(logp, other).double(), oracle.mean(), rtol=RTOL, atol=ATOL)
 
 
@@ -104,7 +107,8 @@ def test_masked_positions_do_not_matter(pair):
     scrambled = other.clone()
     scrambled[~mask] = torch.randn_like(scrambled[~mask]) * 100
     scrambled[1, 4, 0] = float("nan")  # even NaN in a masked position does not leak
-    # masked positions are replaced by exact zeros before any sum: identical (measured)
+    # same path: masked positions are replaced by exact zeros before any sum, so every sum
+    # adds the same float32 values in the same shape (measured identical)
     for reduction in ("mean", "example", "token"):
         torch.testing.assert_close(
             masked_kl(logp, scrambled, mask, reduction), masked_kl(logp, other, mask, reduction)
@@ -120,8 +124,9 @@ def test_zero_probabilities_give_zero_not_nan():
     log_q = torch.log_softmax(other, -1)
     want0 = sum(p[0, v] * (torch.log(p[0, v]) - log_q[0, v]) for v in (0, 2))
     want1 = -log_q[1, 2]
-    # float32, 2-term sums: a few 2^-24 of |log q| ≲ 3, inside the float32 default
-    torch.testing.assert_close(got, torch.stack([want0, want1]))
+    # float32, 2-term sums: a few 2^-24 of |log q| ≲ 3 (≲ 1e-6), inside the float32 default
+    # (atol 1e-5, rtol 1.3e-6) passed explicitly
+    torch.testing.assert_close(got, torch.stack([want0, want1]), rtol=1.3e-6, atol=1e-5)
     # q = 0 where p > 0 is an infinite divergence, reported as +inf (not NaN)
     assert token_kl(torch.zeros(1, 3), other[:1])[0] == math.inf
 
@@ -144,12 +149,12 @@ def test_classifier_inputs():
     g = torch.Generator().manual_seed(2)
     anchor, other = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
     oracle = slow_kl(anchor, other)
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # float32 vs the float64 oracle: RTOL/ATOL's bound (above)
         masked_kl(anchor, other).double(), oracle.mean(), rtol=RTOL, atol=ATOL
     )
     per = masked_kl(anchor, other, reduction="example")
     assert per.shape == (6,)
-    torch.testing.assert_close(per.double(), oracle, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(per.double(), oracle, rtol=RTOL, atol=ATOL)  # as above
 
 
 def test_bad_inputs_raise(pair):
@@ -177,7 +182,9 @@ def test_vmap_over_perturbations(pair):
     stack = torch.stack([other, anchor, other * 2])
     got = torch.func.vmap(lambda lg: masked_kl(anchor, lg, mask))(stack)
     want = torch.stack([masked_kl(anchor, s, mask) for s in stack])
-    torch.testing.assert_close(got, want)  # the same float32 ops per item (measured identical)
+    # vmap runs each op once on the stack, whose reductions may add in another order than
+    # per item's (measured identical here): float32 sums of ≲ 15·11 terms, within RTOL/ATOL
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
 
 
 def _batches(token_batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -191,7 +198,7 @@ def test_anchor_cache_matches_direct_computation(gpt2_model, token_batch):
     with torch.no_grad():
         logits = [forward_logits(gpt2_model, b) for b in batches]
     for i, lg in enumerate(logits):
-        # the same forward and log-softmax (measured identical), inside the float32 default
+        # same path: the cache runs the same forward and float32 log-softmax on the same batch
         torch.testing.assert_close(cache.logp(i), torch.log_softmax(lg, -1))
         assert cache.logp(i).device.type == "cpu"
     assert cache.nbytes == 4 * 16 * 512 * 4

@@ -102,6 +102,42 @@ def test_stages_resume_and_sources(tmp_path, capsys) -> None:
     assert sources["split"] == "outputs"
 
 
+def test_ctrl_c_keeps_the_finished_sections(tmp_path, capsys, monkeypatch) -> None:
+    """Ctrl-C in the bases stage keeps the sections finished; --resume computes the rest."""
+    import tyche.interaction.graph as graph_module
+
+    out = tmp_path / "run"
+    args = ["interaction", "build", "--model", "zoo:digits-mlp", "--n_rows", "100",
+            "--node_layers", "0:input,1:input,2:input,output", "--no-plot"]  # fmt: skip
+    whole = cli(capsys, *args, "--out", str(tmp_path / "whole"))
+    assert whole.code == 0 and not (tmp_path / "whole" / "sections").exists()
+    inner, calls = graph_module.lib_moments, []
+
+    def ctrl_c_in_the_second_section(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 2 and stop:
+            raise KeyboardInterrupt
+        return inner(*a, **k)
+
+    monkeypatch.setattr(graph_module, "lib_moments", ctrl_c_in_the_second_section)
+    stop = True
+    run = cli(capsys, *args, "--out", str(out))
+    assert run.code == 130, run.err
+    assert f"finished sections under {out / 'sections'}/; continue with: " in run.err
+    assert run.err.rstrip().endswith("--resume")
+    assert sorted(p.name for p in (out / "sections").iterdir()) == ["section-2"]
+    stop, calls[:] = False, []
+    run = cli(capsys, *args, "--out", str(out), "--resume")
+    assert run.code == 0, run.err
+    assert "resuming from the grams" in run.out
+    assert f"resuming from the finished sections 2 (2:input -> output) in {out}" in run.out
+    assert len(calls) == 2  # sections 1 and 0; section 2 was not computed again
+    assert not (out / "sections").exists()  # the graph holds them all now
+    a, b = _graph(out), _graph(tmp_path / "whole")
+    for x, y in zip(a.edges, b.edges):
+        assert torch.equal(x, y)  # same path: the same sums on the same rows, bit for bit
+
+
 def test_ablate_and_plot(tmp_path, capsys) -> None:
     out = tmp_path / "g"
     main(["interaction", "build", "--model", "zoo:digits-mlp", "--n_rows", "300",
@@ -129,7 +165,7 @@ def test_ablate_and_plot(tmp_path, capsys) -> None:
           "--nodes_per_layer", "6", "--threshold", "0.1", "--norm", "identity",
           "--no-hide_constant"])  # fmt: skip
     assert png.stat().st_size > 5000
-    main(["interaction", "plot", "--graph", str(out)])
+    main(["interaction", "plot", "--graph", str(out), "--overwrite"])  # the build drew one
     assert (out / "graph.png").is_file()
 
 
@@ -232,9 +268,23 @@ def test_flag_errors_are_one_line_before_loading(args, pattern, saved_graph, cap
 
 
 def test_resume_and_leftover_builds(tmp_path, capsys, saved_graph) -> None:
+    import shutil
+
     run = cli(capsys, "interaction", "build", "--out", saved_graph)
+    _assert_one_line_error(run, r"holds a finished run of other settings: --model \(saved "
+                                r"zoo:digits-mlp, now zoo:modadd\)")  # fmt: skip
+    leftover = tmp_path / "leftover"  # an interrupted build: its record says unfinished
+    shutil.copytree(saved_graph, leftover)
+    record = json.loads((leftover / "run.json").read_text())
+    (leftover / "run.json").write_text(json.dumps({**record, "finished": False}))
+    run = cli(capsys, "interaction", "build", "--out", str(leftover))
     _assert_one_line_error(run, r"holds a build already \(stages grams, bases, edges\); add "
                                 r"--resume")  # fmt: skip
+    # resuming it with other data is refused by name (it would mix two builds' stages)
+    run = cli(capsys, "interaction", "build", "--resume", "--out", str(leftover), "--model",
+              "zoo:digits-mlp", "--n_rows", "60", "--no-plot", "--seed", "5")  # fmt: skip
+    _assert_one_line_error(run, r"--resume: the build in --out .* was made with other "
+                                r"settings: --seed \(saved 0, now 5\)")  # fmt: skip
     run = cli(capsys, "interaction", "build", "--resume", "--out", str(tmp_path / "empty"))
     _assert_one_line_error(run, r"--resume: no saved stage under")
     # --layers naming a node layer the graph lacks: after the (cheap) graph load, no model

@@ -32,10 +32,15 @@ def test_zero_intervals_is_the_midpoint(rule: str) -> None:
 def test_trapezoid_points_and_weights() -> None:
     alphas, weights = integration_points("trapezoidal", 4)
     eps = 1e-3 / 5
-    assert alphas[0] == pytest.approx(eps) and alphas[-1] == pytest.approx(1 - eps)
+    # np.linspace returns its ends as given: the same float64 expressions, ≤ 1 ulp apart
+    assert alphas[0] == pytest.approx(eps, rel=1e-15)
+    assert alphas[-1] == pytest.approx(1 - eps, rel=1e-15)  # as the first
     steps = torch.tensor(alphas).diff()
-    assert torch.allclose(steps, steps[0].expand_as(steps))
-    assert weights == pytest.approx([0.125, 0.25, 0.25, 0.25, 0.125])
+    # float32 alphas (torch.tensor's default) ≤ 1, each off by ≤ 3e-8: steps of 0.25 agree to
+    # ≤ 4 · 3e-8 / 0.25 ≈ 5e-7 relative; uneven spacing would be O(1e-3) or more off
+    assert torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-5, atol=0)
+    # 1/4 and 1/8: exact in float64
+    assert weights == pytest.approx([0.125, 0.25, 0.25, 0.25, 0.125], rel=1e-15)
 
 
 def test_gauss_legendre_integrates_polynomials_exactly() -> None:
@@ -43,8 +48,8 @@ def test_gauss_legendre_integrates_polynomials_exactly() -> None:
     alphas, weights = integration_points("gauss-legendre", 2)
     for degree in range(6):
         value = sum(w * a**degree for a, w in zip(alphas, weights))
-        assert value == pytest.approx(1 / (degree + 1), rel=1e-14)
-    assert sum(weights) == pytest.approx(1.0, rel=1e-15)
+        assert value == pytest.approx(1 / (degree + 1), rel=1e-14)  # 3 float64 terms ≤ 1
+    assert sum(weights) == pytest.approx(1.0, rel=1e-15)  # 3 float64 weights: ≲ 2 eps
 
 
 def test_rules_for_layers_by_prefix() -> None:
@@ -68,7 +73,10 @@ def test_centering_matrix_shifts_by_the_mean() -> None:
     f = torch.randn(7, 4, generator=g, dtype=torch.float64)
     mu = f.mean(0)
     y, y_inv = centering_matrix(mu), centering_matrix(mu, inverse=True)
+    # exact on any CPU: Y's entries are 0, 1 and -mu, so every product is exact and each sum
+    # has one rounding (f_j - mu_j, as the subtraction), the rest adds exact zeros
     assert torch.equal(append_constant(f) @ y, append_constant(f - mu))
+    # exact for the same reason: the only non-trivial sums are -mu_j + mu_j = 0
     torch.testing.assert_close(y @ y_inv, torch.eye(5, dtype=torch.float64), rtol=0, atol=0)
 
 
@@ -80,8 +88,11 @@ def test_bias_scaler_makes_a_folded_linear_map() -> None:
     with scaled_biases(lin) as scaler:
         scaler.activate(c)
         y = lin(x)
-    torch.testing.assert_close(y, x @ lin.weight.T + 0.25 * lin.bias, rtol=1e-15, atol=1e-15)
-    assert torch.equal(lin(x), x @ lin.weight.T + lin.bias)  # the hook is gone
+    # float64 3-term dots plus a bias, fused (addmm) or not: ≲ 4·eps·Σ|terms| (≲ 5) ≈ 2e-15;
+    # a bias left unscaled is 0.75·|b| ≈ 0.1 off
+    torch.testing.assert_close(y, x @ lin.weight.T + 0.25 * lin.bias, rtol=1e-14, atol=1e-14)
+    # the hook is gone: the whole bias again (addmm vs matmul + add, as above)
+    torch.testing.assert_close(lin(x), x @ lin.weight.T + lin.bias, rtol=1e-14, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- grams
@@ -101,15 +112,17 @@ def test_streaming_gram_equals_direct_statistics() -> None:
     # a two-pass float64 covariance of O(10) values at a mean of 1e4: rounding ~1e-16 * 1e4^2
     # / spread^2 would show if E[xx^T] - mu mu^T were used; the update keeps ~1e-12
     torch.testing.assert_close(acc.mean, mean, rtol=1e-14, atol=0)
-    torch.testing.assert_close(acc.covariance, cov, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(acc.covariance, cov, rtol=1e-11, atol=1e-11)  # the ~1e-12 above
 
 
 def test_folded_gram_blocks() -> None:
     mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
     cov = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     centred = folded_gram(mu, cov, center=True)
+    # exact: small dyadic numbers, every product and sum exact in float64
     assert torch.equal(centred[:2, :2], cov) and centred[2, 2] == 1 and not centred[:2, 2].any()
     plain = folded_gram(mu, cov, center=False)
+    # exact, as above (cov + mu muᵀ of small dyadic numbers)
     assert torch.equal(plain[:2, :2], cov + torch.outer(mu, mu)) and torch.equal(plain[:2, 2], mu)
 
 
@@ -129,7 +142,9 @@ def test_eigh_desc_is_sorted_and_signed() -> None:
     _, cov = _stats()
     values, vectors = eigh_desc(cov)
     assert (values.diff() <= 0).all()
-    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, cov)
+    # float64 eigh of a 5×5 matrix: backward error ≲ 5·eps·|cov| (LAPACK's bound, any CPU)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, cov,
+                               rtol=0, atol=1e-12 * float(cov.abs().max()))  # fmt: skip
     top = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
     assert (top > 0).all()
 
@@ -158,6 +173,7 @@ def test_lib_basis_scales_and_inverts() -> None:
     # C^T G C = diag(Lambda) and C+ C = I up to float64 rounding of 6x6 products
     torch.testing.assert_close(basis.C.T @ gram @ basis.C, torch.diag(basis.Lambda),
                                rtol=1e-10, atol=1e-12)  # fmt: skip
+    # C+ C = I, as above
     torch.testing.assert_close(basis.C_pinv @ basis.C, torch.eye(6, dtype=torch.float64),
                                rtol=0, atol=1e-12)  # fmt: skip
     assert (basis.Lambda[1:].diff() <= 0).all()

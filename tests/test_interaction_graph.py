@@ -72,6 +72,7 @@ def test_lambda_is_the_variance_of_each_feature(formula: str) -> None:
         torch.testing.assert_close((f_hat**2).mean(0), lam, rtol=1e-9, atol=1e-12 * lam.max())
         # centred: every feature but the constant has mean 0 (so Lambda is its variance)
         assert (f_hat[:, 1:].mean(0).abs() <= 1e-9 * f_hat[:, 1:].std(0)).all()
+        # the same float64 sums over 300 rows, less a mean of ~1e-9·std: ~1e-13 relative
         torch.testing.assert_close(f_hat[:, 1:].var(0, correction=0), lam[1:], rtol=1e-9, atol=0)
 
 
@@ -90,7 +91,7 @@ def test_functional_edges_sum_to_the_activation_size() -> None:
         # the same integrated gradients on both sides (Lambda is their absolute value);
         # float64 sums over 300 rows
         outgoing = graph.edges[i].sum(0).abs()
-        torch.testing.assert_close(outgoing, size, rtol=1e-9, atol=1e-12 * size.max())
+        torch.testing.assert_close(outgoing, size, rtol=1e-9, atol=1e-12 * size.max())  # as above
 
 
 def test_lambda_of_alpha_formulas_agree_on_a_homogeneous_network() -> None:
@@ -101,6 +102,8 @@ def test_lambda_of_alpha_formulas_agree_on_a_homogeneous_network() -> None:
     a = build_interaction_graph(model, x, MLP_LAYERS, basis="(1-alpha)^2", **kw)
     b = build_interaction_graph(model, x, MLP_LAYERS, basis="(1-0)*alpha", **kw)
     for ba, bb in zip(a.bases[:-1], b.bases[:-1]):
+        # two exact 3-node rules for the same integral: float64 rounding of sums over 300 rows
+        # (~1e-13 relative) through an eigendecomposition
         torch.testing.assert_close(ba.Lambda, bb.Lambda, rtol=1e-9, atol=1e-14)
 
 
@@ -123,8 +126,10 @@ def test_rotating_the_final_layer_changes_only_the_last_basis_and_edges(
     for a, b in zip(plain.bases[:-1], rotated.bases[:-1]):
         # M differs only by float64 rounding of a rotation of the output: ~1e-13 relative
         torch.testing.assert_close(a.Lambda, b.Lambda, rtol=1e-8, atol=1e-12 * a.Lambda.max())
+        # eigenvectors of those M: the ~1e-13 grown by 1/(relative eigengap)
         torch.testing.assert_close(a.C, b.C, rtol=1e-6, atol=1e-8)
     for a, b in zip(plain.edges[:-1], rotated.edges[:-1]):
+        # products of those C: their tolerance
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10 * a.abs().max())
 
 
@@ -192,12 +197,14 @@ def test_centred_bases_have_one_constant_direction(formula: str) -> None:
         assert not basis.C[:-1, 0].any() and basis.C[-1, 0] > 0
         assert basis.C_pinv[1:, -1].abs().max() <= 1e-12
         f_hat = features(model, x, graph, i)
+        # C[:-1, 0] is exactly 0: every row's value is 1·C[-1, 0] plus exact zeros
         assert torch.allclose(f_hat[:, 0], f_hat[0, 0].expand(len(x)), rtol=1e-15, atol=0)
         # the rest have mean 0: float64 sums over 300 rows of O(1) values
         assert (f_hat[:, 1:].mean(0).abs() <= 1e-9 * f_hat[:, 1:].std(0)).all()
         # the constant direction in original coordinates is the mean activation
         mean = append_constant(basis.mean)
         row = basis.C_pinv[0] / basis.C_pinv[0, -1]
+        # float64 pseudo-inverse of a small (≤ 8 square) basis: rounding of ~eps·cond
         torch.testing.assert_close(row, mean, rtol=1e-12, atol=1e-12)
 
 
@@ -219,6 +226,7 @@ def test_squared_edges_are_nonnegative_and_jacobian_lambda_is_the_second_moment(
         assert (e >= 0).all() and e.max() > 0
     f_hat = features(model, x, graph, 0)
     lam = graph.bases[0].Lambda
+    # float64 sums of 300 products: ~1e-13 relative (as for the other formulas)
     torch.testing.assert_close((f_hat**2).mean(0), lam, rtol=1e-9, atol=1e-12 * lam.max())
 
 

@@ -75,6 +75,7 @@ def test_one_stochastic_source_is_exact_for_one_output_position() -> None:
     for a, b in zip(exact.bases[:-1], one.bases[:-1]):
         # identical products up to the sign of each cotangent: float64 rounding
         torch.testing.assert_close(a.Lambda, b.Lambda, rtol=1e-12, atol=0)
+    # the edges from those products: float64 rounding, as the Lambdas
     for a, b in zip(exact.edges, one.edges):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14 * a.max())
 
@@ -140,6 +141,8 @@ def test_resuming_from_grams_and_bases_gives_the_same_graph(tmp_path) -> None:
         model, x, MLP_LAYERS, progress=False, bases=InteractionGraph.load(tmp_path / "bases")
     )
     for other in (from_grams, from_bases):
+        # exact: the same grams (saved bits, or the same sums on the same batches) through the
+        # same eigendecompositions, or the saved bases themselves
         for a, b in zip(full.bases[:-1], other.bases[:-1]):
             assert torch.equal(a.C, b.C)
         for a, b in zip(full.edges, other.edges):
@@ -163,6 +166,7 @@ def test_inputs_may_be_an_iterable_of_batches() -> None:
     model, x = TinyMLP(), mlp_data()
     whole = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
     pieces = build_interaction_graph(model, iter(x.split(70)), MLP_LAYERS, progress=False)
+    assert pieces.settings["inputs"] == whole.settings["inputs"]  # the same rows, hashed in order
     batched = build_interaction_graph(model, x, MLP_LAYERS, batch_size=64, progress=False)
     for other in (pieces, batched):
         for a, b in zip(whole.edges, other.edges):
@@ -193,6 +197,7 @@ def test_blocks_of_rows_give_the_same_graph(monkeypatch, gpt2_model, token_batch
     for a, b in zip(whole.bases[:-1], blocks.bases[:-1]):
         # the same sums in another order: float64 rounding of sums over 64 positions
         torch.testing.assert_close(a.Lambda, b.Lambda, rtol=1e-9, atol=1e-13 * a.Lambda.max())
+    # the edges: sums over the same 64 positions in another order, as the Lambdas
     for a, b in zip(whole.edges, blocks.edges):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13 * a.abs().max())
 

@@ -219,3 +219,28 @@ def test_model_hash_of_tiny_lm(gpt2_model):
     copy = type(gpt2_model)(gpt2_model.config)
     copy.load_state_dict(gpt2_model.state_dict())
     assert model_hash(copy) == h
+
+
+def _strict(text: str):
+    """``json.loads`` that refuses NaN and Infinity, as strict parsers (JavaScript's) do."""
+
+    def refuse(name: str):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_writes_non_finite_floats_as_null(tmp_path):
+    """A metric that is NaN or infinite is written as null (valid JSON), not NaN or refused."""
+    from tyche.io import write_json
+
+    data = {"loss": math.nan, "ratio": [1.5, math.inf, -math.inf],
+            "nested": {"x": np.float32("nan")}, "t": (2.0, np.float64(0.25)), "ok": 3}  # fmt: skip
+    expected = {"loss": None, "ratio": [1.5, None, None], "nested": {"x": None}, "t": [2.0, 0.25],
+                "ok": 3}  # fmt: skip
+    written = write_json(tmp_path / "m.json", data)
+    assert _strict(written.read_text()) == expected
+    from tyche.io import json_text
+
+    assert _strict(json_text(data, indent=None)) == expected
+    assert json_text({"b": 1, "a": 2}, indent=None, sort_keys=False) == '{"b": 1, "a": 2}\n'

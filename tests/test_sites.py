@@ -97,15 +97,18 @@ def test_residual_stream_matches_output_hidden_states(hf_model, token_batch):
     assert len(hidden) == 3
     # exact: the hooks see the tensors HF returns as hidden states
     torch.testing.assert_close(acts["resid_pre.0"], hidden[0], rtol=0, atol=0)
-    torch.testing.assert_close(acts["resid_post.0"], hidden[1], rtol=0, atol=0)
+    torch.testing.assert_close(acts["resid_post.0"], hidden[1], rtol=0, atol=0)  # as above
+    # exact: one tensor
     torch.testing.assert_close(acts["resid_pre.1"], acts["resid_post.0"], rtol=0, atol=0)
     # HF replaces the last hidden state with the final norm's output, so resid_post.{L-1}
     # differs from hidden_states[L]; the final norm maps one to the other, and that is unembed
     last = acts["resid_post.1"]
     assert not torch.allclose(last, hidden[2], atol=1e-3)  # a LayerNorm apart: O(1)
     with torch.no_grad():
+        # same path: the final norm on the very tensor HF gives it
         torch.testing.assert_close(final_norm(hf_model)(last), hidden[2])
-        torch.testing.assert_close(acts["unembed"], hidden[2], rtol=0, atol=0)
+        torch.testing.assert_close(acts["unembed"], hidden[2], rtol=0, atol=0)  # one tensor
+        # same path: the unembedding on the very tensor HF gives it
         torch.testing.assert_close(unembedding(hf_model)(acts["unembed"]), out.logits)
 
 
@@ -116,12 +119,14 @@ def test_block_decomposes_into_attention_and_mlp(hf_model, token_batch):
     for i in range(2):
         summed = acts[f"resid_pre.{i}"] + acts[f"attn_out.{i}"] + acts[f"mlp_out.{i}"]
         # the block may add in another order (NeoX's parallel residual): two float32 additions
-        # of |x| ≲ 5 differ by ≲ 2·2^-24·5 ≈ 6e-7; measured 1.5e-8. Float32 default
-        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)
+        # of |x| ≲ 5 differ by ≲ 2·2^-24·5 ≈ 6e-7; measured 1.5e-8 (every setting). The float32
+        # default (atol 1e-5, rtol 1.3e-6) keeps 16× over the bound; a lost branch is O(0.1)
+        torch.testing.assert_close(acts[f"resid_post.{i}"], summed, rtol=1.3e-6, atol=1e-5)
         heads = acts[f"attn_heads.{i}"]
         assert heads.shape == (4, 16, 4, 16)
         projection = hf_model.get_submodule(f"{layout(hf_model)[0]}.{i}.{out_proj}")
         with torch.no_grad():
+            # same path: the output projection on the very tensor the attention gives it
             torch.testing.assert_close(projection(heads.flatten(-2)), acts[f"attn_out.{i}"])
     with torch.no_grad():
         token_embedding = embedding(hf_model)(token_batch["input_ids"])
@@ -129,9 +134,10 @@ def test_block_decomposes_into_attention_and_mlp(hf_model, token_batch):
     if hasattr(hf_model, "transformer"):  # GPT-2 adds learned positions to the token embedding
         with torch.no_grad():
             positions = hf_model.transformer.wpe(torch.arange(16))
+        # same path: GPT-2's own elementwise add of the same two tensors
         torch.testing.assert_close(acts["resid_pre.0"], acts["embed"] + positions)
     else:  # exact: the first block gets the embedding itself (dropout is off in eval)
-        torch.testing.assert_close(acts["resid_pre.0"], acts["embed"], rtol=0, atol=0)
+        torch.testing.assert_close(acts["resid_pre.0"], acts["embed"], rtol=0, atol=0)  # exact
 
 
 def test_identity_replacement_leaves_logits_unchanged(hf_model, token_batch):
@@ -173,8 +179,9 @@ def test_zeroing_a_head_equals_zeroing_its_projection_columns(hf_model, token_ba
         else:  # GPT-2's Conv1D stores (in, out)
             projection.weight[cols, :] = 0
     # zero inputs or zero weights give the same products (0) in the same sums: measured
-    # identical; float32 default
-    torch.testing.assert_close(ablated, logits(edited, token_batch))
+    # identical (every setting). The float32 default (atol 1e-5) allows a reordered sum; the
+    # head moves the logits by ≥ 0.1
+    torch.testing.assert_close(ablated, logits(edited, token_batch), rtol=1.3e-6, atol=1e-5)
     assert (ablated - before).abs().max() > 1e-4  # and the head mattered (measured ≥ 0.1)
 
 
@@ -184,15 +191,17 @@ def test_tensor_substitute_patches_in_another_run(hf_model, token_batch):
         target = logits(hf_model, other)
     with replace_activations(hf_model, {"resid_pre.1": acts["resid_pre.1"]}):
         patched = logits(hf_model, token_batch)
-    torch.testing.assert_close(patched, target)  # the same tensor onwards: same ops (docstring)
-    assert not torch.allclose(patched, logits(hf_model, token_batch))
+    torch.testing.assert_close(patched, target)  # same path: the same tensor onwards, same ops
+    # another input: logits ≥ 0.3 apart (measured), a lost patch would be 0
+    assert not torch.allclose(patched, logits(hf_model, token_batch), rtol=0, atol=1e-3)
     # a broadcast float64 substitute is cast to the activation's dtype
     with replace_activations(hf_model, {"mlp_out.0": torch.zeros(64, dtype=torch.float64)}):
         by_tensor = logits(hf_model, token_batch)
     with replace_activations(hf_model, {"mlp_out.0": torch.zeros_like}):
         by_function = logits(hf_model, token_batch)
     assert by_tensor.dtype == torch.float32
-    assert not torch.allclose(by_tensor, logits(hf_model, token_batch))
+    # zeroed: logits ≥ 0.5 apart (measured), a lost patch would be 0
+    assert not torch.allclose(by_tensor, logits(hf_model, token_batch), rtol=0, atol=1e-3)
     # exact: zeros either way, then the same ops
     torch.testing.assert_close(by_tensor, by_function, rtol=0, atol=0)
 
@@ -202,6 +211,7 @@ def test_output_replacement_of_tuple_and_tensor_outputs(hf_model, token_batch):
     with read_activations(hf_model, "resid_post.0") as acts:
         target = logits(hf_model, other)
     with replace_activations(hf_model, {"resid_post.0": acts["resid_post.0"]}):
+        # same path: the same tensor onwards, same ops
         torch.testing.assert_close(logits(hf_model, token_batch), target)
     # the attention returns a tuple: its first element is replaced, the block sees zeros
     reads = read_activations(hf_model, ["resid_pre.1", "mlp_out.1", "resid_post.1", "attn_out.1"])
@@ -209,7 +219,8 @@ def test_output_replacement_of_tuple_and_tensor_outputs(hf_model, token_batch):
         logits(hf_model, token_batch)
     assert acts["attn_out.1"].abs().max() == 0  # reads opened inside see the replaced value
     summed = acts["resid_pre.1"] + acts["mlp_out.1"]
-    torch.testing.assert_close(acts["resid_post.1"], summed)
+    # as in test_block_decomposes_into_attention_and_mlp: ≲ 6e-7, float32 default keeps 16×
+    torch.testing.assert_close(acts["resid_post.1"], summed, rtol=1.3e-6, atol=1e-5)
 
 
 def test_detach_false_keeps_the_graph(hf_model, token_batch):
@@ -242,9 +253,11 @@ def test_glob_patterns_and_order(hf_model, token_batch):
     with read_activations(hf_model, [f"{blocks_path}.*.{mlp}", "mlp_out.*", raw_heads]) as acts:
         logits(hf_model, token_batch)
     for i in range(2):
+        # same path: two names of one module's output in one forward pass
         torch.testing.assert_close(acts[f"{blocks_path}.{i}.{mlp}"], acts[f"mlp_out.{i}"])
     with read_activations(hf_model, resolve_sites(hf_model, "attn_heads.0")) as heads:
         logits(hf_model, token_batch)
+    # same path: one module's input, read raw and as heads, in two runs of one forward pass
     torch.testing.assert_close(acts[raw_heads], heads["attn_heads.0"].flatten(-2))
 
 
@@ -331,11 +344,13 @@ def test_plain_sequential_with_raw_globs():
         y = mlp(x)
     hidden = mlp[0](x)
     torch.testing.assert_close(acts["0:input"], x, rtol=0, atol=0)  # the input itself: exact
+    # same path: each module on the same input as in the forward pass
     torch.testing.assert_close(acts["0"], hidden)
-    torch.testing.assert_close(acts["1"], hidden.relu())
-    torch.testing.assert_close(acts["2"], y)
+    torch.testing.assert_close(acts["1"], hidden.relu())  # same path, as above
+    torch.testing.assert_close(acts["2"], y)  # same path: the output itself
     with replace_activations(mlp, {"1": torch.zeros_like}):
-        torch.testing.assert_close(mlp(x), mlp[2].bias.expand(5, 3))
+        # zero inputs: the products are 0 and the output is the bias, exactly
+        torch.testing.assert_close(mlp(x), mlp[2].bias.expand(5, 3), rtol=0, atol=0)
     assert all(not getattr(m, d) for m in mlp.modules() for d in HOOK_DICTS if hasattr(m, d))
     assert alias_sites(mlp) == {}
     for helper in (blocks, n_layers, final_norm, embedding, unembedding):
@@ -402,12 +417,13 @@ def test_unknown_architecture_found_by_structure():
     }
     for i in range(3):
         summed = acts[f"resid_pre.{i}"] + acts[f"attn_out.{i}"] + acts[f"mlp_out.{i}"]
-        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)  # the block's own two adds
+        # same path: the block's own two adds, in its order
+        torch.testing.assert_close(acts[f"resid_post.{i}"], summed)
     assert acts["attn_heads.0"].shape == (2, 5, 2, 4)
     zeros = torch.zeros(2, 5, 8)
     with replace_activations(toy, {"resid_pre.1": zeros}), torch.no_grad():
         patched = toy(ids)  # the block gets hidden_states as a keyword: replaced there
     with torch.no_grad():
         expected = toy.lm_head(toy.norm(toy.blocks[2](toy.blocks[1](zeros))))
-    torch.testing.assert_close(patched, expected)
-    assert not torch.allclose(patched, out)
+    torch.testing.assert_close(patched, expected)  # same path: the same modules on zeros
+    assert not torch.allclose(patched, out, rtol=0, atol=1e-3)  # replaced: ≥ 0.1 apart

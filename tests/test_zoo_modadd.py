@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -62,6 +60,7 @@ def test_training_is_deterministic_and_stops_after_the_target() -> None:
     a, metrics = train_modadd(cfg, progress=False)
     b, _ = train_modadd(cfg, progress=False)
     assert metrics["step_reached_target"] == 5 and metrics["steps"] == 12
+    # exact: one process, the same seeds, threads and kernels: the same ops in the same order
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
                                                  b.state_dict().values()))  # fmt: skip
     with pytest.raises(Exception, match="did not reach test accuracy"):
@@ -78,11 +77,17 @@ def test_fashion_mlp_layout() -> None:
 
 @pytest.mark.slow
 def test_cached_modadd_groks() -> None:
-    """The trained model in the user's cache (training runs until the model groks: many
-    thousand full-batch steps, not yet timed on a quiet machine)."""
-    folder = Path.home() / ".cache" / "tyche" / "modadd"
+    """The trained model in the test cache (training runs until the model groks: many
+    thousand full-batch steps, not yet timed on a quiet machine): train it with
+    ``tyche zoo train modadd`` and run with ``TYCHE_TEST_CACHE=~/.cache/tyche``."""
+    from tyche.zoo import cache_root
+
+    folder = cache_root() / "modadd"
     if not (folder / "zoo.json").is_file():
-        pytest.skip("zoo:modadd is not trained in ~/.cache/tyche: tyche zoo train modadd")
+        pytest.skip(
+            "zoo:modadd is not trained in the test cache: tyche zoo train modadd, then run "
+            "with TYCHE_TEST_CACHE=~/.cache/tyche"
+        )
     import json
 
     metrics = json.loads((folder / "zoo.json").read_text())

@@ -25,13 +25,15 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -42,13 +44,16 @@ __all__ = [
     "check_number",
     "check_readable_text",
     "best_effort",
+    "check_context",
     "check_writable_folder",
+    "config_flags",
     "interrupt_hint",
     "on_interrupt",
     "parse_choices",
     "parse_config",
     "parse_numbers",
     "resume_command",
+    "reworded_text_errors",
     "split_list",
 ]
 
@@ -75,6 +80,25 @@ def resume_command(prog: str, argv: Sequence[str]) -> str:
     """``prog argv... --resume`` as one shell line (any earlier ``--resume`` dropped)."""
     kept = [a for a in argv if a not in ("--resume", "--no-resume", "--debug")]
     return shlex.join([*prog.split(), *kept, "--resume"])
+
+
+def config_flags(cfg: Any) -> list[str]:
+    """The flags that give the dataclass ``cfg`` back from :func:`parse_config`: one per
+    field that differs from its default (``--name VALUE``, ``--flag`` / ``--no-flag``)."""
+    flags: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if not f.init or value == default:
+            continue
+        name = f"--{f.name.rstrip('_')}"
+        if isinstance(value, bool):
+            flags.append(name if value else f"--no-{name[2:]}")
+        elif value is not None:
+            flags += [name, str(value)]
+    return flags
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -123,8 +147,19 @@ def _converter(tp: Any) -> Callable[[str], Any]:
     return convert
 
 
+#: a value that starts like a negative number (``-1``, ``-1e-2``, ``-.5``, ``-1e-2,1e-3``,
+#: ``-inf``): what argparse takes for a flag's value, as Python 3.13's argparse does (``-\.?\d``;
+#: 3.11 knows only ``-1`` and ``-.5``); no flag of ours starts with a digit
+_NEGATIVE_NUMBER = re.compile(r"-\.?\d|-(?:inf|nan)", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: message (see prog --help)``."""
+    """argparse with one-line errors: ``prog: error: message (see prog --help)``; a negative
+    number is a flag's value (``--cutoff -1e-2``), so the command's own check speaks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> typing.NoReturn:
         raise CommandError(f"{message} (see `{self.prog} --help`)")
@@ -257,6 +292,61 @@ def check_number(
         raise CommandError(f"{flag} must be at least {minimum:g}, got {value:g}")
     if above is not None and value <= above:
         raise CommandError(f"{flag} must be greater than {above:g}, got {value:g}")
+
+
+#: the flag that lets a sequence length past a model's context through
+ALLOW_LONG = "--allow_long_context"
+
+
+def check_context(model: Any, seq_len: int, flag: str, *, allow_long: bool, name: str) -> None:
+    """Refuse ``flag seq_len`` past the context length of ``model`` (called ``name``): always
+    for learned position tables (no embedding exists past them), else unless ``allow_long``
+    (rotary positions run past their trained length, at the user's risk).
+
+    The model is inspected by :func:`tyche.sites.context_field` and
+    :func:`tyche.sites.learned_positions`; a model whose config gives no length passes.
+    """
+    from tyche.sites import context_field, learned_positions
+
+    found = context_field(model)
+    if found is None or seq_len <= found[1]:
+        return
+    field, limit = found
+    if learned_positions(model):
+        raise CommandError(
+            f"{flag} {seq_len} is past the {limit} positions of {name}: it learned one "
+            f"embedding per position ({field} {limit}) and has none past them, so "
+            f"{ALLOW_LONG} cannot help; give {flag} {limit} or less"
+        )
+    if not allow_long:
+        raise CommandError(
+            f"{flag} {seq_len} is past the context of {name} ({field} {limit} tokens); give "
+            f"{flag} {limit} or less, or add {ALLOW_LONG} to run it past that length (its "
+            "positions are not a learned table, but it was not built for longer sequences)"
+        )
+
+
+@contextmanager
+def reworded_text_errors(data_flag: str, data: str, length_flag: str) -> Iterator[None]:
+    """Say the errors of :func:`tyche.data.chunk_and_tokenize` about the text (too few tokens
+    for one sequence, no EOS token) in the command's flags: ``data_flag data`` is the text,
+    ``length_flag`` the tokens per sequence."""
+    from tyche.data import NoEOSToken, TooFewTokens
+
+    try:
+        yield
+    except TooFewTokens as err:
+        raise CommandError(
+            f"{data_flag} {data} has only {err.n_tokens} tokens ({err.n_documents} "
+            f"document{'s' * (err.n_documents != 1)}), fewer than one sequence of {length_flag} "
+            f"{err.max_seq_len}; give a smaller {length_flag} or more text"
+        ) from None
+    except NoEOSToken:
+        raise CommandError(
+            f"the model's tokenizer has no EOS token, which separates the documents of "
+            f"{data_flag} {data}; give a model whose tokenizer has one (eos_token in its "
+            "tokenizer_config.json)"
+        ) from None
 
 
 def check_readable_text(path: str | os.PathLike[str], flag: str) -> None:

@@ -27,11 +27,32 @@ from typing import Any
 
 import torch
 
-__all__ = ["chunk_and_tokenize", "iter_batches", "iter_texts", "load_texts"]
+__all__ = [
+    "NoEOSToken",
+    "TooFewTokens",
+    "chunk_and_tokenize",
+    "iter_batches",
+    "iter_texts",
+    "load_texts",
+]
 
 #: Texts are tokenized this many at a time (keeps memory flat on large corpora).
 _TOKENIZE_BATCH = 1000
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+
+
+class TooFewTokens(ValueError):
+    """The data has fewer tokens than one chunk: ``n_tokens`` from ``n_documents``, against
+    ``max_seq_len`` (so a command can say it in its own flags)."""
+
+    def __init__(self, message: str, *, n_tokens: int, n_documents: int, max_seq_len: int):
+        super().__init__(message)
+        self.n_tokens, self.n_documents, self.max_seq_len = n_tokens, n_documents, max_seq_len
+
+
+class NoEOSToken(ValueError):
+    """The tokenizer lacks the special token the tokenization needs (an EOS token to join
+    documents with, or any of pad and EOS to pad rows with)."""
 
 
 def _missing_key(text_key: str, available: Iterable[Any]) -> ValueError:
@@ -109,7 +130,7 @@ def _special_ids(tokenizer: Any) -> tuple[int, int | None]:
     pad_id = getattr(tokenizer, "pad_token_id", None)
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if pad_id is None and eos_id is None:
-        raise ValueError(
+        raise NoEOSToken(
             "the tokenizer has neither a pad token nor an EOS token; set one, e.g. "
             "tokenizer.pad_token = tokenizer.eos_token, or tokenizer.add_special_tokens("
             "{'eos_token': '<|endoftext|>'})."
@@ -157,7 +178,8 @@ def chunk_and_tokenize(
     ``max_examples`` caps ``N`` (chunks when chunking, documents otherwise); documents are read
     and tokenized only until that many rows are filled. Raises ``ValueError`` for an unknown
     ``text_key`` (the available keys are listed), for empty data, when there are fewer tokens
-    than one chunk, and for a tokenizer with neither pad nor EOS token; ``TypeError`` for
+    than one chunk (:class:`TooFewTokens`), and for a tokenizer without the EOS token chunking
+    needs or with neither pad nor EOS token (:class:`NoEOSToken`); ``TypeError`` for
     non-string documents.
     """
     if max_seq_len < 1:
@@ -166,7 +188,7 @@ def chunk_and_tokenize(
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
     pad_id, eos_id = _special_ids(tokenizer)
     if chunking and eos_id is None:
-        raise ValueError(
+        raise NoEOSToken(
             "chunking=True joins documents with the EOS token but the tokenizer has none; set "
             "tokenizer.eos_token or use chunking=False."
         )
@@ -207,10 +229,11 @@ def _chunk(
     if max_examples is not None:
         n_chunks = min(n_chunks, max_examples)
     if n_chunks == 0:
-        raise ValueError(
+        raise TooFewTokens(
             f"the data has only {len(stream)} tokens (from {n_docs} documents), fewer than "
             f"one chunk of max_seq_len={max_seq_len}; use chunking=False or a smaller "
-            "max_seq_len, or give more text."
+            "max_seq_len, or give more text.",
+            n_tokens=len(stream), n_documents=n_docs, max_seq_len=max_seq_len,
         )
     ids = torch.tensor(stream[: n_chunks * max_seq_len], dtype=torch.long)
     ids = ids.view(n_chunks, max_seq_len)

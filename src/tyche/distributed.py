@@ -4,7 +4,9 @@ Every function works unchanged in a single plain process (no ``torchrun``, no pr
 rank 0 of world size 1, reductions and gathers return their input, ``barrier`` does nothing.
 Under ``torchrun`` call :func:`init_distributed` once; it reads the usual environment variables
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and picks the gloo
-backend on CPU and nccl on CUDA.
+backend on CPU and nccl on CUDA. Every method's public entry point that shards work or reduces
+over ranks calls it on first use, so a library call under ``torchrun`` needs no set-up; code
+that shards by itself must call it first (:func:`shard_range` refuses to guess until then).
 
 Work is split with :func:`shard_range` (contiguous blocks whose sizes differ by at most one),
 results are combined with :func:`all_reduce_sum` / :func:`all_gather_cat`, and only rank 0
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -156,7 +159,14 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     Blocks of all ranks partition ``range(n)`` in rank order; their sizes differ by at most
     one (the first ``n % world_size`` ranks get one extra item). A rank may get an empty range
     when ``n < world_size``.
+
+    With ``rank`` or ``world_size`` left out, they are the process group's; under ``torchrun``
+    (``WORLD_SIZE`` > 1) without a group, a ``RuntimeError`` says to call
+    :func:`init_distributed` first (``RANK`` alone would give this process a block of a
+    one-process split).
     """
+    if rank is None or world_size is None:
+        _require_group("shard_range")
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
     if n < 0:
@@ -164,11 +174,26 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
+        _require_group("shard_range")  # e.g. get_rank() and get_world_size() before the group
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)
     return range(start, stop)
+
+
+def _require_group(caller: str) -> None:
+    """Raise when the environment says ``torchrun`` started several processes but no process
+    group exists yet (rank and world size would disagree)."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise RuntimeError(
+            f"{caller}: WORLD_SIZE={world_size} (RANK={os.environ.get('RANK', 'unset')}) says "
+            "this is one of several processes, but no process group exists; call "
+            "tyche.distributed.init_distributed() first"
+        )
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
@@ -265,14 +290,17 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
     Parameters without a gradient are skipped (every rank must have the same ones). A no-op
     in a single process. With equal per-rank batches this equals one process's gradient of
-    the mean loss over the whole batch.
+    the mean loss over the whole batch. The sum runs in the widest dtype among the gradients,
+    at least float32 (float64 gradients keep their precision; half-precision ones are summed
+    in float32 and rounded once).
     """
     if not is_distributed():
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
+    wide = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+    flat = torch.cat([g.detach().reshape(-1).to(wide) for g in grads])
     flat = all_reduce_sum(flat) / get_world_size()
     offset = 0
     for g in grads:

@@ -38,6 +38,8 @@ from torch import nn
 __all__ = [
     "FORMAT_VERSION",
     "ResultIO",
+    "finite_json",
+    "json_text",
     "load_result",
     "model_hash",
     "save_result",
@@ -111,11 +113,31 @@ def write_safetensors(
     return path
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically (NaN refused)."""
+def finite_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, ±inf; also numpy's) replaced by None, through
+    dicts, lists and tuples: what strict JSON can hold (``null``: no value)."""
+    if isinstance(data, float | np.floating):
+        return float(data) if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def json_text(data: Any, *, indent: int | None = 2, sort_keys: bool = True) -> str:
+    """``data`` as strict JSON text (a NaN or infinity is ``null``, see :func:`finite_json`),
+    ending in a newline: for every JSON file or listing the project writes or prints."""
+    return json.dumps(finite_json(data), indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2,
+               sort_keys: bool = True) -> Path:  # fmt: skip
+    """Write ``data`` as indented, key-sorted strict JSON to ``path`` atomically; a NaN or
+    infinity is written as ``null`` (:func:`json_text`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.write_text(json_text(data, indent=indent, sort_keys=sort_keys))
     _publish(tmp, path)
     return path
 

@@ -52,8 +52,11 @@ __all__ = [
     "Site",
     "alias_sites",
     "blocks",
+    "context_field",
+    "context_length",
     "embedding",
     "final_norm",
+    "learned_positions",
     "n_layers",
     "resolve_sites",
     "unembedding",
@@ -198,6 +201,40 @@ def final_norm(model: nn.Module) -> nn.Module:
     if module is None:
         raise _not_recognised(model, "final norm")
     return module
+
+
+#: config fields that give a model's context length (tokens), in order of preference
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+#: names of learned tables of absolute position embeddings (GPT-2, BERT, OPT, TransformerLens)
+_POSITION_TABLE = re.compile(r"(?:^|\.)(?:wpe|pos_embed|position_embeddings|embed_positions)$")
+
+
+def context_field(model: nn.Module) -> tuple[str, int] | None:
+    """``(field, tokens)``: the config field that gives the context length of ``model`` and its
+    value (the HF ``config``, or TransformerLens' ``cfg``); None when the config names none."""
+    for holder in (getattr(model, "config", None), getattr(model, "cfg", None)):
+        for name in CONTEXT_FIELDS:
+            value = getattr(holder, name, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return name, value
+    return None
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence (tokens) ``model`` was built for: its config's
+    ``max_position_embeddings``, ``n_positions`` or ``n_ctx``; None when unknown."""
+    found = context_field(model)
+    return None if found is None else found[1]
+
+
+def learned_positions(model: nn.Module) -> bool:
+    """Whether ``model`` adds a learned table of absolute position embeddings (GPT-2's
+    ``wpe``, BERT's ``position_embeddings``, OPT's ``embed_positions``): a position past the
+    table has no embedding at all. Rotary (GPT-NeoX, Llama) and ALiBi models have none."""
+    return any(
+        _POSITION_TABLE.search(name) and next(module.parameters(recurse=False), None) is not None
+        for name, module in model.named_modules()
+    )
 
 
 def _head_count(model: nn.Module, attention: nn.Module) -> int | None:

@@ -21,15 +21,26 @@ from tyche.divergence import logits_of
 from tyche.optim_state import read_optimizer_state
 
 
+class ZeroSpectrum(ValueError):
+    """``n_zero`` spectrum entries are zero with ``eps=0``: p = 1/(|s|^exponent + eps) would
+    divide by zero."""
+
+    def __init__(self, message: str, n_zero: int):
+        super().__init__(message)
+        self.n_zero = n_zero
+
+
 def _spectrum_to_scales(spec: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
     """p_i = 1/(|s_i|^exponent + eps) in float64, with a clear error on division by zero."""
     if not (math.isfinite(eps) and eps >= 0 and math.isfinite(exponent) and exponent >= 0):
         raise ValueError(f"eps and exponent must be finite and >= 0, got {eps!r}, {exponent!r}")
     denom = spec.abs().to(torch.float64).pow(exponent) + eps
     if not (denom > 0).all():
-        raise ValueError(
-            f"{int((denom <= 0).sum())} spectrum entries are zero and eps=0, so 1/(|s|^exponent"
-            " + eps) divides by zero; use eps > 0"
+        n_zero = int((denom <= 0).sum())
+        raise ZeroSpectrum(
+            f"{n_zero} spectrum entries are zero and eps=0, so 1/(|s|^exponent + eps) divides "
+            "by zero; use eps > 0",
+            n_zero,
         )
     return 1.0 / denom
 

@@ -198,10 +198,15 @@ def _level_points(
 
     ``levels`` (L,) broadcast against the batch; ``start`` and ``upper`` (..., L) are an
     initial guess and a point known to satisfy Δ ≥ level.
+
+    Every element stops on its own: once its step is below ``_NEWTON_RTOL`` it keeps the value
+    of that step, while the others iterate on. So an element's result is the one it would
+    get alone, whatever else is in the batch (and how long the others take).
     """
     lo = torch.zeros_like(start)
     hi = upper
     y = torch.minimum(start, hi)
+    done = torch.zeros(y.shape, dtype=torch.bool, device=y.device)
     for _ in range(_MAX_NEWTON_ITERS):
         f = _drop(sign * y, *params) - levels
         slope = sign * _drop_slope(sign * y, *params)  # dΔ/dy > 0
@@ -211,8 +216,9 @@ def _level_points(
         inside = (y_newton >= lo) & (y_newton <= hi)  # False for NaN/inf steps
         y_next = torch.where(inside, y_newton, 0.5 * (lo + hi))
         converged = (y_next - y).abs() <= _NEWTON_RTOL * y_next
-        y = y_next
-        if bool(torch.all(converged)):
+        y = torch.where(done, y, y_next)  # converged elements keep their own last step
+        done |= converged
+        if bool(torch.all(done)):
             break
     return y
 
@@ -224,9 +230,20 @@ def _gauss_legendre(n: int, device: str) -> tuple[Tensor, Tensor]:
     return as_t(nodes), as_t(weights)
 
 
+def _hypot(x: Tensor, y: Tensor) -> Tensor:
+    """``sqrt(x² + y²)`` without overflow, from correctly rounded operations only.
+
+    ``torch.hypot`` may round the last bit differently in its vectorised and its scalar code
+    (a tensor's tail), so an element's value would depend on its place in the batch; the
+    scaled square root has one rounding per operation wherever it runs (~2 ulps)."""
+    m = torch.maximum(x.abs(), y.abs())
+    safe = torch.where(m > 0, m, torch.ones_like(m))
+    return m * torch.sqrt((x / safe).square() + (y / safe).square())
+
+
 def _log_radial_integral_c0(d: Tensor, a: Tensor, b: Tensor, upper: Tensor) -> Tensor:
     """log ∫_0^upper r^(d-1) exp(-a r²/2 + b r) dr for validated, broadcast float64 tensors."""
-    disc = torch.hypot(b, 2.0 * torch.sqrt(a) * torch.sqrt(d))  # sqrt(b² + 4 a D)
+    disc = _hypot(b, 2.0 * torch.sqrt(a) * torch.sqrt(d))  # sqrt(b² + 4 a D)
     r_star = torch.where(b >= 0, (b + disc) / (2.0 * a), 2.0 * d / (disc - b))
     big_a = a * r_star * r_star
     x_upper = torch.log(upper) - torch.log(r_star)  # +inf when upper = inf
@@ -269,9 +286,22 @@ def _log_radial_integral_c0(d: Tensor, a: Tensor, b: Tensor, upper: Tensor) -> T
     half = col(0.5 * (hi - lo))
     h = torch.addcmul(col(0.5 * (hi + lo)), half, nodes)  # (..., panels, nodes)
     p = tuple(col(col(t)) for t in (d, big_a, rho, rho_m1))
-    integrand = _drop(h, *p).neg_().exp_().mul_(half)
-    total = integrand.sum(dim=-2) @ weights
-    return log_peak + torch.log(total)
+    integrand = _drop(h, *p).neg_().exp_().mul_(half).mul_(weights)
+    return log_peak + torch.log(_row_sums(integrand))
+
+
+def _row_sums(terms: Tensor) -> Tensor:
+    """Σ over the last two axes of ``terms`` (..., panels, nodes), in a fixed order: the
+    panels one after another, then the nodes one after another, with elementwise adds. A
+    reduction kernel or a matrix-vector product may split a row's sum differently for
+    another number of rows; this order is the same for every row of every batch."""
+    by_node = terms[..., 0, :].clone()
+    for panel in range(1, terms.shape[-2]):
+        by_node.add_(terms[..., panel, :])
+    total = by_node[..., 0].clone()
+    for node in range(1, by_node.shape[-1]):
+        total.add_(by_node[..., node])
+    return total
 
 
 def log_radial_integral(n_dim: Number, a: Number, b: Number, c: Number, upper: Number) -> Tensor:

@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from tyche.commandline import (
     CommandError,
     best_effort,
+    check_context,
     check_number,
     check_readable_text,
     check_writable_folder,
     on_interrupt,
     parse_config,
+    reworded_text_errors,
     split_list,
 )
+from tyche.run_folder import Owned, check_unlocked, claim_folder
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +45,11 @@ if TYPE_CHECKING:
 __all__ = ["CausalConfig", "TrainLensConfig", "main"]
 
 PROG = "tyche causal"
+#: what each sub-command writes in --out (one CausalBasis folder per site; a lens's files)
+OWNED = Owned(names=("summary.json", "energies.png"), result_types=("CausalBasis",))
+LENS_OWNED = Owned(names=("meta.json", "tensors.safetensors"))
+#: flags that change nothing in the results
+FREE = ("out", "overwrite", "plot", "batch_size", "fast", "cache_gb", "allow_long_context")
 
 
 @dataclass
@@ -56,6 +64,9 @@ class DataConfig:
     """site pattern(s), comma separated (aliases such as resid_pre.3, or module-name globs)"""
     seq_len: int = 128
     """tokens per sequence"""
+    allow_long_context: bool = False
+    """let --seq_len past the model's context length through (rotary positions only; a
+    learned position table has no embedding past it)"""
     n_sequences: int = 64
     """sequences drawn (seeded) from the whole tokenized corpus"""
     batch_size: int = 16
@@ -108,6 +119,8 @@ class CausalConfig(DataConfig):
     """output folder: one CausalBasis per site, energies.png, summary.json"""
     plot: bool = True
     """write energies.png"""
+    overwrite: bool = False
+    """replace a run of other settings in --out (its bases are removed first)"""
 
 
 @dataclass
@@ -124,6 +137,8 @@ class TrainLensConfig(DataConfig):
     """sequences drawn (seeded) from the whole tokenized corpus"""
     out: str = "runs/tuned-lens"
     """output folder of the lens (safetensors + JSON)"""
+    overwrite: bool = False
+    """replace a lens of other settings in --out"""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -173,6 +188,7 @@ def validate(cfg: CausalConfig) -> None:
     elif cfg.lens:
         raise CommandError(f"--lens is only used with --target tuned (not {cfg.target})")
     check_writable_folder(cfg.out, "--out")
+    check_unlocked(cfg.out)
 
 
 def validate_train_lens(cfg: TrainLensConfig) -> None:
@@ -182,6 +198,7 @@ def validate_train_lens(cfg: TrainLensConfig) -> None:
     check_number(cfg.lr, "--lr", above=0)
     check_number(cfg.weight_decay, "--weight_decay", minimum=0)
     check_writable_folder(cfg.out, "--out")
+    check_unlocked(cfg.out)
 
 
 def _check_sites(model: torch.nn.Module, tokens: Mapping[str, Any], cfg: DataConfig,
@@ -220,6 +237,8 @@ def _load(cfg: DataConfig) -> tuple[torch.nn.Module, Any, str]:
         raise CommandError(
             f"--model {cfg.model} has no tokenizer; causal bases need a language model"
         )
+    check_context(zoo_model.model, cfg.seq_len, "--seq_len",
+                  allow_long=cfg.allow_long_context, name=cfg.model)  # fmt: skip
     return zoo_model.model.to(default_device()), zoo_model.tokenizer, cfg.data
 
 
@@ -231,7 +250,8 @@ def _tokens(cfg: DataConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
     from tyche.distributed import rank0_print
     from tyche.zoo import resolve_texts
 
-    tokens = chunk_and_tokenize(resolve_texts(cfg.data), tokenizer, max_seq_len=cfg.seq_len)
+    with reworded_text_errors("--data", cfg.data, "--seq_len"):
+        tokens = chunk_and_tokenize(resolve_texts(cfg.data), tokenizer, max_seq_len=cfg.seq_len)
     n = tokens["input_ids"].shape[0]
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
     pick = pick[: cfg.n_sequences].sort().values
@@ -242,12 +262,37 @@ def _tokens(cfg: DataConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
     return chosen
 
 
+def _load_lens(cfg: CausalConfig, model: torch.nn.Module) -> Any:
+    """The tuned lens of --lens on ``model``, refused in the flags' words when it was trained
+    on another model."""
+    from tyche.causal.lenses import TunedLens, TunedLensWeights
+    from tyche.io import model_hash
+
+    trained_on, this = TunedLensWeights.load(cfg.lens).model_hash, model_hash(model)
+    if trained_on is not None and trained_on != this:
+        raise CommandError(
+            f"--lens {cfg.lens} was trained on another model (hash {trained_on}), not on --model "
+            f"{cfg.model} ({this}); train one on it: {PROG} train-lens --model {cfg.model}"
+        )
+    return TunedLens.load(cfg.lens, model, strict=False)  # the hashes were compared above
+
+
 # ----------------------------------------------------------------------------- run
+def _settings(cfg: DataConfig) -> dict[str, Any]:
+    """The flags that make the results, ``{"--flag": value}``."""
+    return {f"--{k}": v for k, v in asdict(cfg).items() if k not in FREE}
+
+
 def run_causal(cfg: CausalConfig) -> dict:
     """Run ``tyche causal`` with a parsed config; returns ``{site: CausalBasis}``."""
     validate(cfg)
+    with claim_folder(cfg.out, PROG, _settings(cfg), OWNED, overwrite=cfg.overwrite):
+        return _extract(cfg)
+
+
+def _extract(cfg: CausalConfig) -> dict:
+    """:func:`run_causal` in its claimed --out."""
     from tyche.causal.extraction import extract_causal_bases
-    from tyche.causal.lenses import TunedLens
     from tyche.distributed import get_rank, init_distributed, rank0_print
     from tyche.io import write_json
     from tyche.plotting import causal_energies
@@ -256,7 +301,7 @@ def run_causal(cfg: CausalConfig) -> dict:
     rank0_print("settings: " + json.dumps(asdict(cfg)))
     out = Path(cfg.out)
     model, tokenizer, _ = _load(cfg)
-    lens = TunedLens.load(cfg.lens, model) if cfg.target == "tuned" else None
+    lens = _load_lens(cfg, model) if cfg.target == "tuned" else None
     tokens = _tokens(cfg, tokenizer)
     sites = _check_sites(model, tokens, cfg, cfg.k)
 
@@ -320,6 +365,13 @@ def run_causal(cfg: CausalConfig) -> dict:
 def run_train_lens(cfg: TrainLensConfig):
     """Run ``tyche causal train-lens`` with a parsed config; returns the TunedLens."""
     validate_train_lens(cfg)
+    with claim_folder(cfg.out, f"{PROG} train-lens", _settings(cfg), LENS_OWNED,
+                      overwrite=cfg.overwrite):  # fmt: skip
+        return _train_lens(cfg)
+
+
+def _train_lens(cfg: TrainLensConfig):
+    """:func:`run_train_lens` in its claimed --out."""
     from tyche.causal.train_lens import train_tuned_lens
     from tyche.distributed import get_rank, init_distributed, rank0_print
 

@@ -40,8 +40,8 @@ from tyche.causal.search import (
     readout_directions,
     starting_directions,
 )
+from tyche.distributed import init_distributed, shard_range
 from tyche.distributed import progress as progress_bar
-from tyche.distributed import shard_range
 from tyche.io import model_hash
 from tyche.sites import resolve_sites
 
@@ -133,6 +133,7 @@ def extract_causal_basis(
     if refine not in ("none", "joint"):
         raise ValueError(f"refine must be 'none' or 'joint', got {refine!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    init_distributed()  # the objective sums over ranks
     obj = AblationObjective(
         target,
         hiddens,
@@ -272,6 +273,7 @@ def extract_causal_bases(
         raise ValueError(f"target must be 'logit', 'tuned' or 'model', got {target!r}")
     if target == "tuned" and not isinstance(lens, TunedLens):
         raise ValueError("target='tuned' needs lens=TunedLens(...) (see train_tuned_lens)")
+    init_distributed()
     tokens = token_inputs(data)
     names = [s.name for s in resolve_sites(model, sites)]
     rows = shard_range(tokens["input_ids"].shape[0])

@@ -12,6 +12,10 @@ Any callable ``h (..., d) -> logits (..., V)`` is a target. Three are provided:
 
 Targets may expose ``readout_matrix() -> (V, d)`` (the linear part of the map, ignoring the
 norm's centring and scaling), used to seed the search for causal directions.
+
+A tuned lens keeps its translators in the model's dtype promoted to at least float32
+(:func:`lens_dtype`): float32 for a bfloat16 or float16 model, whose 8- or 11-bit mantissas
+would round most of Adam's small updates away, the model's own dtype otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +32,20 @@ from tyche.causal.lens_algebra import LensFactors, norm_factors
 from tyche.io import ResultIO, model_hash
 from tyche.sites import Site, final_norm, resolve_sites, unembedding
 
-__all__ = ["LensAtSite", "LogitLens", "ModelFromSite", "TunedLens", "TunedLensWeights"]
+__all__ = [
+    "LensAtSite",
+    "LogitLens",
+    "ModelFromSite",
+    "TunedLens",
+    "TunedLensWeights",
+    "lens_dtype",
+]
+
+
+def lens_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a tuned lens's translators for a model in ``model_dtype``: float32 for
+    half-precision models (bfloat16, float16), the model's own dtype otherwise."""
+    return torch.promote_types(model_dtype, torch.float32)
 
 
 def _frozen(module: nn.Module) -> _Detached:
@@ -121,7 +138,7 @@ class LensAtSite(nn.Module):
         lens: TunedLens = self.lens.inner
         translator = lens.translators[self.index].weight.detach()
         eye = torch.eye(translator.shape[0], dtype=translator.dtype, device=translator.device)
-        return lens.logit_lens.readout_matrix() @ (eye + translator)
+        return lens.logit_lens.readout_matrix().to(translator.dtype) @ (eye + translator)
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,9 @@ class TunedLensWeights(ResultIO):
 class TunedLens(nn.Module):
     """A logit lens with a learned affine translator ``h -> h + A_s h + b_s`` per site.
 
+    The translators are in :attr:`dtype` (the model's, at least float32); hidden states are
+    cast to it, and ``h + A_s h + b_s`` to the unembedding's dtype for the logit lens.
+
     Args:
         model: the HF causal LM whose final norm and unembedding are used.
         sites: site names or patterns (e.g. ``"resid_pre.*"``) the lens reads.
@@ -169,8 +189,13 @@ class TunedLens(nn.Module):
         for t in self.translators:
             nn.init.zeros_(t.weight)
             nn.init.zeros_(t.bias)
-        self.translators.to(device=ref.device, dtype=ref.dtype)
+        self.translators.to(device=ref.device, dtype=lens_dtype(ref.dtype))
         self.stats: dict[str, Any] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The translators' dtype: the model's, promoted to at least float32."""
+        return self.translators[0].weight.dtype
 
     def index(self, site: str | int) -> int:
         """Position of ``site`` (a name or an index) among the lens's sites."""
@@ -185,6 +210,7 @@ class TunedLens(nn.Module):
     def forward(self, h: Tensor, site: str | int) -> Tensor:
         """Logits (..., V) of the lens for hidden states ``h`` (..., d) at ``site``."""
         translator = self.translators[self.index(site)]
+        h = h.to(translator.weight.dtype)
         return self.logit_lens(h + translator(h))
 
     def for_site(self, site: str | int) -> LensAtSite:

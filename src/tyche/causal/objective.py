@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
 from tyche.causal.lens_algebra import FactoredReadout, check_factors
-from tyche.distributed import all_reduce_sum, get_rank, get_world_size
+from tyche.distributed import all_reduce_sum, get_rank, get_world_size, init_distributed
 from tyche.divergence import masked_kl
 from tyche.memory import free_memory_share
 
@@ -154,6 +154,7 @@ class AblationObjective:
             labels = labels.to(hiddens.device)
             self.weight = self.keep & (labels != IGNORE_INDEX)
             self.labels = torch.where(self.weight, labels, IGNORE_INDEX).long()
+        init_distributed()  # every sum below is over ranks
         self.n_positions = int(all_reduce_sum(self.weight.sum().double()).item())
         if self.n_positions == 0:
             raise ValueError("no positions to average over: the mask (and labels) select nothing")

@@ -4,6 +4,8 @@ Each site ``s`` gets an affine translator ``h -> h + A_s h + b_s`` (zero at the 
 untrained lens is the logit lens). All translators are trained together with Adam to
 minimise the mean over non-padding positions of ``KL(model's final distribution ‖ lens_s)``
 in nats, summed over sites. The model is frozen and runs once per batch under ``no_grad``.
+Hidden states and logits are compared in the lens's dtype (``TunedLens.dtype``: the model's,
+at least float32, so a bfloat16 model's lens trains in float32).
 Under torchrun each rank trains on its own rows and gradients are averaged over ranks, so
 every rank holds the same lens.
 """
@@ -17,7 +19,13 @@ from torch import Tensor, nn
 
 from tyche.causal.activations import token_inputs
 from tyche.causal.lenses import TunedLens
-from tyche.distributed import all_reduce_sum, get_world_size, progress, shard_range
+from tyche.distributed import (
+    all_reduce_sum,
+    get_world_size,
+    init_distributed,
+    progress,
+    shard_range,
+)
 from tyche.divergence import masked_kl
 from tyche.hooks import read_activations
 
@@ -29,6 +37,7 @@ def evaluate_lens(
     lens: TunedLens, data: Mapping[str, Tensor] | Tensor, batch_size: int = 16
 ) -> list[float]:
     """Mean KL(model ‖ lens) in nats at each of the lens's sites over ``data`` (all ranks)."""
+    init_distributed()
     model = lens._model
     tokens = token_inputs(data)
     rows = shard_range(tokens["input_ids"].shape[0])
@@ -38,10 +47,10 @@ def evaluate_lens(
         for start in range(rows.start, rows.stop, batch_size):
             stop = min(start + batch_size, rows.stop)
             batch = {k: v[start:stop].to(device) for k, v in tokens.items()}
-            final = model(**batch).logits.float().log_softmax(-1)
+            final = model(**batch).logits.to(lens.dtype).log_softmax(-1)
             mask = batch["attention_mask"] != 0
             for i, site in enumerate(lens.sites):
-                kl = masked_kl(final, lens(acts[site].float(), i).float(), mask, "token")
+                kl = masked_kl(final, lens(acts[site], i).to(lens.dtype), mask, "token")
                 sums[i] += kl.sum().double().cpu()
             sums[-1] += mask.sum().cpu()
     sums = all_reduce_sum(sums)
@@ -76,6 +85,7 @@ def train_tuned_lens(
     """
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be positive")
+    init_distributed()
     tokens = token_inputs(data)
     lens = TunedLens(model, sites)
     rows = shard_range(tokens["input_ids"].shape[0])
@@ -95,11 +105,11 @@ def train_tuned_lens(
             pick = order[torch.arange(step * batch_size, (step + 1) * batch_size) % len(order)]
             batch = {k: v[pick].to(device) for k, v in tokens.items()}
             with torch.no_grad(), read_activations(model, lens.sites) as acts:
-                final = model(**batch).logits.float().log_softmax(-1)
-                hiddens = {s: acts[s].float() for s in lens.sites}
+                final = model(**batch).logits.to(lens.dtype).log_softmax(-1)
+                hiddens = {s: acts[s].to(lens.dtype) for s in lens.sites}
             mask = batch["attention_mask"] != 0
             loss = sum(
-                masked_kl(final, lens(hiddens[s], i).float(), mask)
+                masked_kl(final, lens(hiddens[s], i).to(lens.dtype), mask)
                 for i, s in enumerate(lens.sites)
             )
             grads = torch.autograd.grad(loss, params)  # the model's own weights get none

@@ -34,6 +34,7 @@ import torch
 
 from tyche.codebook.model import CodebookModel
 from tyche.distributed import progress
+from tyche.io import json_text
 
 __all__ = ["CodeCache", "build_cache", "load_cache", "token_pieces"]
 
@@ -150,7 +151,9 @@ class CodeCache:
         """The codebook model stored in the cache (checked against the fingerprint)."""
         if self.model_dir is None:
             raise FileNotFoundError(
-                f"the cache in {self.folder} holds no model (it was built with copy_model=False)"
+                f"the cache in {self.folder} holds no model (it was built with copy_model=False: "
+                "tyche codebook cache --no-copy_model); build it again with copy_model=True "
+                "(the command's default, --copy_model)"
             )
         model = CodebookModel.from_pretrained(self.model_dir, **kwargs).eval()
         self.check_model(model)
@@ -243,7 +246,7 @@ def build_cache(
         "seconds": time.perf_counter() - start,
         "extra": extra or {},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / MANIFEST).write_text(json_text(manifest, indent=1, sort_keys=False))
     return load_cache(out)
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -79,9 +79,17 @@ class CodeEdit:
 
     ``kind``: ``"force"`` (every slot takes the forced codes, round robin), ``"replace"``
     (slot ``slot`` takes the code), ``"append"`` (an extra slot with the code), ``"block"``
-    (the code is never chosen: with ``refill`` the next best code takes its place, without
-    it its slot outputs zero but still counts in the mean). ``group`` is the head (None: all
-    groups); ``positions`` index the sequence axis (None: every position).
+    (the code is never chosen: with ``refill`` the next best unblocked code takes its place,
+    without it its slot outputs zero but still counts in the mean). Where refilling blocks
+    leave fewer than k codes unblocked, the remaining slots are empty as without refill: id
+    -1 in ``codes()``/``last_ids``, a zero vector counted in the mean (every code blocked: the
+    output is zero). ``group`` is the head (None: all groups); ``positions`` index the
+    sequence axis (None: every position; negative from the end).
+
+    A forward pass whose sequence is too short for one of the positions raises ``ValueError``
+    (``label`` names the edit in the message), unless ``horizon`` is set: the positions were
+    checked against that longest length (generation, where the sequence grows by one token
+    per pass) and passes shorter than a position skip it.
     """
 
     kind: Literal["force", "replace", "append", "block"]
@@ -90,6 +98,8 @@ class CodeEdit:
     positions: tuple[int, ...] | None = None
     slot: int = -1
     refill: bool = True
+    label: str = field(default="", compare=False)
+    horizon: int | None = None
 
 
 class _SnapGradient(torch.autograd.Function):
@@ -258,20 +268,31 @@ class GroupedCodebookLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _choose(self, flat: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-        """Top-k ids ``(n, G, k)`` of ``flat`` ``(n, G, d)``, honouring block edits."""
+        """Top-k ids ``(n, G, k)`` of ``flat`` ``(n, G, d)``, honouring block edits.
+
+        Refilling block edits rank the blocked codes last; where fewer than k codes are left
+        unblocked, the slots beyond them are -1 (empty: a zero vector counted in the mean, as a
+        block without refill leaves its slot), so a blocked code is never chosen.
+        """
         scores = self._ranking_scores(flat)  # (G, n, N)
         blocks = [e for e in self.edits if e.kind == "block" and e.refill]
+        blocked = None
         if blocks:
             scores = scores.clone()
+            blocked = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
             view = scores.view(self.n_groups, -1, lead[-1] if lead else 1, self.num_codes)
+            mask = blocked.view(view.shape)
             for e in blocks:
                 groups = slice(None) if e.group is None else e.group
                 pos = _positions(e.positions, view.shape[2], scores.device)
                 view[groups, :, pos, e.code] = -torch.inf
+                mask[groups, :, pos, e.code] = True
         if self.k == 1:
             ids = _argmax_last(scores).unsqueeze(-1)
         else:
             ids = scores.topk(self.k, dim=-1).indices
+        if blocked is not None:  # slots left to blocked codes (too few unblocked) are empty
+            ids = ids.masked_fill(blocked.gather(-1, ids), -1)
         return ids.transpose(0, 1)  # (n, G, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,6 +308,7 @@ class GroupedCodebookLayer(nn.Module):
         xhat = self._normalise(grouped).reshape(-1, self.n_groups, self.dim)  # (n, G, d)
         n = xhat.shape[0]
         with torch.no_grad():
+            _check_positions(self.edits, lead)
             ids = self._choose(xhat.detach(), lead)
             counted = None
             if self.edits:
@@ -347,6 +369,7 @@ class GroupedCodebookLayer(nn.Module):
         grouped = self._grouped(x)
         lead = grouped.shape[:-2]
         xhat = self._normalise(grouped).reshape(-1, self.n_groups, self.dim)
+        _check_positions(self.edits, lead)
         return self._choose(xhat, lead).reshape(*lead, self.n_groups, self.k)
 
     def take_metrics(self) -> dict[str, float]:
@@ -483,8 +506,30 @@ def _argmax_last(scores: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (best * block + inner).view(lead)
 
 
+def out_of_range(positions: Sequence[int] | None, length: int) -> int | None:
+    """The first of ``positions`` that a sequence of ``length`` tokens does not have
+    (``p >= length`` or ``p < -length``), or None when all are in range."""
+    return next((p for p in positions or () if not -length <= p < length), None)
+
+
+def _check_positions(edits: Sequence[CodeEdit], lead: torch.Size) -> None:
+    """Raise ``ValueError`` for an edit (without ``horizon``) whose positions the sequence
+    axis of this forward pass (the last of ``lead``) does not have."""
+    t = lead[-1] if len(lead) else 1
+    for e in edits:
+        p = None if e.horizon is not None else out_of_range(e.positions, t)
+        if p is not None:
+            what = e.label or f"{e.kind} code {e.code}"
+            raise ValueError(
+                f"{what}: position {p} is outside the {t}-token sequence of this forward pass "
+                f"(positions {-t} to {t - 1}); give a position within the input"
+            )
+
+
 def _positions(positions: Sequence[int] | None, length: int, device: torch.device):
-    """An index for the sequence axis: all (None) or the in-range given positions."""
+    """An index for the sequence axis: all (None) or the in-range given positions (the
+    others were refused by :func:`_check_positions`, or belong to a longer pass of a
+    generation, see ``CodeEdit.horizon``)."""
     if positions is None:
         return slice(None)
     idx = [p + length if p < 0 else p for p in positions]

@@ -32,7 +32,7 @@ from torch import nn
 
 from tyche.codebook.layer import CodebookLayer, GroupedCodebookLayer, Loss, Similarity
 from tyche.hooks import ReplacementHooks, add_replacement_hooks, read_activations
-from tyche.io import model_hash
+from tyche.io import json_text, model_hash
 from tyche.sites import resolve_sites
 
 __all__ = ["CODEBOOKS_CONFIG", "CODEBOOKS_WEIGHTS", "CodebookModel", "attach"]
@@ -318,7 +318,7 @@ class CodebookModel(nn.Module):
             k: v.detach().to("cpu").contiguous() for k, v in self.codebooks.state_dict().items()
         }
         save_file(tensors, str(path / CODEBOOKS_WEIGHTS), metadata={"format": "pt"})
-        (path / CODEBOOKS_CONFIG).write_text(json.dumps(self.settings(), indent=1) + "\n")
+        (path / CODEBOOKS_CONFIG).write_text(json_text(self.settings(), indent=1, sort_keys=False))
         return path
 
     @classmethod

@@ -15,18 +15,24 @@ tokens and codebooks), the dead-code fraction and the code-usage entropy (nats; 
 codebooks, of the usage in the logging window; ``ln(num_codes)`` when all codes are used
 equally). With ``out``, checkpoints (model, optimiser, history) are written every
 ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the last one and
-refuses a checkpoint written with other settings.
+refuses (:class:`SettingsMismatch`, naming them) a checkpoint written with other settings:
+any field of :class:`TrainConfig` but ``log_every`` and ``checkpoint_every``, the codebook
+layout (sites, ``num_codes``, ``k``, similarity, loss, ``beta``, ``restore_scale``, widths)
+and the caller's ``extra_settings`` (e.g. the command line's model and data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -41,17 +47,48 @@ from tyche.distributed import (
     broadcast_,
     get_rank,
     get_world_size,
+    init_distributed,
     progress,
     shard_range,
 )
-from tyche.io import ResultIO
+from tyche.io import ResultIO, json_text
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate_lm", "row_sampler", "train_codebooks"]
+__all__ = [
+    "SettingsMismatch",
+    "TrainConfig",
+    "TrainResult",
+    "codebook_layout",
+    "evaluate_lm",
+    "row_sampler",
+    "train_codebooks",
+]
 
 BatchFn = Callable[[int], torch.Tensor]
 CHECKPOINT = "checkpoint"
-#: settings that may change when a run is resumed
-RESUMABLE = ("steps", "log_every", "checkpoint_every")
+#: settings that may change when a run is resumed (they change neither the model nor its data)
+RESUMABLE = ("log_every", "checkpoint_every")
+#: the per-codebook settings that make a codebook layout (``snap`` is not one: a run may be
+#: branched from a checkpoint with its codebooks passing their inputs through)
+LAYOUT_KEYS = ("grouped", "n_groups", "dim", "num_codes", "k", "similarity", "loss", "beta",
+               "restore_scale")  # fmt: skip
+
+
+class SettingsMismatch(ValueError):
+    """A resumed run's settings differ from those its checkpoint was written with.
+
+    ``differences`` maps each differing setting (a :class:`TrainConfig` field, a layout key
+    of :func:`codebook_layout`, or a key of the caller's ``extra_settings``) to
+    ``(saved, now)``; a command line re-words them as its own flags.
+    """
+
+    def __init__(self, folder: Path, differences: dict[str, tuple[Any, Any]]) -> None:
+        self.folder = folder
+        self.differences = differences
+        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
+        super().__init__(
+            f"resume: the checkpoint in {folder} was written with other settings ({shown}); "
+            "use the saved settings, or start a new run in another folder"
+        )
 
 
 @dataclass(frozen=True)
@@ -202,6 +239,23 @@ def _settings(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
 
 
+def codebook_layout(model: CodebookModel) -> dict[str, Any]:
+    """The codebooks' sites and settings: ``{"sites": [...], key: value}`` for each of
+    :data:`LAYOUT_KEYS`, one value when every codebook shares it, else ``{site: value}``."""
+    entries = model.settings()["codebooks"]
+    layout: dict[str, Any] = {"sites": [e["site"] for e in entries]}
+    for key in LAYOUT_KEYS:
+        values = {e["site"]: e.get(key) for e in entries}
+        distinct = list(dict.fromkeys(json.dumps(v) for v in values.values()))
+        layout[key] = next(iter(values.values())) if len(distinct) == 1 else values
+    return layout
+
+
+def _identity(model: CodebookModel, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resumed run must share with its checkpoint, as it reads back from JSON."""
+    return json.loads(json.dumps({**_settings(cfg), **codebook_layout(model), **extra}))
+
+
 def _save_checkpoint(
     model: CodebookModel,
     opt: torch.optim.Optimizer,
@@ -209,6 +263,7 @@ def _save_checkpoint(
     cfg: TrainConfig,
     history: list,
     out: Path,
+    extra: dict[str, Any],
 ) -> None:
     from safetensors.torch import save_file, save_model
 
@@ -227,16 +282,39 @@ def _save_checkpoint(
                 else:
                     flat[f"{names[id(p)]}/{key}"] = value.detach().cpu().contiguous()
     save_file(flat, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "config": asdict(cfg), "history": history, "adam_steps": steps}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    state = {"step": step, "config": asdict(cfg), "history": history, "adam_steps": steps,
+             "codebooks": codebook_layout(model), "extra_settings": extra}  # fmt: skip
+    (tmp / "trainer_state.json").write_text(json_text(state, indent=1, sort_keys=False))
     final = out / CHECKPOINT
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with _ctrl_c_deferred():  # between the two, the run would have no checkpoint at all
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives in the block until the block is done (main
+    thread only; elsewhere signals are not delivered to Python code anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[tuple[Any, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda *received: pressed.append(received))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if pressed and callable(previous):
+            previous(*pressed[0])
 
 
 def _load_checkpoint(
-    model: CodebookModel, opt: torch.optim.Optimizer, cfg: TrainConfig, out: Path
+    model: CodebookModel,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    out: Path,
+    extra: dict[str, Any],
 ) -> tuple[int, list]:
     from safetensors.torch import load_file, load_model
 
@@ -244,15 +322,19 @@ def _load_checkpoint(
     if not (folder / "trainer_state.json").is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume")
     state = json.loads((folder / "trainer_state.json").read_text())
-    # a setting added since the checkpoint was written counts with its default
-    defaults = _settings(TrainConfig())
-    saved = {**defaults, **{k: v for k, v in state["config"].items() if k not in RESUMABLE}}
-    if saved != _settings(cfg):
-        diff = {k: (saved.get(k), v) for k, v in _settings(cfg).items() if saved.get(k) != v}
-        raise ValueError(
-            f"resume: the checkpoint in {folder} was written with other settings "
-            f"(saved, now): {diff}; start a new run in another folder"
-        )
+    now = _identity(model, cfg, extra)
+    # a setting added since the checkpoint was written counts with its default; a checkpoint
+    # of an older version, with no layout or extra settings, is compared on what it has
+    saved = {**_settings(TrainConfig()), **state["config"], **state.get("codebooks", {}),
+             **state.get("extra_settings", {})}  # fmt: skip
+    keys = [*now, *(k for k in state.get("extra_settings", {}) if k not in now)]
+    if "codebooks" not in state:
+        keys = [k for k in keys if k not in ("sites", *LAYOUT_KEYS)]
+    if "extra_settings" not in state:
+        keys = [k for k in keys if k not in extra]
+    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    if diff:  # checked before any tensor is loaded: a changed layout never meets the weights
+        raise SettingsMismatch(folder, diff)
     load_model(model, str(folder / "model.safetensors"), device=str(model.device))
     moments = load_file(str(folder / "optimizer.safetensors"), device=str(model.device))
     params = dict(model.named_parameters())
@@ -267,6 +349,7 @@ def _load_checkpoint(
 def compute_gradients(model: CodebookModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Forward and backward on this rank's rows of ``input_ids`` (B, T); gradients are
     averaged over ranks. Returns the loss averaged over ranks (nats/token)."""
+    init_distributed()
     rows = shard_range(input_ids.shape[0])
     batch = input_ids[rows.start : rows.stop].to(model.device)
     loss = model(input_ids=batch, labels=batch).loss
@@ -316,6 +399,7 @@ def train_codebooks(
     show_progress: bool = True,
     desc: str = "codebooks",
     stop_at: int | None = None,
+    extra_settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` (codebooks, and the base unless ``freeze_base``) on ``batches``.
 
@@ -324,11 +408,14 @@ def train_codebooks(
     numbers are stored in the result. ``stop_at`` ends the run after that many steps (of
     ``cfg.steps``, the schedule unchanged) with a checkpoint in ``out``: a run resumed from
     it continues exactly, so several runs can branch from one shared start (e.g. a model
-    and its codebook version, which is the same model until ``snap_after``). Returns a
-    :class:`TrainResult`.
+    and its codebook version, which is the same model until ``snap_after``).
+    ``extra_settings`` (JSON values) are stored with the checkpoint and must match on resume,
+    like ``cfg`` and the codebook layout; a mismatch raises :class:`SettingsMismatch` before
+    anything is loaded. Returns a :class:`TrainResult`.
     """
     if not isinstance(model, CodebookModel):
         raise TypeError("train_codebooks needs a CodebookModel (use tyche.codebook.model)")
+    init_distributed()
     world = get_world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
@@ -340,11 +427,12 @@ def train_codebooks(
         raise ValueError(f"stop_at must be in [1, steps={cfg.steps}], got {stop_at}")
     if stop_at is not None and out_path is None:
         raise ValueError("stop_at needs an output folder (out=...) for its checkpoint")
+    extra = json.loads(json.dumps(dict(extra_settings or {}), allow_nan=False))
     opt = _optimizer(model, cfg)
     peaks = [group["lr"] for group in opt.param_groups]
     start, history = 0, []
     if resume:
-        start, history = _load_checkpoint(model, opt, cfg, out_path)
+        start, history = _load_checkpoint(model, opt, cfg, out_path, extra)
     snapping = {s: layer.snap for s, layer in model.layers().items()}
     if start <= cfg.snap_after:
         model.set_snap(False)
@@ -413,7 +501,7 @@ def train_codebooks(
             and get_rank() == 0
             and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end)
         ):
-            _save_checkpoint(model, opt, done, cfg, history, out_path)
+            _save_checkpoint(model, opt, done, cfg, history, out_path, extra)
     bar.close()
     seconds = time.perf_counter() - began
     for site, on in snapping.items():

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from tyche.distributed import all_reduce_sum, progress
+from tyche.distributed import all_reduce_sum, init_distributed, progress
 from tyche.hooks import replace_activations
 from tyche.interaction.fold import append_constant
 from tyche.interaction.jacobian import feature_matrix
@@ -242,6 +242,7 @@ def ablate_nodes(
     ``layers``: node layers to ablate (default: every one with a basis). ``labels``: ``(N,)``
     (or ``(N, T)``) class labels for tensor inputs; token dicts are scored on next tokens.
     """
+    init_distributed()
     _check_graph(model, graph)
     names = list(layers) if layers is not None else [
         b.node_layer for b in graph.bases if b.C is not None and b.node_layer != "output"
@@ -368,6 +369,7 @@ def ablate_edges(
     ``exponential``, or ``thresholds`` (keep the edges at or above each fraction of the
     section's largest edge). Needs a graph with edges.
     """
+    init_distributed()
     _check_graph(model, graph)
     if not graph.has_edges:
         raise ValueError("the graph has no edges; build it with edges='squared' or 'functional'")

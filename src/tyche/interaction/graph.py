@@ -12,6 +12,10 @@ Three stages, each of which can be resumed from the previous one's saved result:
    ``jacobian`` basis the gradients of stage 2 are reused when they fit in ``cache_gb``, so
    each section is differentiated once.
 
+With ``checkpoint=`` every finished section (its basis and edges) is saved as soon as it is
+done, and ``resume=True`` computes only the sections not finished
+(:mod:`tyche.interaction.checkpoint`).
+
 Under ``torchrun`` the data is split over the ranks (``split="data"``) or every rank takes
 all the data and a share of the output features (``split="outputs"``); sums are reduced with
 ``torch.distributed`` and every rank ends with the same graph.
@@ -19,14 +23,17 @@ all the data and a share of the output features (``split="outputs"``); sums are 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tyche.distributed import all_reduce_sum, progress
+from tyche.distributed import all_reduce_sum, init_distributed, progress, rank0_print
 from tyche.interaction.basis import (
     BASES,
     LIB_FORMULAS,
@@ -38,6 +45,7 @@ from tyche.interaction.basis import (
     svd_basis,
     unrotated_basis,
 )
+from tyche.interaction.checkpoint import SavedSection, SectionCheckpoint, section_digest
 from tyche.interaction.edges import EDGE_FORMULAS, edges_from_cache, section_edges
 from tyche.interaction.gram import GramAccumulator
 from tyche.interaction.integrate import rule_for_layers
@@ -60,7 +68,7 @@ __all__ = ["build_grams", "build_interaction_graph", "collect_grams"]
 AUTO_CACHE_SHARE = 0.5
 
 #: settings that stage 1 (grams) depends on, and those stage 2 (bases) adds
-GRAM_KEYS = ("node_layers", "dtype", "gram_dtype", "n_rows", "rotate_final")
+GRAM_KEYS = ("node_layers", "dtype", "gram_dtype", "n_rows", "rotate_final", "inputs")
 BASIS_KEYS = (*GRAM_KEYS, "basis", "integration", "n_intervals", "center",
               "truncation_threshold", "n_stochastic_sources", "n_stochastic_sources_hidden",
               "seed")  # fmt: skip
@@ -156,7 +164,41 @@ def _dims_everywhere(dims: list[int]) -> list[int]:
     return (all_reduce_sum(t) / all_reduce_sum(n).clamp_min(1)).round().long().tolist()
 
 
+def _read_once(inputs: Any) -> Any:
+    """An iterator of batches as a list (the build passes over the data several times and
+    hashes it); anything else as it is."""
+    if isinstance(inputs, Tensor | Mapping | str | bytes) or not isinstance(inputs, Iterable):
+        return inputs
+    return list(inputs)
+
+
+def inputs_digest(inputs: Any) -> str | None:
+    """16 hex characters of a sha256 over the rows of ``inputs`` in order (a tensor, a dict of
+    tensors, or a list of them: the same rows in other batches give the same digest), so a
+    resumed build can tell other data with as many rows; None for inputs of another kind
+    (they are not checked)."""
+    items = inputs if isinstance(inputs, list | tuple) else [inputs]
+    streams: dict[str, Any] = {}
+    for item in items:
+        fields = item if isinstance(item, Mapping) else {"": item}
+        for key, value in fields.items():
+            if not isinstance(value, Tensor):
+                return None
+            value = value.detach().to("cpu").contiguous()
+            head = f"{key}|{tuple(value.shape[1:])}|{value.dtype}"
+            stream = streams.setdefault(head, hashlib.sha256())
+            stream.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if not streams:
+        return None
+    whole = hashlib.sha256()
+    for head in sorted(streams):
+        whole.update(f"{head}|{streams[head].hexdigest()}\n".encode())
+    return whole.hexdigest()[:16]
+
+
 def _check_resume(saved: dict, settings: dict, keys: Sequence[str], what: str) -> None:
+    # a result saved before its inputs were hashed (no "inputs") is checked on the rest
+    keys = [k for k in keys if k != "inputs" or saved.get(k) is not None]
     diffs = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
     if diffs:
         detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
@@ -190,6 +232,8 @@ def build_interaction_graph(
     cache_gb: float | None = None,
     check_cuts: bool = True,
     progress: bool = True,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> InteractionGraph:
     """Build the local interaction graph of ``model`` on ``inputs``.
 
@@ -225,16 +269,29 @@ def build_interaction_graph(
             processes of a host). It changes the time taken, never the result.
         check_cuts: test that every node layer is a cut of the model (one extra pass on a few
             rows per section).
-        progress: progress bars (rank 0 only).
+        progress: progress bars and the line naming the resumed sections (rank 0 only).
+        checkpoint: folder where each finished section (its basis, and its edges when asked
+            for) is saved as soon as it is done (:mod:`tyche.interaction.checkpoint`); the
+            folder is kept afterwards. Under ``torchrun`` rank 0 writes it.
+        resume: continue the build saved in ``checkpoint``: the contiguous run of finished
+            sections at the end is loaded (its settings and model hash must match) and only
+            the rest is computed. A loaded section without the edges asked for gets them
+            computed (by one pass, as with ``bases=``).
     """
     check_settings(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
               n_stochastic_sources, n_stochastic_sources_hidden)  # fmt: skip
     if cache_gb is not None and not cache_gb >= 0:
         raise ValueError(f"cache_gb must be >= 0 (None: half the free memory), got {cache_gb}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint folder of the build to continue")
+    init_distributed()
+    store = None if checkpoint is None else SectionCheckpoint(checkpoint, resume=resume)
     layers = resolve_node_layers(model, node_layers)
     names = [n.name for n in layers]
     rules = rule_for_layers(integration, n_intervals, names)
     mhash = model_hash(model)
+    inputs = _read_once(inputs)
+    digest = inputs_digest(inputs)
     seconds: dict[str, float] = {}
     with prepared_model(model, dtype) as prepared:
         runner = ModelRunner(prepared, layers, dtype)
@@ -248,7 +305,9 @@ def build_interaction_graph(
             "n_stochastic_sources_hidden": n_stochastic_sources_hidden,
             "truncation_threshold": truncation_threshold, "gram_dtype": str(gram_dtype),
             "seed": seed, "split": split, "n_rows": n_rows, "batch_size": batch_size,
+            "inputs": digest,
         }  # fmt: skip
+        done = _resumed_sections(store, settings, mhash, bases, progress)
         if grams is None:
             grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
                                   settings=settings, show_progress=progress)  # fmt: skip
@@ -273,7 +332,7 @@ def build_interaction_graph(
         graph_bases, graph_edges, t_bases, t_edges = _sweep(
             runner, sweep_batches, grams, rules, settings, bases, progress,
             _cache_bytes(cache_gb, runner),
-            max(truncation_threshold, floor),
+            max(truncation_threshold, floor), _Sections(store, done, mhash),
         )  # fmt: skip
     seconds["bases"], seconds["edges"] = t_bases, t_edges
     return InteractionGraph(names, graph_bases, graph_edges, settings, mhash,
@@ -295,15 +354,18 @@ def build_grams(
     (``build_interaction_graph(..., grams=...)`` with the same settings)."""
     if gram_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    init_distributed()
     layers = resolve_node_layers(model, node_layers)
     mhash = model_hash(model)
+    inputs = _read_once(inputs)
+    digest = inputs_digest(inputs)
     with prepared_model(model, dtype) as prepared:
         runner = ModelRunner(prepared, layers, dtype)
         batches = make_batches(inputs, batch_size, shard=True)
         n_rows = int(all_reduce_sum(torch.tensor(float(sum(b.n for b in batches)))).item())
         settings = {"node_layers": [n.name for n in layers], "dtype": str(runner.dtype),
                     "gram_dtype": str(gram_dtype), "n_rows": n_rows,
-                    "rotate_final": rotate_final}  # fmt: skip
+                    "rotate_final": rotate_final, "inputs": digest}  # fmt: skip
         grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
                               settings=settings, show_progress=progress)  # fmt: skip
     return InteractionGrams(grams.node_layers, grams.counts, grams.means, grams.covariances,
@@ -325,8 +387,13 @@ def _cache_bytes(cache_gb: float | None, runner: ModelRunner) -> float:
     return cache_gb * 2**30
 
 
-def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, threshold):  # noqa: ANN001
-    """Stages 2 and 3: bases from the last node layer backwards, edges section by section."""
+def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, threshold,  # noqa: ANN001
+           sections):  # fmt: skip
+    """Stages 2 and 3: bases from the last node layer backwards, edges section by section.
+
+    ``sections`` (:class:`_Sections`): the sections loaded to resume from (their bases and
+    edges are taken as they are) and where each newly finished section is saved.
+    """
     n = len(runner.node_layers)
     formula, edge_formula = settings["basis"], settings["edges"]
     center = settings["center"]
@@ -353,7 +420,10 @@ def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, th
                            settings["n_stochastic_sources_hidden"], settings["seed"],
                            settings["split"] == "outputs")  # fmt: skip
         cache, n_pos = None, grams.counts[i]
-        if given is None:
+        saved = sections.done.get(i)
+        if saved is not None and given is None:
+            out[i] = saved.basis
+        elif given is None:
             p = _pca(grams, i, center, threshold)
             if formula in LIB_FORMULAS:
                 keep = cache_bytes if edge_formula == "squared" else 0.0
@@ -369,13 +439,65 @@ def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, th
         t_bases += time.perf_counter() - start
         start = time.perf_counter()
         if edge_formula is not None:
-            if cache is not None:
+            if saved is not None and saved.edges is not None \
+                    and saved.settings.get("edges") == edge_formula:  # fmt: skip
+                edges[i] = saved.edges
+            elif cache is not None:
                 edges[i] = edges_from_cache(cache, out[i], n_pos)
             else:
                 edges[i] = section_edges(runner, batches, plan, out[i], edge_formula,
                                          out[i + 1].dim, show_progress=show)  # fmt: skip
         t_edges += time.perf_counter() - start
+        if saved is None or (edges[i] is not None and edges[i] is not saved.edges):
+            sections.save(i, out[i], edges[i], settings)
     return out, [e for e in edges if e is not None], t_bases, t_edges
+
+
+@dataclass(frozen=True)
+class _Sections:
+    """The section checkpoint of a build (None: none), the sections loaded from it and the
+    model hash every saved section records."""
+
+    store: SectionCheckpoint | None
+    done: dict[int, SavedSection]
+    model_hash: str
+
+    def save(self, i: int, basis: InteractionBasis, edges: Tensor | None, settings: dict) -> None:
+        """Save section ``i`` (node layer ``i``'s basis and the section's edges)."""
+        if self.store is not None:
+            digest = section_digest(basis, edges)
+            self.store.save(SavedSection(i, basis.node_layer, basis, edges, settings,
+                                         self.model_hash, digest))  # fmt: skip
+
+
+def _resumed_sections(
+    store: SectionCheckpoint | None,
+    settings: dict,
+    mhash: str,
+    given: InteractionGraph | None,
+    show: bool,
+) -> dict[int, SavedSection]:
+    """The finished sections to resume from, checked against the settings and the model
+    (a mismatch is refused by name) and, with ``given`` bases, against those bases."""
+    if store is None:
+        return {}
+    names = settings["node_layers"]
+    done = store.finished(len(names) - 1)
+    what = f"sections in {store.folder}"
+    for i, section in sorted(done.items()):
+        _check_resume(section.settings, settings, BASIS_KEYS, what)
+        _check_model(section.model_hash, mhash, what)
+        if given is not None and section_digest(section.basis, None) != section_digest(
+            given.bases[i], None
+        ):
+            raise ValueError(
+                f"the saved {what} were built on other bases than the given ones (node layer "
+                f"{names[i]}); resume with the bases they were built on or an empty folder"
+            )
+    if done and show:
+        shown = ", ".join(f"{i} ({names[i]} -> {names[i + 1]})" for i in sorted(done))
+        rank0_print(f"resuming from the finished sections {shown} in {store.folder}")
+    return done
 
 
 def _pca(grams: InteractionGrams, i: int, center: bool, threshold: float):  # noqa: ANN202

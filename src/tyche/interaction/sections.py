@@ -337,7 +337,8 @@ class ModelRunner:
                 raise ValueError(
                     f"node layer {name!r} has non-finite activations (first at row "
                     f"{batch.offset + bad[0]}, index {bad[1:]}); check the model and inputs "
-                    "(NaN or inf weights, overflow in float16/bfloat16 — try dtype=torch.float64)"
+                    "(NaN or inf weights, overflow in float16/bfloat16 — try dtype=torch.float64, "
+                    "--dtype float64 on the command line)"
                 )
         return acts
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
+from tyche.commandline import CommandError
 from tyche.zoo.catalogue import entries, get_entry
-from tyche.zoo.entry import UnknownEntryError, ZooError, cache_root, human_size
+from tyche.zoo.entry import cache_root, human_size
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are the command line's one-line errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(f"{message} (see `{self.prog} --help`)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tyche zoo",
         description="Real models and data that work offline, trained or converted here and "
         f"cached under $TYCHE_CACHE (now {cache_root()}).",
@@ -82,25 +89,21 @@ def summarize(name: str, metrics: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of ``tyche zoo``; exit status 2 for an unknown name, 1 for a missing piece."""
+    """Entry point of ``tyche zoo``. A wrong flag, an unknown name or a missing piece (a wheel,
+    a Debian package) raises, and ``tyche`` prints it as one line with exit status 2."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "list":
-            print(format_table())
-        elif args.command == "info":
-            print(json.dumps(get_entry(args.name).info(), indent=2, sort_keys=True))
-        elif args.command == "train":
-            entry = get_entry(args.name)
-            cached = entry.is_ready() and not args.force
-            if not cached and entry.kind == "model":
-                print(f"preparing zoo:{entry.name} into {entry.path} ...", file=sys.stderr)
-            metrics = entry.prepare(force=args.force, progress=not args.quiet)
-            print(summarize(entry.name, metrics))
-            if cached and entry.kind == "model":
-                print(f"(cached at {entry.path}; --force to redo it)")
-    except UnknownEntryError as err:
-        print(f"tyche zoo: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ZooError as err:
-        print(f"tyche zoo: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    if args.command == "list":
+        print(format_table())
+    elif args.command == "info":
+        from tyche.io import json_text  # strict JSON: a NaN metric is null
+
+        print(json_text(get_entry(args.name).info()), end="")
+    elif args.command == "train":
+        entry = get_entry(args.name)
+        cached = entry.is_ready() and not args.force
+        if not cached and entry.kind == "model":
+            print(f"preparing zoo:{entry.name} into {entry.path} ...", file=sys.stderr)
+        metrics = entry.prepare(force=args.force, progress=not args.quiet)
+        print(summarize(entry.name, metrics))
+        if cached and entry.kind == "model":
+            print(f"(cached at {entry.path}; --force to redo it)")

@@ -106,8 +106,10 @@ def atomic_folder(target: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented, key-sorted JSON."""
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write ``data`` as indented, key-sorted strict JSON (a NaN or infinity is ``null``)."""
+    from tyche.io import write_json as write_strict_json
+
+    write_strict_json(path, data)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from tyche.basin.cli.flags import (
+    OWNED,
     PLAY_DATA,
     PROG,
     SHAKESPEARE,
@@ -37,10 +37,14 @@ from tyche.basin.resume import (
 )
 from tyche.commandline import (
     CommandError,
+    check_context,
+    config_flags,
     on_interrupt,
     parse_config,
     resume_command,
+    reworded_text_errors,
 )
+from tyche.run_folder import claim_folder
 
 if TYPE_CHECKING:
     import torch
@@ -97,8 +101,9 @@ def _lm_tokens(plan: Plan, zm: Any, data: str) -> tuple[dict, str, list[str] | N
     from tyche.zoo import resolve_texts
 
     def chunks(texts: list[str]) -> dict:
-        tokens = chunk_and_tokenize(texts, zm.tokenizer, max_seq_len=plan.max_seq_len,
-                                    chunking=True, max_examples=plan.val_size)  # fmt: skip
+        with reworded_text_errors("--data", data, "--max_seq_len"):
+            tokens = chunk_and_tokenize(texts, zm.tokenizer, max_seq_len=plan.max_seq_len,
+                                        chunking=True, max_examples=plan.val_size)  # fmt: skip
         return {k: v[: plan.val_size] for k, v in tokens.items()}
 
     plays = [s for s in plan.subsets or () if s.key == "play"]
@@ -151,6 +156,8 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
             raise CommandError(f"--model {cmd.model} has no tokenizer; a language model is needed")
         model, name, sigma, state = zm.model, zm.name, None, zm.optimizer_state
         _check_globs(model, plan.exclude)
+        check_context(model, plan.max_seq_len, "--max_seq_len",
+                      allow_long=cmd.allow_long_context, name=cmd.model)  # fmt: skip
         data = plan.data or zm.default_data or "zoo:stdlib-docs"
         if any(s.key == "play" for s in plan.subsets or ()) and data != SHAKESPEARE:
             raise CommandError(f"{PLAY_DATA} ({zm.name} is measured on {data} by default)")
@@ -231,6 +238,20 @@ def _preconditioner(kind: str, setup: Setup, cmd: BasinCommand) -> torch.Tensor 
     return diag_preconditioner(fisher, eps=cmd.eps, exponent=cmd.exponent)
 
 
+def _preconditioner_in_flags(kind: str, setup: Setup, cmd: BasinCommand) -> torch.Tensor | None:
+    """:func:`_preconditioner`, its division by zero said in the flags' words."""
+    from tyche.basin.preconditioners import ZeroSpectrum
+
+    try:
+        return _preconditioner(kind, setup, cmd)
+    except ZeroSpectrum as err:
+        what = "second moment (Adam)" if kind == "adam" else "Fisher diagonal"
+        raise CommandError(
+            f"--preconditioners {kind}: {err.n_zero} entries of the {what} are zero and --eps "
+            f"is 0, so p = 1/(s^exponent + eps) divides by zero; give --eps above 0"
+        ) from None
+
+
 def _kinds(plan: Plan, setup: Setup) -> list[str]:
     kinds = list(plan.kinds)
     if "adam" in kinds and setup.optimizer_state is None:
@@ -249,8 +270,17 @@ def _kinds(plan: Plan, setup: Setup) -> list[str]:
 # ----------------------------------------------------------------------------- run
 def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeResult]:
     """Run the command; returns the results at the histogram's cutoff by preconditioner
-    (``"kind subset"`` keys with --where)."""
+    (``"kind subset"`` keys with --where). ``argv`` (the flags as given; default: those
+    of ``cmd``) makes the Ctrl-C resume line."""
     plan = validate(cmd)
+    results = {**flag_identity(cmd, plan), "--cutoff": plan.cutoff, "--lambda": plan.lam}
+    with claim_folder(plan.out, PROG, results, OWNED, overwrite=cmd.overwrite,
+                      resume=cmd.resume):  # fmt: skip
+        return _run(cmd, plan, config_flags(cmd) if argv is None else argv)
+
+
+def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResult]:
+    """:func:`run` in its claimed --out: load, estimate, save, report."""
     from tyche import distributed as dist
     from tyche.basin import report
     from tyche.basin.checkpoint import SettingsMismatch
@@ -269,12 +299,12 @@ def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeRes
     sigma = cmd.sigma if cmd.sigma is not None else setup.default_sigma
     checkpoints = plan.out / "checkpoints"
     if cmd.checkpoint:
-        again = resume_command(PROG, argv if argv is not None else sys.argv[1:])
+        again = resume_command(PROG, argv)
         on_interrupt(f"finished directions are saved under {checkpoints}/; resume with:\n  {again}")
     else:
         on_interrupt("nothing was saved (--no-checkpoint)")
     exclude = list(plan.exclude) or None
-    pres = {kind: _preconditioner(kind, setup, cmd) for kind in kinds}
+    pres = {kind: _preconditioner_in_flags(kind, setup, cmd) for kind in kinds}
     rows: list[Row] = []
     for text, mask in setup.subsets:
         loss = ModelLoss(setup.model, setup.inputs, exclude=exclude, where=mask)

@@ -22,6 +22,7 @@ from tyche.commandline import (
     parse_numbers,
     split_list,
 )
+from tyche.run_folder import Owned, check_unlocked
 
 if TYPE_CHECKING:
     from tyche.basin.where import Subset
@@ -36,6 +37,11 @@ DEFAULT_MAX_SEQ_LEN = 64
 DIGITS = "zoo:digits-mlp"
 SHAKESPEARE = "zoo:shakespeare"
 PLAY_DATA = "--where play= needs the plays as data: --data zoo:shakespeare with a language model"
+#: what a run writes in --out (result folders per preconditioner, subset and cutoff)
+OWNED = Owned(
+    names=("summary.json", "histogram.png", "cutoff_scan.png", "checkpoints"),
+    patterns=("*-cutoff*", "*-curve", "*-lambda"),
+)
 
 
 @dataclass
@@ -101,6 +107,9 @@ class BasinCommand:
     """language models: evaluation sequences (default 8; per play with --where play=)"""
     max_seq_len: int | None = None
     """language models: tokens per sequence (default 64)"""
+    allow_long_context: bool = False
+    """let --max_seq_len past the model's context length through (rotary positions only; a
+    learned position table has no embedding past it)"""
     exclude: str | None = None
     """comma-separated globs of parameter names held fixed, e.g. 'transformer.wte.*,*ln*';
     each must match a parameter"""
@@ -109,7 +118,11 @@ class BasinCommand:
     checkpoint: bool = True
     """save finished directions after every batch under OUT/checkpoints"""
     resume: bool = False
-    """continue the interrupted run saved under OUT/checkpoints (its settings must match)"""
+    """continue the interrupted run saved under OUT/checkpoints (every flag that changes a
+    sample must match; --batch_size, --max_memory and --cutoff within --cutoffs may change)"""
+    overwrite: bool = False
+    """replace the run in --out (finished, of other settings, or interrupted): its results are
+    removed first (a run of the same settings may run again without it)"""
 
 
 @dataclass(frozen=True)
@@ -259,15 +272,19 @@ def validate(cmd: BasinCommand) -> Plan:
     subsets = _check_where(cmd, is_digits)
     if cmd.resume and not cmd.checkpoint:
         raise CommandError("--resume needs the checkpoints: drop --no-checkpoint")
+    if cmd.resume and cmd.overwrite:
+        raise CommandError("--overwrite discards the run that --resume continues; drop one")
     out = check_writable_folder(cmd.out, "--out")
+    check_unlocked(out)  # a run in progress is named as such, not as an interrupted one
     checkpoints = out / "checkpoints"
     saved = list(checkpoints.glob("*/samples-rank*.safetensors")) if checkpoints.is_dir() else []
     if cmd.resume and not (checkpoints / RUN_FILE).is_file():
         raise CommandError(f"--resume: no interrupted run under {checkpoints}; drop --resume")
-    if not cmd.resume and cmd.checkpoint and (saved or (checkpoints / RUN_FILE).is_file()):
+    leftover = saved or (checkpoints / RUN_FILE).is_file()
+    if not cmd.resume and not cmd.overwrite and leftover:
         raise CommandError(
-            f"{checkpoints} holds an interrupted run: add --resume to continue it, or choose "
-            "another --out (or delete that folder) to start afresh"
+            f"{checkpoints} holds an interrupted run: add --resume to continue it, or pass "
+            "--overwrite (or choose another --out) to start afresh"
         )
     plan = Plan(
         kinds=tuple(kinds),

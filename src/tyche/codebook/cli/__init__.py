@@ -29,6 +29,7 @@ from tyche.codebook.cli.args import (
     TrainArgs,
 )
 from tyche.codebook.cli.checks import check_args
+from tyche.codebook.cli.folders import claim
 from tyche.codebook.cli.tools import (
     run_app,
     run_cache,
@@ -74,8 +75,10 @@ def main(argv: list[str]) -> Any:
     cls, runner, _ = COMMANDS[name]
     args = parse_config(cls, rest, prog=f"{PROG} {name}", description=cls.__doc__)
     check_args(args)
-    if name == "train":
-        from tyche.distributed import init_distributed
+    with claim(name, args):  # the output folder's lock and record, before any model loads
+        if name == "train":
+            from tyche.distributed import init_distributed
 
-        init_distributed()
-    return runner(args)
+            init_distributed()
+            return runner(args, rest)
+        return runner(args)

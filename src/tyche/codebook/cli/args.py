@@ -20,6 +20,9 @@ class DataArgs:
     for TokFSM walks from that folder's fsm.json"""
     seq_len: int = 128
     """tokens per sequence"""
+    allow_long_context: bool = False
+    """let --seq_len past the model's context length through (rotary positions only; a
+    learned position table has no embedding past it)"""
     seed: int = 0
     """seed of the data draw (and of training)"""
 
@@ -75,11 +78,15 @@ class TrainArgs(ModelArgs, DataArgs):
     checkpoint_every: int = 0
     """steps between checkpoints (0: only at the end)"""
     resume: bool = False
-    """continue the run in --out from its checkpoint"""
+    """continue the run in --out from its checkpoint; every flag that changes the trained model
+    or its data must be as saved (only --log_every and --checkpoint_every may change; to train
+    a finished model further, start a new run with --model OUT)"""
     eval_sequences: int = 64
     """held-out sequences for the final next-token loss and accuracy"""
     out: str = "runs/codebook"
     """output folder: the trained model (loadable by transformers), train_result/, checkpoint/"""
+    overwrite: bool = False
+    """replace a run of other settings in --out (its files are removed first)"""
 
 
 @dataclass
@@ -96,6 +103,8 @@ class CacheArgs(ModelArgs, DataArgs):
     """store the model inside the cache folder (the app and interventions use it)"""
     out: str = "runs/codebook-cache"
     """output folder of the cache"""
+    overwrite: bool = False
+    """replace a cache of other settings in --out (its files are removed first)"""
 
 
 @dataclass
@@ -120,6 +129,8 @@ class SearchArgs:
     """compare every code with the best single neuron at the same recall"""
     out: str | None = None
     """also save the result here (safetensors + JSON)"""
+    overwrite: bool = False
+    """with --out: replace a result of other settings there"""
 
 
 @dataclass
@@ -198,6 +209,8 @@ class SteerArgs:
     """seed of prompts and sampling"""
     out: str | None = None
     """save the table as JSON here"""
+    overwrite: bool = False
+    """with --out: replace the file if it exists"""
 
 
 @dataclass
@@ -210,6 +223,9 @@ class TokFSMArgs(ModelArgs):
     """sampled sequences for the transition accuracy"""
     seq_len: int = 64
     """tokens per sampled sequence"""
+    allow_long_context: bool = False
+    """let --seq_len past the model's context length through (rotary positions only; a
+    learned position table has no embedding past it)"""
     n_trials: int = 100
     """state-forcing trials"""
     forcing_sites: str | None = None

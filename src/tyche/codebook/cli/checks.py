@@ -15,6 +15,7 @@ from tyche.codebook.cli.args import (
     TokFSMArgs,
     TrainArgs,
 )
+from tyche.codebook.cli.folders import check_cache_folder, check_output_file, check_train_folder
 from tyche.codebook.cli.loading import check_data_spec, check_model_spec
 from tyche.commandline import CommandError, check_number, check_writable_folder, split_list
 
@@ -63,9 +64,11 @@ def check_args(args: Any) -> None:
         if args.resume and not (Path(args.out) / "checkpoint").is_dir():
             raise CommandError(f"--resume: no checkpoint in {args.out}/checkpoint")
         check_writable_folder(args.out, "--out")
+        check_train_folder(args)
     if isinstance(args, CacheArgs):
         _check_counts(n_sequences=args.n_sequences)
         check_writable_folder(args.out, "--out")
+        check_cache_folder(args)
     if isinstance(args, SearchArgs | ContextsArgs | SteerArgs | AppArgs):
         _check_cache(args.cache)
     if isinstance(args, SearchArgs):
@@ -88,6 +91,7 @@ def check_args(args: Any) -> None:
         if not args.prompt.strip():
             raise CommandError("--prompt is empty")
     if isinstance(args, SteerArgs):
+        check_output_file(args)
         if not split_list(args.words):
             raise CommandError("--words is empty; e.g. --words king,love,blood,death")
         check_data_spec(args.prompts, "--prompts")

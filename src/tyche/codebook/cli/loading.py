@@ -87,16 +87,22 @@ def fsm_of(spec: str):
     return FSM.load(folder)
 
 
-def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int) -> torch.Tensor:
-    """``n`` token rows of ``seq_len``: TokFSM walks (``fsm:...``) or a seeded draw of text."""
+def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int,
+              flags: tuple[str, str] = ("--data", "--seq_len")) -> torch.Tensor:  # fmt: skip
+    """``n`` token rows of ``seq_len``: TokFSM walks (``fsm:...``) or a seeded draw of text.
+    ``flags`` name ``data`` and ``seq_len`` on the command line (for the errors)."""
     import torch
+
+    from tyche.commandline import reworded_text_errors
 
     if data.startswith("fsm:"):
         return fsm_of(data).batch(n, seq_len, torch.Generator().manual_seed(seed))
     from tyche.data import chunk_and_tokenize
     from tyche.zoo.resolve import resolve_texts
 
-    rows = chunk_and_tokenize(resolve_texts(data), tokenizer, max_seq_len=seq_len)["input_ids"]
+    with reworded_text_errors(flags[0], data, flags[1]):
+        rows = chunk_and_tokenize(resolve_texts(data), tokenizer, max_seq_len=seq_len)
+    rows = rows["input_ids"]
     pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
     return rows[pick[:n]]
 

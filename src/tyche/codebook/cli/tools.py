@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,15 @@ from tyche.codebook.cli.args import (
     TokFSMArgs,
 )
 from tyche.codebook.cli.loading import folder_of, load_model, load_rows, split
-from tyche.commandline import split_list
+from tyche.commandline import CommandError, check_context, split_list
 
 
 def run_cache(args: CacheArgs) -> Any:
     from tyche.codebook.cache import build_cache
 
     model = load_model(args.model)
+    check_context(model, args.seq_len, "--seq_len", allow_long=args.allow_long_context,
+                  name=args.model)  # fmt: skip
     if not model.sites:
         raise ValueError(f"{args.model} has no codebooks; train some with tyche codebook train")
     rows = load_rows(args.data, model.tokenizer, args.seq_len, args.n_sequences, args.seed)
@@ -69,6 +70,13 @@ def run_contexts(args: ContextsArgs) -> Any:
     from tyche.codebook.code_search import code_contexts
 
     cache = load_cache(args.cache)
+    heads = cache.layout(args.site)["n_groups"]
+    if heads > 1 and (args.head is None or not 0 <= args.head < heads):
+        got = "no --head" if args.head is None else f"--head {args.head}"
+        raise CommandError(
+            f"--site {args.site} has one codebook per head ({heads} heads, code ids differ "
+            f"between them): give --head 0 to {heads - 1}, not {got}"
+        )
     found = code_contexts(cache, args.site, args.code, head=args.head, n=args.n, window=args.window)
     total = int(cache.counts(args.site)[args.head or 0, args.code])
     print(
@@ -96,7 +104,9 @@ def run_intervene(args: InterveneArgs) -> Any:
     ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.numel() == 0:
         raise ValueError("--prompt gives no tokens")
-    jsd = float(next_token_jsd(model, ids, ivs)[0])
+    horizon = ids.shape[1] + args.max_new_tokens - 1  # the longest forward pass generating
+    _check_positions(ivs, ids.shape[1], args.max_new_tokens)
+    jsd = float(next_token_jsd(model, ids, ivs, horizon=horizon)[0])
     ids = ids.repeat(args.n_samples, 1)
     sampling = {
         "do_sample": args.temperature > 0,
@@ -116,15 +126,33 @@ def run_intervene(args: InterveneArgs) -> Any:
     return {"jsd": jsd, **outs}
 
 
+def _check_positions(ivs: list[Any], prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, in the flags' words, a position that no forward pass of the generation has."""
+    from tyche.codebook.layer import out_of_range
+
+    horizon = prompt_len + max_new_tokens - 1
+    for iv in ivs:
+        p = out_of_range(iv.positions, horizon)
+        if p is not None:
+            raise CommandError(
+                f"--{iv.spec}: position {p} can never apply: the prompt "
+                f"has {prompt_len} tokens and --max_new_tokens {max_new_tokens} feeds back at "
+                f"most {horizon} (positions {-horizon} to {horizon - 1}); give a position in "
+                "that range"
+            )
+
+
 def run_steer(args: SteerArgs) -> Any:
     from tyche.codebook.cache import load_cache
     from tyche.codebook.steering import topic_codes, topic_steering, word_regex
+    from tyche.io import json_text
 
     words = split_list(args.words)
     cache = load_cache(args.cache)
     model = cache.load_model()
     tok = model.tokenizer
-    rows = load_rows(args.prompts, tok, args.prompt_tokens, args.n_prompts, args.seed + 1)
+    rows = load_rows(args.prompts, tok, args.prompt_tokens, args.n_prompts, args.seed + 1,
+                     ("--prompts", "--prompt_tokens"))  # fmt: skip
     prompts = tok.batch_decode(rows)
     table = []
     for word in words:
@@ -161,7 +189,7 @@ def run_steer(args: SteerArgs) -> Any:
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
+        Path(args.out).write_text(json_text(table, indent=1, sort_keys=False))
     return table
 
 
@@ -176,12 +204,8 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
 
     model = load_model(args.model).eval()
     fsm = FSM.load(folder_of(args.model))
-    positions = getattr(model.base.config, "n_positions", None)  # learned positions (GPT-2)
-    if positions is not None and args.seq_len > positions:
-        raise ValueError(
-            f"--seq_len {args.seq_len} > the model's {positions} learned positions; "
-            f"sample at most {positions} tokens"
-        )
+    check_context(model, args.seq_len, "--seq_len", allow_long=args.allow_long_context,
+                  name=args.model)  # fmt: skip
     if args.forcing_sites is None:
         forced = [s for s in model.sites if s.startswith("mlp_out")]
     else:  # a clear error, before any evaluation, when it names a site without a codebook
@@ -247,4 +271,7 @@ def run_app(args: AppArgs) -> Any:
             f"{args.cache} is not a codebook cache (no manifest.json); "
             "build one with tyche codebook cache"
         )
-    return launch(args.cache, port=args.port, headless=args.headless)
+    code = launch(args.cache, port=args.port, headless=args.headless)
+    if code:  # stopped by SIGTERM (143) or failed: the process exits with that code
+        raise SystemExit(code)
+    return code

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tyche.codebook.cli.args import TrainArgs
+from tyche.codebook.cli.folders import mismatch_message, settings
 from tyche.codebook.cli.loading import fsm_of, load_model, load_rows, reinitialise, split
-from tyche.commandline import on_interrupt, resume_command
+from tyche.commandline import (
+    CommandError,
+    check_context,
+    config_flags,
+    on_interrupt,
+    resume_command,
+)
 
 PROG = "tyche codebook"
 
 
-def run_train(args: TrainArgs) -> Any:
+def run_train(args: TrainArgs, argv: list[str] | None = None) -> Any:
+    """Train; ``argv`` (the flags after ``train``, as given) makes the Ctrl-C resume line."""
     from tyche.codebook.model import attach
-    from tyche.codebook.train import TrainConfig, evaluate_lm, row_sampler, train_codebooks
+    from tyche.codebook.train import (
+        SettingsMismatch,
+        TrainConfig,
+        evaluate_lm,
+        row_sampler,
+        train_codebooks,
+    )
     from tyche.distributed import get_rank, rank0_print
+    from tyche.io import json_text
 
     cfg = TrainConfig(
         steps=args.steps,
@@ -44,9 +57,11 @@ def run_train(args: TrainArgs) -> Any:
     out = Path(args.out)
     on_interrupt(
         f"the last checkpoint is in {out}/checkpoint; continue with: "
-        f"{resume_command(PROG + ' train', sys.argv[2:])}"
+        f"{resume_command(PROG + ' train', config_flags(args) if argv is None else argv)}"
     )
     model = load_model(args.model)
+    check_context(model, args.seq_len, "--seq_len", allow_long=args.allow_long_context,
+                  name=args.model)  # fmt: skip
     if args.from_scratch:
         reinitialise(model.base, args.seed)
     if not model.sites:
@@ -85,13 +100,16 @@ def run_train(args: TrainArgs) -> Any:
     before = {}
     with model.snapping(False):
         before = evaluate_lm(model, held)
-    result = train_codebooks(
-        model, batches, cfg, out=out, resume=args.resume, eval_fn=lambda m: evaluate_lm(m, held)
-    )
+    try:
+        result = train_codebooks(model, batches, cfg, out=out, resume=args.resume,
+                                 eval_fn=lambda m: evaluate_lm(m, held),
+                                 extra_settings=settings(args))  # fmt: skip
+    except SettingsMismatch as err:
+        raise CommandError(mismatch_message(err)) from None
     if get_rank() == 0:
         model.save_pretrained(out)
         result.save(out / "train_result")
-        (out / "train_args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
+        (out / "train_args.json").write_text(json_text(asdict(args), indent=1, sort_keys=False))
         last = result.history[-1]
         ev = result.evaluation
         rank0_print(

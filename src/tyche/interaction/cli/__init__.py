@@ -12,13 +12,18 @@ Examples::
 
 ``build`` saves its stages under ``--out`` (``grams/``, ``bases/``, ``graph/``, each
 safetensors + JSON) and ``--resume`` continues from the last one saved (the settings must
-match); ``--stage`` stops early. ``ablate`` saves one curve per node layer or section and
-``curves.png``; ``plot`` draws the graph. Every flag is checked before a model is loaded.
+match); within the bases and edges stages each finished section is saved under
+``sections/`` as soon as it is done, so a resumed build computes only the sections not
+finished (the folder is removed once the stage's result is saved); ``--stage`` stops
+early. ``ablate`` saves one curve per node layer or section and ``curves.png``; ``plot``
+draws the graph. Every flag is checked before a model is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,9 +32,11 @@ from typing import TYPE_CHECKING, Any
 from tyche.commandline import (
     CommandError,
     best_effort,
+    check_context,
     on_interrupt,
     parse_config,
     resume_command,
+    reworded_text_errors,
     split_list,
 )
 from tyche.interaction.cli.flags import (
@@ -46,9 +53,14 @@ from tyche.interaction.cli.flags import (
     validate_build,
     validate_plot,
 )
+from tyche.interaction.cli.folders import ABLATE_OWNED, BUILD_OWNED, settings
+from tyche.run_folder import claim_folder
 
 if TYPE_CHECKING:
     import torch
+
+#: the folder under --out where the bases and edges stages save each finished section
+SECTIONS_DIR = "sections"
 
 __all__ = ["RULE_NAMES", "AblateConfig", "BuildConfig", "PlotConfig", "main", "run_build"]
 
@@ -60,7 +72,8 @@ def _lm_rows(cfg: SourceConfig, tokenizer: Any, default_data: str | None) -> dic
     from tyche.zoo import resolve_texts
 
     spec = cfg.data or default_data or "zoo:shakespeare"
-    tokens = chunk_and_tokenize(resolve_texts(spec), tokenizer, max_seq_len=cfg.seq_len)
+    with reworded_text_errors("--data", spec, "--seq_len"):
+        tokens = chunk_and_tokenize(resolve_texts(spec), tokenizer, max_seq_len=cfg.seq_len)
     n = tokens["input_ids"].shape[0]
     if n < 2 * cfg.n_sequences:
         raise CommandError(
@@ -105,6 +118,8 @@ def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor |
                 f"--model {name} has no tokenizer: give a language model or one of "
                 f"{', '.join(CLASS_MODELS)}"
             )
+        check_context(zoo.model, cfg.seq_len, "--seq_len", allow_long=cfg.allow_long_context,
+                      name=name)  # fmt: skip
         n = n_layers(zoo.model)
         layers = [f"resid_pre.{i}" for i in range(max(0, n - 2), n)] + ["unembed"]
         return zoo.model, _lm_rows(cfg, zoo.tokenizer, zoo.default_data), None, layers
@@ -117,8 +132,48 @@ def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor |
 def run_build(cfg: BuildConfig, argv: list[str] | None = None):
     """``tyche interaction build``; returns the graph (or the grams with ``--stage grams``)."""
     validate_build(cfg)
+    _check_build_settings(cfg)
+    with claim_folder(cfg.out, f"{PROG} build", settings(cfg), BUILD_OWNED,
+                      overwrite=cfg.overwrite, resume=cfg.resume):  # fmt: skip
+        return _build(cfg, argv)
+
+
+def _check_build_settings(cfg: BuildConfig) -> None:
+    """The builder's own check of the combination of settings (before --out is claimed)."""
+    from tyche.interaction.graph import check_settings
+
+    dtypes = _dtypes()
+    edges = None if cfg.edges == "none" else cfg.edges
+    try:
+        check_settings(cfg.basis, edges, cfg.center, parse_integration(cfg.integration),
+                       cfg.n_intervals, dtypes[cfg.dtype], dtypes[cfg.gram_dtype],
+                       cfg.split_over, cfg.n_stochastic_sources or None,
+                       cfg.n_stochastic_sources_hidden or None)  # fmt: skip
+    except ValueError as err:
+        raise CommandError(f"{_in_flags(str(err))} (see `{PROG} build --help`)") from None
+
+
+#: the builder's words for its settings (keywords) -> the flags of ``tyche interaction build``
+_FLAG_WORDS = {
+    "center=False": "give --no-center",
+    "integration='trapezoidal' or 'gauss-legendre' with n_intervals > 0":
+        "--integration trapezoidal or gauss-legendre with --n_intervals above 0",
+    "n_stochastic_sources_hidden": "--n_stochastic_sources_hidden",
+    "n_stochastic_sources": "--n_stochastic_sources",
+    "use squared": "use --edges squared",
+}
+_KEYWORDS = re.compile("|".join(rf"(?<![-\w]){re.escape(k)}(?!\w)" for k in _FLAG_WORDS))
+
+
+def _in_flags(message: str) -> str:
+    """A message of :func:`tyche.interaction.graph.check_settings` in the command's flags."""
+    return _KEYWORDS.sub(lambda m: _FLAG_WORDS[m.group(0)], message)
+
+
+def _build(cfg: BuildConfig, argv: list[str] | None):
+    """:func:`run_build` once its flags are checked and its --out is claimed."""
     from tyche.distributed import get_rank, init_distributed, rank0_print
-    from tyche.interaction.graph import build_grams, build_interaction_graph, check_settings
+    from tyche.interaction.graph import build_grams, build_interaction_graph
     from tyche.interaction.report import graph_summary, summary_table
     from tyche.interaction.result import InteractionGrams, InteractionGraph
     from tyche.io import write_json
@@ -128,17 +183,12 @@ def run_build(cfg: BuildConfig, argv: list[str] | None = None):
     edges = None if cfg.edges == "none" else cfg.edges
     sources = cfg.n_stochastic_sources or None
     hidden = cfg.n_stochastic_sources_hidden or None
-    try:
-        check_settings(cfg.basis, edges, cfg.center, integration, cfg.n_intervals,
-                       dtypes[cfg.dtype], dtypes[cfg.gram_dtype], cfg.split_over, sources,
-                       hidden)  # fmt: skip
-    except ValueError as err:
-        raise CommandError(f"{err} (see `{PROG} build --help`)") from None
     init_distributed()
     rank0_print("settings: " + json.dumps(asdict(cfg)))
     model, inputs, _, default_layers = load_source(cfg)
     layers = split_list(cfg.node_layers) or default_layers
     out = Path(cfg.out)
+    sections = out / SECTIONS_DIR
     grams = bases = None
     if cfg.resume and (out / STAGE_FILES["bases"]).is_file() and cfg.stage == "edges":
         bases = InteractionGraph.load(out / "bases")
@@ -149,7 +199,8 @@ def run_build(cfg: BuildConfig, argv: list[str] | None = None):
     common = dict(dtype=dtypes[cfg.dtype], rotate_final=cfg.rotate_final,
                   batch_size=cfg.batch_size or None, gram_dtype=dtypes[cfg.gram_dtype])  # fmt: skip
     if argv is not None:
-        on_interrupt(f"finished stages are saved under {out}/; continue with: "
+        on_interrupt(f"finished stages are saved under {out}/ and finished sections under "
+                     f"{sections}/; continue with: "
                      f"{resume_command(f'{PROG} build', argv[1:])}")  # fmt: skip
     start = time.perf_counter()
     if grams is None and bases is None:
@@ -165,7 +216,7 @@ def run_build(cfg: BuildConfig, argv: list[str] | None = None):
         integration=integration, n_intervals=cfg.n_intervals, center=cfg.center,
         n_stochastic_sources=sources, n_stochastic_sources_hidden=hidden,
         truncation_threshold=cfg.truncation_threshold, seed=cfg.seed, split=cfg.split_over,
-        grams=grams, bases=bases, **common,
+        grams=grams, bases=bases, checkpoint=sections, resume=cfg.resume, **common,
     )  # fmt: skip
     on_interrupt(None)
     seconds = time.perf_counter() - start
@@ -174,6 +225,7 @@ def run_build(cfg: BuildConfig, argv: list[str] | None = None):
             graph.without_edges().save(out / "bases")
         if graph.has_edges:
             graph.save(out / "graph")
+        shutil.rmtree(sections, ignore_errors=True)  # the stage's result holds them all now
         summary = {"config": asdict(cfg), "seconds": seconds, **graph_summary(graph)}
         best_effort(PROG, "write summary.json",
                     lambda: write_json(out / "summary.json", summary), out)  # fmt: skip
@@ -196,8 +248,6 @@ def _dtypes() -> dict[str, torch.dtype]:
 def run_ablate(cfg: AblateConfig) -> dict:
     """``tyche interaction ablate``; returns ``{where: AblationCurve}``."""
     folder = validate_ablate(cfg)
-    from tyche.distributed import get_rank, init_distributed, rank0_print
-    from tyche.interaction.ablate import ablate_edges, ablate_nodes
     from tyche.interaction.result import InteractionGraph
 
     graph = InteractionGraph.load(folder)
@@ -208,6 +258,17 @@ def run_ablate(cfg: AblateConfig) -> dict:
     if unknown:
         raise CommandError(f"--layers: {', '.join(unknown)} not in the graph's node layers "
                            f"{', '.join(graph.node_layers)}")  # fmt: skip
+    out = Path(cfg.out) if cfg.out else folder.parent / f"ablate-{cfg.kind}"
+    with claim_folder(out, f"{PROG} ablate", settings(cfg), ABLATE_OWNED,
+                      overwrite=cfg.overwrite):  # fmt: skip
+        return _ablate(cfg, graph, out)
+
+
+def _ablate(cfg: AblateConfig, graph: Any, out: Path) -> dict:
+    """:func:`run_ablate` in its claimed --out."""
+    from tyche.distributed import get_rank, init_distributed, rank0_print
+    from tyche.interaction.ablate import ablate_edges, ablate_nodes
+
     init_distributed()
     model, inputs, labels, _ = load_source(cfg)
     kw = dict(schedule=cfg.schedule, cutoff=cfg.cutoff, base=cfg.base, tolerance=cfg.tolerance,
@@ -217,7 +278,6 @@ def run_ablate(cfg: AblateConfig) -> dict:
                               **kw)  # fmt: skip
     else:
         curves = ablate_edges(model, graph, inputs, labels, **kw)
-    out = Path(cfg.out) if cfg.out else folder.parent / f"ablate-{cfg.kind}"
     if get_rank() == 0:
         for i, curve in enumerate(curves.values()):
             curve.save(out / f"{i}")

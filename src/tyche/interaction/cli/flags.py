@@ -15,6 +15,7 @@ from tyche.commandline import (
     check_writable_folder,
     split_list,
 )
+from tyche.run_folder import check_new_file, check_unlocked, differences, read_record
 
 __all__ = [
     "AblateConfig",
@@ -50,6 +51,9 @@ class SourceConfig:
     """classifiers: use at most this many rows (0: all of the split)"""
     seq_len: int = 64
     """language models: tokens per sequence"""
+    allow_long_context: bool = False
+    """let --seq_len past the model's context length through (rotary positions only; a
+    learned position table has no embedding past it)"""
     n_sequences: int = 16
     """language models: sequences drawn (seeded) from the tokenized text"""
     batch_size: int = 0
@@ -99,11 +103,16 @@ class BuildConfig(SourceConfig):
     stage: Literal["grams", "bases", "edges"] = "edges"
     """stop after this stage (each is saved under --out)"""
     resume: bool = False
-    """continue from the stages saved under --out (their settings must match)"""
+    """continue from the stages and finished sections saved under --out (their settings must
+    match)"""
     out: str = "runs/interaction"
-    """output folder: grams/, bases/, graph/, graph.png, summary.json"""
+    """output folder: grams/, bases/, graph/, graph.png, summary.json (and sections/ while the
+    bases or edges are built)"""
     plot: bool = True
     """draw graph.png"""
+    overwrite: bool = False
+    """replace the build in --out (finished, of other settings, or interrupted): its files are
+    removed first (a build of the same settings may run again without it)"""
 
 
 @dataclass
@@ -141,6 +150,8 @@ class AblateConfig(SourceConfig):
     """output folder (default: <graph>/ablate-<kind>)"""
     plot: bool = True
     """draw curves.png"""
+    overwrite: bool = False
+    """replace curves of other settings in --out (they are removed first)"""
 
 
 @dataclass
@@ -161,6 +172,8 @@ class PlotConfig:
     """label every feature (f0, f1, ...)"""
     hide_constant: bool = True
     """leave out the edges of the constant direction"""
+    overwrite: bool = False
+    """replace the PNG if it exists (e.g. the build's own graph.png)"""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -231,15 +244,38 @@ def validate_build(cfg: BuildConfig) -> None:
     if cfg.truncation_threshold >= 1:
         raise CommandError("--truncation_threshold is a fraction of the largest: below 1")
     out = Path(cfg.out).expanduser()
+    check_unlocked(out)  # a build in progress is named as such, not as a leftover
+    if cfg.resume and cfg.overwrite:
+        raise CommandError("--overwrite discards the build that --resume continues; drop one")
     saved = [s for s, f in STAGE_FILES.items() if (out / f).is_file()]
     if cfg.resume and not saved:
         raise CommandError(f"--resume: no saved stage under {str(out)!r}; run without --resume")
-    if saved and not cfg.resume:
+    record = read_record(out)
+    finished = (record or {}).get("finished")  # then its settings are compared
+    if cfg.resume and record is not None:
+        _check_resumed_settings(cfg, record, out)
+    if saved and not cfg.resume and not cfg.overwrite and not finished:
         raise CommandError(
             f"--out {str(out)!r} holds a build already (stages {', '.join(saved)}); add --resume "
-            "to continue it, or choose another --out"
+            "to continue it, pass --overwrite to start afresh, or choose another --out"
         )
     check_writable_folder(out, "--out")
+
+
+def _check_resumed_settings(cfg: BuildConfig, record: dict, out: Path) -> None:
+    """--resume continues the build recorded in ``out``: every flag that makes its results
+    but --stage (a build goes on from grams to bases to edges) must be as it was."""
+    from tyche.interaction.cli.folders import settings
+
+    now = json.loads(json.dumps(settings(cfg)))
+    drop = ("--stage",)
+    differ = differences({k: v for k, v in record.get("settings", {}).items() if k not in drop},
+                         {k: v for k, v in now.items() if k not in drop})  # fmt: skip
+    if differ:
+        raise CommandError(
+            f"--resume: the build in --out {str(out)!r} was made with other settings: "
+            f"{'; '.join(differ)}; give its flags, or pass --overwrite to start afresh"
+        )
 
 
 def _graph_folder(path: str) -> Path:
@@ -269,6 +305,7 @@ def validate_ablate(cfg: AblateConfig) -> Path:
         for key in ("data", "seq_len", "n_sequences", "seed"):  # the same text source
             if getattr(cfg, key) == getattr(SourceConfig, key):
                 setattr(cfg, key, built[key])
+        cfg.allow_long_context = cfg.allow_long_context or built.get("allow_long_context", False)
     _check_source(cfg)
     if cfg.kind == "nodes" and cfg.schedule == "thresholds":
         raise CommandError("--schedule thresholds is for --kind edges")
@@ -279,6 +316,7 @@ def validate_ablate(cfg: AblateConfig) -> Path:
     check_number(cfg.tolerance, "--tolerance", minimum=0)
     out = Path(cfg.out) if cfg.out else folder.parent / f"ablate-{cfg.kind}"
     check_writable_folder(out, "--out")
+    check_unlocked(out)
     return folder
 
 
@@ -293,6 +331,7 @@ def validate_plot(cfg: PlotConfig) -> Path:
     if out.suffix.lower() != ".png":
         raise CommandError(f"--out {str(out)!r}: give a .png file")
     check_writable_folder(out.parent, "--out")
+    check_new_file(out, "--out", cfg.overwrite, "figure")
     return folder
 
 

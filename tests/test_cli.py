@@ -611,3 +611,94 @@ def test_basin_under_torchrun_prints_once_and_equals_one_process(tmp_path, capsy
     # sums, so a direction's loss does not depend on what shares its batch (measured identical
     # under 1 and 2 threads and ATEN_CPU_CAPABILITY=default)
     assert torch.equal(two.estimates, one.estimates)
+
+
+# ----------------------------------------------------------------------------- the flags' words
+NEGATIVE_NUMBERS = [  # argparse once took these for flags ("expected one argument")
+    (["basin", "--cutoff", "-1e-2"], r"--cutoff must be greater than 0, got -0.01"),
+    (["basin", "--cutoffs", "-1e-2,1e-3"], r"--cutoffs: -1e-2 must be a positive"),
+    (["basin", "--sigma", "-.5"], r"--sigma must be greater than 0, got -0.5"),
+    (["basin", "--cutoff", "-inf"], r"--cutoff: '-inf' is not a finite number"),
+    (["causal", "train-lens", "--lr", "-1e-3"], r"--lr must be greater than 0, got -0.001"),
+    (["codebook", "train", "--lr", "-1e-3"], r"--lr must be greater than 0, got -0.001"),
+    (["interaction", "build", "--truncation_threshold", "-1e-3"],
+     r"--truncation_threshold must be at least 0, got -0.001"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args,pattern", NEGATIVE_NUMBERS, ids=lambda x: " ".join(x)[:40])
+def test_a_negative_number_is_a_value_the_command_checks(args, pattern, tmp_path, capsys):
+    run = cli(capsys, *args, "--out", str(tmp_path / "out"))
+    assert_one_line_error(run, args[0], pattern)
+
+
+#: (command, its data and length flags) of every command that cuts --data into sequences
+TEXT_COMMANDS = [
+    (["basin"], "--max_seq_len"),
+    (["causal"], "--seq_len"),
+    (["causal", "train-lens"], "--seq_len"),
+    (["codebook", "train"], "--seq_len"),
+    (["interaction", "build"], "--seq_len"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag"), TEXT_COMMANDS, ids=lambda x: str(x))
+def test_too_little_text_is_said_in_the_commands_flags(command, flag, tmp_path, capsys, lm_folder):
+    """Fewer tokens than one sequence: the message names --data and the length flag, not the
+    library's keywords (chunking=False, max_seq_len=)."""
+    text = tmp_path / "short.txt"
+    text.write_text("the king and the queen. " * 3)  # 18 tokens
+    run = cli(capsys, *command, "--model", str(lm_folder), "--data", str(text), flag, "40",
+              "--out", str(tmp_path / "out"))  # fmt: skip
+    said = (rf"--data {text} has only 18 tokens \(1 document\), fewer than one sequence of "
+            rf"{flag} 40; give a smaller {flag}")
+    assert_one_line_error(run, command[0], said)
+    assert "chunking" not in run.err and "max_seq_len=" not in run.err
+
+
+INTERACTION_SETTINGS = [
+    (["--basis", "neuron"], r"cannot be centred: give --no-center"),
+    (["--basis", "(1-alpha)^2"],
+     r"use --integration trapezoidal or gauss-legendre with --n_intervals above 0"),
+    (["--edges", "functional", "--n_stochastic_sources", "2"],
+     r"drop --n_stochastic_sources or use --edges squared"),
+    (["--basis", "svd", "--n_stochastic_sources_hidden", "2"],
+     r"--n_stochastic_sources_hidden only applies to the jacobian basis"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args,pattern", INTERACTION_SETTINGS, ids=lambda x: " ".join(x)[:40])
+def test_interaction_build_says_its_settings_in_flags(args, pattern, tmp_path, capsys):
+    run = cli(capsys, "interaction", "build", *args, "--out", str(tmp_path / "g"))
+    assert_one_line_error(run, "interaction", pattern)
+    assert "=False" not in run.err and "integration='" not in run.err
+
+
+def test_basin_eps_zero_on_a_zero_spectrum_names_the_flag(tmp_path, capsys):
+    """zoo:digits-mlp's inputs have pixels that are 0 in every image: the Fisher diagonal of
+    their weights is 0."""
+    run = cli(capsys, "basin", "--eps", "0", "--preconditioners", "fisher", "--n_samples", "2",
+              "--out", str(tmp_path / "b"))  # fmt: skip
+    said = (r"--preconditioners fisher: \d+ entries of the Fisher diagonal are zero and "
+            r"--eps is 0, .*; give --eps above 0")
+    assert_one_line_error(run, "basin", said)
+    assert "eps=0" not in run.err
+
+
+def test_a_lens_of_another_model_is_refused_in_flags(tmp_path, capsys, lm_folder, text_file):
+    from conftest import build_neox, make_tiny_tokenizer
+
+    other = tmp_path / "other"
+    build_neox(seed=1).save_pretrained(other)
+    make_tiny_tokenizer().save_pretrained(other)
+    common = ["--data", str(text_file), "--seq_len", "16", "--n_sequences", "4"]
+    lens = tmp_path / "lens"
+    run = cli(capsys, "causal", "train-lens", "--model", str(lm_folder), *common, "--steps", "1",
+              "--out", str(lens))  # fmt: skip
+    assert run.code == 0, run.err
+    run = cli(capsys, "causal", "--model", str(other), *common, "--target", "tuned", "--lens",
+              str(lens), "--out", str(tmp_path / "bases"))  # fmt: skip
+    said = (rf"--lens {lens} was trained on another model \(hash \w+\), not on --model {other} "
+            r".*tyche causal train-lens --model")
+    assert_one_line_error(run, "causal", said)
+    assert "strict=False" not in run.err

@@ -324,6 +324,36 @@ def test_intervene_refuses_a_position_no_forward_pass_has(setup, capsys) -> None
     assert run.code == 0 and "JSD of the next-token distribution" in run.out, run.err
 
 
+def test_errors_say_the_flags_not_the_library_keywords(setup, capsys, tmp_path) -> None:
+    """A per-head codebook without --head, a cache built with --no-copy_model, prompts too
+    short for --prompt_tokens: each error names the command's flags (not head=H,
+    copy_model=False or max_seq_len=)."""
+    from conftest import cli
+
+    cache = str(setup["cache"])
+    for head, got in (([], "not no --head"), (["--head", "4"], "not --head 4")):
+        run = cli(capsys, "codebook", "contexts", "--cache", cache, "--site", "attn_heads.1",
+                  "--code", "0", *head)  # fmt: skip
+        assert run.code == 2 and run.err.count("\n") == 1 and "head=H" not in run.err, run.err
+        assert "--site attn_heads.1 has one codebook per head (4 heads" in run.err, run.err
+        assert f"give --head 0 to 3, {got}" in run.err, run.err
+    bare = tmp_path / "bare-cache"
+    run = cli(capsys, "codebook", "cache", "--model", str(setup["trained"]), "--data",
+              str(setup["text"]), "--seq_len", "16", "--n_sequences", "2", "--no-copy_model",
+              "--out", str(bare))  # fmt: skip
+    assert run.code == 0, run.err
+    for command in (["intervene", "--prompt", "the king", "--force", "mlp_out.1:3"],
+                    ["steer", "--prompts", str(setup["text"])]):  # fmt: skip
+        run = cli(capsys, "codebook", *command, "--cache", str(bare))
+        assert run.code == 2 and "tyche codebook cache --no-copy_model" in run.err, run.err
+        assert "(the command's default, --copy_model)" in run.err, run.err
+    run = cli(capsys, "codebook", "steer", "--cache", cache, "--prompts", str(setup["text"]),
+              "--prompt_tokens", "100000")  # fmt: skip
+    assert run.code == 2 and "max_seq_len=" not in run.err, run.err
+    assert f"--prompts {setup['text']} has only " in run.err, run.err
+    assert "one sequence of --prompt_tokens 100000; give a smaller --prompt_tokens" in run.err
+
+
 def test_steer(setup, capsys, tmp_path) -> None:
     table = codebook_main(
         [

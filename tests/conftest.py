@@ -261,3 +261,34 @@ def cli(capsys: pytest.CaptureFixture, *args: str) -> Run:
     seconds = time.perf_counter() - start
     captured = capsys.readouterr()
     return Run(code, captured.out, captured.err, seconds)
+
+
+def one_line_error(run: Run, command: str, pattern: str) -> str:
+    """The single stderr line of a refused ``tyche COMMAND`` run (exit 2, no traceback),
+    matching ``pattern``."""
+    import re
+
+    assert run.code == 2, (run.code, run.err)
+    assert "Traceback" not in run.err
+    lines = [line for line in run.err.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1, run.err
+    assert lines[0].startswith(f"tyche {command}: error: "), lines[0]
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-NeoX with its tokenizer, saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("lm")
+    build_neox().save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small text corpus (the tiny texts, paragraphs split by blank lines)."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(tiny_text_list() * 6))
+    return path

@@ -19,42 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Run, cli
+from conftest import cli, one_line_error
 from tyche.basin.result import VolumeResult
 
 #: a flag error must be reported before anything heavy is imported or loaded
 FLAG_ERROR_SECONDS = 5.0
-
-
-def assert_one_line_error(run: Run, command: str, pattern: str) -> None:
-    import re
-
-    assert run.code == 2, (run.code, run.err)
-    assert "Traceback" not in run.err
-    lines = [line for line in run.err.splitlines() if line.strip() and "it/s]" not in line]
-    assert len(lines) == 1, run.err
-    assert lines[0].startswith(f"tyche {command}: error: "), lines[0]
-    assert re.search(pattern, lines[0]), (pattern, lines[0])
-
-
-@pytest.fixture(scope="module")
-def lm_folder(tmp_path_factory) -> Path:
-    """A tiny GPT-NeoX with its tokenizer, saved as a local model folder."""
-    from conftest import build_neox, make_tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("lm")
-    build_neox().save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    from conftest import tiny_text_list
-
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n\n".join(tiny_text_list() * 6))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +86,7 @@ BASIN_FLAG_ERRORS = [
 def test_basin_flag_errors(args, pattern, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = cli(capsys, "basin", *args)
-    assert_one_line_error(run, "basin", pattern)
+    one_line_error(run, "basin", pattern)
     assert run.seconds < FLAG_ERROR_SECONDS
 
 
@@ -133,7 +102,7 @@ def test_basin_file_errors(tmp_path, capsys, lm_folder, binary_file):
     ]
     for args, pattern in cases:
         run = cli(capsys, "basin", *args, "--out", str(tmp_path / "o"), *args[-2:])
-        assert_one_line_error(run, "basin", pattern)
+        one_line_error(run, "basin", pattern)
         assert run.seconds < FLAG_ERROR_SECONDS
 
 
@@ -162,7 +131,7 @@ CAUSAL_FLAG_ERRORS = [
 def test_causal_flag_errors(args, pattern, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = cli(capsys, "causal", *args)
-    assert_one_line_error(run, "causal", pattern)
+    one_line_error(run, "causal", pattern)
     assert run.seconds < FLAG_ERROR_SECONDS
 
 
@@ -202,7 +171,7 @@ def test_model_errors_come_right_after_loading(tmp_path, capsys, lm_folder, text
     ]
     for command, args, pattern in cases:
         run = cli(capsys, command, *common, *args, "--out", str(tmp_path / command))
-        assert_one_line_error(run, command, pattern)
+        one_line_error(run, command, pattern)
         assert "directions" not in run.err and "bases" not in run.err  # no work's progress bar
         # loading again costs what loading costs; tokenizing 8-token rows is milliseconds
         assert run.seconds < load_seconds + FLAG_ERROR_SECONDS, (run.seconds, load_seconds)
@@ -352,12 +321,12 @@ def test_basin_where_mask_file(tmp_path, capsys):
     save_file({"m": torch.ones(5, dtype=torch.bool)}, str(tmp_path / "short.safetensors"))
     run = cli(capsys, "basin", "--where", f"mask={tmp_path / 'short.safetensors'}",
               "--out", str(tmp_path / "bad"))  # fmt: skip
-    assert_one_line_error(run, "basin", r"shape \(5,\) does not fit the evaluation data; it must "
+    one_line_error(run, "basin", r"shape \(5,\) does not fit the evaluation data; it must "
                           r"be \(1024,\)")  # fmt: skip
     save_file({"a": y == 1, "b": y == 2}, str(tmp_path / "two.safetensors"))
     run = cli(capsys, "basin", "--where", f"mask={tmp_path / 'two.safetensors'}",
               "--out", str(tmp_path / "bad"))  # fmt: skip
-    assert_one_line_error(run, "basin", r"holds 2 tensors \(a, b\)")
+    one_line_error(run, "basin", r"holds 2 tensors \(a, b\)")
 
 
 def test_basin_max_memory_sets_the_batch_and_changes_nothing_else(tmp_path, capsys):
@@ -373,7 +342,7 @@ def test_basin_max_memory_sets_the_batch_and_changes_nothing_else(tmp_path, caps
     # for every batch size; measured identical under the 4 portable settings)
     assert torch.equal(small.estimates, default.estimates)
     run = cli(capsys, *args, "--max_memory", "1KB", "--out", str(tmp_path / "c"))
-    assert_one_line_error(run, "basin", r"max_memory=1,000 bytes holds not even one direction")
+    one_line_error(run, "basin", r"max_memory=1,000 bytes holds not even one direction")
 
 
 def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
@@ -394,7 +363,7 @@ def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
     # without --data the model's own data decides, checked right after it loads
     run = cli(capsys, "basin", "--model", str(lm_folder), "--where", "play=hamlet",
               "--out", str(tmp_path / "bad"))  # fmt: skip
-    assert_one_line_error(run, "basin", r"needs the plays as data.*zoo:stdlib-docs by default")
+    one_line_error(run, "basin", r"needs the plays as data.*zoo:stdlib-docs by default")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -443,23 +412,23 @@ def test_resume_refuses_every_setting_that_changes_a_sample(
     ]
     for extra, flag in changes:
         run = cli(capsys, *base, "--resume", *extra)
-        assert_one_line_error(run, "basin", rf"cannot --resume .* {flag} \(saved")
+        one_line_error(run, "basin", rf"cannot --resume .* {flag} \(saved")
         assert run.seconds < FLAG_ERROR_SECONDS  # refused before the model is loaded
     # the case seen in the wild: two preconditioner settings at once, both named
     run = cli(capsys, *base, "--resume", "--eps", "10", "--exponent", "1")
-    assert_one_line_error(run, "basin", r"--eps \(saved 0.001, now 10\); --exponent")
+    one_line_error(run, "basin", r"--eps \(saved 0.001, now 10\); --exponent")
     # the model's weights and the data's tokens are part of the run's identity too
     from conftest import build_neox
 
     original = (model_dir / "model.safetensors").read_bytes()
     build_neox(seed=1).save_pretrained(model_dir)
     run = cli(capsys, *base, "--resume")
-    assert_one_line_error(run, "basin", r"--model \(its weights changed\)")
+    one_line_error(run, "basin", r"--model \(its weights changed\)")
     (model_dir / "model.safetensors").write_bytes(original)
     kept = text.read_text()
     text.write_text(kept.upper())
     run = cli(capsys, *base, "--resume")
-    assert_one_line_error(run, "basin", r"--data \(its tokens changed\)")
+    one_line_error(run, "basin", r"--data \(its tokens changed\)")
     text.write_text(kept)
     # with the saved settings it resumes, and equals an uninterrupted run
     run = cli(capsys, *base, "--resume")
@@ -481,7 +450,7 @@ def test_a_leftover_run_needs_resume(tmp_path, capsys, monkeypatch):
         _interrupt_after_estimation(patch)
         assert cli(capsys, *args).code == 130
     run = cli(capsys, *args)
-    assert_one_line_error(run, "basin", r"holds an interrupted run: add --resume")
+    one_line_error(run, "basin", r"holds an interrupted run: add --resume")
     assert cli(capsys, *args, "--resume").code == 0
     assert (out / "summary.json").is_file() and not (out / "checkpoints").exists()
 
@@ -629,7 +598,7 @@ NEGATIVE_NUMBERS = [  # argparse once took these for flags ("expected one argume
 @pytest.mark.parametrize("args,pattern", NEGATIVE_NUMBERS, ids=lambda x: " ".join(x)[:40])
 def test_a_negative_number_is_a_value_the_command_checks(args, pattern, tmp_path, capsys):
     run = cli(capsys, *args, "--out", str(tmp_path / "out"))
-    assert_one_line_error(run, args[0], pattern)
+    one_line_error(run, args[0], pattern)
 
 
 #: (command, its data and length flags) of every command that cuts --data into sequences
@@ -652,7 +621,7 @@ def test_too_little_text_is_said_in_the_commands_flags(command, flag, tmp_path, 
               "--out", str(tmp_path / "out"))  # fmt: skip
     said = (rf"--data {text} has only 18 tokens \(1 document\), fewer than one sequence of "
             rf"{flag} 40; give a smaller {flag}")
-    assert_one_line_error(run, command[0], said)
+    one_line_error(run, command[0], said)
     assert "chunking" not in run.err and "max_seq_len=" not in run.err
 
 
@@ -670,7 +639,7 @@ INTERACTION_SETTINGS = [
 @pytest.mark.parametrize("args,pattern", INTERACTION_SETTINGS, ids=lambda x: " ".join(x)[:40])
 def test_interaction_build_says_its_settings_in_flags(args, pattern, tmp_path, capsys):
     run = cli(capsys, "interaction", "build", *args, "--out", str(tmp_path / "g"))
-    assert_one_line_error(run, "interaction", pattern)
+    one_line_error(run, "interaction", pattern)
     assert "=False" not in run.err and "integration='" not in run.err
 
 
@@ -681,7 +650,7 @@ def test_basin_eps_zero_on_a_zero_spectrum_names_the_flag(tmp_path, capsys):
               "--out", str(tmp_path / "b"))  # fmt: skip
     said = (r"--preconditioners fisher: \d+ entries of the Fisher diagonal are zero and "
             r"--eps is 0, .*; give --eps above 0")
-    assert_one_line_error(run, "basin", said)
+    one_line_error(run, "basin", said)
     assert "eps=0" not in run.err
 
 
@@ -700,5 +669,5 @@ def test_a_lens_of_another_model_is_refused_in_flags(tmp_path, capsys, lm_folder
               str(lens), "--out", str(tmp_path / "bases"))  # fmt: skip
     said = (rf"--lens {lens} was trained on another model \(hash \w+\), not on --model {other} "
             r".*tyche causal train-lens --model")
-    assert_one_line_error(run, "causal", said)
+    one_line_error(run, "causal", said)
     assert "strict=False" not in run.err

@@ -20,42 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Run, cli
+from conftest import cli, one_line_error
 from tyche.run_folder import LOCK_FILE, RECORD_FILE
 
 #: a refusal that comes before any model loads is this fast in-process
 AT_ONCE_SECONDS = 1.0
-
-
-def one_line_error(run: Run, command: str, pattern: str) -> str:
-    """The single stderr line of a refused run (exit 2, no traceback), matching ``pattern``."""
-    assert run.code == 2, (run.code, run.err)
-    assert "Traceback" not in run.err
-    lines = [line for line in run.err.splitlines() if line.strip() and "it/s]" not in line]
-    assert len(lines) == 1, run.err
-    assert lines[0].startswith(f"tyche {command}: error: "), lines[0]
-    assert re.search(pattern, lines[0]), (pattern, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def lm_folder(tmp_path_factory) -> Path:
-    """A tiny GPT-NeoX with its tokenizer, saved as a local model folder."""
-    from conftest import build_neox, make_tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("lm")
-    build_neox().save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    from conftest import tiny_text_list
-
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n\n".join(tiny_text_list() * 6))
-    return path
 
 
 def _train_args(lm_folder: Path, text_file: Path, out: Path) -> list[str]:
@@ -468,3 +437,14 @@ def test_ctrl_c_while_a_checkpoint_is_swapped_in_keeps_one(gpt2_model, tmp_path,
                                      show_progress=False)  # fmt: skip
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
+
+
+def test_the_cache_files_the_command_owns_are_those_the_cache_writes() -> None:
+    """``tyche codebook cache`` names a cache's files without importing torch (its flag checks
+    stay fast): the names must be the library's own."""
+    from tyche.codebook import cache
+    from tyche.codebook.cli.folders import OWNED
+
+    written = {cache.MANIFEST, cache.CODES, cache.TOKENS, cache.TEXTS, cache.NEURONS,
+               cache.MODEL_DIR}  # fmt: skip
+    assert set(OWNED["cache"].names) == written

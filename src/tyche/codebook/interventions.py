@@ -41,6 +41,7 @@ from tyche.divergence import token_jsd
 
 __all__ = [
     "Intervention",
+    "beyond_horizon",
     "generate",
     "check_horizon",
     "intervene",
@@ -86,16 +87,28 @@ class Intervention:
         return f"{self.mode} {self.site}{head}:{self.code}{where}"
 
 
-def check_horizon(interventions: Iterable[Intervention], horizon: int) -> None:
-    """Raise ``ValueError`` for an intervention with a position that no forward pass of at
-    most ``horizon`` tokens has (``p >= horizon`` or ``p < -horizon``)."""
+def beyond_horizon(
+    interventions: Iterable[Intervention], horizon: int
+) -> tuple[Intervention, int] | None:
+    """The first intervention with a position that no forward pass of at most ``horizon``
+    tokens has (``p >= horizon`` or ``p < -horizon``), and that position; None if none."""
     for iv in interventions:
         p = out_of_range(iv.positions, horizon)
         if p is not None:
-            raise ValueError(
-                f"intervention {iv.spec}: position {p} can never apply: the longest forward "
-                f"pass has {horizon} tokens (positions {-horizon} to {horizon - 1})"
-            )
+            return iv, p
+    return None
+
+
+def check_horizon(interventions: Iterable[Intervention], horizon: int) -> None:
+    """Raise ``ValueError`` for an intervention with a position that no forward pass of at
+    most ``horizon`` tokens has (see :func:`beyond_horizon`)."""
+    found = beyond_horizon(interventions, horizon)
+    if found is not None:
+        iv, p = found
+        raise ValueError(
+            f"intervention {iv.spec}: position {p} can never apply: the longest forward "
+            f"pass has {horizon} tokens (positions {-horizon} to {horizon - 1})"
+        )
 
 
 def _edit(model: CodebookModel, iv: Intervention) -> tuple[Any, CodeEdit]:

@@ -128,18 +128,18 @@ def run_intervene(args: InterveneArgs) -> Any:
 
 def _check_positions(ivs: list[Any], prompt_len: int, max_new_tokens: int) -> None:
     """Refuse, in the flags' words, a position that no forward pass of the generation has."""
-    from tyche.codebook.layer import out_of_range
+    from tyche.codebook.interventions import beyond_horizon
 
     horizon = prompt_len + max_new_tokens - 1
-    for iv in ivs:
-        p = out_of_range(iv.positions, horizon)
-        if p is not None:
-            raise CommandError(
-                f"--{iv.spec}: position {p} can never apply: the prompt "
-                f"has {prompt_len} tokens and --max_new_tokens {max_new_tokens} feeds back at "
-                f"most {horizon} (positions {-horizon} to {horizon - 1}); give a position in "
-                "that range"
-            )
+    found = beyond_horizon(ivs, horizon)
+    if found is not None:
+        iv, p = found
+        raise CommandError(
+            f"--{iv.spec}: position {p} can never apply: the prompt "
+            f"has {prompt_len} tokens and --max_new_tokens {max_new_tokens} feeds back at "
+            f"most {horizon} (positions {-horizon} to {horizon - 1}); give a position in "
+            "that range"
+        )
 
 
 def run_steer(args: SteerArgs) -> Any:

@@ -152,9 +152,9 @@ def test_deepcopy_runs_its_own_codebooks(gpt2_model, token_batch) -> None:
     twin(**token_batch)
     assert twin.codebook("mlp_out.0").last_ids is not None
     assert cb.codebook("mlp_out.0").last_ids is None  # the original's layer did not run
+    twin_logits, own_logits = twin(**token_batch).logits, cb(**token_batch).logits
     # doubled codes move the logits by O(0.01) (measured 0.02, 5e5 x this tolerance); a twin
     # sharing the original's codebook would give identical logits
-    twin_logits, own_logits = twin(**token_batch).logits, cb(**token_batch).logits
     assert not torch.allclose(twin_logits, own_logits, rtol=1e-5, atol=1e-8)
 
 

@@ -36,13 +36,14 @@ def test_force_sets_the_site_to_the_code(model, ids) -> None:
     ivs = [Intervention("mlp_out.0", 5, positions=(4,))]
     with intervene(model, ivs), read_activations(model.base, "mlp_out.0") as acts:
         patched = model(input_ids=ids).logits
-    # exact: both k = 2 slots hold code 5, and (c + c) / 2 = c in binary floating point
     want = layer.codebook[0, 5].expand(3, -1)
+    # exact: both k = 2 slots hold code 5, and (c + c) / 2 = c in binary floating point
     torch.testing.assert_close(acts["mlp_out.0"][:, 4], want, rtol=0, atol=0)
     assert (layer.last_ids[:, 4] == 5).all()
     # causal model: positions before the intervention are untouched (exact: the same shapes,
     # so the same kernels, on the same values in those rows), later ones change by O(0.1)
     torch.testing.assert_close(patched[:, :4], clean[:, :4], rtol=0, atol=0)
+    # the later positions: O(0.1) apart, far beyond these tolerances
     assert not torch.allclose(patched[:, 4:], clean[:, 4:], rtol=1e-5, atol=1e-3)
     assert layer.edits == ()  # restored on exit
     # exact: without edits the same model runs the same batch again
@@ -63,10 +64,10 @@ def test_per_head_intervention_touches_one_head(model, ids) -> None:
     torch.testing.assert_close(
         acts["attn_heads.1"][:, :, 2], layer.codebook[2, 3].expand(3, 10, -1), rtol=0, atol=0
     )
+    untouched = acts["attn_heads.1"][:, :, [0, 1, 3]]
     # untouched heads: the same ids, and the mean of their k = 2 codes rounds a + b once with
     # or without edits (measured 0 over the 4 portable settings); 1e-6 is a few ulps, while a
     # leaked edit would move them by O(1)
-    untouched = acts["attn_heads.1"][:, :, [0, 1, 3]]
     torch.testing.assert_close(untouched, clean[:, :, [0, 1, 3]], rtol=1e-6, atol=1e-6)
 
 

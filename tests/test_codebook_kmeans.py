@@ -80,13 +80,14 @@ def test_sequential_kmeans_clusters_what_each_codebook_sees(gpt2_model) -> None:
     # same path: kmeans_init and the steps above run the same forward passes (one batch of
     # 4 x 16 tokens, the same weights) and the same init_codes (same seed) on the same data
     torch.testing.assert_close(cb.codebook("mlp_out.0").codebook, first.codebook)
-    torch.testing.assert_close(cb.codebook("mlp_out.1").codebook, second.codebook)  # as above
+    # same path: as above, for the second codebook
+    torch.testing.assert_close(cb.codebook("mlp_out.1").codebook, second.codebook)
     assert all(cb.codebook(s).snap for s in cb.sites)  # snap states restored
     together = copy.deepcopy(ref)
     together.kmeans_init([ids], max_tokens=64, seed=5, sequential=False)
+    second_codes, together_codes = second.codebook, together.codebook("mlp_out.1").codebook
     # one pass clusters mlp_out.1's inputs without the first codebook snapping: other inputs,
     # codes O(1) apart (measured up to 3.2), far beyond rounding
-    second_codes, together_codes = second.codebook, together.codebook("mlp_out.1").codebook
     assert not torch.allclose(together_codes, second_codes, rtol=1e-5, atol=1e-3)
 
 

@@ -69,9 +69,9 @@ def test_topk_and_output_match_brute_force(similarity: str, k: int) -> None:
     # the public similarity is the oracle's too
     xhat = layer.normalise(x).detach()
     ref = torch.stack([_brute_scores(xhat.reshape(-1, 3, 6)[0, 1], layer.codebook[1], similarity)])
+    got = layer.similarities(xhat).reshape(-1, 3, 20)[0, 1]
     # 6-term dot products in float64 against the oracle's loop: rounding ~1e-15 (measured
     # 4e-16); 1e-12 still catches a wrong norm or sign (O(0.1))
-    got = layer.similarities(xhat).reshape(-1, 3, 20)[0, 1]
     torch.testing.assert_close(got, ref[0], rtol=1e-12, atol=1e-12)
 
 

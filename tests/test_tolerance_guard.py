@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import io
-import json
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,21 +148,12 @@ def check_tree(folder: Path = TESTS) -> list[Finding]:
     return findings
 
 
-#: comparisons not yet given their reason, per file: the audit is under way. A file may only
-#: go down; a file not listed (or a new one) must have none. Lower a count as sites are fixed.
-BACKLOG: dict[str, int] = json.loads((TESTS / "tolerance_backlog.json").read_text())
-
-
 def test_every_comparison_in_tests_states_its_tolerance_and_reason() -> None:
-    per_file: dict[str, list[Finding]] = {}
-    for f in check_tree():
-        per_file.setdefault(f.path, []).append(f)
-    over = [f for path, found in per_file.items() if len(found) > BACKLOG.get(path, 0)
-            for f in found]  # fmt: skip
-    assert not over, "\n".join(
+    findings = check_tree()
+    assert not findings, "\n".join(
         ["each comparison needs rel=/abs= (rtol=/atol=) and a reason comment, or a comment"]
         + ["saying 'same path' (both sides from one code path on the same inputs):"]
-        + [str(f) for f in over]
+        + [str(f) for f in findings]
     )
 
 

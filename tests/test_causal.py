@@ -615,7 +615,7 @@ def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
 def test_cli_extracts_saves_prints_and_plots(
     gpt2_model, tiny_tokenizer, tiny_texts, tmp_path, capsys
 ):
-    from tyche.causal.cli import main
+    from tyche.cli.causal import main
 
     model_dir = tmp_path / "model"
     gpt2_model.save_pretrained(model_dir)

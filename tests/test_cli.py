@@ -369,7 +369,7 @@ def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
 # ----------------------------------------------------------------------------- resume
 def _interrupt_after_estimation(monkeypatch):
     """Make the run stop like Ctrl-C once every sample is checkpointed (before the report)."""
-    from tyche.basin import report
+    from tyche.cli.basin import report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -503,9 +503,9 @@ def test_every_flag_has_help_text():
     """A flag without a docstring cannot be registered (the parser refuses to build)."""
     from dataclasses import dataclass as dc
 
-    from tyche.basin.cli import BasinCommand
-    from tyche.causal.cli import CausalConfig, TrainLensConfig
-    from tyche.commandline import build_parser
+    from tyche.cli.basin import BasinCommand
+    from tyche.cli.causal import CausalConfig, TrainLensConfig
+    from tyche.cli.commandline import build_parser
 
     for cls in (BasinCommand, CausalConfig, TrainLensConfig):
         build_parser(cls, "tyche test")

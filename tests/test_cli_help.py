@@ -1,9 +1,10 @@
 """Every command and sub-command of `tyche` has help that speaks the user's language.
 
-A method's flags are dataclass fields parsed by ``tyche.commandline.parse_config``, which refuses
-to build a parser for a field without a docstring; so ``--help`` succeeding for a command proves
-that every one of its flags has help text. Sub-commands are read from each command's own help
-(its "commands:" list or argparse's ``{a,b,c}``), so a new one cannot be missed.
+A method's flags are dataclass fields parsed by ``tyche.cli.commandline.parse_config``, which
+refuses to build a parser for a field without a docstring; so ``--help`` succeeding for a
+command proves that every one of its flags has help text. Sub-commands are read from each
+command's own help (its "commands:" list or argparse's ``{a,b,c}``), so a new one cannot be
+missed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import re
 
 import pytest
 
-from tyche.__main__ import COMMANDS, main
+from tyche.__main__ import main
+from tyche.methods import commands
 
 #: sub-commands that a command's help does not list in a "commands:" block
 EXTRA_SUBCOMMANDS = {"causal": ["train-lens"]}
@@ -46,7 +48,7 @@ def _subcommands(text: str) -> list[str]:
     return [line.split()[0] for line in block.group(1).splitlines()] if block else []
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(commands()))
 def test_every_command_and_subcommand_has_plain_help(capsys, command):
     top = _help(capsys, command)
     subs = _subcommands(top) + EXTRA_SUBCOMMANDS.get(command, [])

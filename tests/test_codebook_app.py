@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("streamlit", reason="the code browser needs the [app] extra (streamlit)")
 
-from tyche.codebook.app import APP_FILE, CACHE_ENV, streamlit_command  # noqa: E402
+from tyche.cli.codebook_app import APP_FILE, CACHE_ENV, streamlit_command  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 #: screenshots of the browser test land here (a CI artefact)

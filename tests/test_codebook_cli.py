@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tyche.__main__ import main
-from tyche.codebook.cli import main as codebook_main
+from tyche.cli.codebook import main as codebook_main
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 
 from conftest import Run, cli
 from tyche.__main__ import main
-from tyche.commandline import parse_config
+from tyche.cli.commandline import parse_config
+from tyche.cli.interaction import BuildConfig, run_build
 from tyche.interaction import AblationCurve, InteractionGrams, InteractionGraph
-from tyche.interaction.cli import BuildConfig, run_build
 
 
 def _assert_one_line_error(run: Run, pattern: str) -> None:
@@ -262,7 +262,7 @@ def test_flag_errors_are_one_line_before_loading(args, pattern, saved_graph, cap
     def no_loading(*_a, **_k):  # a flag error must come before any model is loaded
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("tyche.interaction.cli.load_source", no_loading)
+    monkeypatch.setattr("tyche.cli.interaction.load_source", no_loading)
     run = cli(capsys, "interaction", *args)
     _assert_one_line_error(run, pattern)
 
@@ -306,7 +306,7 @@ def test_ablate_without_edges_and_no_summary(tmp_path, capsys, saved_graph) -> N
 
 
 def test_help_and_rules(capsys) -> None:
-    from tyche.interaction.cli import RULE_NAMES, SUBCOMMANDS
+    from tyche.cli.interaction import RULE_NAMES, SUBCOMMANDS
     from tyche.interaction.integrate import RULES
 
     assert RULE_NAMES == RULES

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli, one_line_error
-from tyche.run_folder import LOCK_FILE, RECORD_FILE
+from tyche.cli.run_folder import LOCK_FILE, RECORD_FILE
 
 #: a refusal that comes before any model loads is this fast in-process
 AT_ONCE_SECONDS = 1.0
@@ -57,17 +57,17 @@ def _no_loading(monkeypatch: pytest.MonkeyPatch, *targets: str) -> None:
 # ----------------------------------------------------------------------------- the lock
 #: (command line, the function that loads its model); each is refused before it is called
 LOCKED = {
-    "basin": (["basin"], "tyche.basin.cli._setup"),
-    "causal": (["causal"], "tyche.causal.cli._load"),
-    "causal train-lens": (["causal", "train-lens"], "tyche.causal.cli._load"),
-    "codebook train": (["codebook", "train"], "tyche.codebook.cli.train.load_model"),
-    "codebook cache": (["codebook", "cache"], "tyche.codebook.cli.tools.load_model"),
-    "interaction build": (["interaction", "build"], "tyche.interaction.cli.load_source"),
+    "basin": (["basin"], "tyche.cli.basin._setup"),
+    "causal": (["causal"], "tyche.cli.causal._load"),
+    "causal train-lens": (["causal", "train-lens"], "tyche.cli.causal._load"),
+    "codebook train": (["codebook", "train"], "tyche.cli.codebook.train.load_model"),
+    "codebook cache": (["codebook", "cache"], "tyche.cli.codebook.tools.load_model"),
+    "interaction build": (["interaction", "build"], "tyche.cli.interaction.load_source"),
 }
 
 
 def _lock_of(pid: int, command: str, process_start: str | None = None) -> str:
-    from tyche.run_folder import _process_start
+    from tyche.cli.run_folder import _process_start
 
     start = _process_start(pid) if process_start is None else process_start
     return json.dumps({"pid": pid, "hostname": socket.gethostname(), "process_start": start,
@@ -114,7 +114,7 @@ def test_a_stale_lock_is_taken_over_and_released_after_an_error(
         seen.append(json.loads((out / LOCK_FILE).read_text())["pid"])
         raise ValueError("stopped after the lock")
 
-    monkeypatch.setattr("tyche.basin.cli._setup", loader)
+    monkeypatch.setattr("tyche.cli.basin._setup", loader)
     cases = [
         (gone.pid, None),
         (live_process.pid, "1"),  # a live PID that started after the lock: a reused PID
@@ -136,7 +136,7 @@ def test_a_stale_lock_is_taken_over_and_released_after_an_error(
 
 
 def test_the_lock_is_held_during_a_run_and_released_after_it(tmp_path, capsys, monkeypatch):
-    from tyche.basin import report
+    from tyche.cli.basin import report
 
     out = tmp_path / "out"
     finish = report.finish
@@ -158,8 +158,8 @@ def test_the_lock_is_held_during_a_run_and_released_after_it(tmp_path, capsys, m
 
 
 def test_only_rank_0_locks_and_records(tmp_path, monkeypatch, live_process) -> None:
-    from tyche.commandline import CommandError
-    from tyche.run_folder import Owned, claim_folder
+    from tyche.cli.commandline import CommandError
+    from tyche.cli.run_folder import Owned, claim_folder
 
     monkeypatch.setenv("RANK", "1")
     with claim_folder(tmp_path / "out", "tyche basin", {"--seed": 0}, Owned()):
@@ -190,7 +190,7 @@ def test_basin_refuses_a_finished_run_of_other_settings(tmp_path, capsys, monkey
     (out / "notes.txt").write_text("the user's own file")
     second = ["basin", "--n_samples", "2", "--preconditioners", "none", "--out", str(out)]
     with monkeypatch.context() as patch:
-        _no_loading(patch, "tyche.basin.cli._setup")
+        _no_loading(patch, "tyche.cli.basin._setup")
         run = cli(capsys, *second)
     line = one_line_error(run, "basin", "holds a finished run of other settings")
     assert line.endswith(
@@ -280,7 +280,7 @@ def test_codebook_resume_refuses_a_changed_setting_by_name(
     change, pattern, trained, capsys, monkeypatch
 ) -> None:
     args, out = trained
-    _no_loading(monkeypatch, "tyche.codebook.cli.train.load_model")
+    _no_loading(monkeypatch, "tyche.cli.codebook.train.load_model")
     run = cli(capsys, *args, "--resume", *change)
     one_line_error(run, "codebook", rf"cannot --resume the run in {re.escape(str(out))}: these "
                                     rf"settings differ from it: {pattern}\. Resume with the "
@@ -336,7 +336,7 @@ def test_codebook_train_refuses_a_finished_run_of_other_settings(
     trained, capsys, monkeypatch, lm_folder, text_file, tmp_path
 ) -> None:
     args, out = trained
-    _no_loading(monkeypatch, "tyche.codebook.cli.train.load_model")
+    _no_loading(monkeypatch, "tyche.cli.codebook.train.load_model")
     run = cli(capsys, *args, "--k", "1")
     one_line_error(run, "codebook", rf"--out {re.escape(str(out))} holds a finished run of other "
                                     r"settings: --k \(saved 2, now 1\)")  # fmt: skip
@@ -390,9 +390,8 @@ def test_codebook_ctrl_c_prints_a_resume_line_that_resumes(
 
 def test_basin_run_without_argv_prints_its_own_flags(tmp_path, capsys, monkeypatch) -> None:
     """The library entry point builds its resume line from the command it was given."""
-    from tyche import commandline
-    from tyche.basin import report
-    from tyche.basin.cli import BasinCommand, run
+    from tyche.cli import commandline
+    from tyche.cli.basin import BasinCommand, report, run
 
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
@@ -442,8 +441,8 @@ def test_ctrl_c_while_a_checkpoint_is_swapped_in_keeps_one(gpt2_model, tmp_path,
 def test_the_cache_files_the_command_owns_are_those_the_cache_writes() -> None:
     """``tyche codebook cache`` names a cache's files without importing torch (its flag checks
     stay fast): the names must be the library's own."""
+    from tyche.cli.codebook.folders import OWNED
     from tyche.codebook import cache
-    from tyche.codebook.cli.folders import OWNED
 
     written = {cache.MANIFEST, cache.CODES, cache.TOKENS, cache.TEXTS, cache.NEURONS,
                cache.MODEL_DIR}  # fmt: skip

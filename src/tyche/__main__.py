@@ -7,7 +7,10 @@ One error path for every command: the project's own errors (bad flags, missing f
 unknown zoo names, models or data that do not fit) print as one line,
 ``tyche <command>: error: <message>``, with exit code 2; ``--debug`` anywhere on the line
 (or ``TYCHE_DEBUG=1``) shows the traceback instead. Ctrl-C prints where finished work is
-saved and how to resume, with exit code 130. Anything else is a bug and keeps its traceback.
+saved and how to resume, with exit code 130. Anything else is a bug: it prints its traceback
+and a line asking for a report, with exit code 1.
+
+The commands are read from the registry, :mod:`tyche.methods`.
 """
 
 from __future__ import annotations
@@ -15,15 +18,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
-#: command name -> (module, one-line description)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "basin": ("tyche.basin.cli", "estimate the basin volume (log-probability) of a model"),
-    "causal": ("tyche.causal.cli", "extract causal bases (directions whose ablation matters)"),
-    "codebook": ("tyche.codebook.cli", "train, search, steer and browse codebook features"),
-    "interaction": ("tyche.interaction.cli", "local interaction basis: build, ablate, plot"),
-    "zoo": ("tyche.zoo.cli", "list, train and inspect the offline zoo of models and data"),
-}
+from tyche.methods import commands
 
 #: exit codes
 USAGE_ERROR = 2
@@ -31,7 +28,8 @@ INTERRUPTED = 130
 
 
 def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
+    table = commands()
+    width = max(len(name) for name in table)
     lines = [
         "usage: tyche <command> [options]   (or: python -m tyche <command> ...)",
         "",
@@ -39,7 +37,7 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {c.description}" for name, c in table.items()]
     lines += [
         "",
         "Run `tyche <command> --help` for a command's options; add --debug (or set",
@@ -50,8 +48,12 @@ def _usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input rather than a bug (ValueError covers CommandError)."""
-    errors: list[type[BaseException]] = [ValueError, OSError, MemoryError]
+    """Exceptions that mean bad input rather than a bug: the library's :class:`InputError`
+    (raised on purpose by its checks; ``CommandError`` is one), the zoo's ``ZooError``, a file
+    that cannot be read or written, and running out of memory."""
+    from tyche.errors import InputError
+
+    errors: list[type[BaseException]] = [InputError, OSError, MemoryError]
     zoo_entry = sys.modules.get("tyche.zoo.entry")
     if zoo_entry is not None:
         errors.append(zoo_entry.ZooError)
@@ -59,6 +61,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if torch is not None and hasattr(torch, "OutOfMemoryError"):
         errors.append(torch.OutOfMemoryError)
     return tuple(errors)
+
+
+BUG_REPORT = (
+    "this is a bug in tyche, not in your input: please report it with the command line and "
+    "the traceback above"
+)
 
 
 def _message(err: BaseException) -> str:
@@ -91,14 +99,15 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    table = commands()
+    if name not in table:
         print(f"tyche: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)
-    from tyche import commandline
+    from tyche.cli import commandline
 
     commandline.on_interrupt(None)
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = importlib.import_module(table[name].cli)
         module.main(rest)
     except KeyboardInterrupt:
         if debug:
@@ -115,6 +124,14 @@ def main(argv: list[str] | None = None) -> None:
         if _is_rank0():
             print(f"tyche {name}: error: {_message(err)}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None
+    except Exception:
+        if debug:
+            raise
+        _mark_failed()
+        if _is_rank0():
+            traceback.print_exc()
+            print(f"tyche {name}: {BUG_REPORT}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

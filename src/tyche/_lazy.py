@@ -1,6 +1,6 @@
 """Lazy re-exports for package ``__init__`` modules, so importing a package stays cheap.
 
-``tyche.basin.cli`` imports ``tyche.basin`` first; with eager re-exports that would pull in
+``tyche.cli.basin`` imports ``tyche.basin`` first; with eager re-exports that would pull in
 torch before a single flag is checked. A package instead writes::
 
     __getattr__, __dir__ = lazy_exports(__name__, {"estimate_basin": "tyche.basin.core"})

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tyche.errors import InputError
+
 AblationMode = Literal["zero", "mean", "resample"]
 ABLATION_MODES: tuple[str, ...] = ("zero", "mean", "resample")
 
@@ -51,21 +53,21 @@ def check_orthonormal(vectors: Tensor, d: int | None = None, *, atol: float = 1e
     if vectors.ndim == 1:
         vectors = vectors[:, None]
     if vectors.ndim != 2:
-        raise ValueError(f"vectors must have shape (d, k) or (d,), got {tuple(vectors.shape)}")
+        raise InputError(f"vectors must have shape (d, k) or (d,), got {tuple(vectors.shape)}")
     if d is not None and vectors.shape[0] != d:
-        raise ValueError(
+        raise InputError(
             f"vectors has {vectors.shape[0]} rows but the hidden states have d={d}; "
             "pass a (d, k) matrix whose columns are the directions"
         )
     if vectors.shape[1] > vectors.shape[0]:
-        raise ValueError(f"cannot have k={vectors.shape[1]} orthonormal vectors in d={d}")
+        raise InputError(f"cannot have k={vectors.shape[1]} orthonormal vectors in d={d}")
     if not torch.isfinite(vectors).all():
-        raise ValueError("vectors contains NaN or inf")
+        raise InputError("vectors contains NaN or inf")
     gram = vectors.T.double() @ vectors.double()
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     err = (gram - eye).abs().max().item() if gram.numel() else 0.0
     if err > atol:
-        raise ValueError(
+        raise InputError(
             f"the columns of vectors are not orthonormal (max |VᵀV - I| = {err:.3g}); "
             "orthonormalise them first, e.g. torch.linalg.qr(vectors).Q"
         )
@@ -78,13 +80,13 @@ def _flat_mask(mask: Tensor | None, lead_shape: torch.Size, device: torch.device
     if mask is None:
         return torch.ones(n, dtype=torch.bool, device=device)
     if tuple(mask.shape) != tuple(lead_shape):
-        raise ValueError(
+        raise InputError(
             f"mask has shape {tuple(mask.shape)} but the hidden states need "
             f"{tuple(lead_shape)} (all dimensions of h except the last)"
         )
     if mask.dtype != torch.bool:
         if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be bool or contain only 0 and 1")
+            raise InputError("mask must be bool or contain only 0 and 1")
         mask = mask != 0
     return mask.reshape(n).to(device)
 
@@ -95,7 +97,7 @@ def masked_mean(h: Tensor, mask: Tensor | None = None) -> Tensor:
     keep = _flat_mask(mask, h.shape[:-1], h.device)
     count = int(keep.sum())
     if count == 0:
-        raise ValueError("mean ablation needs at least one position selected by the mask")
+        raise InputError("mean ablation needs at least one position selected by the mask")
     return flat[keep].sum(0) / count
 
 
@@ -106,7 +108,7 @@ def sample_derangement(n: int, generator: torch.Generator | None = None) -> Tens
     exactly uniform over derangements and reproducible from ``generator`` (CPU).
     """
     if n < 2:
-        raise ValueError(f"a derangement needs at least 2 elements, got {n}")
+        raise InputError(f"a derangement needs at least 2 elements, got {n}")
     arange = torch.arange(n)
     while True:
         perm = torch.randperm(n, generator=generator)
@@ -127,7 +129,7 @@ def resample_donors(
     keep = _flat_mask(mask, torch.Size(lead_shape), torch.device("cpu"))
     rows = keep.nonzero().squeeze(1)
     if rows.numel() < 2:
-        raise ValueError(
+        raise InputError(
             f"resample ablation needs at least 2 positions selected by the mask, got {rows.numel()}"
         )
     donors = torch.arange(keep.numel())
@@ -176,7 +178,7 @@ def remove_subspace(
     if not isinstance(h, Tensor) or not h.is_floating_point():
         raise TypeError("h must be a floating-point tensor of shape (..., d)")
     if h.ndim < 1 or h.shape[-1] == 0:
-        raise ValueError(f"h must have shape (..., d) with d > 0, got {tuple(h.shape)}")
+        raise InputError(f"h must have shape (..., d) with d > 0, got {tuple(h.shape)}")
     vectors = check_orthonormal(vectors, h.shape[-1]).to(h.dtype)
     keep = _flat_mask(mask, h.shape[:-1], h.device)
     if mode == "zero":
@@ -186,7 +188,7 @@ def remove_subspace(
     elif mode == "mean":
         mu = masked_mean(h, mask) if mean is None else mean.to(h)
         if mu.shape != h.shape[-1:]:
-            raise ValueError(f"mean must have shape ({h.shape[-1]},), got {tuple(mu.shape)}")
+            raise InputError(f"mean must have shape ({h.shape[-1]},), got {tuple(mu.shape)}")
         replacement = mu
         if mask is not None:
             replacement = torch.where(keep.reshape(h.shape[:-1])[..., None], mu, h)
@@ -194,9 +196,9 @@ def remove_subspace(
         if donors is None:
             donors = resample_donors(h.shape[:-1], mask, generator)
         if donors.shape != (keep.numel(),):
-            raise ValueError(f"donors must have shape ({keep.numel()},), got {tuple(donors.shape)}")
+            raise InputError(f"donors must have shape ({keep.numel()},), got {tuple(donors.shape)}")
         flat = h.reshape(-1, h.shape[-1])
         replacement = flat[donors.to(h.device)].reshape(h.shape)
     else:
-        raise ValueError(f"unknown ablation mode {mode!r}; choose one of {ABLATION_MODES}")
+        raise InputError(f"unknown ablation mode {mode!r}; choose one of {ABLATION_MODES}")
     return replace_subspace(h, vectors, replacement)

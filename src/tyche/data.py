@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tyche.errors import InputError
+
 __all__ = [
     "NoEOSToken",
     "TooFewTokens",
@@ -41,7 +43,7 @@ _TOKENIZE_BATCH = 1000
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 
 
-class TooFewTokens(ValueError):
+class TooFewTokens(InputError):
     """The data has fewer tokens than one chunk: ``n_tokens`` from ``n_documents``, against
     ``max_seq_len`` (so a command can say it in its own flags)."""
 
@@ -50,7 +52,7 @@ class TooFewTokens(ValueError):
         self.n_tokens, self.n_documents, self.max_seq_len = n_tokens, n_documents, max_seq_len
 
 
-class NoEOSToken(ValueError):
+class NoEOSToken(InputError):
     """The tokenizer lacks the special token the tokenization needs (an EOS token to join
     documents with, or any of pad and EOS to pad rows with)."""
 
@@ -68,14 +70,14 @@ def _raw_documents(data: Any, text_key: str) -> tuple[Iterable[Any], str]:
         path = Path(data)
         if not path.is_file():
             hint = " (it is a directory)" if path.is_dir() else ""
-            raise ValueError(
+            raise InputError(
                 f"data is a path but {str(path)!r} is not a readable file{hint}; pass a local "
                 "text file, a list[str] of documents, a dict or a datasets.Dataset."
             )
         docs = _BLANK_LINES.split(path.read_text(encoding="utf-8"))
         return [d.strip("\r\n") for d in docs], str(path)
     if hasattr(data, "column_names") and isinstance(data, Mapping):  # DatasetDict
-        raise ValueError(
+        raise InputError(
             f"data is a {type(data).__name__} with splits {list(data.keys())}; pick one, "
             "e.g. data['train']."
         )
@@ -183,9 +185,9 @@ def chunk_and_tokenize(
     non-string documents.
     """
     if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        raise InputError(f"max_seq_len must be >= 1, got {max_seq_len}")
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+        raise InputError(f"max_examples must be >= 1 or None, got {max_examples}")
     pad_id, eos_id = _special_ids(tokenizer)
     if chunking and eos_id is None:
         raise NoEOSToken(
@@ -247,7 +249,7 @@ def _pad(
     if not rows:
         raise _no_text(text_key)
     if not any(rows):
-        raise ValueError(f"the tokenizer produced no tokens for any of the {len(rows)} documents")
+        raise InputError(f"the tokenizer produced no tokens for any of the {len(rows)} documents")
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -266,16 +268,16 @@ def iter_batches(
     smaller unless ``drop_last=True``. Slices are views (no copy).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not tokens:
-        raise ValueError("tokens is empty; expected e.g. {'input_ids': ..., 'attention_mask': ...}")
+        raise InputError("tokens is empty; expected e.g. {'input_ids': ..., 'attention_mask': ...}")
     sizes = {
         k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         for k, v in tokens.items()
     }
     firsts = {s[0] if isinstance(s, tuple) and s else None for s in sizes.values()}
     if None in firsts or len(firsts) != 1:
-        raise ValueError(
+        raise InputError(
             f"every value of tokens must be a tensor with the same first dimension; got {sizes}"
         )
     n = firsts.pop()

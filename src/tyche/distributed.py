@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from tyche.errors import InputError
+
 __all__ = [
     "all_gather_cat",
     "all_reduce_sum",
@@ -170,12 +172,12 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
     if n < 0:
-        raise ValueError(f"shard_range needs n >= 0, got {n}")
+        raise InputError(f"shard_range needs n >= 0, got {n}")
     if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+        raise InputError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         _require_group("shard_range")  # e.g. get_rank() and get_world_size() before the group
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        raise InputError(f"rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)

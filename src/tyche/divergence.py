@@ -19,6 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tyche.errors import InputError
+
 __all__ = ["AnchorCache", "forward_logits", "masked_kl", "token_jsd", "token_kl"]
 
 Reduction = Literal["mean", "example", "token"]
@@ -45,7 +47,7 @@ def token_kl(anchor_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     ``q = 0`` where ``p_a > 0`` gives ``+inf``. NaN inputs propagate to NaN outputs.
     """
     if anchor_logp.shape != logits.shape:
-        raise ValueError(
+        raise InputError(
             f"anchor_logp has shape {tuple(anchor_logp.shape)} but logits have shape "
             f"{tuple(logits.shape)}; they must match (..., vocab)"
         )
@@ -67,7 +69,7 @@ def token_jsd(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     float32 (float64 if either input is float64); ``0 · log 0 = 0``.
     """
     if logits_p.shape != logits_q.shape:
-        raise ValueError(
+        raise InputError(
             f"logits have shapes {tuple(logits_p.shape)} and {tuple(logits_q.shape)}; they "
             "must match (..., vocab)"
         )
@@ -87,12 +89,12 @@ def _as_weights(mask: torch.Tensor | None, shape: torch.Size, ref: torch.Tensor)
     if mask is None:
         return torch.ones(shape, dtype=ref.dtype, device=ref.device)
     if mask.shape != shape:
-        raise ValueError(
+        raise InputError(
             f"mask has shape {tuple(mask.shape)} but the KL has positions {tuple(shape)} "
             "(the logits' shape without the vocabulary dimension)"
         )
     if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("mask must be boolean or contain only 0 and 1")
+        raise InputError("mask must be boolean or contain only 0 and 1")
     return mask.to(device=ref.device, dtype=ref.dtype)
 
 
@@ -122,7 +124,7 @@ def masked_kl(
     if reduction == "mean":
         count = weights.sum()
         if count == 0:
-            raise ValueError("mask selects no positions; the mean KL over nothing is undefined")
+            raise InputError("mask selects no positions; the mean KL over nothing is undefined")
         return _masked_sum(kl, weights) / count
     if reduction == "example":
         if kl.dim() <= 1:
@@ -130,11 +132,11 @@ def masked_kl(
         counts = weights.sum(dim=-1)
         if (counts == 0).any():
             empty = torch.nonzero(counts == 0).tolist()
-            raise ValueError(
+            raise InputError(
                 f"examples {empty[:10]} have no unmasked positions; their mean KL is undefined"
             )
         return _masked_sum(kl, weights, dim=-1) / counts
-    raise ValueError(f"reduction must be 'mean', 'example' or 'token', got {reduction!r}")
+    raise InputError(f"reduction must be 'mean', 'example' or 'token', got {reduction!r}")
 
 
 def _masked_sum(kl: torch.Tensor, weights: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -199,9 +201,9 @@ class AnchorCache:
         kl_masks: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         if len(logps) != len(batches):
-            raise ValueError(f"{len(logps)} log-prob tensors for {len(batches)} batches")
+            raise InputError(f"{len(logps)} log-prob tensors for {len(batches)} batches")
         if kl_masks is not None and len(kl_masks) != len(batches):
-            raise ValueError(f"{len(kl_masks)} KL masks for {len(batches)} batches")
+            raise InputError(f"{len(kl_masks)} KL masks for {len(batches)} batches")
         self._logps = list(logps)
         self.batches = list(batches)
         self._kl_masks = None if kl_masks is None else list(kl_masks)
@@ -231,7 +233,7 @@ class AnchorCache:
         otherwise, since dropout would make the anchor random).
         """
         if len(batches) == 0:
-            raise ValueError("AnchorCache needs at least one batch")
+            raise InputError("AnchorCache needs at least one batch")
         if isinstance(model, nn.Module) and model.training:
             warnings.warn(
                 "the anchor model is in training mode (dropout is active); call model.eval()",

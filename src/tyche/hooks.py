@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tyche.errors import InputError
 from tyche.sites import Site, _Catalog, _resolve, resolve_sites
 
 __all__ = [
@@ -87,7 +88,7 @@ def _view(tensor: torch.Tensor, site: Site) -> torch.Tensor:
     if site.n_heads is None:
         return tensor
     if tensor.shape[-1] % site.n_heads:
-        raise ValueError(f"{site.name}: width {tensor.shape[-1]} not divisible by {site.n_heads}")
+        raise InputError(f"{site.name}: width {tensor.shape[-1]} not divisible by {site.n_heads}")
     return tensor.unflatten(-1, (site.n_heads, -1))
 
 
@@ -97,7 +98,7 @@ def _replaced(tensor: torch.Tensor, site: Site, replacement: Replacement) -> tor
         try:
             new = torch.broadcast_to(replacement.to(view.device, view.dtype), view.shape)
         except RuntimeError as err:
-            raise ValueError(
+            raise InputError(
                 f"{site.name}: substitute of shape {tuple(replacement.shape)} does not "
                 f"broadcast to the activation's shape {tuple(view.shape)}"
             ) from err
@@ -107,7 +108,7 @@ def _replaced(tensor: torch.Tensor, site: Site, replacement: Replacement) -> tor
             kind = type(new).__name__
             raise TypeError(f"{site.name}: replacement function returned {kind}, not a Tensor")
         if new.shape != view.shape:
-            raise ValueError(
+            raise InputError(
                 f"{site.name}: replacement function returned shape {tuple(new.shape)}, "
                 f"expected {tuple(view.shape)}"
             )
@@ -217,7 +218,7 @@ def _replacement_plan(
             raise TypeError(f"replacement for {key!r} must be callable or a Tensor")
         for site in _resolve(catalog, key):
             if site in plan:
-                raise ValueError(f"site {site.name} is targeted by two keys of the mapping")
+                raise InputError(f"site {site.name} is targeted by two keys of the mapping")
             plan[site] = replacement
     return sorted(plan, key=catalog.order_key), plan
 

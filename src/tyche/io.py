@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tyche.errors import InputError
+
 __all__ = [
     "FORMAT_VERSION",
     "ResultIO",
@@ -150,7 +152,7 @@ class _Encoder:
 
     def _store(self, name: str, tensor: torch.Tensor) -> str:
         if name in self.tensors:
-            raise ValueError(f"two tensors would be stored under the same name {name!r}")
+            raise InputError(f"two tensors would be stored under the same name {name!r}")
         self.tensors[name] = tensor.detach().to("cpu").contiguous().clone()
         return name
 
@@ -181,7 +183,7 @@ class _Encoder:
         if isinstance(value, Mapping):
             if all(isinstance(k, str) for k in value):
                 if any(k in _TAGS for k in value):
-                    raise ValueError(f"{name}: dict keys {_TAGS} are reserved by tyche.io")
+                    raise InputError(f"{name}: dict keys {_TAGS} are reserved by tyche.io")
                 return {k: self.encode(v, f"{name}/{k}") for k, v in value.items()}
             items = [
                 [self.encode(k, f"{name}/key"), self.encode(v, f"{name}/{k}")]
@@ -237,7 +239,7 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{where} has fields {unknown} that {cls.__qualname__} does not define; it was "
             "written by a different version of this class"
         )
@@ -249,7 +251,7 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
     try:
         obj = cls(**init)
     except TypeError as err:
-        raise ValueError(f"cannot rebuild {cls.__qualname__} from {where}: {err}") from err
+        raise InputError(f"cannot rebuild {cls.__qualname__} from {where}: {err}") from err
     for name, value in values.items():  # init=False fields: restore the saved value
         if not fields[name].init:
             object.__setattr__(obj, name, value)
@@ -267,7 +269,7 @@ def save_result(obj: Any, path: str | os.PathLike[str]) -> Path:
 
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; results are saved as folders")
+        raise InputError(f"{path} exists and is not a directory; results are saved as folders")
     path.mkdir(parents=True, exist_ok=True)
     encoder = _Encoder()
     fields = {f.name: encoder.encode(getattr(obj, f.name), f.name) for f in dataclasses.fields(obj)}
@@ -306,12 +308,12 @@ def load_result(
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} was written with result format version {version!r}; this tyche reads "
             f"versions <= {FORMAT_VERSION}. Upgrade tyche to load it."
         )
     if meta.get("type") != cls.__qualname__:
-        raise ValueError(
+        raise InputError(
             f"{path} holds a {meta.get('type')} (from {meta.get('module')}), not a "
             f"{cls.__qualname__}; load it with that class"
         )

@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from tyche.errors import InputError
+
 __all__ = ["available_memory", "free_memory_share", "parse_size"]
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?)?b?\s*", re.I)
@@ -28,12 +30,12 @@ def parse_size(text: str | int | float) -> int:
     else:
         m = _SIZE.fullmatch(str(text))
         if m is None:
-            raise ValueError(
+            raise InputError(
                 f"{text!r} is not a memory size; write e.g. 4GiB, 512MiB, 2GB or a number of bytes"
             )
         value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
     if not (math.isfinite(value) and value >= 1):
-        raise ValueError(f"a memory size must be a finite number of bytes >= 1, got {text!r}")
+        raise InputError(f"a memory size must be a finite number of bytes >= 1, got {text!r}")
     return int(value)
 
 

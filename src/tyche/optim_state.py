@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tyche.errors import InputError
+
 #: the moments we keep from an Adam-family optimizer state
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -39,7 +41,7 @@ def adam_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> Op
             if not all(m in state for m in MOMENTS):
                 continue
             if id(p) not in name_of:
-                raise ValueError("the optimizer holds a parameter that is not in the model")
+                raise InputError("the optimizer holds a parameter that is not in the model")
             out[name_of[id(p)]] = {
                 m: state[m].detach().to("cpu", torch.float32).clone() for m in MOMENTS
             }
@@ -66,7 +68,7 @@ def load_optimizer_state(path: Path) -> OptimizerState:
     for key, tensor in load_file(str(path)).items():
         name, _, moment = key.rpartition("/")
         if not name:
-            raise ValueError(f"{path}: key {key!r} is not of the form 'param_name/moment'")
+            raise InputError(f"{path}: key {key!r} is not of the form 'param_name/moment'")
         out.setdefault(name, {})[moment] = tensor
     return out
 
@@ -100,7 +102,7 @@ def _load_source(source: Any) -> Mapping[str, Any]:
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a file that is not its own
-            raise ValueError(
+            raise InputError(
                 f"{path} could not be read as a torch optimizer state_dict "
                 f"(weights_only=True): {err}"
             ) from err
@@ -171,7 +173,7 @@ def read_optimizer_state(
         elif shapes is not None:
             orders.append((list(shapes), False))
     if not orders:
-        raise ValueError(
+        raise InputError(
             "the optimizer state is keyed by index and carries no parameter names; pass the "
             "model it trained (or param_names=) so its slots can be matched to names"
         )
@@ -179,7 +181,7 @@ def read_optimizer_state(
         mapped = _map(state["state"], indices, order, known, named)
         if mapped is not None:
             return mapped
-    raise ValueError(
+    raise InputError(
         f"could not match the optimizer's {len(indices)} slots to parameter names "
         f"(tried {len(orders)} orders of {', '.join(str(len(o)) for o, _ in orders)} names; "
         "names and shapes must fit every slot): was it saved for this model and these "

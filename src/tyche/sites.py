@@ -48,6 +48,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from tyche.errors import InputError
+
 __all__ = [
     "Site",
     "alias_sites",
@@ -91,9 +93,9 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.where not in ("input", "output"):
-            raise ValueError(f"Site.where must be 'input' or 'output', got {self.where!r}")
+            raise InputError(f"Site.where must be 'input' or 'output', got {self.where!r}")
         if self.n_heads is not None and self.n_heads < 1:
-            raise ValueError(f"Site.n_heads must be a positive int or None, got {self.n_heads}")
+            raise InputError(f"Site.n_heads must be a positive int or None, got {self.n_heads}")
 
 
 # ----------------------------------------------------------------------------- structure
@@ -368,16 +370,16 @@ def _as_list(patterns: Any) -> list[str | Site]:
 def _resolve(catalog: _Catalog, patterns: Any) -> list[Site]:
     items = _as_list(patterns)
     if not items:
-        raise ValueError("no site patterns given: pass e.g. 'resid_pre.*' or a module name")
+        raise InputError("no site patterns given: pass e.g. 'resid_pre.*' or a module name")
     sites: dict[Site, None] = {}
     for item in items:
         if isinstance(item, Site):
             if id(item.module) not in catalog.ids:
-                raise ValueError(f"{item} belongs to another model; resolve it on this one")
+                raise InputError(f"{item} belongs to another model; resolve it on this one")
             sites[item] = None
             continue
         if not item.strip():
-            raise ValueError("empty site pattern: pass an alias such as 'resid_pre.0' or a glob")
+            raise InputError("empty site pattern: pass an alias such as 'resid_pre.0' or a glob")
         hits = catalog.match(item)
         if not hits:
             raise catalog.no_match_error(item)

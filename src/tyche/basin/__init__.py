@@ -7,6 +7,10 @@
 imported on first use.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from tyche._lazy import lazy_exports
 
 __all__ = [
@@ -20,6 +24,15 @@ __all__ = [
     "learning_coefficient",
     "model_loss",
 ]
+
+if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
+    from tyche.basin.config import VolumeConfig
+    from tyche.basin.core import estimate_basin
+    from tyche.basin.curve import BasinCurve
+    from tyche.basin.estimator import VolumeEstimator
+    from tyche.basin.lambda_fit import LearningCoefficient, learning_coefficient
+    from tyche.basin.loss import ModelLoss, model_loss
+    from tyche.basin.result import VolumeResult
 
 __getattr__, __dir__ = lazy_exports(
     __name__,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from tyche.errors import InputError
 from tyche.io import write_json, write_safetensors
 
 #: the per-sample fields a checkpoint keeps, indexed like ``index`` along dim 0 (radii, deltas,
@@ -24,7 +25,7 @@ def field_dtype(field: str) -> torch.dtype:
     return torch.long if field in ("index", "n_evals") else torch.float64
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(InputError):
     """A resumed run's settings differ from the saved run's.
 
     ``differences`` maps each differing setting to ``(saved, now)``; a command line
@@ -59,7 +60,7 @@ class SampleCheckpoint:
             if diff:
                 raise SettingsMismatch(self.folder, diff)
         elif not resume and any(self.folder.glob("samples-rank*.safetensors")):
-            raise ValueError(
+            raise InputError(
                 f"{self.folder} already holds samples of an earlier run: resume it (resume=True, "
                 "on the command line --resume) or choose an empty folder"
             )

@@ -44,6 +44,7 @@ from tyche.basin.radial import (
 from tyche.basin.radius import RadiusSearch, search_radii
 from tyche.basin.result import LOW_ESS, VolumeResult
 from tyche.basin.sampling import DirectionBatch, sq_norm
+from tyche.errors import InputError
 from tyche.io import model_hash
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -51,15 +52,15 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 def _check_cutoffs(cutoff: float | None, cutoffs: Sequence[float] | None) -> list[float]:
     if (cutoff is None) == (cutoffs is None):
-        raise ValueError("give either cutoff= (one cutoff) or cutoffs=[...] (a curve)")
+        raise InputError("give either cutoff= (one cutoff) or cutoffs=[...] (a curve)")
     values = [cutoff] if cutoffs is None else list(cutoffs)
     if not values:
-        raise ValueError("cutoffs is empty; give at least one cutoff in nats")
+        raise InputError("cutoffs is empty; give at least one cutoff in nats")
     for c in values:
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise ValueError(f"cutoff must be a positive finite number of nats, got {c!r}")
+            raise InputError(f"cutoff must be a positive finite number of nats, got {c!r}")
     if len(set(values)) != len(values):
-        raise ValueError(f"cutoffs must be distinct, got {values}")
+        raise InputError(f"cutoffs must be distinct, got {values}")
     return sorted(float(c) for c in values)
 
 
@@ -72,23 +73,23 @@ def _check_args(
     rtol: float,
 ) -> None:
     if not isinstance(anchor, torch.Tensor) or anchor.dim() != 1 or anchor.numel() == 0:
-        raise ValueError(
+        raise InputError(
             "anchor must be a non-empty 1-D tensor θ of length D (the flat parameters)"
         )
     if not anchor.is_floating_point():
-        raise ValueError(f"anchor must be a floating-point tensor, got {anchor.dtype}")
+        raise InputError(f"anchor must be a floating-point tensor, got {anchor.dtype}")
     if not torch.isfinite(anchor).all():
-        raise ValueError("anchor contains NaN or inf values")
+        raise InputError("anchor contains NaN or inf values")
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        raise InputError(f"sigma must be a positive finite number, got {sigma!r}")
     if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        raise InputError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     if prior not in ("gaussian", "uniform"):
-        raise ValueError(f"prior must be 'gaussian' or 'uniform', got {prior!r}")
+        raise InputError(f"prior must be 'gaussian' or 'uniform', got {prior!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if not 0 < rtol < 1:
-        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
+        raise InputError(f"rtol must lie in (0, 1), got {rtol!r}")
 
 
 def _sq_norm(x: torch.Tensor) -> float:
@@ -101,7 +102,7 @@ def _evaluate(loss_fn: LossFn, offsets: torch.Tensor) -> torch.Tensor:
     out = loss_fn(offsets)
     if not isinstance(out, torch.Tensor) or out.shape != (offsets.shape[0],):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise InputError(
             f"loss_fn returned {shape} for a batch of {offsets.shape[0]} offsets; it must "
             f"map offsets of shape (B, D) to one loss per row, shape (B,)"
         )
@@ -164,7 +165,7 @@ def estimate_basin(
     targets = _check_cutoffs(cutoff, cutoffs)
     _check_args(anchor, sigma, n_samples, prior, batch_size, rtol)
     if resume and checkpoint is None:
-        raise ValueError("resume=True needs the checkpoint folder of the run to continue")
+        raise InputError("resume=True needs the checkpoint folder of the run to continue")
     dim = anchor.numel()
     anchor = anchor.detach()
     theta_sq = _sq_norm(anchor)
@@ -182,7 +183,7 @@ def estimate_basin(
 
     base = _evaluate(loss_fn, torch.zeros(1, dim, dtype=anchor.dtype, device=anchor.device))
     if not torch.isfinite(base).all():
-        raise ValueError(
+        raise InputError(
             f"loss_fn(0) (the loss at the anchor) is {float(base[0])}; it must be finite"
         )
     settings = {

@@ -12,6 +12,7 @@ from tyche.basin.loss import ModelLoss
 from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
+from tyche.errors import InputError
 from tyche.io import model_hash
 from tyche.memory import parse_size
 
@@ -21,7 +22,7 @@ class VolumeEstimator:
 
     def __init__(self, config: VolumeConfig):
         if config.model is None or config.tokenizer is None or config.dataset is None:
-            raise ValueError("VolumeConfig needs model, tokenizer and dataset")
+            raise InputError("VolumeConfig needs model, tokenizer and dataset")
         self.config = config
         device = next(config.model.parameters()).device
         self.tokens = chunk_and_tokenize(
@@ -60,7 +61,7 @@ class VolumeEstimator:
             return None
         if cfg.preconditioner_type == "adam":
             if cfg.optimizer_state is None:
-                raise ValueError(
+                raise InputError(
                     'preconditioner_type="adam" needs optimizer_state (a state dict, '
                     "a name -> moments mapping, or a path to optimizer.pt)"
                 )
@@ -82,7 +83,7 @@ class VolumeEstimator:
             return diag_preconditioner(
                 fisher, eps=cfg.preconditioner_eps, exponent=cfg.preconditioner_exponent
             )
-        raise ValueError(
+        raise InputError(
             f"unknown preconditioner_type {cfg.preconditioner_type!r}: use 'adam', 'fisher' or None"
         )
 

@@ -28,6 +28,7 @@ import torch
 
 from tyche.basin.curve import BasinCurve
 from tyche.basin.result import log_mean_exp
+from tyche.errors import InputError
 from tyche.io import ResultIO
 
 
@@ -93,11 +94,11 @@ def learning_coefficient(
         raise TypeError(f"expected a BasinCurve (estimate_basin(..., cutoffs=[...])), got "
                         f"{type(curve).__name__}")  # fmt: skip
     if len(curve) < 2:
-        raise ValueError("λ needs a curve with at least two cutoffs")
+        raise InputError("λ needs a curve with at least two cutoffs")
     if not isinstance(n_points, int) or n_points < 2:
-        raise ValueError(f"n_points must be an integer >= 2, got {n_points!r}")
+        raise InputError(f"n_points must be an integer >= 2, got {n_points!r}")
     if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+        raise InputError(f"level must lie in (0, 1), got {level!r}")
     k = min(n_points, len(curve))
     x = curve.cutoffs[:k].double().log()
     est = curve.estimates[:, :k].double()

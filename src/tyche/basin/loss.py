@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from tyche.basin.params import ParameterLayout, select_parameters
 from tyche.divergence import AnchorCache
+from tyche.errors import InputError
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 Strategy = Literal["auto", "vmap", "loop", "inplace"]
@@ -61,7 +62,7 @@ def _batches(inputs: Inputs, mask: torch.Tensor | None, batch_size: int | None):
     """Split the evaluation data into (model kwargs or tensor, mask) chunks of batch_size rows."""
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
-            raise ValueError(f"inputs must hold 'input_ids'; got keys {sorted(inputs)}")
+            raise InputError(f"inputs must hold 'input_ids'; got keys {sorted(inputs)}")
         n = inputs["input_ids"].shape[0]
         if mask is None:
             mask = inputs.get("attention_mask")
@@ -70,7 +71,7 @@ def _batches(inputs: Inputs, mask: torch.Tensor | None, batch_size: int | None):
     else:
         raise TypeError("inputs must be a tensor (classifier) or a dict with input_ids (LM)")
     if n == 0:
-        raise ValueError("inputs are empty: model_loss needs at least one example")
+        raise InputError("inputs are empty: model_loss needs at least one example")
     size = batch_size or n
     for s in range(0, n, size):
         part = (
@@ -103,7 +104,7 @@ class ModelLoss:
         cache_device: torch.device | str | None = None,
     ):
         if strategy not in ("auto", "vmap", "loop", "inplace"):
-            raise ValueError(f"strategy must be auto, vmap, loop or inplace; got {strategy!r}")
+            raise InputError(f"strategy must be auto, vmap, loop or inplace; got {strategy!r}")
         self.model = model
         self.strategy = strategy
         named = select_parameters(model, include, exclude)
@@ -132,7 +133,7 @@ class ModelLoss:
                 ]  # fmt: skip
             )
         if self.cache.n_positions == 0:
-            raise ValueError("where selects only padding: no position is left to average over")
+            raise InputError("where selects only padding: no position is left to average over")
         self.cache_bytes = self.cache.nbytes
         self.n_params = self.layout.size
         if strategy == "auto" and self.n_params > INPLACE_ABOVE:
@@ -161,7 +162,7 @@ class ModelLoss:
     def __call__(self, offsets: torch.Tensor) -> torch.Tensor:
         """KL(anchor ‖ θ+δ_b) for each row δ_b of ``offsets`` (B, D); returns (B,) float32."""
         if offsets.dim() != 2 or offsets.shape[1] != self.n_params:
-            raise ValueError(
+            raise InputError(
                 f"offsets must have shape (B, {self.n_params}); got {tuple(offsets.shape)}"
             )
         if self.strategy in ("auto", "vmap"):
@@ -210,7 +211,7 @@ def _with_mask(x: Inputs, mask: torch.Tensor | None) -> Inputs:
     """Attach an explicit evaluation mask to LM inputs as their attention_mask."""
     if mask is None or not isinstance(x, Mapping):
         if mask is not None:
-            raise ValueError("mask is only supported for language-model inputs (a dict)")
+            raise InputError("mask is only supported for language-model inputs (a dict)")
         return x
     return {**x, "attention_mask": mask.to(x["input_ids"].device)}
 
@@ -218,7 +219,7 @@ def _with_mask(x: Inputs, mask: torch.Tensor | None) -> Inputs:
 def _n_examples(inputs: Inputs) -> int:
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
-            raise ValueError(f"inputs must hold 'input_ids'; got keys {sorted(inputs)}")
+            raise InputError(f"inputs must hold 'input_ids'; got keys {sorted(inputs)}")
         return int(inputs["input_ids"].shape[0])
     return int(inputs.shape[0])
 
@@ -229,7 +230,7 @@ def _check_where(where: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     if where.dtype != torch.bool:
         binary = not (where.is_floating_point() or where.is_complex())
         if not (binary and ((where == 0) | (where == 1)).all()):
-            raise ValueError("where must be boolean (or 0/1 integers): True where the KL counts")
+            raise InputError("where must be boolean (or 0/1 integers): True where the KL counts")
         where = where.bool()
     n = _n_examples(inputs)
     shapes = [(n,)]
@@ -237,12 +238,12 @@ def _check_where(where: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         shapes.append(tuple(inputs["input_ids"].shape))
     if tuple(where.shape) not in shapes:
         what = " or ".join(str(s) for s in shapes)
-        raise ValueError(
+        raise InputError(
             f"where has shape {tuple(where.shape)}; it must be {what}: one entry per example"
             + (" or per token" if len(shapes) > 1 else "")
         )
     if not where.any():
-        raise ValueError("where selects nothing: no example or token is left to average over")
+        raise InputError("where selects nothing: no example or token is left to average over")
     return where.cpu()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from tyche.errors import InputError
 from tyche.memory import free_memory_share
 
 __all__ = ["bytes_per_direction", "choose_batch"]
@@ -47,7 +48,7 @@ def choose_batch(
     budget = free_memory_share(device) if max_memory is None else int(max_memory)
     fit = budget // max(per_direction, 1)
     if fit < 1 and max_memory is not None:
-        raise ValueError(
+        raise InputError(
             f"max_memory={max_memory:,} bytes holds not even one direction, which needs "
             f"{per_direction:,} bytes (2 × D × itemsize plus the loss's own); raise max_memory"
         )

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tyche.errors import InputError
+
 
 def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
     if patterns is None:
@@ -37,7 +39,7 @@ def select_parameters(
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
                 shown = ", ".join(n for n, _ in named[:6]) + (" ..." if len(named) > 6 else "")
-                raise ValueError(
+                raise InputError(
                     f"{kind} glob {pattern!r} matches no parameter of {type(model).__name__}; "
                     f"its parameters are named like {shown}"
                 )
@@ -49,7 +51,7 @@ def select_parameters(
     ]
     if not chosen:
         shown = ", ".join(n for n, _ in named[:8]) + (" ..." if len(named) > 8 else "")
-        raise ValueError(f"no parameters match include={inc} exclude={exc}; the model has: {shown}")
+        raise InputError(f"no parameters match include={inc} exclude={exc}; the model has: {shown}")
     return chosen
 
 
@@ -81,7 +83,7 @@ class ParameterLayout:
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``flat`` (..., size) as named tensors of shape (..., *param_shape)."""
         if flat.shape[-1] != self.size:
-            raise ValueError(f"expected a last dimension of {self.size}, got {tuple(flat.shape)}")
+            raise InputError(f"expected a last dimension of {self.size}, got {tuple(flat.shape)}")
         lead = flat.shape[:-1]
         return {
             name: flat[..., off : off + shape.numel()].reshape(*lead, *shape)

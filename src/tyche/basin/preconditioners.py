@@ -18,10 +18,11 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from tyche.divergence import logits_of
+from tyche.errors import InputError
 from tyche.optim_state import read_optimizer_state
 
 
-class ZeroSpectrum(ValueError):
+class ZeroSpectrum(InputError):
     """``n_zero`` spectrum entries are zero with ``eps=0``: p = 1/(|s|^exponent + eps) would
     divide by zero."""
 
@@ -33,7 +34,7 @@ class ZeroSpectrum(ValueError):
 def _spectrum_to_scales(spec: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
     """p_i = 1/(|s_i|^exponent + eps) in float64, with a clear error on division by zero."""
     if not (math.isfinite(eps) and eps >= 0 and math.isfinite(exponent) and exponent >= 0):
-        raise ValueError(f"eps and exponent must be finite and >= 0, got {eps!r}, {exponent!r}")
+        raise InputError(f"eps and exponent must be finite and >= 0, got {eps!r}, {exponent!r}")
     denom = spec.abs().to(torch.float64).pow(exponent) + eps
     if not (denom > 0).all():
         n_zero = int((denom <= 0).sum())
@@ -52,11 +53,11 @@ def normalize_unit_det(p: torch.Tensor) -> torch.Tensor:
     """
     p = torch.as_tensor(p)
     if p.dim() != 1 or p.numel() == 0:
-        raise ValueError(f"expected a non-empty 1-D tensor, got shape {tuple(p.shape)}")
+        raise InputError(f"expected a non-empty 1-D tensor, got shape {tuple(p.shape)}")
     if not torch.isfinite(p).all():
-        raise ValueError("the preconditioner contains NaN or inf entries")
+        raise InputError("the preconditioner contains NaN or inf entries")
     if not (p > 0).all():
-        raise ValueError(
+        raise InputError(
             f"the preconditioner has {int((p <= 0).sum())} non-positive entries; "
             "all entries must be > 0"
         )
@@ -76,9 +77,9 @@ def diag_preconditioner(
     """
     spec = torch.as_tensor(spec)
     if spec.dim() != 1 or spec.numel() == 0:
-        raise ValueError(f"spec must be a non-empty 1-D tensor, got shape {tuple(spec.shape)}")
+        raise InputError(f"spec must be a non-empty 1-D tensor, got shape {tuple(spec.shape)}")
     if not torch.isfinite(spec).all():
-        raise ValueError(f"spec has {int((~torch.isfinite(spec)).sum())} NaN/inf entries")
+        raise InputError(f"spec has {int((~torch.isfinite(spec)).sum())} NaN/inf entries")
     dtype = spec.dtype if spec.is_floating_point() else torch.float32
     return normalize_unit_det(_spectrum_to_scales(spec, eps, exponent)).to(dtype)
 
@@ -87,15 +88,15 @@ def _symmetric_eigh(m: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Ten
     """Eigendecomposition (float64) of a square, finite, symmetric matrix m."""
     m = torch.as_tensor(m)
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.numel() == 0:
-        raise ValueError(f"{what} must be a square (D, D) matrix, got shape {tuple(m.shape)}")
+        raise InputError(f"{what} must be a square (D, D) matrix, got shape {tuple(m.shape)}")
     if not torch.isfinite(m).all():
-        raise ValueError(f"{what} contains NaN or inf entries")
+        raise InputError(f"{what} contains NaN or inf entries")
     m64 = m.to(torch.float64)
     scale = float(m64.abs().max())
     tol = 100 * torch.finfo(m.dtype if m.is_floating_point() else torch.float32).eps * scale
     asym = float((m64 - m64.T).abs().max())
     if asym > tol:
-        raise ValueError(f"{what} is not symmetric (max |M - Mᵀ| = {asym:.3g}); pass (M + Mᵀ)/2")
+        raise InputError(f"{what} is not symmetric (max |M - Mᵀ| = {asym:.3g}); pass (M + Mᵀ)/2")
     return torch.linalg.eigh((m64 + m64.T) / 2)
 
 
@@ -106,7 +107,7 @@ def normalize_unit_det_matrix(m: torch.Tensor) -> torch.Tensor:
     """
     lam, _ = _symmetric_eigh(m, "the preconditioner matrix")
     if not (lam > 0).all():
-        raise ValueError(
+        raise InputError(
             f"the preconditioner matrix is not positive definite (smallest eigenvalue "
             f"{float(lam.min()):.3g}); pass a symmetric positive-definite matrix"
         )
@@ -144,13 +145,13 @@ def user_preconditioner(pre: Any, dim: int) -> torch.Tensor:
         raise TypeError(f"preconditioner must be a tensor, got {type(pre).__name__}") from exc
     expected = {1: (dim,), 2: (dim, dim)}.get(pre.dim())
     if expected is None:
-        raise ValueError(
+        raise InputError(
             f"the preconditioner must be a (D,) vector or a (D, D) matrix, got shape "
             f"{tuple(pre.shape)}"
         )
     if tuple(pre.shape) != expected:
         kind = "vector" if pre.dim() == 1 else "matrix"
-        raise ValueError(
+        raise InputError(
             f"the preconditioner {kind} has shape {tuple(pre.shape)} but the basin "
             f"has D = {dim} parameters; expected {expected}"
         )
@@ -185,9 +186,9 @@ def adam_preconditioner(
         p (D,), D = Σ numel(shape), unit determinant, float32 (float64 if ν is float64).
     """
     if order not in (1, 2):
-        raise ValueError(f"order must be 1 (exp_avg) or 2 (exp_avg_sq), got {order!r}")
+        raise InputError(f"order must be 1 (exp_avg) or 2 (exp_avg_sq), got {order!r}")
     if len(names) != len(shapes):
-        raise ValueError(f"got {len(names)} names but {len(shapes)} shapes")
+        raise InputError(f"got {len(names)} names but {len(shapes)} shapes")
     by_name = read_optimizer_state(
         optimizer_state,
         model,
@@ -199,14 +200,14 @@ def adam_preconditioner(
     missing = [n for n in names if n not in set(has)]
     if missing:
         known = ", ".join(has[:5]) or "nothing"
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} selected parameters have no {key!r} in the optimizer state, e.g. "
             f"{', '.join(missing[:5])}; the state has entries for: {known}"
         )
     moments = [torch.as_tensor(by_name[n][key]).detach() for n in names]
     for name, shape, moment in zip(names, shapes, moments):
         if tuple(moment.shape) != tuple(shape):
-            raise ValueError(
+            raise InputError(
                 f"{key} of {name!r} has shape {tuple(moment.shape)} but the "
                 f"parameter has shape {tuple(shape)}"
             )
@@ -253,16 +254,16 @@ def fisher_diagonal(
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in params]
     if not names or unknown:
-        raise ValueError(
+        raise InputError(
             f"names must be parameter names of the model; unknown: {unknown[:5]}; "
             f"the model has e.g. {list(params)[:5]}"
         )
     for label, v in (("n_draws", n_draws), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
+            raise InputError(f"{label} must be an integer >= 1, got {v!r}")
     noisy = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
     if any(m.training and isinstance(m, noisy) for m in model.modules()):
-        raise ValueError("the model has dropout/batch-norm in training mode; call model.eval()")
+        raise InputError("the model has dropout/batch-norm in training mode; call model.eval()")
     sel = {n: params[n].detach() for n in names}
     device = sel[names[0]].device
     if generator is None and not exact:
@@ -274,7 +275,7 @@ def fisher_diagonal(
         inputs = torch.as_tensor(inputs).to(device)
     n_examples = len(next(iter(inputs.values()))) if as_kwargs else len(inputs)
     if n_examples == 0:
-        raise ValueError("inputs hold no examples")
+        raise InputError("inputs hold no examples")
 
     def log_probs(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
         out = functional_call(model, p, (), x) if as_kwargs else functional_call(model, p, (x,))
@@ -335,7 +336,7 @@ def fisher_diagonal(
                 tile = torch.arange(len(logp), device=device).repeat(m)
                 add(summed(sampled_term, _rows(x, tile), y, w[tile]))
     if n_positions == 0:
-        raise ValueError("the attention mask leaves no positions to average over")
+        raise InputError("the attention mask leaves no positions to average over")
     flat = torch.cat([total[n].reshape(-1) for n in names])
     flat /= n_positions * (1 if exact else n_draws)
     return flat.to(torch.promote_types(sel[names[0]].dtype, torch.float32))

@@ -73,6 +73,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tyche.errors import InputError
+
 __all__ = [
     "log_gaussian_ray_mass",
     "log_radial_integral",
@@ -124,7 +126,7 @@ def _require(ok: Tensor, name: str, what: str, value: Tensor) -> None:
     if not bool(torch.all(ok)):
         ok, value = torch.broadcast_tensors(ok, value)
         first = float(value[~ok].reshape(-1)[0])
-        raise ValueError(f"{name} {what}; got {first!r} (at {int((~ok).sum())} position(s))")
+        raise InputError(f"{name} {what}; got {first!r} (at {int((~ok).sum())} position(s))")
 
 
 def _check_dim(n_dim: Tensor) -> None:
@@ -335,7 +337,7 @@ def log_radial_integral(n_dim: Number, a: Number, b: Number, c: Number, upper: N
     try:
         d, a_t, b_t, c_t, r_t = torch.broadcast_tensors(d, a_t, b_t, c_t, r_t)
     except RuntimeError as err:
-        raise ValueError(f"arguments do not broadcast together: {err}") from err
+        raise InputError(f"arguments do not broadcast together: {err}") from err
     shape = d.shape
     flat = [t.reshape(-1) for t in (d, a_t, b_t, r_t)]
     n = flat[0].numel()

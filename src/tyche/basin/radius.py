@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tyche.errors import InputError
+
 RiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MAX_STEP = math.log(30.0)  # largest step in log r before the crossing is bracketed
@@ -183,7 +185,7 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
     """Next x = log r to evaluate for an unfinished ray (raises if the search is stuck)."""
     if math.isinf(ray.x_hi):  # nothing above the band yet: extrapolate upwards
         if ray.x_lo >= log_max:
-            raise ValueError(
+            raise InputError(
                 f"no boundary found along direction {ray.label} up to max_radius="
                 f"{max_radius:.6g} (loss rise there is {math.exp(ray.f_lo):.6g}×cutoff); "
                 "increase max_radius or the cutoff may be above the loss's range"
@@ -205,7 +207,7 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
             else:
                 step = max(-ray.f_hi / _slope(ray.prev_hi, ray.x_hi, ray.f_hi), -MAX_STEP)
         if ray.x_hi + step < MIN_LOG_RADIUS:
-            raise ValueError(
+            raise InputError(
                 f"the loss rise is above the cutoff at every radius tried along direction "
                 f"{ray.label}, down to r={math.exp(ray.x_hi):.3g}; is the loss discontinuous "
                 "at the anchor?"
@@ -216,13 +218,13 @@ def _propose(ray: _Ray, log_max: float, max_radius: float) -> float:
     if width < COLLAPSE:
         r = math.exp(ray.x_hi)
         if math.isinf(ray.f_hi):
-            raise ValueError(
+            raise InputError(
                 f"loss is NaN/inf at radius r={r:.6g} along direction {ray.label}, between "
                 f"the anchor and the cutoff (the loss rise just below is "
                 f"{math.exp(ray.f_lo):.6g}×cutoff); lower the cutoff, use float32/float64 "
                 "weights, or check the model for overflow"
             )
-        raise ValueError(
+        raise InputError(
             f"the loss rise jumps across the cutoff band at radius r={r:.6g} along direction "
             f"{ray.label} (from {math.exp(ray.f_lo):.6g}× to {math.exp(ray.f_hi):.6g}×cutoff); "
             "the loss is discontinuous there: increase rtol or change the cutoff"
@@ -261,13 +263,13 @@ def _initial_radii(
         if init.numel() == 1:
             init = init.expand(n)
         elif init.numel() != n:
-            raise ValueError(
+            raise InputError(
                 f"init_radius must be a scalar or have {n} entries, got {init.numel()}"
             )
     if not (torch.isfinite(init).all() and (init > 0).all()):
-        raise ValueError(f"init_radius must be positive and finite, got {init_radius!r}")
+        raise InputError(f"init_radius must be positive and finite, got {init_radius!r}")
     if (init > max_radius).any():
-        raise ValueError(f"init_radius exceeds max_radius={max_radius:.6g}")
+        raise InputError(f"init_radius exceeds max_radius={max_radius:.6g}")
     return init.tolist()
 
 
@@ -329,7 +331,7 @@ class _Direction:
             self.start_target(rest[0])
         if self.n_evals >= limit:
             ray = self.ray
-            raise ValueError(
+            raise InputError(
                 f"radius search along direction {self.label} did not converge in {limit} "
                 f"evaluations; the crossing lies in [{math.exp(ray.x_lo):.6g}, "
                 f"{math.exp(ray.x_hi):.6g}] (last Δ={delta:.6g}, cutoff="
@@ -389,27 +391,27 @@ def search_radii(
         anchor and the cutoff; a jump across the band; more than max_evals evaluations.
     """
     if (cutoff is None) == (cutoffs is None):
-        raise ValueError("give either cutoff= (one target) or cutoffs= (several)")
+        raise InputError("give either cutoff= (one target) or cutoffs= (several)")
     targets = [cutoff] if cutoffs is None else list(cutoffs)
     if not targets:
-        raise ValueError("cutoffs is empty; give at least one cutoff")
+        raise InputError("cutoffs is empty; give at least one cutoff")
     for c in targets:
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise ValueError(f"cutoff must be positive and finite, got {c!r}")
+            raise InputError(f"cutoff must be positive and finite, got {c!r}")
     targets = sorted(float(c) for c in targets)
     if len(set(targets)) != len(targets):
-        raise ValueError(f"cutoffs must be distinct, got {targets}")
+        raise InputError(f"cutoffs must be distinct, got {targets}")
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
     if not 0 < rtol < 1:
-        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
+        raise InputError(f"rtol must lie in (0, 1), got {rtol!r}")
     if not (math.isfinite(max_radius) and max_radius > 0):
-        raise ValueError(f"max_radius must be positive and finite, got {max_radius!r}")
+        raise InputError(f"max_radius must be positive and finite, got {max_radius!r}")
     if not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"max_evals must be an integer >= 1, got {max_evals!r}")
+        raise InputError(f"max_evals must be an integer >= 1, got {max_evals!r}")
     log_max = math.log(max_radius)
     if labels is not None and len(labels) != n:
-        raise ValueError(f"labels must have {n} entries, got {len(labels)}")
+        raise InputError(f"labels must have {n} entries, got {len(labels)}")
     names = list(range(n)) if labels is None else [int(v) for v in labels]
     shape = None if guide is None else Guide(guide)
     limit = max_evals * len(targets)
@@ -424,7 +426,7 @@ def search_radii(
         out = rise_fn(index, torch.tensor(radii, dtype=torch.float64))
         out = torch.as_tensor(out)
         if out.shape != (len(active),):
-            raise ValueError(
+            raise InputError(
                 f"rise_fn returned shape {tuple(out.shape)} for {len(active)} directions; "
                 f"it must return one loss rise per direction, shape ({len(active)},)"
             )

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tyche.errors import InputError
+
 #: entries per generator chunk: part of the definition of a direction (changing it changes
 #: every direction), not a memory setting
 CHUNK = 1 << 20
@@ -53,7 +55,7 @@ def fill_gaussian(
     cache and added up in chunk order.
     """
     if out.dim() != 1 or not out.is_contiguous():
-        raise ValueError("out must be a contiguous 1-D tensor")
+        raise InputError("out must be a contiguous 1-D tensor")
     starts = list(range(0, out.numel(), CHUNK))
 
     def chunk(k: int) -> torch.Tensor | None:

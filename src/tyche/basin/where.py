@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tyche.errors import InputError
+
 KEYS = ("all", "label", "play", "mask")
 MASK_SUFFIXES = (".safetensors", ".npy")
 
@@ -57,7 +59,7 @@ def parse_where(text: str, flag: str = "--where") -> list[Subset]:
     """Parse the subsets (see the module docstring); ValueError naming ``flag`` if malformed."""
     parts = [p.strip() for p in text.split(";") if p.strip()]
     if not parts:
-        raise ValueError(f"{flag} is empty; give e.g. label=3, play=hamlet, mask=FILE or all")
+        raise InputError(f"{flag} is empty; give e.g. label=3, play=hamlet, mask=FILE or all")
     out: list[Subset] = []
     for part in parts:
         key, eq, rest = part.partition("=")
@@ -66,33 +68,33 @@ def parse_where(text: str, flag: str = "--where") -> list[Subset]:
             out.append(Subset("all"))
             continue
         if key not in KEYS or not eq:
-            raise ValueError(
+            raise InputError(
                 f"{flag}: {part!r} is not a subset; write all, label=K[,K...], "
                 "play=NAME[,NAME...], mask=FILE, or several separated by ';'"
             )
         if key == "mask":
             path = rest.strip()
             if not path:
-                raise ValueError(f"{flag}: mask= needs a file, e.g. mask=subset.safetensors")
+                raise InputError(f"{flag}: mask= needs a file, e.g. mask=subset.safetensors")
             out.append(Subset("mask", (path,)))
             continue
         values = tuple(v.strip() for v in rest.split(",") if v.strip())
         if not values:
-            raise ValueError(f"{flag}: {key}= has no values; e.g. {key}=each")
+            raise InputError(f"{flag}: {key}= has no values; e.g. {key}=each")
         if "each" in values and len(values) > 1:
-            raise ValueError(f"{flag}: {key}=each stands alone; it makes one subset per {key}")
+            raise InputError(f"{flag}: {key}=each stands alone; it makes one subset per {key}")
         if len(set(values)) != len(values):
-            raise ValueError(f"{flag}: {part!r} names a value twice")
+            raise InputError(f"{flag}: {part!r} names a value twice")
         if key == "label" and values != ("each",):
             bad = [v for v in values if not re.fullmatch(r"[0-9]+", v)]
             if bad:
-                raise ValueError(f"{flag}: label {bad[0]!r} is not a class number such as 3")
+                raise InputError(f"{flag}: label {bad[0]!r} is not a class number such as 3")
             values = tuple(str(int(v)) for v in values)
         out.append(Subset(key, values))
     seen = [s.text for s in out]
     twice = sorted({t for t in seen if seen.count(t) > 1})
     if twice:
-        raise ValueError(f"{flag} lists {', '.join(twice)} twice")
+        raise InputError(f"{flag} lists {', '.join(twice)} twice")
     return out
 
 
@@ -104,7 +106,7 @@ def check_values(subsets: Sequence[Subset], key: str, known: Sequence[str], what
         unknown = [v for v in s.values if v != "each" and v not in known]
         if unknown:
             shown = ", ".join(list(known)[:12]) + (" ..." if len(known) > 12 else "")
-            raise ValueError(f"--where: unknown {what} {unknown[0]!r}; known: {shown}")
+            raise InputError(f"--where: unknown {what} {unknown[0]!r}; known: {shown}")
 
 
 def expand(subsets: Sequence[Subset], key: str, values: Sequence[str]) -> list[Subset]:
@@ -133,12 +135,12 @@ def load_mask(path: str | Path) -> torch.Tensor:
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False))
         except ValueError as err:
-            raise ValueError(f"--where mask={path}: not a plain .npy array ({err})") from None
+            raise InputError(f"--where mask={path}: not a plain .npy array ({err})") from None
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     if len(tensors) != 1:
-        raise ValueError(
+        raise InputError(
             f"--where mask={path}: the file holds {len(tensors)} tensors "
             f"({', '.join(sorted(tensors)) or 'none'}); save exactly one boolean tensor"
         )
@@ -162,23 +164,23 @@ def subset_mask(
         return torch.ones(n, dtype=torch.bool)
     if subset.key == "label":
         if labels is None:
-            raise ValueError("--where label= needs labelled examples (zoo:digits-mlp)")
+            raise InputError("--where label= needs labelled examples (zoo:digits-mlp)")
         chosen = torch.tensor([int(v) for v in subset.values])
         mask = torch.isin(labels.cpu(), chosen)
         if not mask.any():
-            raise ValueError(f"--where {subset.text}: no evaluation example has that label")
+            raise InputError(f"--where {subset.text}: no evaluation example has that label")
         return mask
     if subset.key == "play":
         if row_plays is None:
-            raise ValueError("--where play= needs --data zoo:shakespeare")
+            raise InputError("--where play= needs --data zoo:shakespeare")
         return torch.tensor([p in subset.values for p in row_plays], dtype=torch.bool)
     mask = load_mask(subset.values[0])
     if tuple(mask.shape) not in {shape[:1], tuple(shape)}:
         allowed = " or ".join(str(s) for s in dict.fromkeys([shape[:1], tuple(shape)]))
-        raise ValueError(
+        raise InputError(
             f"--where mask={subset.values[0]}: shape {tuple(mask.shape)} does not fit the "
             f"evaluation data; it must be {allowed} (examples, or examples × tokens)"
         )
     if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"--where mask={subset.values[0]}: values must be boolean or 0/1")
+        raise InputError(f"--where mask={subset.values[0]}: values must be boolean or 0/1")
     return mask.bool()

@@ -9,6 +9,8 @@ Names are imported on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tyche._lazy import lazy_exports
 
 __all__ = [
@@ -22,6 +24,13 @@ __all__ = [
     "pca_directions",
     "train_tuned_lens",
 ]
+
+if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
+    from tyche.causal.extraction import extract_causal_bases, extract_causal_basis, pca_directions
+    from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
+    from tyche.causal.objective import AblationObjective
+    from tyche.causal.result import CausalBasis
+    from tyche.causal.train_lens import train_tuned_lens
 
 __getattr__, __dir__ = lazy_exports(
     __name__,

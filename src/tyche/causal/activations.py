@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tyche.causal.objective import IGNORE_INDEX
+from tyche.errors import InputError
 from tyche.hooks import read_activations, replace_activations
 
 __all__ = ["next_token_labels", "read_site_activations", "token_inputs"]
@@ -26,11 +27,11 @@ def token_inputs(data: Any) -> dict[str, Tensor]:
         )
     ids = data["input_ids"]
     if ids.ndim != 2 or ids.is_floating_point() or ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be a non-empty integer tensor (N, T), got {ids.shape}")
+        raise InputError(f"input_ids must be a non-empty integer tensor (N, T), got {ids.shape}")
     mask = data.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     if mask.shape != ids.shape:
-        raise ValueError(
+        raise InputError(
             f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}"
         )
     return {"input_ids": ids, "attention_mask": mask}

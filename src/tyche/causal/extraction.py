@@ -42,6 +42,7 @@ from tyche.causal.search import (
 )
 from tyche.distributed import init_distributed, shard_range
 from tyche.distributed import progress as progress_bar
+from tyche.errors import InputError
 from tyche.io import model_hash
 from tyche.sites import resolve_sites
 
@@ -122,16 +123,16 @@ def extract_causal_basis(
         A :class:`CausalBasis`; identical on every rank.
     """
     if not isinstance(hiddens, Tensor) or hiddens.ndim < 2:
-        raise ValueError("hiddens must be a tensor of shape (N, d) or (B, T, d)")
+        raise InputError("hiddens must be a tensor of shape (N, d) or (B, T, d)")
     d = hiddens.shape[-1]
     if not isinstance(k, int) or not 1 <= k <= d:
-        raise ValueError(f"k must be an int in 1..d={d} (the hidden size), got {k!r}")
+        raise InputError(f"k must be an int in 1..d={d} (the hidden size), got {k!r}")
     if max_iter < 0 or n_init < 0 or n_pca < 0 or n_starts < 1:
-        raise ValueError("max_iter, n_init and n_pca must be >= 0 and n_starts >= 1")
+        raise InputError("max_iter, n_init and n_pca must be >= 0 and n_starts >= 1")
     if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+        raise InputError(f"tol must be > 0, got {tol}")
     if refine not in ("none", "joint"):
-        raise ValueError(f"refine must be 'none' or 'joint', got {refine!r}")
+        raise InputError(f"refine must be 'none' or 'joint', got {refine!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     init_distributed()  # the objective sums over ranks
     obj = AblationObjective(
@@ -177,7 +178,7 @@ def extract_causal_basis(
     if progress is True and bar is not None:
         bar.close()
     if not energies:
-        raise ValueError(
+        raise InputError(
             f"no direction reached min_energy={min_energy} nats (the best had "
             f"{best.energy:.3g}); lower min_energy"
         )
@@ -270,9 +271,9 @@ def extract_causal_bases(
     from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
 
     if target not in ("logit", "tuned", "model"):
-        raise ValueError(f"target must be 'logit', 'tuned' or 'model', got {target!r}")
+        raise InputError(f"target must be 'logit', 'tuned' or 'model', got {target!r}")
     if target == "tuned" and not isinstance(lens, TunedLens):
-        raise ValueError("target='tuned' needs lens=TunedLens(...) (see train_tuned_lens)")
+        raise InputError("target='tuned' needs lens=TunedLens(...) (see train_tuned_lens)")
     init_distributed()
     tokens = token_inputs(data)
     names = [s.name for s in resolve_sites(model, sites)]

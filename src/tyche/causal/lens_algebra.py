@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tyche.errors import InputError
+
 __all__ = ["FactoredReadout", "LensFactors", "norm_factors"]
 
 #: a recognised norm whose clean logits differ from the target's by more than this (relative
@@ -325,7 +327,7 @@ class FactoredReadout:
             logits = torch.add(clean, self.bias, out=self.work(block.stop - block.start)[3])
             stats[block, 3] = torch.logsumexp(logits, -1).to(torch.float64)
             if not bool(torch.isfinite(stats[block, 3]).all()):
-                raise ValueError("the lens gives NaN/inf logits on the clean hidden states")
+                raise InputError("the lens gives NaN/inf logits on the clean hidden states")
             prob = logits.sub_(stats[block, 3:].to(self.dtype)).exp_()
             stats[block, 0] = prob.sum(-1, dtype=torch.float64)
             stats[block, 1] = (prob * clean).sum(-1, dtype=torch.float64)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from tyche.causal.lens_algebra import LensFactors, norm_factors
+from tyche.errors import InputError
 from tyche.io import ResultIO, model_hash
 from tyche.sites import Site, final_norm, resolve_sites, unembedding
 
@@ -242,13 +243,13 @@ class TunedLens(nn.Module):
         """
         saved = TunedLensWeights.load(path)
         if strict and saved.model_hash is not None and saved.model_hash != model_hash(model):
-            raise ValueError(
+            raise InputError(
                 f"the tuned lens at {path} was trained on a model with hash {saved.model_hash}, "
                 f"not this one ({model_hash(model)}); pass strict=False to use it anyway"
             )
         lens = cls(model, saved.sites)
         if tuple(saved.weight.shape[1:]) != tuple(lens.translators[0].weight.shape):
-            raise ValueError(
+            raise InputError(
                 f"the saved translators are {tuple(saved.weight.shape[1:])}, "
                 f"but the model width needs {tuple(lens.translators[0].weight.shape)}"
             )
@@ -278,13 +279,13 @@ class ModelFromSite(nn.Module):
         super().__init__()
         sites = resolve_sites(model, site)
         if len(sites) != 1:
-            raise ValueError(
+            raise InputError(
                 f"ModelFromSite needs exactly one site, {site!r} matches {[s.name for s in sites]}"
             )
         self.site = sites[0]
         self.model = _frozen(model)
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
-            raise ValueError("inputs must hold 'input_ids' (and usually 'attention_mask')")
+            raise InputError("inputs must hold 'input_ids' (and usually 'attention_mask')")
         self.inputs = dict(inputs)
 
     def select(self, rows: slice) -> ModelFromSite:
@@ -298,7 +299,7 @@ class ModelFromSite(nn.Module):
 
         def swap(activation: Tensor) -> Tensor:
             if activation.shape != h.shape:
-                raise ValueError(
+                raise InputError(
                     f"ModelFromSite({self.site.name}): hidden states have shape "
                     f"{tuple(h.shape)} but the site has {tuple(activation.shape)} on these "
                     "inputs; read the hidden states from the same inputs"

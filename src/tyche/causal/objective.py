@@ -26,6 +26,7 @@ from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
 from tyche.causal.lens_algebra import FactoredReadout, check_factors
 from tyche.distributed import all_reduce_sum, get_rank, get_world_size, init_distributed
 from tyche.divergence import masked_kl
+from tyche.errors import InputError
 from tyche.memory import free_memory_share
 
 __all__ = ["AblationObjective", "Objective", "Target", "target_for_rows"]
@@ -121,20 +122,20 @@ class AblationObjective:
         if not isinstance(hiddens, Tensor) or not hiddens.is_floating_point():
             raise TypeError("hiddens must be a floating-point tensor of shape (..., d)")
         if hiddens.ndim < 2:
-            raise ValueError(f"hiddens must have shape (N, d) or (B, T, d), got {hiddens.shape}")
+            raise InputError(f"hiddens must have shape (N, d) or (B, T, d), got {hiddens.shape}")
         if not torch.isfinite(hiddens).all():
             bad = int((~torch.isfinite(hiddens)).sum())
-            raise ValueError(f"hiddens contains {bad} NaN/inf values; clean the activations first")
+            raise InputError(f"hiddens contains {bad} NaN/inf values; clean the activations first")
         if mode not in ABLATION_MODES:
-            raise ValueError(f"unknown ablation mode {mode!r}; choose one of {ABLATION_MODES}")
+            raise InputError(f"unknown ablation mode {mode!r}; choose one of {ABLATION_MODES}")
         if objective not in ("kl", "ce"):
-            raise ValueError(f"unknown objective {objective!r}; choose 'kl' or 'ce'")
+            raise InputError(f"unknown objective {objective!r}; choose 'kl' or 'ce'")
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of rows, got {batch_size}")
+            raise InputError(f"batch_size must be a positive number of rows, got {batch_size}")
         if cache_gb is None:
             cache_gb = free_memory_share(hiddens.device, AUTO_CACHE_SHARE) / 2**30
         if not cache_gb >= 0:
-            raise ValueError(f"cache_gb must be >= 0 (GiB of cached lens readouts), got {cache_gb}")
+            raise InputError(f"cache_gb must be >= 0 (GiB of cached lens readouts), got {cache_gb}")
         self.target, self.mode, self.objective = target, mode, objective
         self.cache_gb = float(cache_gb)
         self.hiddens = hiddens.detach()
@@ -145,9 +146,9 @@ class AblationObjective:
         self.weight = self.keep
         if objective == "ce":
             if labels is None:
-                raise ValueError("objective='ce' needs labels (the next token of each position)")
+                raise InputError("objective='ce' needs labels (the next token of each position)")
             if tuple(labels.shape) != tuple(lead) or labels.is_floating_point():
-                raise ValueError(
+                raise InputError(
                     f"labels must be an integer tensor of shape {tuple(lead)}, "
                     f"got {labels.dtype} {tuple(labels.shape)}"
                 )
@@ -157,7 +158,7 @@ class AblationObjective:
         init_distributed()  # every sum below is over ranks
         self.n_positions = int(all_reduce_sum(self.weight.sum().double()).item())
         if self.n_positions == 0:
-            raise ValueError("no positions to average over: the mask (and labels) select nothing")
+            raise InputError("no positions to average over: the mask (and labels) select nothing")
         self.delta = self._ablation_offsets(generator)
         self.screen = self._screening_rows(screen_positions)
         self.factored = self._factored_readout(fast, cache_gb)
@@ -168,12 +169,12 @@ class AblationObjective:
         if mask is None:
             return torch.ones(lead, dtype=torch.bool)
         if tuple(mask.shape) != tuple(lead):
-            raise ValueError(
+            raise InputError(
                 f"mask has shape {tuple(mask.shape)} but hiddens needs {tuple(lead)} "
                 "(all dimensions of hiddens except the last)"
             )
         if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be bool or contain only 0 and 1")
+            raise InputError("mask must be bool or contain only 0 and 1")
         return mask != 0 if mask.dtype != torch.bool else mask
 
     def _ablation_offsets(self, generator: torch.Generator | None) -> Tensor:
@@ -195,7 +196,7 @@ class AblationObjective:
         if not hasattr(self, "_n_selected"):
             self._n_selected = int(all_reduce_sum(self.keep.sum().double()).item())
             if self._n_selected == 0:
-                raise ValueError("the mask selects no position")
+                raise InputError("the mask selects no position")
         return self._n_selected
 
     def masked_sum(self, x: Tensor) -> Tensor:
@@ -296,12 +297,12 @@ class AblationObjective:
 
     def _check_logits(self, logits: Tensor, rows: slice) -> None:
         if tuple(logits.shape[:-1]) != tuple(self.hiddens[rows].shape[:-1]):
-            raise ValueError(
+            raise InputError(
                 f"the target returned logits of shape {tuple(logits.shape)} for hidden states "
                 f"{tuple(self.hiddens[rows].shape)}; it must keep every leading dimension"
             )
         if not torch.isfinite(logits).all():
-            raise ValueError("the target returned NaN/inf logits on the clean hidden states")
+            raise InputError("the target returned NaN/inf logits on the clean hidden states")
 
     def _cross_entropy(self, logits: Tensor, rows: slice) -> Tensor:
         """Cross-entropy at each position of ``rows`` (0 where there is no label)."""

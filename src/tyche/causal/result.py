@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tyche.ablation import AblationMode, remove_subspace
+from tyche.errors import InputError
 from tyche.io import ResultIO
 
 __all__ = ["CausalBasis"]
@@ -69,11 +70,11 @@ class CausalBasis(ResultIO):
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2:
-            raise ValueError(f"vectors must be (d, k), got {tuple(self.vectors.shape)}")
+            raise InputError(f"vectors must be (d, k), got {tuple(self.vectors.shape)}")
         k = self.vectors.shape[1]
         for name in ("energies", "subspace_energies"):
             if tuple(getattr(self, name).shape) != (k,):
-                raise ValueError(f"{name} must have shape ({k},) to match vectors (d, {k})")
+                raise InputError(f"{name} must have shape ({k},) to match vectors (d, {k})")
 
     @property
     def basis(self) -> Tensor:
@@ -113,7 +114,7 @@ class CausalBasis(ResultIO):
         """
         n = self.k if n is None else n
         if not 0 < n <= self.k:
-            raise ValueError(f"n must be in 1..{self.k}, got {n}")
+            raise InputError(f"n must be in 1..{self.k}, got {n}")
         vectors = self.vectors[:, :n].to(device=h.device, dtype=h.dtype)
         return remove_subspace(h, vectors, mode or self.mode, mask, generator)  # type: ignore[arg-type]
 

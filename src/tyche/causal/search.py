@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tyche.causal.objective import AblationObjective, Target
+from tyche.errors import InputError
 
 __all__ = ["Direction", "find_direction", "pca_directions", "project_out", "readout_directions"]
 
@@ -73,7 +74,7 @@ def readout_directions(target: Target, d: int) -> Tensor | None:
         return None
     matrix = readout()
     if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[1] != d:
-        raise ValueError(f"readout_matrix() must return a (V, {d}) tensor")
+        raise InputError(f"readout_matrix() must return a (V, {d}) tensor")
     _, _, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
     return vh.T
 

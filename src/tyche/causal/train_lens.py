@@ -27,6 +27,7 @@ from tyche.distributed import (
     shard_range,
 )
 from tyche.divergence import masked_kl
+from tyche.errors import InputError
 from tyche.hooks import read_activations
 
 __all__ = ["evaluate_lens", "train_tuned_lens"]
@@ -84,13 +85,13 @@ def train_tuned_lens(
         lens and of the tuned lens on ``data``.
     """
     if steps < 1 or batch_size < 1:
-        raise ValueError("steps and batch_size must be positive")
+        raise InputError("steps and batch_size must be positive")
     init_distributed()
     tokens = token_inputs(data)
     lens = TunedLens(model, sites)
     rows = shard_range(tokens["input_ids"].shape[0])
     if len(rows) == 0:
-        raise ValueError("this rank got no data: use more rows than processes")
+        raise InputError("this rank got no data: use more rows than processes")
     device = next(model.parameters()).device
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)) + rows.start
     params = list(lens.translators.parameters())

@@ -16,6 +16,8 @@ Submodules load on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tyche._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
@@ -46,5 +48,22 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
+    from tyche.codebook.cache import CodeCache, build_cache, load_cache
+    from tyche.codebook.code_search import SearchResult, code_contexts, search
+    from tyche.codebook.interventions import Intervention, generate, intervene, next_token_jsd
+    from tyche.codebook.kmeans import kmeans
+    from tyche.codebook.layer import CodebookLayer, GroupedCodebookLayer
+    from tyche.codebook.model import CodebookModel, attach
+    from tyche.codebook.steering import state_forcing, topic_codes, topic_steering
+    from tyche.codebook.tokfsm import FSM
+    from tyche.codebook.train import (
+        TrainConfig,
+        TrainResult,
+        evaluate_lm,
+        row_sampler,
+        train_codebooks,
+    )
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -34,6 +34,7 @@ import torch
 
 from tyche.codebook.model import CodebookModel
 from tyche.distributed import progress
+from tyche.errors import InputError
 from tyche.io import json_text
 
 __all__ = ["CodeCache", "build_cache", "load_cache", "token_pieces"]
@@ -105,7 +106,7 @@ class CodeCache:
     def layout(self, site: str) -> dict[str, int]:
         """``{"n_groups", "num_codes", "k"}`` of the codebook at ``site``."""
         if site not in self.manifest["codebooks"]:
-            raise ValueError(f"the cache has no codebook at {site!r}; it has {self.sites}")
+            raise InputError(f"the cache has no codebook at {site!r}; it has {self.sites}")
         return self.manifest["codebooks"][site]
 
     def counts(self, site: str) -> torch.Tensor:
@@ -135,7 +136,7 @@ class CodeCache:
         mine = self.manifest["model_fingerprint"]
         theirs = model.fingerprint()
         if mine != theirs:
-            raise ValueError(
+            raise InputError(
                 f"the cache in {self.folder} was built with another model (fingerprint {mine}, "
                 f"this model {theirs}, model {self.manifest.get('model_name')!r}); build a cache "
                 "with this model (tyche codebook cache) or load the cache's own model"
@@ -184,9 +185,9 @@ def build_cache(
     from safetensors.torch import save_file
 
     if not isinstance(model, CodebookModel) or not model.sites:
-        raise ValueError("build_cache needs a CodebookModel with at least one codebook")
+        raise InputError("build_cache needs a CodebookModel with at least one codebook")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty (n, T) tensor, got {input_ids.shape}")
+        raise InputError(f"input_ids must be a non-empty (n, T) tensor, got {input_ids.shape}")
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,13 +263,13 @@ def load_cache(folder: str | os.PathLike[str]) -> CodeCache:
         )
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format") != FORMAT or manifest.get("format_version", 99) > FORMAT_VERSION:
-        raise ValueError(f"{folder / MANIFEST} is not a cache format this tyche reads")
+        raise InputError(f"{folder / MANIFEST} is not a cache format this tyche reads")
     tokens = load_file(str(folder / TOKENS))
     texts = json.loads((folder / TEXTS).read_text(encoding="utf-8"))
     codes = load_file(str(folder / CODES))
     missing = [s for s in manifest["sites"] if s not in codes]
     if missing:
-        raise ValueError(f"{folder / CODES} lacks the sites {missing} listed in the manifest")
+        raise InputError(f"{folder / CODES} lacks the sites {missing} listed in the manifest")
     return CodeCache(folder, manifest, tokens["input_ids"], tokens["offsets"], texts, codes)
 
 
@@ -278,5 +279,5 @@ def sites_of(cache: CodeCache, sites: Sequence[str] | None) -> list[str]:
         return cache.sites
     unknown = [s for s in sites if s not in cache.sites]
     if unknown:
-        raise ValueError(f"the cache has no codebooks at {unknown}; it has {cache.sites}")
+        raise InputError(f"the cache has no codebooks at {unknown}; it has {cache.sites}")
     return list(sites)

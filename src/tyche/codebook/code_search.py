@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from tyche.codebook.cache import CodeCache, sites_of
+from tyche.errors import InputError
 from tyche.io import ResultIO
 
 __all__ = ["Context", "SearchResult", "code_contexts", "match_positions", "search"]
@@ -46,11 +47,11 @@ def match_positions(
     keep firing after a word was seen). Raises ``ValueError`` for an invalid regex.
     """
     if not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
+        raise InputError(f"window must be an int >= 0, got {window!r}")
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"invalid regex {pattern!r}: {err}") from err
+        raise InputError(f"invalid regex {pattern!r}: {err}") from err
     found: list[tuple[int, int]] = []
     for row, text in enumerate(cache.texts):
         chars = [
@@ -232,12 +233,12 @@ def code_contexts(
     """
     lay = cache.layout(site)
     if not 0 <= code < lay["num_codes"]:
-        raise ValueError(f"code id {code} is out of range at {site} ({lay['num_codes']} codes)")
+        raise InputError(f"code id {code} is out of range at {site} ({lay['num_codes']} codes)")
     if lay["n_groups"] > 1 and head is None:
-        raise ValueError(f"{site} has {lay['n_groups']} heads; give head=H")
+        raise InputError(f"{site} has {lay['n_groups']} heads; give head=H")
     g = head or 0
     if not 0 <= g < lay["n_groups"]:
-        raise ValueError(f"head {head} does not exist at {site} ({lay['n_groups']} heads)")
+        raise InputError(f"head {head} does not exist at {site} ({lay['n_groups']} heads)")
     ids = cache.codes[site][:, :, g, : slots or lay["k"]]
     where = torch.nonzero((ids == code).any(-1))[:n]
     out = []

@@ -38,6 +38,7 @@ import torch
 from tyche.codebook.layer import CodebookLayer, CodeEdit, out_of_range
 from tyche.codebook.model import CodebookModel
 from tyche.divergence import token_jsd
+from tyche.errors import InputError
 
 __all__ = [
     "Intervention",
@@ -69,11 +70,11 @@ class Intervention:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"intervention mode must be one of {MODES}, got {self.mode!r}")
+            raise InputError(f"intervention mode must be one of {MODES}, got {self.mode!r}")
         if self.positions is not None:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
             if not self.positions:
-                raise ValueError(
+                raise InputError(
                     f"intervention at {self.site}: positions is empty, so it would change "
                     "nothing; give positions=None for every position"
                 )
@@ -105,7 +106,7 @@ def check_horizon(interventions: Iterable[Intervention], horizon: int) -> None:
     found = beyond_horizon(interventions, horizon)
     if found is not None:
         iv, p = found
-        raise ValueError(
+        raise InputError(
             f"intervention {iv.spec}: position {p} can never apply: the longest forward "
             f"pass has {horizon} tokens (positions {-horizon} to {horizon - 1})"
         )
@@ -114,22 +115,22 @@ def check_horizon(interventions: Iterable[Intervention], horizon: int) -> None:
 def _edit(model: CodebookModel, iv: Intervention) -> tuple[Any, CodeEdit]:
     layer = model.codebook(iv.site)  # ValueError naming the codebook sites
     if not isinstance(iv.code, int) or not 0 <= iv.code < layer.num_codes:
-        raise ValueError(
+        raise InputError(
             f"code id {iv.code!r} is out of range for the codebook at {iv.site} "
             f"(it has {layer.num_codes} codes: 0 to {layer.num_codes - 1})"
         )
     grouped = not isinstance(layer, CodebookLayer)
     if iv.head is not None and not (grouped and 0 <= iv.head < layer.n_groups):
         what = f"heads 0 to {layer.n_groups - 1}" if grouped else "one codebook (no heads)"
-        raise ValueError(f"head {iv.head} does not exist at {iv.site}: it has {what}")
+        raise InputError(f"head {iv.head} does not exist at {iv.site}: it has {what}")
     if grouped and iv.head is None and layer.n_groups > 1 and iv.mode != "block":
-        raise ValueError(
+        raise InputError(
             f"{iv.site} has one codebook per head ({layer.n_groups}); say which head "
             f"(Intervention(head=H), or {iv.site}/hH:{iv.code} in an intervention spec): "
             "code ids differ between heads"
         )
     if iv.mode == "replace" and not -layer.k <= iv.slot < layer.k:
-        raise ValueError(f"slot {iv.slot} is out of range for k={layer.k} at {iv.site}")
+        raise InputError(f"slot {iv.slot} is out of range for k={layer.k} at {iv.site}")
     group = iv.head if grouped else 0
     slot, label = iv.slot % layer.k, f"intervention {iv.spec}"
     return layer, CodeEdit(iv.mode, iv.code, group, iv.positions, slot, iv.refill, label)
@@ -242,7 +243,7 @@ def next_token_jsd(
 def target_rate(texts: Sequence[str], pattern: str, *, ignore_case: bool = True) -> float:
     """Fraction of ``texts`` in which the regex ``pattern`` occurs."""
     if not texts:
-        raise ValueError("target_rate needs at least one text")
+        raise InputError("target_rate needs at least one text")
     regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
     return sum(1 for t in texts if regex.search(t)) / len(texts)
 
@@ -265,7 +266,7 @@ def parse_interventions(spec: str, mode: Mode = "force") -> list[Intervention]:
             continue
         m = _SPEC.match(piece)
         if m is None:
-            raise ValueError(
+            raise InputError(
                 f"cannot parse intervention {piece!r}: expected SITE[/hHEAD]:CODE[@POS;POS], "
                 "e.g. mlp_out.1:42 or attn_heads.0/h3:7@-1"
             )

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tyche.errors import InputError
+
 __all__ = ["calibrate_affine", "kmeans"]
 
 Assign = Literal["euclidean", "cosine"]
@@ -48,9 +50,9 @@ def kmeans(
     (farthest, or least similar for ``assign="cosine"``).
     """
     if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"kmeans needs a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
+        raise InputError(f"kmeans needs a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
     if assign not in ("euclidean", "cosine"):
-        raise ValueError(f"assign must be 'euclidean' or 'cosine', got {assign!r}")
+        raise InputError(f"assign must be 'euclidean' or 'cosine', got {assign!r}")
     x = x.detach().float()
     n = x.shape[0]
     g = generator
@@ -97,7 +99,7 @@ def calibrate_affine(
     feature whose ``z`` is constant gets ``γ = 1`` and ``β`` = its mean offset.
     """
     if x.shape != z.shape or x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(
+        raise InputError(
             f"calibrate_affine needs two (n >= 2, d) tensors, got {tuple(x.shape)}, "
             f"{tuple(z.shape)}"
         )

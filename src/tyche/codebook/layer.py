@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tyche.codebook.kmeans import calibrate_affine, kmeans
+from tyche.errors import InputError
 
 __all__ = [
     "LOSSES",
@@ -155,20 +156,20 @@ class GroupedCodebookLayer(nn.Module):
         super().__init__()
         for name, value in (("n_groups", n_groups), ("dim", dim), ("num_codes", num_codes)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise InputError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+            raise InputError(f"k must be a positive int, got {k!r}")
         if k > num_codes:
-            raise ValueError(
+            raise InputError(
                 f"k={k} > num_codes={num_codes}: a codebook cannot choose more codes than it "
                 "has; lower k or raise num_codes"
             )
         if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+            raise InputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+            raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+            raise InputError(f"beta must be a finite number >= 0, got {beta!r}")
         self.n_groups, self.dim, self.num_codes, self.k = n_groups, dim, num_codes, k
         self.similarity, self.loss, self.beta = similarity, loss, float(beta)
         self.restore_scale = bool(restore_scale)
@@ -225,7 +226,7 @@ class GroupedCodebookLayer(nn.Module):
             return x
         if x.shape[-1] == g * d:
             return x.unflatten(-1, (g, d))
-        raise ValueError(
+        raise InputError(
             f"{type(self).__name__} expects inputs (..., {g}, {d}) or (..., {g * d}), got "
             f"shape {tuple(x.shape)}"
         )
@@ -453,7 +454,7 @@ class CodebookLayer(GroupedCodebookLayer):
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
-            raise ValueError(
+            raise InputError(
                 f"CodebookLayer of width {self.dim} got an input of shape {tuple(x.shape)}"
             )
         return x.unsqueeze(-2)
@@ -520,7 +521,7 @@ def _check_positions(edits: Sequence[CodeEdit], lead: torch.Size) -> None:
         p = None if e.horizon is not None else out_of_range(e.positions, t)
         if p is not None:
             what = e.label or f"{e.kind} code {e.code}"
-            raise ValueError(
+            raise InputError(
                 f"{what}: position {p} is outside the {t}-token sequence of this forward pass "
                 f"(positions {-t} to {t - 1}); give a position within the input"
             )

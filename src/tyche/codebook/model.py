@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from tyche.codebook.layer import CodebookLayer, GroupedCodebookLayer, Loss, Similarity
+from tyche.errors import InputError
 from tyche.hooks import ReplacementHooks, add_replacement_hooks, read_activations
 from tyche.io import json_text, model_hash
 from tyche.sites import resolve_sites
@@ -94,7 +95,7 @@ class CodebookModel(nn.Module):
     def codebook(self, site: str) -> GroupedCodebookLayer:
         """The codebook layer at ``site`` (a name from :attr:`sites`)."""
         if site not in self._site_names:
-            raise ValueError(f"no codebook at site {site!r}; codebooks are at {self.sites}")
+            raise InputError(f"no codebook at site {site!r}; codebooks are at {self.sites}")
         return self.codebooks[_key(site)]  # type: ignore[return-value]
 
     def layers(self) -> dict[str, GroupedCodebookLayer]:
@@ -111,12 +112,12 @@ class CodebookModel(nn.Module):
         names = [s.name for s in resolve_sites(self.base, patterns)]
         missing = [n for n in names if n not in self._site_names]
         if missing:
-            raise ValueError(f"sites {missing} have no codebook; codebooks are at {self.sites}")
+            raise InputError(f"sites {missing} have no codebook; codebooks are at {self.sites}")
         return [s for s in self._site_names if s in names]
 
     def _add(self, site: str, layer: GroupedCodebookLayer) -> None:
         if site in self._site_names:
-            raise ValueError(f"site {site!r} already has a codebook")
+            raise InputError(f"site {site!r} already has a codebook")
         self.codebooks[_key(site)] = layer
         self._site_names.append(site)
 
@@ -245,7 +246,7 @@ class CodebookModel(nn.Module):
             if seen >= max_tokens:
                 break
         if seen == 0:
-            raise ValueError("kmeans_init got no batches")
+            raise InputError("kmeans_init got no batches")
         snaps = {site: layer.snap for site, layer in layers.items()}
         was_training = self.training
         self.eval()
@@ -265,7 +266,7 @@ class CodebookModel(nn.Module):
                 for site in sites:
                     layer = layers[site]
                     if not layer.collected:
-                        raise ValueError(f"kmeans_init: site {site} was not reached")
+                        raise InputError(f"kmeans_init: site {site} was not reached")
                     data = torch.cat(layer.collected)[:max_tokens]
                     layer.collected = None
                     index = list(layers).index(site)
@@ -347,7 +348,7 @@ class CodebookModel(nn.Module):
             )
         cfg = json.loads(cfg_file.read_text())
         if cfg.get("format") != FORMAT or int(cfg.get("format_version", 99)) > FORMAT_VERSION:
-            raise ValueError(f"{cfg_file} is not a codebook config this tyche can read")
+            raise InputError(f"{cfg_file} is not a codebook config this tyche can read")
         tokenizer = None
         if base_model is None:
             from transformers import AutoModelForCausalLM
@@ -377,7 +378,7 @@ class CodebookModel(nn.Module):
         try:
             model.codebooks.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{weights} does not fit {cfg_file}: {err}") from err
+            raise InputError(f"{weights} does not fit {cfg_file}: {err}") from err
         model._rehook()
         model.tokenizer = tokenizer
         return model.train(base_model.training)
@@ -421,7 +422,7 @@ def attach(
     resolved = resolve_sites(base, sites)
     taken = [s.name for s in resolved if s.name in cb.sites]
     if taken:
-        raise ValueError(f"sites {taken} already have codebooks")
+        raise InputError(f"sites {taken} already have codebooks")
     device, dtype = _param_like(base)
     inputs = example_inputs if example_inputs is not None else _example_inputs(base, device)
     was_training = base.training
@@ -438,7 +439,7 @@ def attach(
         torch.manual_seed(seed)
     for site in resolved:
         if site.name not in acts:
-            raise ValueError(f"site {site.name} was not reached by a forward pass of the model")
+            raise InputError(f"site {site.name} was not reached by a forward pass of the model")
         shape = acts[site.name].shape
         if site.n_heads:
             layer: GroupedCodebookLayer = GroupedCodebookLayer(

@@ -27,6 +27,7 @@ from tyche.codebook.interventions import Intervention, generate, intervene, targ
 from tyche.codebook.model import CodebookModel
 from tyche.codebook.tokfsm import FSM, next_state_probs, state_labels
 from tyche.divergence import token_jsd
+from tyche.errors import InputError
 
 __all__ = ["state_codes", "state_forcing", "topic_codes", "topic_steering"]
 
@@ -50,7 +51,7 @@ def state_codes(
     for site in sites:
         layer = model.codebook(site)
         if layer.n_groups != 1:
-            raise ValueError(f"state_codes needs single codebooks; {site} has one per head")
+            raise InputError(f"state_codes needs single codebooks; {site} has one per head")
         ids = layer.last_ids.reshape(*tokens.shape, -1)[..., 0].cpu()
         keep = labels >= 0
         table = torch.zeros(fsm.n_states, layer.num_codes, dtype=torch.long)
@@ -255,7 +256,7 @@ def topic_steering(
     """How often sampled continuations contain ``word_pattern`` (case-insensitive regex),
     without and with the interventions; the same seeds are used for both."""
     if not prompts:
-        raise ValueError("topic_steering needs at least one prompt")
+        raise InputError("topic_steering needs at least one prompt")
     texts: dict[str, list[str]] = {"baseline": [], "steered": []}
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tyche.errors import InputError
+
 __all__ = [
     "FSM",
     "code_purity",
@@ -55,11 +57,11 @@ class FSM:
     def __post_init__(self) -> None:
         s = self.successors
         if s.dim() != 2 or s.dtype != torch.long:
-            raise ValueError(f"successors must be a (n_states, n_edges) long tensor, got {s}")
+            raise InputError(f"successors must be a (n_states, n_edges) long tensor, got {s}")
         if s.numel() and (s.min() < 0 or s.max() >= s.shape[0]):
-            raise ValueError("successors must be state ids in [0, n_states)")
+            raise InputError("successors must be state ids in [0, n_states)")
         if self.base < 2:
-            raise ValueError(f"base must be >= 2, got {self.base}")
+            raise InputError(f"base must be >= 2, got {self.base}")
 
     # ------------------------------------------------------------------ shape
     @classmethod
@@ -68,7 +70,7 @@ class FSM:
     ) -> FSM:
         """Each state gets ``n_edges`` distinct uniform successors (seeded)."""
         if not 1 <= n_edges <= n_states:
-            raise ValueError(f"need 1 <= n_edges <= n_states, got {n_edges}, {n_states}")
+            raise InputError(f"need 1 <= n_edges <= n_states, got {n_edges}, {n_states}")
         g = torch.Generator().manual_seed(seed)
         # distinct successors: the first n_edges of a random permutation per row
         keys = torch.rand(n_states, n_states, generator=g)
@@ -198,7 +200,7 @@ class FSM:
 
         vocab = {str(d): d for d in range(self.base)} if self.base <= 10 else {}
         if self.base > 10:
-            raise ValueError("the text tokenizer supports base <= 10 (one character per digit)")
+            raise InputError("the text tokenizer supports base <= 10 (one character per digit)")
         vocab[EOS] = self.bos_id
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|endoftext\|>|."), "isolated")

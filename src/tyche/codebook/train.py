@@ -51,6 +51,7 @@ from tyche.distributed import (
     progress,
     shard_range,
 )
+from tyche.errors import InputError
 from tyche.io import ResultIO, json_text
 
 __all__ = [
@@ -73,7 +74,7 @@ LAYOUT_KEYS = ("grouped", "n_groups", "dim", "num_codes", "k", "similarity", "lo
                "restore_scale")  # fmt: skip
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(InputError):
     """A resumed run's settings differ from those its checkpoint was written with.
 
     ``differences`` maps each differing setting (a :class:`TrainConfig` field, a layout key
@@ -133,21 +134,21 @@ class TrainConfig:
         positive = ("steps", "batch_size", "log_every", "kmeans_tokens")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "code_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value}")
+                raise InputError(f"{name} must be a positive number, got {value}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+            raise InputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         factor = self.snap_lr_factor
         if factor is not None and not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"snap_lr_factor must be a positive number, got {factor}")
+            raise InputError(f"snap_lr_factor must be a positive number, got {factor}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rates at ``step`` (linear warm-up, then schedule;
@@ -191,7 +192,7 @@ class TrainResult(ResultIO):
 def row_sampler(tokens: torch.Tensor, batch_size: int, seed: int = 0) -> BatchFn:
     """``batches(step)``: ``batch_size`` random rows of ``tokens`` ``(N, T)``, seeded by step."""
     if tokens.dim() != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"tokens must be a non-empty (N, T) tensor, got {tuple(tokens.shape)}")
+        raise InputError(f"tokens must be a non-empty (N, T) tensor, got {tuple(tokens.shape)}")
 
     def batches(step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -231,7 +232,7 @@ def _optimizer(model: CodebookModel, cfg: TrainConfig) -> torch.optim.AdamW:
     if rest:
         groups.append({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     if not groups:
-        raise ValueError("nothing to train: the model has no trainable parameters")
+        raise InputError("nothing to train: the model has no trainable parameters")
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
@@ -418,15 +419,15 @@ def train_codebooks(
     init_distributed()
     world = get_world_size()
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     out_path = Path(out) if out is not None else None
     if resume and out_path is None:
-        raise ValueError("resume=True needs the output folder of the run (out=...)")
+        raise InputError("resume=True needs the output folder of the run (out=...)")
     end = cfg.steps if stop_at is None else stop_at
     if not 0 < end <= cfg.steps:
-        raise ValueError(f"stop_at must be in [1, steps={cfg.steps}], got {stop_at}")
+        raise InputError(f"stop_at must be in [1, steps={cfg.steps}], got {stop_at}")
     if stop_at is not None and out_path is None:
-        raise ValueError("stop_at needs an output folder (out=...) for its checkpoint")
+        raise InputError("stop_at needs an output folder (out=...) for its checkpoint")
     extra = json.loads(json.dumps(dict(extra_settings or {}), allow_nan=False))
     opt = _optimizer(model, cfg)
     peaks = [group["lr"] for group in opt.param_groups]
@@ -529,5 +530,5 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown training settings {unknown}")
+        raise InputError(f"unknown training settings {unknown}")
     return TrainConfig(**data)

@@ -11,6 +11,8 @@ Names are imported on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tyche._lazy import lazy_exports
 
 __all__ = [
@@ -28,6 +30,14 @@ __all__ = [
     "collect_grams",
     "integration_points",
 ]
+
+if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
+    from tyche.interaction.ablate import AblationCurve, ablate_edges, ablate_nodes
+    from tyche.interaction.basis import BASES, InteractionBasis
+    from tyche.interaction.edges import EDGE_FORMULAS
+    from tyche.interaction.graph import build_grams, build_interaction_graph, collect_grams
+    from tyche.interaction.integrate import RULES, integration_points
+    from tyche.interaction.result import InteractionGrams, InteractionGraph
 
 __getattr__, __dir__ = lazy_exports(
     __name__,

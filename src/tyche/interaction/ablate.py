@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from tyche.distributed import all_reduce_sum, init_distributed, progress
+from tyche.errors import InputError
 from tyche.hooks import replace_activations
 from tyche.interaction.fold import append_constant
 from tyche.interaction.jacobian import feature_matrix
@@ -81,7 +82,7 @@ class AblationCurve(ResultIO):
 def schedule_points(n_total: int, cutoff: int = 16, base: float = 1.25) -> list[int]:
     """Counts ``0..cutoff`` and then ``ceil(cutoff * base^k)`` up to ``n_total`` (included)."""
     if base <= 1:
-        raise ValueError(f"base must be > 1, got {base}")
+        raise InputError(f"base must be > 1, got {base}")
     points = set(range(min(cutoff, n_total) + 1))
     x = float(max(cutoff, 1))
     while x < n_total:
@@ -105,7 +106,7 @@ def _labels(batch: Batch, labels: Tensor | None) -> Tensor:
             keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
             out[:, :-1] = torch.where(keep, out[:, :-1], IGNORE)
         return out
-    raise ValueError(
+    raise InputError(
         "labels are needed to score the model on these inputs: pass labels (N,) (or (N, T), "
         "-100 ignored), or token dicts with input_ids for next-token accuracy"
     )
@@ -118,7 +119,7 @@ def _score(logits: Tensor, labels: Tensor) -> tuple[float, float, float]:
         if logits.ndim == 3 and labels.ndim == 1:  # a label for the last position
             logits = logits[:, -1]
         else:
-            raise ValueError(
+            raise InputError(
                 f"logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}"
             )
     flat, lab = logits.reshape(-1, logits.shape[-1]).double(), labels.reshape(-1)
@@ -136,7 +137,7 @@ def _evaluate(runner: ModelRunner, batches: list[Batch], labels: Tensor | None,
             totals += torch.tensor(_score(logits_of(batch), _labels(batch, labels)))
     totals = all_reduce_sum(totals)
     if totals[2] == 0:
-        raise ValueError("no labelled positions to score")
+        raise InputError("no labelled positions to score")
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
@@ -154,7 +155,7 @@ def _search(n_total: int, schedule: str, cutoff: int, base: float, tolerance: fl
             results[n] = score(n)
         return results, None
     if schedule != "bisect":
-        raise ValueError(
+        raise InputError(
             f"unknown schedule {schedule!r}; choose 'exponential', 'bisect' or 'thresholds'"
         )
     lo, hi = 0, n_total  # invariant: hi passes (the unablated model does), lo - 1 ... fails
@@ -185,7 +186,7 @@ def _check_graph(model: nn.Module, graph: InteractionGraph) -> None:
     from tyche.io import model_hash
 
     if graph.model_hash is not None and graph.model_hash != model_hash(model):
-        raise ValueError(
+        raise InputError(
             f"the graph was built on another model (hash {graph.model_hash}, this one "
             f"{model_hash(model)}); ablate on the model it was built on"
         )
@@ -249,7 +250,7 @@ def ablate_nodes(
     ]  # fmt: skip
     unknown = [n for n in names if n not in graph.node_layers]
     if unknown:
-        raise ValueError(f"layers {unknown} are not node layers of the graph: {graph.node_layers}")
+        raise InputError(f"layers {unknown} are not node layers of the graph: {graph.node_layers}")
     resolved = resolve_node_layers(model, graph.node_layers)
     curves = {}
     with prepared_model(model, dtype) as m:
@@ -260,7 +261,7 @@ def ablate_nodes(
             index = graph.node_layers.index(name)
             basis = graph.bases[index]
             if basis.C is None:
-                raise ValueError(f"node layer {name!r} has no basis (unrotated final layer)")
+                raise InputError(f"node layer {name!r} has no basis (unrotated final layer)")
             site = resolved[index].site
 
             def score(n: int, index=index, site=site) -> tuple[float, float]:
@@ -372,7 +373,7 @@ def ablate_edges(
     init_distributed()
     _check_graph(model, graph)
     if not graph.has_edges:
-        raise ValueError("the graph has no edges; build it with edges='squared' or 'functional'")
+        raise InputError("the graph has no edges; build it with edges='squared' or 'functional'")
     resolved = resolve_node_layers(model, graph.node_layers)
     indices = list(sections) if sections is not None else list(range(len(graph.edges)))
     curves = {}

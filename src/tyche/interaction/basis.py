@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tyche.errors import InputError
 from tyche.interaction.fold import centering_matrix
 from tyche.interaction.gram import folded_gram
 
@@ -193,7 +194,7 @@ def svd_basis(name: str, p: PCA) -> InteractionBasis:
 def neuron_basis(name: str, p: PCA) -> InteractionBasis:
     """The identity basis over ``[f, 1]`` (uncentred only)."""
     if p.center:
-        raise ValueError(
+        raise InputError(
             "the neuron basis is the identity and cannot be centred; pass center=False"
         )
     eye = torch.eye(p.W.shape[0], dtype=torch.float64, device=p.W.device)
@@ -235,7 +236,7 @@ def lib_basis(
     ``(1-alpha)^2`` formulas (None for ``jacobian``).
     """
     if formula not in LIB_FORMULAS:
-        raise ValueError(f"unknown basis formula {formula!r}; choose one of {BASES}")
+        raise InputError(f"unknown basis formula {formula!r}; choose one of {BASES}")
     nm, k1 = p.n_masked, p.D.shape[0]
     m = m.double()
     values, vectors = eigh_desc(m[nm:, nm:])
@@ -246,10 +247,10 @@ def lib_basis(
         lam = torch.cat([m.diagonal()[:nm], values])
     else:
         if lambda_dash is None:
-            raise ValueError(f"the {formula} basis needs Lambda'")
+            raise InputError(f"the {formula} basis needs Lambda'")
         lam = (V.T @ lambda_dash.double() @ V).diagonal().abs()
         if lam[nm:].numel() and lam[nm:].std() == 0 and lam[nm:].max() == 0:
-            raise ValueError(
+            raise InputError(
                 f"node layer {name!r}: every Lambda of the {formula} basis is 0, so every "
                 "direction would be dropped. The 'gradient' rule gives 0 for (1-alpha)^2 "
                 "(its integrand vanishes at alpha = 1); integrate with 'trapezoidal' or "

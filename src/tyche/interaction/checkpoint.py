@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from tyche.distributed import broadcast_, get_rank
+from tyche.errors import InputError
 from tyche.interaction.basis import InteractionBasis
 from tyche.io import ResultIO, model_hash
 
@@ -79,7 +80,7 @@ class SectionCheckpoint:
     def __init__(self, folder: str | os.PathLike[str], *, resume: bool) -> None:
         self.folder = Path(folder)
         if not resume and self.saved():
-            raise ValueError(
+            raise InputError(
                 f"{self.folder} already holds sections of an earlier build: resume it "
                 "(resume=True, on the command line --resume) or choose an empty folder"
             )

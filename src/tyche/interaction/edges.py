@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from tyche.distributed import all_reduce_sum, progress
+from tyche.errors import InputError
 from tyche.interaction.basis import InteractionBasis
 from tyche.interaction.jacobian import (
     SectionPlan,
@@ -74,9 +75,9 @@ def section_edges(
 ) -> Tensor:
     """``(n_out, k_in)`` edges of section ``plan.index`` by one pass over ``batches``."""
     if formula not in EDGE_FORMULAS:
-        raise ValueError(f"unknown edge formula {formula!r}; choose one of {EDGE_FORMULAS}")
+        raise InputError(f"unknown edge formula {formula!r}; choose one of {EDGE_FORMULAS}")
     if basis_in.C is None:
-        raise ValueError(f"node layer {basis_in.node_layer!r} has no basis to attribute from")
+        raise InputError(f"node layer {basis_in.node_layer!r} has no basis to attribute from")
     C, C_pinv = basis_in.C, basis_in.C_pinv
     E = torch.zeros(n_out, C.shape[1], dtype=torch.float64, device=C.device)
     n_pos = torch.zeros((), dtype=torch.float64, device=C.device)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tyche.errors import InputError
+
 __all__ = ["BiasScaler", "append_constant", "biased_modules", "centering_matrix", "scale_like"]
 
 
@@ -71,7 +73,7 @@ def scale_like(c: Tensor, y: Tensor, what: str) -> Tensor:
     if y.ndim >= 1 and y.shape[0] == lead[0]:
         per_sample = c.reshape(lead[0], -1).mean(1) if c.ndim > 1 else c
         return per_sample.to(y.dtype).reshape(lead[0], *([1] * (y.ndim - 1)))
-    raise ValueError(
+    raise InputError(
         f"{what}: output of shape {tuple(y.shape)} does not share the batch dimension of the "
         f"node layer (leading shape {lead}), so its bias cannot be folded into the constant"
     )
@@ -110,7 +112,7 @@ class BiasScaler:
                 )
             bias = module._parameters["bias"]
             if output.shape[-1] != bias.shape[-1] or bias.ndim != 1:
-                raise ValueError(
+                raise InputError(
                     f"module {name!r}: bias of shape {tuple(bias.shape)} is not added to the "
                     f"last dimension of its output {tuple(output.shape)}; it cannot be folded"
                 )

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tyche.distributed import all_reduce_sum, is_distributed
+from tyche.errors import InputError
 
 __all__ = ["GramAccumulator", "folded_gram"]
 
@@ -74,7 +75,7 @@ class GramAccumulator:
     def covariance(self) -> Tensor:
         """``(d, d)``: the scatter over the count (the population covariance)."""
         if self.n == 0:
-            raise ValueError("no rows were accumulated (all masked out?)")
+            raise InputError("no rows were accumulated (all masked out?)")
         return self.scatter / self.n.to(self.dtype)
 
 

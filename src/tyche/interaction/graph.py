@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from tyche.distributed import all_reduce_sum, init_distributed, progress, rank0_print
+from tyche.errors import InputError
 from tyche.interaction.basis import (
     BASES,
     LIB_FORMULAS,
@@ -79,28 +80,28 @@ def check_settings(basis: str, edges: str | None, center: bool, integration: Any
               sources: int | None, hidden: int | None) -> None:  # fmt: skip
     """Raise ``ValueError`` naming what to fix for settings that cannot work together."""
     if basis not in BASES:
-        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+        raise InputError(f"unknown basis {basis!r}; choose one of {BASES}")
     if edges is not None and edges not in EDGE_FORMULAS:
-        raise ValueError(f"unknown edges {edges!r}; choose one of {EDGE_FORMULAS} or None")
+        raise InputError(f"unknown edges {edges!r}; choose one of {EDGE_FORMULAS} or None")
     if basis == "neuron" and center:
-        raise ValueError("the neuron basis is the identity and cannot be centred: center=False")
+        raise InputError("the neuron basis is the identity and cannot be centred: center=False")
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype (or None), got {dtype}")
+        raise InputError(f"dtype must be a floating dtype (or None), got {dtype}")
     if gram_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+        raise InputError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
     if split not in ("data", "outputs"):
-        raise ValueError(f"split must be 'data' or 'outputs', got {split!r}")
+        raise InputError(f"split must be 'data' or 'outputs', got {split!r}")
     for name, value in (("n_stochastic_sources", sources), ("n_stochastic_sources_hidden", hidden)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive int or None, got {value}")
+            raise InputError(f"{name} must be a positive int or None, got {value}")
     if hidden is not None and basis != "jacobian":
-        raise ValueError("n_stochastic_sources_hidden only applies to the jacobian basis")
+        raise InputError("n_stochastic_sources_hidden only applies to the jacobian basis")
     if edges == "functional" and sources is not None:
-        raise ValueError("functional edges are exact; drop n_stochastic_sources or use squared")
+        raise InputError("functional edges are exact; drop n_stochastic_sources or use squared")
     if basis == "(1-alpha)^2":
         rules = integration.values() if isinstance(integration, Mapping) else [integration]
         if "gradient" in rules or n_intervals == 0:
-            raise ValueError(
+            raise InputError(
                 "the (1-alpha)^2 basis integrates over alpha (its integrand vanishes at alpha = "
                 "1): use integration='trapezoidal' or 'gauss-legendre' with n_intervals > 0"
             )
@@ -202,7 +203,7 @@ def _check_resume(saved: dict, settings: dict, keys: Sequence[str], what: str) -
     diffs = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
     if diffs:
         detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-        raise ValueError(
+        raise InputError(
             f"the saved {what} were computed with other settings ({detail}); compute them "
             "again or build with the saved settings"
         )
@@ -281,9 +282,9 @@ def build_interaction_graph(
     check_settings(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
               n_stochastic_sources, n_stochastic_sources_hidden)  # fmt: skip
     if cache_gb is not None and not cache_gb >= 0:
-        raise ValueError(f"cache_gb must be >= 0 (None: half the free memory), got {cache_gb}")
+        raise InputError(f"cache_gb must be >= 0 (None: half the free memory), got {cache_gb}")
     if resume and checkpoint is None:
-        raise ValueError("resume=True needs the checkpoint folder of the build to continue")
+        raise InputError("resume=True needs the checkpoint folder of the build to continue")
     init_distributed()
     store = None if checkpoint is None else SectionCheckpoint(checkpoint, resume=resume)
     layers = resolve_node_layers(model, node_layers)
@@ -353,7 +354,7 @@ def build_grams(
     """Stage 1 alone: the means and covariances of the node layers, to save and resume from
     (``build_interaction_graph(..., grams=...)`` with the same settings)."""
     if gram_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+        raise InputError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
     init_distributed()
     layers = resolve_node_layers(model, node_layers)
     mhash = model_hash(model)
@@ -374,7 +375,7 @@ def build_grams(
 
 def _check_model(saved: str | None, now: str, what: str) -> None:
     if saved is not None and saved != now:
-        raise ValueError(
+        raise InputError(
             f"the saved {what} belong to another model (hash {saved}, this one {now}); "
             "compute them again for this model"
         )
@@ -406,7 +407,7 @@ def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, th
         out = list(given.bases)
     elif settings["rotate_final"]:
         if grams.covariances[last] is None:
-            raise ValueError("the saved grams lack the last node layer (built without "
+            raise InputError("the saved grams lack the last node layer (built without "
                              "rotate_final); compute the grams again")  # fmt: skip
         out[last] = final_pca_basis(grams.node_layers[last], grams.means[last],
                                     grams.covariances[last], threshold)  # fmt: skip
@@ -490,7 +491,7 @@ def _resumed_sections(
         if given is not None and section_digest(section.basis, None) != section_digest(
             given.bases[i], None
         ):
-            raise ValueError(
+            raise InputError(
                 f"the saved {what} were built on other bases than the given ones (node layer "
                 f"{names[i]}); resume with the bases they were built on or an empty folder"
             )

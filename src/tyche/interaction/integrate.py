@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from tyche.errors import InputError
+
 __all__ = ["RULES", "IntegrationRule", "integration_points", "rule_for_layers"]
 
 RuleName = Literal["gradient", "trapezoidal", "gauss-legendre"]
@@ -42,11 +44,11 @@ class IntegrationRule:
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
-            raise ValueError(f"unknown integration rule {self.name!r}; choose one of {RULES}")
+            raise InputError(f"unknown integration rule {self.name!r}; choose one of {RULES}")
         if self.n_intervals < 0:
-            raise ValueError(f"n_intervals must be >= 0, got {self.n_intervals}")
+            raise InputError(f"n_intervals must be >= 0, got {self.n_intervals}")
         if self.name == "gradient" and self.n_intervals != 0:
-            raise ValueError(
+            raise InputError(
                 "the 'gradient' rule takes the gradient at alpha = 1 only, so n_intervals must "
                 f"be 0 (got {self.n_intervals}); use 'trapezoidal' or 'gauss-legendre' to "
                 "integrate over alpha"
@@ -60,12 +62,12 @@ class IntegrationRule:
 def integration_points(rule: str, n_intervals: int = 0) -> tuple[list[float], list[float]]:
     """Points ``alpha_k`` in ``[0, 1]`` and weights ``w_k`` of an integration rule."""
     if rule not in RULES:
-        raise ValueError(f"unknown integration rule {rule!r}; choose one of {RULES}")
+        raise InputError(f"unknown integration rule {rule!r}; choose one of {RULES}")
     if n_intervals < 0:
-        raise ValueError(f"n_intervals must be >= 0, got {n_intervals}")
+        raise InputError(f"n_intervals must be >= 0, got {n_intervals}")
     if rule == "gradient":
         if n_intervals != 0:
-            raise ValueError("the 'gradient' rule needs n_intervals = 0")
+            raise InputError("the 'gradient' rule needs n_intervals = 0")
         return [1.0], [1.0]
     if n_intervals == 0:
         return [0.5], [1.0]
@@ -94,7 +96,7 @@ def rule_for_layers(
         raise TypeError(f"integration must be a rule name or a dict, got {type(rule).__name__}")
     unused = [k for k in rule if not any(name.startswith(k) for name in node_layers)]
     if unused:
-        raise ValueError(
+        raise InputError(
             f"integration keys {unused} match no node layer; node layers: {list(node_layers)}"
         )
     rules = []
@@ -104,7 +106,7 @@ def rule_for_layers(
             if i == len(node_layers) - 1:  # the last layer integrates nothing
                 rules.append(IntegrationRule("gradient", 0))
                 continue
-            raise ValueError(
+            raise InputError(
                 f"integration dict {dict(rule)} names no rule for node layer {name!r}; "
                 "add it (or a prefix of it) as a key"
             )

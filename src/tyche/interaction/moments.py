@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from tyche.distributed import all_reduce_sum, progress
+from tyche.errors import InputError
 from tyche.interaction.basis import PCA
 from tyche.interaction.jacobian import (
     SectionPlan,
@@ -123,7 +124,7 @@ def lib_moments(
     if not (plan.split_outputs and formula == "jacobian"):  # else every rank saw all rows
         n_pos = all_reduce_sum(n_pos)
     if n_pos == 0:
-        raise ValueError(f"no positions to average over at node layer {name!r}")
+        raise InputError(f"no positions to average over at node layer {name!r}")
     M = p.R_pinv @ Mraw @ p.R_pinv.T * (scale / float(n_pos))
     if lam is not None:
         lam = p.R_pinv @ all_reduce_sum(lam) @ p.R / float(n_pos)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tyche.errors import InputError
 from tyche.interaction.result import InteractionGraph
 from tyche.plotting import pyplot, save_figure
 
@@ -31,7 +32,7 @@ def _norm(e: torch.Tensor, norm: str) -> torch.Tensor:
         return e.sign() * e.abs().sqrt()
     if norm == "identity":
         return e
-    raise ValueError(f"unknown norm {norm!r}; choose 'sqrt' or 'identity'")
+    raise InputError(f"unknown norm {norm!r}; choose 'sqrt' or 'identity'")
 
 
 def graph_segments(graph: InteractionGraph, *, nodes_per_layer: int = 30,
@@ -43,7 +44,7 @@ def graph_segments(graph: InteractionGraph, *, nodes_per_layer: int = 30,
     ``[-1, 1]``; those below ``threshold`` in magnitude are left out.
     """
     if not graph.has_edges:
-        raise ValueError("the graph has no edges to draw; build it with edges='squared'")
+        raise InputError("the graph has no edges to draw; build it with edges='squared'")
     out = []
     for i, e in enumerate(graph.edges):
         e = _norm(e.double(), norm)
@@ -130,7 +131,7 @@ def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Pa
     plt = pyplot()
     wheres = list(dict.fromkeys(w for by in curves.values() for w in by))
     if not wheres:
-        raise ValueError("no ablation curves to plot")
+        raise InputError("no ablation curves to plot")
     cols = min(len(wheres), 3)
     rows = -(-len(wheres) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)

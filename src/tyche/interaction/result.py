@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from tyche.errors import InputError
 from tyche.interaction.basis import InteractionBasis
 from tyche.io import ResultIO
 
@@ -79,13 +80,13 @@ class InteractionGraph(ResultIO):
     def __post_init__(self) -> None:
         object.__setattr__(self, "bases", [_basis(b) for b in self.bases])
         if len(self.bases) != len(self.node_layers):
-            raise ValueError(f"{len(self.bases)} bases for {len(self.node_layers)} node layers")
+            raise InputError(f"{len(self.bases)} bases for {len(self.node_layers)} node layers")
         if self.edges and len(self.edges) != len(self.node_layers) - 1:
-            raise ValueError(f"{len(self.edges)} edge matrices for {len(self.node_layers)} layers")
+            raise InputError(f"{len(self.edges)} edge matrices for {len(self.node_layers)} layers")
         for i, e in enumerate(self.edges):
             want = (self.bases[i + 1].dim, self.bases[i].dim)
             if tuple(e.shape) != want:
-                raise ValueError(f"edges[{i}] has shape {tuple(e.shape)}, expected {want}")
+                raise InputError(f"edges[{i}] has shape {tuple(e.shape)}, expected {want}")
 
     @property
     def has_edges(self) -> bool:

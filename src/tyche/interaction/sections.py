@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tyche.distributed import get_rank, get_world_size, shard_range
+from tyche.errors import InputError
 from tyche.hooks import replace_activations
 from tyche.interaction.fold import BiasScaler, append_constant
 from tyche.sites import Site, resolve_sites
@@ -74,7 +75,7 @@ def resolve_node_layers(model: nn.Module, patterns: Sequence[str]) -> list[NodeL
             raise TypeError(f"node layer {i} must be a str, got {type(pattern).__name__}")
         if pattern == OUTPUT:
             if i != len(patterns) - 1:
-                raise ValueError(
+                raise InputError(
                     f"'output' is node layer {i} of {len(patterns)}: it can only be the last "
                     "one (nothing runs after the model's output)"
                 )
@@ -84,9 +85,9 @@ def resolve_node_layers(model: nn.Module, patterns: Sequence[str]) -> list[NodeL
     names = [layer.name for layer in layers]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"node layers {repeated} are listed more than once: {names}")
+        raise InputError(f"node layers {repeated} are listed more than once: {names}")
     if len(layers) < 2:
-        raise ValueError(f"need at least two node layers (a section runs between two), got {names}")
+        raise InputError(f"need at least two node layers (a section runs between two), got {names}")
     return layers
 
 
@@ -129,14 +130,14 @@ class Batch:
 def _rows_of(item: Any, where: str) -> int:
     if isinstance(item, Tensor):
         if item.ndim == 0:
-            raise ValueError(f"{where}: a 0-d tensor has no rows; pass (B, ...) inputs")
+            raise InputError(f"{where}: a 0-d tensor has no rows; pass (B, ...) inputs")
         return item.shape[0]
     if isinstance(item, Mapping):
         sizes = {k: v.shape[0] for k, v in item.items() if isinstance(v, Tensor) and v.ndim}
         if not sizes:
-            raise ValueError(f"{where}: the dict holds no tensor; pass e.g. {{'input_ids': ...}}")
+            raise InputError(f"{where}: the dict holds no tensor; pass e.g. {{'input_ids': ...}}")
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"{where}: the tensors have different numbers of rows: {sizes}")
+            raise InputError(f"{where}: the tensors have different numbers of rows: {sizes}")
         return next(iter(sizes.values()))
     raise TypeError(
         f"{where}: expected a tensor or a dict of tensors, got {type(item).__name__}; inputs "
@@ -162,12 +163,12 @@ def make_batches(inputs: Any, batch_size: int | None, *, shard: bool = True) -> 
     An iterator is read once into a list, since the build passes over the data several times.
     """
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1 or None, got {batch_size}")
     rank, world = (get_rank(), get_world_size()) if shard else (0, 1)
     if isinstance(inputs, Tensor | Mapping):
         n = _rows_of(inputs, "inputs")
         if n == 0:
-            raise ValueError("inputs has no rows")
+            raise InputError("inputs has no rows")
         mine = shard_range(n, rank, world)
         size = batch_size or max(len(mine), 1)
         return [
@@ -181,7 +182,7 @@ def make_batches(inputs: Any, batch_size: int | None, *, shard: bool = True) -> 
         )
     items = list(inputs)
     if not items:
-        raise ValueError("inputs is an empty iterable; give at least one batch")
+        raise InputError("inputs is an empty iterable; give at least one batch")
     sizes = [_rows_of(item, f"inputs[{i}]") for i, item in enumerate(items)]
     offsets = [sum(sizes[:i]) for i in range(len(items))]
     mine = shard_range(len(items), rank, world)
@@ -202,7 +203,7 @@ def prepared_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.M
     floats = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     original = floats.pop() if len(floats) == 1 else None
     if dtype is not None and len(floats) > 0:
-        raise ValueError(
+        raise InputError(
             f"the model mixes floating dtypes {sorted(map(str, floats | {original}))}; cast it "
             "to one dtype first or pass dtype=None"
         )
@@ -248,7 +249,7 @@ def model_output(output: Any) -> Tensor:
 def as_rows(t: Tensor, what: str) -> Tensor:
     """An activation as ``(B, P, d)``: 2-D gets ``P = 1``; dims past the second are flattened."""
     if t.ndim < 2:
-        raise ValueError(f"{what}: activation of shape {tuple(t.shape)} has no feature dimension")
+        raise InputError(f"{what}: activation of shape {tuple(t.shape)} has no feature dimension")
     if t.ndim == 2:
         return t.unsqueeze(1)
     return t.reshape(t.shape[0], t.shape[1], -1)
@@ -334,7 +335,7 @@ class ModelRunner:
         for name, a in acts.items():
             if not torch.isfinite(a).all():
                 bad = (~torch.isfinite(a)).nonzero()[0].tolist()
-                raise ValueError(
+                raise InputError(
                     f"node layer {name!r} has non-finite activations (first at row "
                     f"{batch.offset + bad[0]}, index {bad[1:]}); check the model and inputs "
                     "(NaN or inf weights, overflow in float16/bfloat16 — try dtype=torch.float64, "
@@ -346,18 +347,18 @@ class ModelRunner:
         names = [n.name for n in self.node_layers]
         missing = [n for n in names if n not in order]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"node layers {missing} were not reached in the forward pass (reached, in "
                 f"order: {order}); pick sites the model computes on these inputs"
             )
         repeated = sorted({n for n in order if order.count(n) > 1})
         if repeated:
-            raise ValueError(
+            raise InputError(
                 f"node layers {repeated} are computed more than once per forward pass (a "
                 "module called twice); pick a site that is computed once"
             )
         if order != names:
-            raise ValueError(
+            raise InputError(
                 f"node layers out of order: the forward pass reaches them as {order}, but they "
                 f"were given as {names}; list them in the order the model computes them"
             )
@@ -368,7 +369,7 @@ class ModelRunner:
         site's own shape (the forward pass stops there)."""
         layer = self.node_layers[index]
         if layer.site is None:
-            raise ValueError("the model's output has no section after it")
+            raise InputError("the model's output has no section after it")
         found: dict[str, Any] = {}
 
         def grab(t: Tensor) -> Tensor:
@@ -378,7 +379,7 @@ class ModelRunner:
         with torch.no_grad(), replace_activations(self.model, {layer.site: grab}), suppress(_Stop):
             self.call(batch)
         if "t" not in found:
-            raise ValueError(f"node layer {layer.name!r} was not reached in the forward pass")
+            raise InputError(f"node layer {layer.name!r} was not reached in the forward pass")
         t = found["t"]
         return append_constant(as_rows(t, layer.name).to(self.dtype)), t.shape
 
@@ -399,7 +400,7 @@ class ModelRunner:
 
             def inject(t: Tensor) -> Tensor:
                 if state["in"]:
-                    raise ValueError(
+                    raise InputError(
                         f"node layer {start.name!r} is computed more than once per forward pass"
                     )
                 state["in"] = True
@@ -408,7 +409,7 @@ class ModelRunner:
 
             def capture(t: Tensor) -> Tensor:
                 if not state["in"]:
-                    raise ValueError(
+                    raise InputError(
                         f"node layers out of order: {end.name!r} is computed before {start.name!r}"
                     )
                 state["y"] = t
@@ -427,7 +428,7 @@ class ModelRunner:
                 except _Stop:
                     pass
             if not state["in"] or state["y"] is None:
-                raise ValueError(f"node layer {end.name!r} was not reached after {start.name!r}")
+                raise InputError(f"node layer {end.name!r} was not reached after {start.name!r}")
             return _fold_output(state["y"], x_c.reshape(lead), lead, start.name, end.name)
 
         return run
@@ -446,7 +447,7 @@ class ModelRunner:
         h, shape = self.capture(batch, index)
         x = alpha * h if replacement is None else replacement.to(h)
         if x.shape != h.shape:
-            raise ValueError(f"replacement {tuple(x.shape)} must have shape {tuple(h.shape)}")
+            raise InputError(f"replacement {tuple(x.shape)} must have shape {tuple(h.shape)}")
         with torch.no_grad():
             y = self.section_fn(batch, index, shape)(x[..., :-1], x[..., -1])
         return h, y
@@ -470,7 +471,7 @@ class ModelRunner:
         scale = y.abs().max().clamp_min(1e-30)
         if not torch.allclose(y, y_shifted, rtol=rtol, atol=rtol * float(scale)):
             start, end = self.node_layers[index].name, self.node_layers[index + 1].name
-            raise ValueError(
+            raise InputError(
                 f"node layer {start!r} is not a cut of the model: {end!r} also depends on "
                 "earlier activations through another path (e.g. a residual connection around "
                 f"{start!r}). Use sites that carry the whole state: residual-stream aliases "
@@ -488,7 +489,7 @@ def _fold_output(y: Tensor, c: Tensor, lead: tuple, start: str, end: str) -> Ten
         per_row = c.reshape(c.shape[0], -1).mean(1)
         c_rows = per_row.view(-1, 1, 1).expand(-1, rows.shape[1], 1)
     else:
-        raise ValueError(
+        raise InputError(
             f"node layer {end!r} has {y.shape[0]} rows but {start!r} has {c.shape[0]}; node "
             "layers must keep the batch dimension first"
         )

@@ -20,6 +20,8 @@ Everything trained or converted is cached under ``$TYCHE_CACHE`` (default
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tyche._lazy import lazy_exports
 
 #: public name -> module that defines it, imported on first access, so that checking a zoo
@@ -47,5 +49,15 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
+    from tyche.optim_state import OptimizerState
+    from tyche.zoo.catalogue import entries, get_entry
+    from tyche.zoo.digits import DigitsMLP, DigitsMLPConfig, load_digits_mlp, train_digits_mlp
+    from tyche.zoo.entry import UnknownEntryError, ZooEntry, ZooError, cache_root
+    from tyche.zoo.fashion_mnist import FashionMNIST, load_fashion_mnist
+    from tyche.zoo.resolve import ZooModel, resolve_model, resolve_texts
+    from tyche.zoo.shakespeare_lm import ShakespeareLMConfig, train_shakespeare_lm
+    from tyche.zoo.text import load_shakespeare
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tyche.errors import InputError
 from tyche.optim_state import (
     OptimizerState,
     adam_state_by_name,
@@ -94,7 +95,7 @@ def digits_split(seed: int = 0, train_size: int = 1024) -> tuple[torch.Tensor, .
         raise ZooError("zoo:digits-mlp needs scikit-learn: pip install 'tyche[zoo]'") from err
     x_np, y_np = load_digits(return_X_y=True)
     if not 0 < train_size < len(x_np):
-        raise ValueError(f"train_size must be in 1..{len(x_np) - 1}, got {train_size}")
+        raise InputError(f"train_size must be in 1..{len(x_np) - 1}, got {train_size}")
     x = torch.tensor(x_np, dtype=torch.float32) / 16.0
     y = torch.tensor(y_np, dtype=torch.long)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -144,7 +145,7 @@ def train_digits_mlp(
 
 def _train(cfg: DigitsMLPConfig) -> tuple[nn.Sequential, OptimizerState, dict[str, Any]]:
     if cfg.train_size < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds train_size {cfg.train_size}")
+        raise InputError(f"batch_size {cfg.batch_size} exceeds train_size {cfg.train_size}")
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = digits_split(cfg.seed, cfg.train_size)
     model = build_digits_mlp(cfg.hidden, cfg.seed)

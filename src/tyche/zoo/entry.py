@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tyche.errors import InputError
+
 #: the name of the JSON file with an entry's metrics and settings, inside its cache folder
 METRICS_FILE = "zoo.json"
 
@@ -32,7 +34,7 @@ class ZooError(RuntimeError):
     """A zoo entry cannot be used here (a wheel or a system package is missing)."""
 
 
-class UnknownEntryError(ValueError):
+class UnknownEntryError(InputError):
     """A zoo name that is not registered; the message lists the known names."""
 
 
@@ -149,7 +151,7 @@ class ZooEntry:
 
     def texts(self) -> list[str]:
         """A text data entry's documents (``resolve_texts``); other entries have none."""
-        raise ValueError(f"zoo:{self.name} is not text data; text corpora: see `tyche zoo list`")
+        raise InputError(f"zoo:{self.name} is not text data; text corpora: see `tyche zoo list`")
 
     def metrics(self) -> dict[str, Any]:
         """The cached metrics (``zoo.json``), or ``{}`` when not prepared."""

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tyche.errors import InputError
 from tyche.zoo.entry import ZooEntry, ZooError, folder_size
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -55,14 +56,14 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+        raise InputError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
     ndim = raw[3]
     header = 4 + 4 * ndim
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + int(np.prod(dims)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: {len(raw)} bytes, header says {expected}; truncated file?")
+        raise InputError(f"{path}: {len(raw)} bytes, header says {expected}; truncated file?")
     array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return array.astype(dtype.newbyteorder("="))
 
@@ -95,7 +96,7 @@ def load_fashion_mnist(root: Path | str | None = None) -> FashionMNIST:
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{root}: {split} images {x.shape} and labels {y.shape} do not match")
+            raise InputError(f"{root}: {split} images {x.shape} and labels {y.shape} do not match")
     return FashionMNIST(
         x_train=torch.from_numpy(arrays["x_train"].copy()),
         y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
@@ -136,7 +137,7 @@ class FashionMNISTEntry(ZooEntry):
 
     def texts(self) -> list[str]:
         """Not text: Fashion-MNIST is image data."""
-        raise ValueError(
+        raise InputError(
             "zoo:fashion-mnist is image data, not text; load it with tyche.zoo.load_fashion_mnist()"
         )
 

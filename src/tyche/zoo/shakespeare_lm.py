@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tyche.errors import InputError
 from tyche.optim_state import adam_state_by_name, save_optimizer_state
 from tyche.zoo.entry import METRICS_FILE, ZooEntry, atomic_folder, write_json
 from tyche.zoo.text import load_shakespeare, play_titles
@@ -134,13 +135,13 @@ def _split_plays(cfg: ShakespeareLMConfig) -> tuple[list[str], list[str]]:
     texts, titles = load_shakespeare(), play_titles()
     unknown = set(cfg.held_out_plays) - set(titles)
     if unknown:
-        raise ValueError(f"held_out_plays {sorted(unknown)} not among the plays: {titles}")
+        raise InputError(f"held_out_plays {sorted(unknown)} not among the plays: {titles}")
     if cfg.max_chars_per_play is not None:
         texts = [t[: cfg.max_chars_per_play] for t in texts]
     train = [t for t, n in zip(texts, titles) if n not in cfg.held_out_plays]
     held = [t for t, n in zip(texts, titles) if n in cfg.held_out_plays]
     if not train or not held:
-        raise ValueError("held_out_plays must leave at least one play on each side")
+        raise InputError("held_out_plays must leave at least one play on each side")
     return train, held
 
 
@@ -158,7 +159,7 @@ def train_shakespeare_lm(
     held_ids = encode_corpus(tokenizer, held_texts)
     n_windows = min(cfg.eval_windows, len(held_ids) // cfg.seq_len)
     if n_windows < 1 or len(train_ids) <= cfg.seq_len:
-        raise ValueError(f"corpus too short for seq_len {cfg.seq_len}; raise max_chars_per_play")
+        raise InputError(f"corpus too short for seq_len {cfg.seq_len}; raise max_chars_per_play")
     eval_windows = held_ids[: n_windows * cfg.seq_len].view(n_windows, cfg.seq_len)
     tokenizer_seconds = time.perf_counter() - start
 

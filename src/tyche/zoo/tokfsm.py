@@ -52,6 +52,7 @@ from tyche.codebook.tokfsm import (
     transition_accuracy,
 )
 from tyche.codebook.train import TrainConfig, evaluate_lm, train_codebooks
+from tyche.errors import InputError
 from tyche.zoo.entry import (
     METRICS_FILE,
     ZooEntry,
@@ -149,7 +150,7 @@ def build_base(cfg: TokFSMConfig, fsm: FSM) -> torch.nn.Module:
             )
         )
     if cfg.arch != "gpt_neox":
-        raise ValueError(f"arch must be 'gpt_neox' or 'gpt2', got {cfg.arch!r}")
+        raise InputError(f"arch must be 'gpt_neox' or 'gpt2', got {cfg.arch!r}")
     config = GPTNeoXConfig(
         vocab_size=fsm.vocab_size,
         hidden_size=cfg.hidden,

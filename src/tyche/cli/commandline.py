@@ -1,7 +1,7 @@
 """What every ``tyche`` command shares: config dataclasses as flags, checks, one error path.
 
 A command describes its flags as a dataclass whose attribute docstrings are the help text
-(as in ``tyche.basin.cli``); :func:`parse_config` turns it into an ``argparse`` parser:
+(as in ``tyche.cli.basin``); :func:`parse_config` turns it into an ``argparse`` parser:
 
 - ``--name VALUE`` for every field (a trailing underscore is dropped, so a field ``lambda_``
   is the flag ``--lambda``), the help text from the attribute's docstring, the default shown
@@ -9,7 +9,8 @@ A command describes its flags as a dataclass whose attribute docstrings are the 
 - booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
   ``X | None`` fields take an ``X`` and default to None.
 
-Bad input raises :class:`CommandError` (a ``ValueError``) naming the flag and what to fix.
+Bad input raises :class:`CommandError` (an :class:`~tyche.errors.InputError`) naming the
+flag and what to fix.
 ``tyche.__main__`` prints the project's errors as one line, ``tyche <command>: error: ...``,
 exit code 2, and, on Ctrl-C, the hint a command registered with :func:`on_interrupt`.
 
@@ -37,6 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from tyche.errors import InputError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 
-class CommandError(ValueError):
+class CommandError(InputError):
     """Bad command-line input; the message names the flag and says what to fix."""
 
 

@@ -1,12 +1,12 @@
 """The output folders of ``tyche interaction build | ablate``: what each run owns there and
-the settings that make its results (see :mod:`tyche.run_folder`)."""
+the settings that make its results (see :mod:`tyche.cli.run_folder`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
 
-from tyche.run_folder import Owned
+from tyche.cli.run_folder import Owned
 
 #: what a build writes in --out (and the ablations it holds by default, made from its graph)
 BUILD_OWNED = Owned(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tyche.codebook.cli.args import (
+from tyche.cli.codebook.args import (
     AppArgs,
     CacheArgs,
     ContextsArgs,
@@ -28,9 +28,9 @@ from tyche.codebook.cli.args import (
     TokFSMArgs,
     TrainArgs,
 )
-from tyche.codebook.cli.checks import check_args
-from tyche.codebook.cli.folders import claim
-from tyche.codebook.cli.tools import (
+from tyche.cli.codebook.checks import check_args
+from tyche.cli.codebook.folders import claim
+from tyche.cli.codebook.tools import (
     run_app,
     run_cache,
     run_contexts,
@@ -39,8 +39,8 @@ from tyche.codebook.cli.tools import (
     run_steer,
     run_tokfsm,
 )
-from tyche.codebook.cli.train import PROG, run_train
-from tyche.commandline import CommandError, parse_config
+from tyche.cli.codebook.train import PROG, run_train
+from tyche.cli.commandline import CommandError, parse_config
 
 __all__ = ["COMMANDS", "main"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tyche.codebook.cli.args import (
+from tyche.cli.codebook.args import (
     AppArgs,
     CacheArgs,
     ContextsArgs,
@@ -14,8 +14,8 @@ from tyche.codebook.cli.args import (
     SteerArgs,
     TokFSMArgs,
 )
-from tyche.codebook.cli.loading import folder_of, load_model, load_rows, split
-from tyche.commandline import CommandError, check_context, split_list
+from tyche.cli.codebook.loading import folder_of, load_model, load_rows, split
+from tyche.cli.commandline import CommandError, check_context, split_list
 
 
 def run_cache(args: CacheArgs) -> Any:
@@ -25,7 +25,7 @@ def run_cache(args: CacheArgs) -> Any:
     check_context(model, args.seq_len, "--seq_len", allow_long=args.allow_long_context,
                   name=args.model)  # fmt: skip
     if not model.sites:
-        raise ValueError(f"{args.model} has no codebooks; train some with tyche codebook train")
+        raise CommandError(f"{args.model} has no codebooks; train some with tyche codebook train")
     rows = load_rows(args.data, model.tokenizer, args.seq_len, args.n_sequences, args.seed)
     cache = build_cache(
         model,
@@ -103,7 +103,7 @@ def run_intervene(args: InterveneArgs) -> Any:
     tok = model.tokenizer
     ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.numel() == 0:
-        raise ValueError("--prompt gives no tokens")
+        raise CommandError("--prompt gives no tokens")
     horizon = ids.shape[1] + args.max_new_tokens - 1  # the longest forward pass generating
     _check_positions(ivs, ids.shape[1], args.max_new_tokens)
     jsd = float(next_token_jsd(model, ids, ivs, horizon=horizon)[0])
@@ -264,7 +264,7 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
 
 
 def run_app(args: AppArgs) -> Any:
-    from tyche.codebook.app import launch
+    from tyche.cli.codebook_app import launch
 
     if not (Path(args.cache) / "manifest.json").is_file():
         raise FileNotFoundError(

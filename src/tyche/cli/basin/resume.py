@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tyche.commandline import CommandError
+from tyche.cli.commandline import CommandError
 
 #: settings recorded with every sample -> the words a user of this command knows them by
 CLI_WORDS = {

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tyche.basin.resume import (
+from tyche.cli.basin.resume import (
     RUN_FILE,
     flag_identity,
     refuse_mixing,
 )
-from tyche.commandline import (
+from tyche.cli.commandline import (
     CommandError,
     check_number,
     check_readable_text,
@@ -22,7 +22,7 @@ from tyche.commandline import (
     parse_numbers,
     split_list,
 )
-from tyche.run_folder import Owned, check_unlocked
+from tyche.cli.run_folder import Owned, check_unlocked
 
 if TYPE_CHECKING:
     from tyche.basin.where import Subset

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tyche.commandline import (
+from tyche.cli.commandline import (
     CommandError,
     best_effort,
     check_context,
@@ -35,7 +35,7 @@ from tyche.commandline import (
     reworded_text_errors,
     split_list,
 )
-from tyche.run_folder import Owned, check_unlocked, claim_folder
+from tyche.cli.run_folder import Owned, check_unlocked, claim_folder
 
 if TYPE_CHECKING:
     import torch

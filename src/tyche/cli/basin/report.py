@@ -13,7 +13,7 @@ from typing import Any
 
 from tyche.basin.curve import BasinCurve
 from tyche.basin.lambda_fit import LearningCoefficient
-from tyche.commandline import best_effort
+from tyche.cli.commandline import best_effort
 
 PROG = "tyche basin"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tyche.codebook.cli.args import (
+from tyche.cli.codebook.args import (
     AppArgs,
     CacheArgs,
     ContextsArgs,
@@ -15,9 +15,9 @@ from tyche.codebook.cli.args import (
     TokFSMArgs,
     TrainArgs,
 )
-from tyche.codebook.cli.folders import check_cache_folder, check_output_file, check_train_folder
-from tyche.codebook.cli.loading import check_data_spec, check_model_spec
-from tyche.commandline import CommandError, check_number, check_writable_folder, split_list
+from tyche.cli.codebook.folders import check_cache_folder, check_output_file, check_train_folder
+from tyche.cli.codebook.loading import check_data_spec, check_model_spec
+from tyche.cli.commandline import CommandError, check_number, check_writable_folder, split_list
 
 
 def _check_cache(folder: str, flag: str = "--cache") -> None:

@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tyche.commandline import (
+from tyche.cli.commandline import (
     CommandError,
     best_effort,
     check_context,
@@ -39,7 +39,7 @@ from tyche.commandline import (
     reworded_text_errors,
     split_list,
 )
-from tyche.interaction.cli.flags import (
+from tyche.cli.interaction.flags import (
     CLASS_MODELS,
     PROG,
     RULE_NAMES,
@@ -53,8 +53,8 @@ from tyche.interaction.cli.flags import (
     validate_build,
     validate_plot,
 )
-from tyche.interaction.cli.folders import ABLATE_OWNED, BUILD_OWNED, settings
-from tyche.run_folder import claim_folder
+from tyche.cli.interaction.folders import ABLATE_OWNED, BUILD_OWNED, settings
+from tyche.cli.run_folder import claim_folder
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
-from tyche.commandline import CommandError
+from tyche.cli.commandline import CommandError
 from tyche.zoo.catalogue import entries, get_entry
 from tyche.zoo.entry import cache_root, human_size
 

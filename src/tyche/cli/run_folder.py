@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tyche.commandline import CommandError
+from tyche.cli.commandline import CommandError
 
 __all__ = [
     "LOCK_FILE",

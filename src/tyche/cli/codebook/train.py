@@ -6,10 +6,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tyche.codebook.cli.args import TrainArgs
-from tyche.codebook.cli.folders import mismatch_message, settings
-from tyche.codebook.cli.loading import fsm_of, load_model, load_rows, reinitialise, split
-from tyche.commandline import (
+from tyche.cli.codebook.args import TrainArgs
+from tyche.cli.codebook.folders import mismatch_message, settings
+from tyche.cli.codebook.loading import fsm_of, load_model, load_rows, reinitialise, split
+from tyche.cli.commandline import (
     CommandError,
     check_context,
     config_flags,
@@ -91,7 +91,7 @@ def run_train(args: TrainArgs, argv: list[str] | None = None) -> Any:
     else:
         rows = load_rows(args.data, model.tokenizer, args.seq_len, 10**9, args.seed)
         if rows.shape[0] <= args.eval_sequences:
-            raise ValueError(
+            raise CommandError(
                 f"{args.data} gives only {rows.shape[0]} sequences of "
                 f"{args.seq_len} tokens; lower --eval_sequences or --seq_len"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tyche.commandline import CommandError, check_readable_text, split_list
+from tyche.cli.commandline import CommandError, check_readable_text, split_list
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,7 @@ def load_model(spec: str) -> Any:
         model.tokenizer = tokenizer
         model._rehook()
     if model.tokenizer is None:
-        raise ValueError(f"{spec} has no tokenizer in its folder; codebook tools need one")
+        raise CommandError(f"{spec} has no tokenizer in its folder; codebook tools need one")
     return model
 
 
@@ -93,7 +93,7 @@ def load_rows(data: str, tokenizer: Any, seq_len: int, n: int, seed: int,
     ``flags`` name ``data`` and ``seq_len`` on the command line (for the errors)."""
     import torch
 
-    from tyche.commandline import reworded_text_errors
+    from tyche.cli.commandline import reworded_text_errors
 
     if data.startswith("fsm:"):
         return fsm_of(data).batch(n, seq_len, torch.Generator().manual_seed(seed))
@@ -112,7 +112,7 @@ def reinitialise(base: torch.nn.Module, seed: int) -> None:
     import torch
 
     if not hasattr(base, "_init_weights"):
-        raise ValueError(f"{type(base).__name__} has no _init_weights; cannot train from scratch")
+        raise CommandError(f"{type(base).__name__} has no _init_weights; cannot train from scratch")
     # transformers marks loaded weights as initialised and its initialiser then skips them
     for item in [*base.modules(), *base.parameters()]:
         if getattr(item, "_is_hf_initialized", False):

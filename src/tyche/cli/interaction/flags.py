@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tyche.commandline import (
+from tyche.cli.commandline import (
     CommandError,
     check_number,
     check_readable_text,
     check_writable_folder,
     split_list,
 )
-from tyche.run_folder import check_new_file, check_unlocked, differences, read_record
+from tyche.cli.run_folder import check_new_file, check_unlocked, differences, read_record
 
 __all__ = [
     "AblateConfig",
@@ -265,7 +265,7 @@ def validate_build(cfg: BuildConfig) -> None:
 def _check_resumed_settings(cfg: BuildConfig, record: dict, out: Path) -> None:
     """--resume continues the build recorded in ``out``: every flag that makes its results
     but --stage (a build goes on from grams to bases to edges) must be as it was."""
-    from tyche.interaction.cli.folders import settings
+    from tyche.cli.interaction.folders import settings
 
     now = json.loads(json.dumps(settings(cfg)))
     drop = ("--stage",)

@@ -13,9 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tyche.codebook.cli.args import CacheArgs, SteerArgs, TrainArgs
-from tyche.commandline import CommandError
-from tyche.run_folder import (
+from tyche.cli.codebook.args import CacheArgs, SteerArgs, TrainArgs
+from tyche.cli.commandline import CommandError
+from tyche.cli.run_folder import (
     Claim,
     Owned,
     check_new_file,
@@ -135,7 +135,7 @@ def check_cache_folder(args: CacheArgs) -> None:
 @contextlib.contextmanager
 def claim(name: str, args: Any) -> Iterator[Claim | None]:
     """Claim the output folder of sub-command ``name`` (lock, record; see
-    :mod:`tyche.run_folder`); a no-op for the sub-commands that write none."""
+    :mod:`tyche.cli.run_folder`); a no-op for the sub-commands that write none."""
     out = getattr(args, "out", None)
     if name not in OWNED or not out:
         yield None

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from tyche.basin.cli.flags import (
+from tyche.cli.basin.flags import (
     OWNED,
     PLAY_DATA,
     PROG,
@@ -29,13 +29,13 @@ from tyche.basin.cli.flags import (
     Plan,
     validate,
 )
-from tyche.basin.resume import (
+from tyche.cli.basin.resume import (
     CLI_WORDS,
     RUN_FILE,
     flag_identity,
     mismatch_message,
 )
-from tyche.commandline import (
+from tyche.cli.commandline import (
     CommandError,
     check_context,
     config_flags,
@@ -44,13 +44,13 @@ from tyche.commandline import (
     resume_command,
     reworded_text_errors,
 )
-from tyche.run_folder import claim_folder
+from tyche.cli.run_folder import claim_folder
 
 if TYPE_CHECKING:
     import torch
 
-    from tyche.basin.report import Row
     from tyche.basin.result import VolumeResult
+    from tyche.cli.basin.report import Row
 
 __all__ = ["BasinCommand", "main", "run", "validate"]
 
@@ -282,12 +282,12 @@ def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeRes
 def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResult]:
     """:func:`run` in its claimed --out: load, estimate, save, report."""
     from tyche import distributed as dist
-    from tyche.basin import report
     from tyche.basin.checkpoint import SettingsMismatch
     from tyche.basin.core import estimate_basin
     from tyche.basin.lambda_fit import learning_coefficient
     from tyche.basin.loss import ModelLoss
-    from tyche.basin.report import Row
+    from tyche.cli.basin import report
+    from tyche.cli.basin.report import Row
     from tyche.io import model_hash
 
     dist.init_distributed()

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from tyche.codebook.app import CACHE_ENV
+from tyche.cli.codebook_app import CACHE_ENV
 from tyche.codebook.cache import CodeCache, load_cache
 from tyche.codebook.code_search import code_contexts, search
 

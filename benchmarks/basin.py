@@ -30,6 +30,7 @@ import torch
 
 from tyche.basin.core import estimate_basin
 from tyche.basin.loss import ModelLoss
+from tyche.basin.options import BasinOptions
 from tyche.basin.radius import search_radii
 from tyche.basin.sampling import unit_directions
 
@@ -112,14 +113,15 @@ CURVE = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]  # 5 cutoffs over 4 decades
 
 def curve_bench(name: str, loss, n: int, sigma: float | None) -> dict[str, float]:
     """One search for all of CURVE against one search per cutoff, on the same directions."""
-    kw = dict(n_samples=n, sigma=sigma, progress=False)
+    kw = dict(n_samples=n, sigma=sigma)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        curve = estimate_basin(loss, loss.anchor, cutoffs=CURVE, **kw)
+        curve = estimate_basin(loss, loss.anchor, BasinOptions(cutoffs=CURVE, **kw), progress=False)
         t_curve = time.perf_counter() - t0
         t0 = time.perf_counter()
-        singles = [estimate_basin(loss, loss.anchor, cutoff=c, **kw) for c in CURVE]
+        singles = [estimate_basin(loss, loss.anchor, BasinOptions(cutoff=c, **kw), progress=False)
+                   for c in CURVE]  # fmt: skip
         t_single = time.perf_counter() - t0
     single_evals = [s.evals_per_direction for s in singles]
     ratio = [float((curve.radii[:, k] / s.radii - 1).abs().max()) for k, s in enumerate(singles)]

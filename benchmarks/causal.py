@@ -106,7 +106,7 @@ def breakdown(run) -> dict[str, list[float]]:
 def compare(args: argparse.Namespace) -> dict:
     from causal_gist import gist_causal_basis
 
-    from tyche.causal import AblationObjective, extract_causal_basis
+    from tyche.causal import AblationObjective, CausalOptions, extract_causal_basis
 
     model, tokens, hiddens, lens = load(args.model, args.site, args.n_sequences, args.seq_len)
     h = hiddens[args.site]
@@ -124,7 +124,7 @@ def compare(args: argparse.Namespace) -> dict:
     from tyche.causal import LogitLens
 
     evaluator = AblationObjective(
-        LogitLens.from_model(lens64), h.double() if wide else h, mode=args.mode
+        LogitLens.from_model(lens64), h.double() if wide else h, CausalOptions(mode=args.mode)
     )
 
     def score(vectors: torch.Tensor) -> tuple[list[float], float]:
@@ -138,10 +138,12 @@ def compare(args: argparse.Namespace) -> dict:
         "all": ["gist", "tyche, general path", "tyche, default"],
     }[args.only]
     v = torch.linalg.qr(torch.randn(d, 1, generator=torch.Generator().manual_seed(0)))[0][:, 0]
-    units = {"tyche, default": unit_seconds(AblationObjective(lens, h, mode=args.mode), v)}
+    units = {
+        "tyche, default": unit_seconds(AblationObjective(lens, h, CausalOptions(mode=args.mode)), v)
+    }
     if "tyche, general path" in methods:
         units["tyche, general path"] = unit_seconds(
-            AblationObjective(lens, h, mode=args.mode, fast=False), v
+            AblationObjective(lens, h, CausalOptions(mode=args.mode, fast=False)), v
         )
     rounds: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.repeats):
@@ -152,7 +154,10 @@ def compare(args: argparse.Namespace) -> dict:
                 vectors, evals, seconds = out["vectors"], out["evals"], out["seconds"]
             else:
                 basis = extract_causal_basis(
-                    lens, h, args.k, mode=args.mode, n_pca=0, fast=method == "tyche, default"
+                    lens,
+                    h,
+                    args.k,
+                    CausalOptions(mode=args.mode, n_pca=0, fast=method == "tyche, default"),
                 )
                 vectors, evals, seconds = basis.vectors, basis.n_evals, basis.seconds
             total = time.perf_counter() - start
@@ -220,14 +225,18 @@ def compare(args: argparse.Namespace) -> dict:
 
     if args.core:
         return report
-    spent = breakdown(lambda: extract_causal_basis(lens, h, args.k, mode=args.mode, n_pca=0))
+    spent = breakdown(
+        lambda: extract_causal_basis(lens, h, args.k, CausalOptions(mode=args.mode, n_pca=0))
+    )
     report["breakdown"] = spent
     print("\nwhere the default's time goes (passes in full-data units, seconds):")
     for kind, (passes, seconds) in spent.items():
         print(f"  {kind:<45} {passes / args.k:6.2f} passes/direction  {seconds:7.1f} s")
 
     start = time.perf_counter()
-    refined = extract_causal_basis(lens, h, args.k, mode=args.mode, n_pca=0, refine="joint")
+    refined = extract_causal_basis(
+        lens, h, args.k, CausalOptions(mode=args.mode, n_pca=0, refine="joint")
+    )
     refine_seconds = time.perf_counter() - start
     greedy_prefix = refined.greedy_subspace_energies.tolist()
     prefix = [
@@ -253,7 +262,7 @@ def compare(args: argparse.Namespace) -> dict:
 
 def layers(args: argparse.Namespace) -> dict:
     """Per layer: causal against PCA directions, random and multiple starts, lens vs model."""
-    from tyche.causal import AblationObjective, ModelFromSite, extract_causal_basis
+    from tyche.causal import AblationObjective, CausalOptions, ModelFromSite, extract_causal_basis
 
     model, tokens, hiddens, lens = load(args.model, "resid_pre.*", args.n_sequences, args.seq_len)
     report: dict = {}
@@ -264,12 +273,16 @@ def layers(args: argparse.Namespace) -> dict:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for site, h in hiddens.items():
         start = time.perf_counter()
-        basis = extract_causal_basis(lens, h, args.k, mode=args.mode, n_pca=args.k, site=site)
+        basis = extract_causal_basis(
+            lens, h, args.k, CausalOptions(mode=args.mode, n_pca=args.k), site=site
+        )
         seconds = time.perf_counter() - start
-        random_start = extract_causal_basis(lens, h, 1, mode=args.mode, n_init=0, n_pca=0)
-        multi = extract_causal_basis(lens, h, 1, mode=args.mode, n_starts=8, n_pca=0)
+        random_start = extract_causal_basis(
+            lens, h, 1, CausalOptions(mode=args.mode, n_init=0, n_pca=0)
+        )
+        multi = extract_causal_basis(lens, h, 1, CausalOptions(mode=args.mode, n_starts=8, n_pca=0))
         objective = AblationObjective(
-            ModelFromSite(model, site, tokens), h, mode=args.mode, batch_size=16
+            ModelFromSite(model, site, tokens), h, CausalOptions(mode=args.mode, batch_size=16)
         )
         model_energies = [objective.energy(basis.vectors[:, i]) for i in range(basis.k)]
         ra = torch.tensor(basis.energies.tolist()).argsort().argsort().double()

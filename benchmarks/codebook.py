@@ -61,7 +61,7 @@ def cache_and_search(reps: int, arch: str) -> dict[str, float]:
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        cache = build_cache(model, rows, tmp, neurons=True, copy_model=False, show_progress=False)
+        cache = build_cache(model, rows, tmp, neurons=True, copy_model=False, progress=False)
         out["build cache (256 x 64 tokens, 8 codebooks, neurons)"] = time.perf_counter() - start
         for label, neurons in (("search, codes only", False), ("search + neuron baseline", True)):
             runs = []

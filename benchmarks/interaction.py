@@ -167,7 +167,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tyche.interaction import ablate_nodes, build_grams, build_interaction_graph
+    from tyche.interaction import (
+        AblationOptions,
+        GraphOptions,
+        ablate_nodes,
+        build_grams,
+        build_interaction_graph,
+    )
     from tyche.zoo.modadd import load_modadd, modadd_data
 
     if args.reference_checkpoint:
@@ -222,7 +228,7 @@ def main() -> None:
               f"{statistics.median(ratios):.2f} of {[round(r, 2) for r in ratios]}; largest "
               f"relative difference: edges {diff:.1e}, Lambda {lam:.1e}")  # fmt: skip
     if args.paper:
-        pca = build_interaction_graph(model, x, LAYERS, basis="svd", progress=False)
+        pca = build_interaction_graph(model, x, LAYERS, GraphOptions(basis="svd"), progress=False)
         print("\n| section | LIB edges for 90% | PCA | LIB 99% | PCA 99% |\n|---|---|---|---|---|")
         sections = []
         for i in range(len(LAYERS) - 1):
@@ -237,8 +243,9 @@ def main() -> None:
         report["edge_concentration"] = sections
         curves = {}
         for label, g in (("LIB", graph), ("PCA", pca)):
-            curves[label] = ablate_nodes(model, g, data.x_test, data.y_test, cutoff=24,
-                                         base=1.1, progress=False)  # fmt: skip
+            curves[label] = ablate_nodes(model, g, data.x_test, data.y_test,
+                                         AblationOptions(cutoff=24, base=1.1),
+                                         progress=False)  # fmt: skip
         print(
             "\n| node layer | kept (of width) | LIB dirs for test acc >= 0.99 | PCA | "
             "LIB acc @ 8 | PCA acc @ 8 |\n|---|---|---|---|---|---|"

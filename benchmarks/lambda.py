@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tyche.basin import estimate_basin, learning_coefficient
+from tyche.basin import BasinOptions, estimate_basin, learning_coefficient
 from tyche.basin.loss import ModelLoss
 
 N_BETA = 30.0  # devinterp README's example value (v2 has no default)
@@ -137,8 +137,9 @@ def tyche_lambda(loss, anchor, cutoffs, n_samples, sigma, preconditioner=None):
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        curve = estimate_basin(loss, anchor, cutoffs=cutoffs, n_samples=n_samples, sigma=sigma,
-                               preconditioner=preconditioner, progress=False)  # fmt: skip
+        options = BasinOptions(cutoffs=cutoffs, n_samples=n_samples, sigma=sigma)
+        curve = estimate_basin(loss, anchor, options, preconditioner=preconditioner,
+                               progress=False)  # fmt: skip
     seconds = time.perf_counter() - t0
     lam = learning_coefficient(curve)
     slopes = " → ".join(f"{s:,.1f}" for s in lam.local_slopes)

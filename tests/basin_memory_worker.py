@@ -15,6 +15,7 @@ import time
 import torch
 
 from tyche.basin.core import estimate_basin
+from tyche.basin.options import BasinOptions
 
 
 def peak_bytes() -> int:
@@ -48,7 +49,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    res = estimate_basin(loss, anchor, cutoff=1e-2, n_samples=n, batch_size=batch,
+    res = estimate_basin(loss, anchor, BasinOptions(cutoff=1e-2, n_samples=n, batch_size=batch),
                          progress=False)  # fmt: skip
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     print(

@@ -58,7 +58,7 @@ def model_problem() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 
 
 def main(out: Path) -> None:
-    from tyche.causal import extract_causal_basis
+    from tyche.causal import CausalOptions, extract_causal_basis
     from tyche.distributed import get_rank, init_distributed, shard_range
 
     init_distributed()
@@ -70,28 +70,27 @@ def main(out: Path) -> None:
             target,
             h[rows.start : rows.stop],
             3,
-            mode=mode,
+            CausalOptions(mode=mode, max_iter=60, tol=TOL),
             mask=mask[rows.start : rows.stop],
-            max_iter=60,
-            tol=TOL,
         )
         basis.save(out / f"{mode}_rank{get_rank()}")
     # the screening subsample is defined on global rows: the ranks' parts make up one process's
-    from tyche.causal import AblationObjective
+    from tyche.causal import AblationObjective, CausalOptions
 
     big, big_mask = subsample_problem()
     rows = shard_range(big.shape[0])
     obj = AblationObjective(SoftmaxTarget6(), big[rows.start : rows.stop],
-                            mask=big_mask[rows.start : rows.stop], batch_size=3,
-                            screen_positions=72)  # fmt: skip
+                            CausalOptions(batch_size=3, screen_positions=72),
+                            mask=big_mask[rows.start : rows.stop])  # fmt: skip
     picked = [rows.start + r for s in obj.screen[0] for r in range(s.start, s.stop)]
     (out / f"screen_rank{get_rank()}.json").write_text(json.dumps([picked, obj.screen[1]]))
     # the model-level call shards the rows itself (the original gave every rank the same data)
-    from tyche.causal import extract_causal_bases
+    from tyche.causal import CausalOptions, extract_causal_bases
 
     model, tokens = model_problem()
-    bases = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=60, n_pca=2,
-                                 progress=False, tol=TOL)  # fmt: skip
+    bases = extract_causal_bases(model, tokens, 2, "resid_pre.1",
+                                 CausalOptions(max_iter=60, n_pca=2, tol=TOL),
+                                 progress=False)  # fmt: skip
     bases["resid_pre.1"].save(out / f"model_rank{get_rank()}")
 
 

@@ -39,7 +39,7 @@ def main(out: Path) -> None:
         torch.save(grads, out / "grads.pt")
     cb = attach(copy.deepcopy(base), ["attn_heads.*", "mlp_out.*"], num_codes=16, seed=0)
     cfg = TrainConfig(steps=3, batch_size=8, replace_dead_every=1, log_every=1, warmup_steps=0)
-    train_codebooks(cb, row_sampler(rows, 8), cfg, show_progress=False)
+    train_codebooks(cb, row_sampler(rows, 8), cfg, progress=False)
     flat = torch.cat([p.detach().reshape(-1) for p in cb.parameters()])
     gathered = td.all_gather_cat(flat.unsqueeze(0))
     if td.get_rank() == 0:

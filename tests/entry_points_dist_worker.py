@@ -26,7 +26,7 @@ ROWS, LENGTH = 8, 10
 LM_LAYERS = ["resid_pre.0", "resid_pre.1", "unembed"]
 #: the lens and the codebooks train on every row at every step: per rank its 4 rows, one
 #: process all 8, so both follow the same mean gradient
-LENS = {"sites": "resid_pre.*", "steps": 3, "lr": 1e-3, "show_progress": False}
+LENS = {"sites": "resid_pre.*", "steps": 3, "lr": 1e-3, "progress": False}
 CODEBOOKS = {"steps": 3, "batch_size": ROWS, "log_every": 1, "warmup_steps": 0}
 
 
@@ -74,11 +74,12 @@ def _run_all(world: int) -> dict[str, Any]:
     """:func:`run_all` on the current threads."""
     from causal_dist_worker import TOL, model_problem
     from tyche.basin.core import estimate_basin
-    from tyche.causal import extract_causal_bases, train_tuned_lens
+    from tyche.basin.options import BasinOptions
+    from tyche.causal import CausalOptions, extract_causal_bases, train_tuned_lens
     from tyche.causal.train_lens import evaluate_lens
     from tyche.codebook.model import attach
     from tyche.codebook.train import TrainConfig, row_sampler, train_codebooks
-    from tyche.interaction import build_grams, build_interaction_graph
+    from tyche.interaction import GraphOptions, build_grams, build_interaction_graph
 
     data, model = tokens(), lm()
     out: dict[str, Any] = {}
@@ -86,9 +87,7 @@ def _run_all(world: int) -> dict[str, Any]:
         model,
         data,
         LM_LAYERS,
-        rotate_final=True,
-        n_stochastic_sources=3,
-        batch_size=2,
+        GraphOptions(rotate_final=True, n_stochastic_sources=3, batch_size=2),
         progress=False,
     )
     out["graph"] = {
@@ -97,7 +96,7 @@ def _run_all(world: int) -> dict[str, Any]:
         "edges": list(graph.edges),
         "n_positions": graph.n_positions,
     }
-    grams = build_grams(model, data, LM_LAYERS, batch_size=2, progress=False)
+    grams = build_grams(model, data, LM_LAYERS, GraphOptions(batch_size=2), progress=False)
     out["grams"] = {
         "counts": list(grams.counts),
         "means": list(grams.means),
@@ -113,11 +112,16 @@ def _run_all(world: int) -> dict[str, Any]:
     # the problem of tests/test_causal.py's torchrun test, whose tolerances were measured on it
     causal_model, causal_tokens = model_problem()
     out["causal"] = extract_causal_bases(
-        causal_model, causal_tokens, 2, "resid_pre.1", max_iter=60, n_pca=2, progress=False, tol=TOL
+        causal_model,
+        causal_tokens,
+        2,
+        "resid_pre.1",
+        CausalOptions(max_iter=60, n_pca=2, tol=TOL),
+        progress=False,
     )["resid_pre.1"]
     cb = attach(copy.deepcopy(model), ["mlp_out.*"], num_codes=16, seed=0)
     trained = train_codebooks(
-        cb, row_sampler(data["input_ids"], ROWS), TrainConfig(**CODEBOOKS), show_progress=False
+        cb, row_sampler(data["input_ids"], ROWS), TrainConfig(**CODEBOOKS), progress=False
     )
     out["codebooks"] = {
         "params": {n: p.detach().clone() for n, p in cb.named_parameters()},
@@ -125,7 +129,7 @@ def _run_all(world: int) -> dict[str, Any]:
     }
     loss, anchor = basin_problem()
     basin = estimate_basin(
-        loss, anchor, cutoff=1e-2, n_samples=7, batch_size=2, seed=3, progress=False
+        loss, anchor, BasinOptions(cutoff=1e-2, n_samples=7, batch_size=2, seed=3), progress=False
     )
     out["basin"] = {"estimates": basin.estimates, "radii": basin.radii}
     return out

@@ -23,6 +23,7 @@ def main(out: Path) -> None:
     import tyche.interaction.graph as graph_module
     from test_interaction_graph import TinyMLP, mlp_data
     from tyche.distributed import barrier, get_rank, init_distributed
+    from tyche.interaction import GraphOptions
 
     init_distributed()
     torch.set_num_threads(1)
@@ -46,7 +47,7 @@ def main(out: Path) -> None:
     def build(**kwargs):  # noqa: ANN003, ANN202
         model, x = TinyMLP(), mlp_data(101)
         return graph_module.build_interaction_graph(
-            model, x, LAYERS, batch_size=16, progress=False, **kwargs
+            model, x, LAYERS, GraphOptions(batch_size=16), progress=False, **kwargs
         )
 
     stop[:] = []

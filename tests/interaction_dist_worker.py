@@ -14,7 +14,8 @@ import torch
 
 
 def cases() -> dict[str, tuple]:
-    """name -> (model, inputs, node_layers, build kwargs); the single process runs the same."""
+    """name -> (model, inputs, node_layers, GraphOptions keywords); the single process runs
+    the same."""
     from conftest import build_gpt2
     from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
 
@@ -38,12 +39,13 @@ def cases() -> dict[str, tuple]:
 
 def main(out: Path) -> None:
     from tyche.distributed import get_rank, init_distributed
-    from tyche.interaction import build_interaction_graph
+    from tyche.interaction import GraphOptions, build_interaction_graph
 
     init_distributed()
     torch.set_num_threads(1)
     for name, (model, inputs, layers, kwargs) in cases().items():
-        graph = build_interaction_graph(model, inputs, layers, progress=False, **kwargs)
+        graph = build_interaction_graph(model, inputs, layers, GraphOptions(**kwargs),
+                                        progress=False)  # fmt: skip
         graph.save(out / f"{name}_rank{get_rank()}")
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields, replace
 
 import pytest
 import torch
 from scipy import stats
 
 from tyche.basin.core import estimate_basin
+from tyche.basin.options import BasinOptions
 from tyche.basin.radial import log_unit_ball_volume
 
 
@@ -45,10 +47,7 @@ def test_ball_volume_uniform_prior_is_exact_per_sample():
     res = estimate_basin(
         quadratic(curv),
         torch.zeros(d, dtype=torch.float64),
-        cutoff=c,
-        n_samples=5,
-        prior="uniform",
-        rtol=1e-8,
+        BasinOptions(cutoff=c, n_samples=5, prior="uniform", rtol=1e-8),
         progress=False,
     )
     expect = log_ellipsoid_volume(curv, c)
@@ -64,11 +63,8 @@ def test_matched_diagonal_preconditioner_gives_ellipsoid_volume_with_zero_varian
     res = estimate_basin(
         quadratic(curv),
         torch.zeros(d, dtype=torch.float64),
-        cutoff=c,
-        n_samples=6,
-        prior="uniform",
+        BasinOptions(cutoff=c, n_samples=6, prior="uniform", rtol=1e-9),
         preconditioner=pre,
-        rtol=1e-9,
         progress=False,
     )
     expect = log_ellipsoid_volume(curv, c)
@@ -89,11 +85,8 @@ def test_matrix_preconditioner_acts_in_parameter_space():
     res = estimate_basin(
         quadratic(curv, rot),
         torch.zeros(d, dtype=torch.float64),
-        cutoff=c,
-        n_samples=4,
-        prior="uniform",
+        BasinOptions(cutoff=c, n_samples=4, prior="uniform", rtol=1e-9),
         preconditioner=pre,
-        rtol=1e-9,
         progress=False,
     )
     # symmetric up to float64 rounding: 6-term sums of entries ≤ 100, ≲ 6·100·eps ≈ 1.3e-13
@@ -109,10 +102,7 @@ def test_naive_monte_carlo_converges_to_ellipsoid_volume():
     res = estimate_basin(
         quadratic(curv),
         torch.zeros(d, dtype=torch.float64),
-        cutoff=c,
-        n_samples=400,
-        prior="uniform",
-        batch_size=64,
+        BasinOptions(cutoff=c, n_samples=400, prior="uniform", batch_size=64),
         progress=False,
     )
     lo, hi = res.interval(level=0.999)
@@ -134,11 +124,7 @@ def test_gaussian_prior_ball_matches_noncentral_chi_square(d):
     res = estimate_basin(
         quadratic(curv),
         theta,
-        cutoff=c,
-        sigma=sigma,
-        n_samples=600,
-        batch_size=200,
-        rtol=1e-6,
+        BasinOptions(cutoff=c, sigma=sigma, n_samples=600, batch_size=200, rtol=1e-6),
         progress=False,
     )
     lam = float(theta @ theta) / sigma**2
@@ -155,8 +141,7 @@ def test_default_sigma_is_anchor_rms_and_recorded():
     res = estimate_basin(
         quadratic(torch.ones(2, dtype=torch.float64)),
         theta,
-        cutoff=0.1,
-        n_samples=2,
+        BasinOptions(cutoff=0.1, n_samples=2),
         progress=False,
     )
     # float64 sqrt(|θ|²/D) of the exact 25/2: correctly rounded, ≤ 1 ulp (2.2e-16) from math's
@@ -173,7 +158,9 @@ def test_deltas_within_rtol_and_radii_reproduce_them():
         return 0.5 * (x**2 * curv).sum(-1) + (x**4).sum(-1) + 0.1 * (x**3 * curv).sum(-1)
 
     anchor = torch.zeros(d, dtype=torch.float64)
-    res = estimate_basin(loss, anchor, cutoff=c, n_samples=40, batch_size=7, progress=False)
+    res = estimate_basin(
+        loss, anchor, BasinOptions(cutoff=c, n_samples=40, batch_size=7), progress=False
+    )
     # the acceptance band rtol·cutoff (default rtol 1e-2), on the values the search accepted
     assert ((res.deltas - c).abs() <= 1e-2 * c).all()
     # independent recomputation of each delta at the returned radius
@@ -205,8 +192,8 @@ def test_results_do_not_depend_on_batch_size(monkeypatch, low, cutoff, anchor):
 
     def run(b: int):
         return estimate_basin(
-            quadratic(curv), theta, cutoff=cutoff, n_samples=20, batch_size=b, seed=11,
-            progress=False,
+            quadratic(curv), theta,
+            BasinOptions(cutoff=cutoff, n_samples=20, batch_size=b, seed=11), progress=False,
         )  # fmt: skip
 
     if anchor == "randn":
@@ -230,8 +217,9 @@ def test_resume_after_interrupted_run_loses_nothing(tmp_path):
     d = 10
     curv = torch.logspace(-1, 1, d, dtype=torch.float64)
     theta = torch.ones(d, dtype=torch.float64)
-    kw = dict(cutoff=0.05, n_samples=12, batch_size=3, seed=5, progress=False)
-    full = estimate_basin(quadratic(curv), theta, **kw)
+    opts = BasinOptions(cutoff=0.05, n_samples=12, batch_size=3, seed=5)
+    kw = dict(progress=False)
+    full = estimate_basin(quadratic(curv), theta, opts, **kw)
 
     calls: list[int] = []
     inner = quadratic(curv, calls=calls)
@@ -242,21 +230,22 @@ def test_resume_after_interrupted_run_loses_nothing(tmp_path):
         return inner(off)
 
     with pytest.raises(KeyboardInterrupt):
-        estimate_basin(flaky, theta, checkpoint=tmp_path / "ck", **kw)
+        estimate_basin(flaky, theta, opts, checkpoint=tmp_path / "ck", **kw)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "ck" / "samples-rank0.safetensors"))
     n_done = saved["index"].numel()
     assert 0 < n_done < 12
     with pytest.raises(ValueError, match="resume"):
-        estimate_basin(quadratic(curv), theta, checkpoint=tmp_path / "ck", **kw)
+        estimate_basin(quadratic(curv), theta, opts, checkpoint=tmp_path / "ck", **kw)
     with pytest.raises(ValueError, match=r"other settings \(cutoff: saved 0.05, now 0.1\)"):
         estimate_basin(
-            quadratic(curv), theta, checkpoint=tmp_path / "ck", resume=True, **{**kw, "cutoff": 0.1}
-        )
+            quadratic(curv), theta, replace(opts, cutoff=0.1), checkpoint=tmp_path / "ck",
+            resume=True, **kw,
+        )  # fmt: skip
     calls.clear()
     resumed = estimate_basin(
-        quadratic(curv, calls=calls), theta, checkpoint=tmp_path / "ck", resume=True, **kw
+        quadratic(curv, calls=calls), theta, opts, checkpoint=tmp_path / "ck", resume=True, **kw
     )
     # exact: resumed samples are the saved float64 values, the rest recomputed by the same
     # row-wise ops (each direction's search sees only its own rows; see the batch-size test)
@@ -276,9 +265,7 @@ def test_lower_bound_warning_when_one_sample_dominates():
         res = estimate_basin(
             quadratic(curv),
             torch.zeros(d, dtype=torch.float64),
-            cutoff=1e-2,
-            n_samples=20,
-            prior="uniform",
+            BasinOptions(cutoff=1e-2, n_samples=20, prior="uniform"),
             progress=False,
         )
     assert res.ess < 1.5 and res.is_lower_bound
@@ -302,24 +289,28 @@ def test_lower_bound_warning_when_one_sample_dominates():
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     args = {"cutoff": 0.1, "n_samples": 2, "progress": False, **kwargs}
+    names = {f.name for f in fields(BasinOptions)}
     with pytest.raises(ValueError, match=message):
-        estimate_basin(quadratic(torch.ones(4, dtype=torch.float64)), torch.zeros(4), **args)
+        opts = BasinOptions(**{k: v for k, v in args.items() if k in names})
+        estimate_basin(quadratic(torch.ones(4, dtype=torch.float64)), torch.zeros(4), opts,
+                       **{k: v for k, v in args.items() if k not in names})  # fmt: skip
 
 
 def test_bad_loss_functions_raise():
     theta = torch.zeros(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="one loss per row"):
-        estimate_basin(lambda off: off.sum(), theta, cutoff=0.1, n_samples=2, progress=False)
+        estimate_basin(lambda off: off.sum(), theta, BasinOptions(cutoff=0.1, n_samples=2),
+                       progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="anchor"):
         estimate_basin(
             lambda off: torch.full((off.shape[0],), float("nan")),
             theta,
-            cutoff=0.1,
-            n_samples=2,
+            BasinOptions(cutoff=0.1, n_samples=2),
             progress=False,
         )
     with pytest.raises(ValueError, match="1-D"):
-        estimate_basin(quadratic(torch.ones(4)), torch.zeros(2, 2), cutoff=0.1, n_samples=2)
+        estimate_basin(quadratic(torch.ones(4)), torch.zeros(2, 2),
+                       BasinOptions(cutoff=0.1, n_samples=2))  # fmt: skip
 
     def nan_before_crossing(off):
         r = off.double().norm(dim=-1)
@@ -328,7 +319,8 @@ def test_bad_loss_functions_raise():
         return out
 
     with pytest.raises(ValueError, match="NaN|nan"):
-        estimate_basin(nan_before_crossing, theta, cutoff=0.5, n_samples=2, progress=False)
+        estimate_basin(nan_before_crossing, theta, BasinOptions(cutoff=0.5, n_samples=2),
+                       progress=False)  # fmt: skip
 
     def nan_along_sample_5(off):  # only direction 5 meets a NaN before its crossing
         from tyche.basin.sampling import unit_directions
@@ -342,15 +334,14 @@ def test_bad_loss_functions_raise():
 
     with pytest.raises(ValueError, match=r"r=[0-9.e-]+ along direction 5\b"):
         estimate_basin(
-            nan_along_sample_5, theta, cutoff=0.5, n_samples=8, batch_size=3, progress=False
+            nan_along_sample_5, theta, BasinOptions(cutoff=0.5, n_samples=8, batch_size=3),
+            progress=False,
         )
 
     with pytest.raises(ValueError, match="max_radius|boundary"):
         estimate_basin(
             lambda off: torch.zeros(off.shape[0]) + 1e-3 * off.double().norm(dim=-1),
             theta,
-            cutoff=0.5,
-            n_samples=2,
-            max_radius=10.0,
+            BasinOptions(cutoff=0.5, n_samples=2, max_radius=10.0),
             progress=False,
         )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tyche.basin import BasinCurve, learning_coefficient
 from tyche.basin.core import estimate_basin
+from tyche.basin.options import BasinOptions
 from tyche.basin.result import VolumeResult
 
 CUTOFFS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]  # 5 cutoffs over 4 decades
@@ -42,8 +44,8 @@ def poly_loss(a: int, b: int):
 def test_curve_matches_separate_single_cutoff_runs_and_costs_less():
     dim, n = 40, 24
     loss, anchor = mixed_loss(dim), torch.zeros(dim, dtype=torch.float64)
-    kw = dict(n_samples=n, prior="uniform", rtol=RTOL, seed=1, progress=False)
-    curve = estimate_basin(loss, anchor, cutoffs=CUTOFFS, **kw)
+    kw = dict(n_samples=n, prior="uniform", rtol=RTOL, seed=1)
+    curve = estimate_basin(loss, anchor, BasinOptions(cutoffs=CUTOFFS, **kw), progress=False)
     assert isinstance(curve, BasinCurve) and len(curve) == 5
     # Δ within ±rtol of c in both runs and a log-log slope ≥ 2 between them put the two
     # radii within ((1+rtol)/(1−rtol))^(1/2) of each other, the estimates within D times
@@ -51,7 +53,7 @@ def test_curve_matches_separate_single_cutoff_runs_and_costs_less():
     radius_bound = math.sqrt((1 + RTOL) / (1 - RTOL))
     single_evals = 0
     for k, c in enumerate(CUTOFFS):
-        single = estimate_basin(loss, anchor, cutoff=c, **kw)
+        single = estimate_basin(loss, anchor, BasinOptions(cutoff=c, **kw), progress=False)
         single_evals += int(single.n_evals.sum())
         res = curve[k]
         assert res.cutoff == c and isinstance(res, VolumeResult)
@@ -75,16 +77,18 @@ def test_power_law_rays_cost_one_evaluation_per_cutoff(a, b):
     """Along every ray of a pure quadratic or quartic, Δ is a power law; after the first
     cutoff the guide puts each next radius exactly on its band."""
     curve = estimate_basin(poly_loss(a, b), torch.zeros(a + b, dtype=torch.float64),
-                           cutoffs=CUTOFFS, n_samples=16, progress=False)  # fmt: skip
+                           BasinOptions(cutoffs=CUTOFFS, n_samples=16),
+                           progress=False)  # fmt: skip
     assert (curve.n_evals <= len(CUTOFFS) + 1).all(), curve.n_evals
 
 
 def test_curve_is_batch_invariant_and_resumes(tmp_path):
     dim = 30
     loss, anchor = mixed_loss(dim, seed=3), torch.linspace(-1, 1, dim, dtype=torch.float64)
-    kw = dict(cutoffs=[1e-3, 1e-2, 1e-1], n_samples=9, seed=4, progress=False)
-    one = estimate_basin(loss, anchor, batch_size=1, **kw)
-    five = estimate_basin(loss, anchor, batch_size=5, **kw)
+    opts = BasinOptions(cutoffs=[1e-3, 1e-2, 1e-1], n_samples=9, seed=4)
+    kw = dict(progress=False)
+    one = estimate_basin(loss, anchor, replace(opts, batch_size=1), **kw)
+    five = estimate_basin(loss, anchor, replace(opts, batch_size=5), **kw)
     # exact: as in test_basin_core's batch-size test, every direction's search sees only its
     # own rows, the loss is row-wise (elementwise ops and per-row 30-term sums whose order does
     # not depend on the number of rows) and each radial integral is computed as if alone
@@ -99,12 +103,13 @@ def test_curve_is_batch_invariant_and_resumes(tmp_path):
         return loss(off)
 
     with pytest.raises(KeyboardInterrupt):
-        estimate_basin(flaky, anchor, batch_size=2, checkpoint=tmp_path / "ck", **kw)
+        estimate_basin(flaky, anchor, replace(opts, batch_size=2), checkpoint=tmp_path / "ck",
+                       **kw)  # fmt: skip
     with pytest.raises(ValueError, match=r"cutoffs: saved \[0.001, 0.01, 0.1\], now \[0.01"):
-        estimate_basin(loss, anchor, batch_size=2, checkpoint=tmp_path / "ck", resume=True,
-                       **{**kw, "cutoffs": [1e-2, 1e-1]})  # fmt: skip
-    resumed = estimate_basin(loss, anchor, batch_size=2, checkpoint=tmp_path / "ck",
-                             resume=True, **kw)  # fmt: skip
+        estimate_basin(loss, anchor, replace(opts, batch_size=2, cutoffs=[1e-2, 1e-1]),
+                       checkpoint=tmp_path / "ck", resume=True, **kw)  # fmt: skip
+    resumed = estimate_basin(loss, anchor, replace(opts, batch_size=2),
+                             checkpoint=tmp_path / "ck", resume=True, **kw)  # fmt: skip
     # exact: saved float64 samples, the rest recomputed row-wise as above (batch 2 vs 1)
     assert torch.equal(resumed.estimates, one.estimates)
     assert torch.equal(resumed.n_evals, one.n_evals)
@@ -112,7 +117,8 @@ def test_curve_is_batch_invariant_and_resumes(tmp_path):
 
 def test_basin_curve_saves_loads_and_indexes(tmp_path):
     curve = estimate_basin(poly_loss(6, 4), torch.zeros(10, dtype=torch.float64),
-                           cutoffs=[1e-1, 1e-3, 1e-2], n_samples=5, progress=False)  # fmt: skip
+                           BasinOptions(cutoffs=[1e-1, 1e-3, 1e-2], n_samples=5),
+                           progress=False)  # fmt: skip
     assert curve.cutoffs.tolist() == [1e-3, 1e-2, 1e-1]  # sorted
     back = BasinCurve.load(curve.save(tmp_path / "curve"))
     for field in ("cutoffs", "estimates", "radii", "deltas", "props", "logabsint", "n_evals"):
@@ -133,11 +139,11 @@ def test_basin_curve_saves_loads_and_indexes(tmp_path):
     with pytest.raises(IndexError):
         curve[3]
     with pytest.raises(ValueError, match="either cutoff= .* or cutoffs="):
-        estimate_basin(poly_loss(2, 0), torch.zeros(2), n_samples=2, progress=False)
+        BasinOptions(n_samples=2)
     with pytest.raises(ValueError, match="distinct"):
-        estimate_basin(poly_loss(2, 0), torch.zeros(2), cutoffs=[0.1, 0.1], n_samples=2)
+        BasinOptions(cutoffs=[0.1, 0.1], n_samples=2)
     with pytest.raises(ValueError, match="positive finite"):
-        estimate_basin(poly_loss(2, 0), torch.zeros(2), cutoffs=[0.1, -1.0], n_samples=2)
+        BasinOptions(cutoffs=[0.1, -1.0], n_samples=2)
 
 
 # ----------------------------------------------------------------------------- λ
@@ -151,8 +157,8 @@ def test_learning_coefficient_of_exact_cases(a, b, prior):
     so the sampled estimate is exact; the fit must land within 5% (it lands within rtol)."""
     truth = a / 2 + b / 4
     curve = estimate_basin(poly_loss(a, b), torch.zeros(a + b, dtype=torch.float64),
-                           cutoffs=LAMBDA_CUTOFFS, n_samples=64, prior=prior, sigma=1.0,
-                           progress=False)  # fmt: skip
+                           BasinOptions(cutoffs=LAMBDA_CUTOFFS, n_samples=64, prior=prior,
+                                        sigma=1.0), progress=False)  # fmt: skip
     lam = learning_coefficient(curve)
     print(f"\n({a}, {b}) {prior}: {lam.describe()}")
     assert lam.value == pytest.approx(truth, rel=0.05)  # the 5% the docstring claims
@@ -172,14 +178,17 @@ def test_degenerate_minimum_is_the_known_limit_of_ray_sampling():
     37.5 only near the crossover, which the straightness check reports."""
     a = b = 50
     loss, anchor = poly_loss(a, b), torch.zeros(a + b, dtype=torch.float64)
-    kw = dict(n_samples=128, prior="uniform", progress=False)
-    naive = learning_coefficient(estimate_basin(loss, anchor, cutoffs=LAMBDA_CUTOFFS, **kw))
+    kw = dict(n_samples=128, prior="uniform")
+    naive = learning_coefficient(
+        estimate_basin(loss, anchor, BasinOptions(cutoffs=LAMBDA_CUTOFFS, **kw), progress=False)
+    )
     # the radii's ±rtol/slope (default rtol 1e-2) as in the exact cases: within about 1%
     assert naive.value == pytest.approx(50.0, rel=0.01) and naive.straight
     hess = torch.cat([torch.full((a,), 2.0), torch.zeros(b)]).double()
     pre = 1.0 / (hess.sqrt() + 1e-2)  # diag_preconditioner(H, eps=1e-2, exponent=½)
     wide = [10.0**k for k in range(-14, -1, 2)]
-    curve = estimate_basin(loss, anchor, cutoffs=wide, preconditioner=pre, **kw)
+    curve = estimate_basin(loss, anchor, BasinOptions(cutoffs=wide, **kw), preconditioner=pre,
+                           progress=False)  # fmt: skip
     slopes = learning_coefficient(curve, n_points=len(wide)).local_slopes
     print("\nlocal slopes, 1e-14 → 1e-2:", " ".join(f"{s:.1f}" for s in slopes))
     assert slopes[0] == pytest.approx(50.0, rel=0.02)  # smallest cutoffs: quadratic again
@@ -189,7 +198,8 @@ def test_degenerate_minimum_is_the_known_limit_of_ray_sampling():
     mid = learning_coefficient(curve, n_points=3)
     assert mid.straight is True  # at 1e-14..1e-10 the quadratic has taken over
     across = learning_coefficient(
-        estimate_basin(loss, anchor, cutoffs=[1e-10, 1e-8, 1e-6], preconditioner=pre, **kw)
+        estimate_basin(loss, anchor, BasinOptions(cutoffs=[1e-10, 1e-8, 1e-6], **kw),
+                       preconditioner=pre, progress=False)  # fmt: skip
     )
     assert across.straight is False and "NOT YET STRAIGHT" in across.note
 

@@ -18,6 +18,7 @@ from tyche.basin.memory import (
     bytes_per_direction,
     choose_batch,
 )
+from tyche.basin.options import BasinOptions
 from tyche.basin.sampling import (
     CHUNK,
     DirectionBatch,
@@ -117,7 +118,7 @@ def test_bfloat16_anchor_keeps_its_dtype():
         seen.append(offsets.dtype)
         return 0.5 * offsets.double().square().sum(1)
 
-    res = estimate_basin(loss, theta, cutoff=0.1, n_samples=3, progress=False)
+    res = estimate_basin(loss, theta, BasinOptions(cutoff=0.1, n_samples=3), progress=False)
     assert set(seen) == {torch.bfloat16} and torch.isfinite(res.estimates).all()
     assert ((res.deltas - 0.1).abs() <= 1e-3).all()
 
@@ -159,10 +160,10 @@ def test_results_do_not_depend_on_the_memory_budget():
     def loss(off):
         return 0.5 * (off.double() ** 2 * curv).sum(-1) + (off.double() ** 4).sum(-1)
 
-    kw = dict(cutoffs=[1e-3, 1e-2], n_samples=7, seed=2, progress=False)
+    kw = dict(cutoffs=[1e-3, 1e-2], n_samples=7, seed=2)
     kept = theta.clone()
     runs = [
-        estimate_basin(loss, theta, max_memory=m, **kw)
+        estimate_basin(loss, theta, BasinOptions(max_memory=m, **kw), progress=False)
         for m in (bytes_per_direction(dim, 8), 3 * bytes_per_direction(dim, 8), None)
     ]
     assert torch.equal(theta, kept)  # a float64 anchor is never written to
@@ -173,7 +174,7 @@ def test_results_do_not_depend_on_the_memory_budget():
         assert torch.equal(r.estimates, runs[0].estimates)
         assert torch.equal(r.radii, runs[0].radii)
     with pytest.raises(ValueError, match="max_memory"):
-        estimate_basin(loss, theta, max_memory=100, **kw)
+        estimate_basin(loss, theta, BasinOptions(max_memory=100, **kw), progress=False)
 
 
 def _memory_run(dim: int, n: int) -> dict:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from tyche.basin import estimate_basin, model_loss
+from tyche.basin import BasinOptions, estimate_basin, model_loss
 from tyche.basin.loss import ModelLoss
 from tyche.divergence import masked_kl
 
@@ -87,8 +87,9 @@ def test_a_subset_basin_uses_the_same_directions():
     model, x, labels = classifier()
     full = ModelLoss(model, x)
     sub = ModelLoss(model, x, where=labels == 1)
-    kw = dict(cutoff=1e-2, n_samples=6, seed=3, progress=False)
-    a, b = estimate_basin(full, full.anchor, **kw), estimate_basin(sub, sub.anchor, **kw)
+    opts, kw = BasinOptions(cutoff=1e-2, n_samples=6, seed=3), dict(progress=False)
+    a = estimate_basin(full, full.anchor, opts, **kw)
+    b = estimate_basin(sub, sub.anchor, opts, **kw)
     assert torch.equal(a.props, b.props)  # same draws (props = 1 exactly here)
     assert not torch.equal(a.radii, b.radii)  # another loss, other radii
 

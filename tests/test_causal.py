@@ -15,6 +15,7 @@ from conftest import run_torchrun
 from tyche.ablation import remove_subspace, resample_donors
 from tyche.causal import (
     CausalBasis,
+    CausalOptions,
     LogitLens,
     ModelFromSite,
     TunedLens,
@@ -71,7 +72,7 @@ def test_basis_is_orthonormal_sorted_and_energies_reproduce(mode):
     h = random_hiddens((5, 8, d))
     mask = torch.ones(5, 8, dtype=torch.bool)
     mask[2, 5:] = False
-    basis = extract_causal_basis(target, h, d, mode=mode, mask=mask, max_iter=50)
+    basis = extract_causal_basis(target, h, d, CausalOptions(mode=mode, max_iter=50), mask=mask)
     assert basis.vectors.shape == (d, d) and basis.k == d
     gram = basis.vectors.T @ basis.vectors
     # float32 unit vectors (rounded once from an orthonormalisation) and 6-term dot products:
@@ -108,7 +109,9 @@ def test_greedy_directions_match_a_brute_force_search(n_init):
     d = 3
     target = SoftmaxTarget(d, seed=3)
     h = random_hiddens((300, d), seed=4)
-    basis = extract_causal_basis(target, h, 2, mode="mean", max_iter=100, n_init=n_init)
+    basis = extract_causal_basis(
+        target, h, 2, CausalOptions(mode="mean", max_iter=100, n_init=n_init)
+    )
     # first direction: every point of an 8k Fibonacci sphere (spacing ~0.04 rad)
     grid = _fibonacci_sphere(8000).float()
     clean = target(h).log_softmax(-1)
@@ -142,7 +145,7 @@ def test_each_direction_is_a_stationary_point_on_its_constraint_set():
     d = 8
     target = SoftmaxTarget(d, seed=5).double()
     h = random_hiddens((400, d), seed=6).double()
-    basis = extract_causal_basis(target, h, 3, mode="zero", max_iter=100, tol=1e-12)
+    basis = extract_causal_basis(target, h, 3, CausalOptions(mode="zero", max_iter=100, tol=1e-12))
     assert basis.vectors.dtype == torch.float64
     clean = target(h).log_softmax(-1)
     for j in range(3):
@@ -175,14 +178,16 @@ def test_a_fresh_lbfgs_is_made_for_every_direction(monkeypatch):
 
     monkeypatch.setattr(torch.optim, "LBFGS", Spy)
     h = random_hiddens((64, 5))  # 64 positions: no subsample, one run per start
-    basis = extract_causal_basis(SoftmaxTarget(5), h, 4, max_iter=20, n_starts=2)
+    basis = extract_causal_basis(SoftmaxTarget(5), h, 4, CausalOptions(max_iter=20, n_starts=2))
     assert len(made) == 4 * 2
     params = [opt.param_groups[0]["params"][0] for opt in made]
     assert len({id(p) for p in params}) == 4 * 2
     assert basis.k == 4
     made.clear()  # with a subsample: n_starts climbs on it, then one polish, per direction
     h = random_hiddens((64, 8, 5))
-    basis = extract_causal_basis(SoftmaxTarget(5), h, 3, max_iter=20, screen_positions=64)
+    basis = extract_causal_basis(
+        SoftmaxTarget(5), h, 3, CausalOptions(max_iter=20, screen_positions=64)
+    )
     assert basis.settings["screen_positions"] == 64 and len(made) == 3 * (2 + 1)
     assert len({id(opt.param_groups[0]["params"][0]) for opt in made}) == 3 * 3
 
@@ -191,15 +196,15 @@ def test_more_starts_never_find_a_worse_direction():
     d = 8
     target = SoftmaxTarget(d, seed=9)
     h = random_hiddens((200, d), seed=10)
-    one = extract_causal_basis(target, h, 1, n_starts=1, max_iter=40, n_pca=0)
-    five = extract_causal_basis(target, h, 1, n_starts=5, max_iter=40, n_pca=0)
+    one = extract_causal_basis(target, h, 1, CausalOptions(n_starts=1, max_iter=40, n_pca=0))
+    five = extract_causal_basis(target, h, 1, CausalOptions(n_starts=5, max_iter=40, n_pca=0))
     # the best-screened start is also among the five runs, so the result cannot get worse:
     # exactly, since that run is the same ops on the same values and is scored the same way
     assert float(five.energies[0]) >= float(one.energies[0])
     assert five.n_evals[0] > one.n_evals[0]
     assert five.settings["n_starts"] == 5
     with pytest.raises(ValueError, match="n_starts >= 1"):
-        extract_causal_basis(target, h, 1, n_starts=0)
+        extract_causal_basis(target, h, 1, CausalOptions(n_starts=0))
 
 
 def test_padding_does_not_change_the_basis():
@@ -209,10 +214,10 @@ def test_padding_does_not_change_the_basis():
     mask = torch.ones(4, 10, dtype=torch.bool)
     mask[1, 6:] = False
     mask[3, 8:] = False
-    a = extract_causal_basis(target, h, 2, mask=mask, mode="mean", max_iter=40)
+    a = extract_causal_basis(target, h, 2, CausalOptions(mode="mean", max_iter=40), mask=mask)
     h2 = h.clone()
     h2[~mask] = 50.0  # garbage at padding: must not enter the mean, pool or energy
-    b = extract_causal_basis(target, h2, 2, mask=mask, mode="mean", max_iter=40)
+    b = extract_causal_basis(target, h2, 2, CausalOptions(mode="mean", max_iter=40), mask=mask)
     # exact: padding enters only as exact zeros (its offsets are multiplied by 0, its KLs
     # replaced by 0, the mean and PCA select the masked rows), and matmul rows do not mix, so
     # both runs take the same float steps; any leak of the garbage would show
@@ -225,10 +230,10 @@ def test_resample_uses_one_fixed_derangement_from_the_generator():
     target = SoftmaxTarget(d)
     h = random_hiddens((40, d))
     a = extract_causal_basis(
-        target, h, 2, mode="resample", generator=torch.Generator().manual_seed(7)
+        target, h, 2, CausalOptions(mode="resample"), generator=torch.Generator().manual_seed(7)
     )
     b = extract_causal_basis(
-        target, h, 2, mode="resample", generator=torch.Generator().manual_seed(7)
+        target, h, 2, CausalOptions(mode="resample"), generator=torch.Generator().manual_seed(7)
     )
     # exact: the same derangement from the same seed, then the same ops in the same order
     torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=0)
@@ -248,7 +253,9 @@ def test_cross_entropy_objective_is_the_loss_increase():
     h = random_hiddens((3, 12, d))
     labels = torch.randint(0, 7, (3, 12), generator=torch.Generator().manual_seed(0))
     labels[0, -1] = -100
-    basis = extract_causal_basis(target, h, 2, objective="ce", labels=labels, max_iter=30)
+    basis = extract_causal_basis(
+        target, h, 2, CausalOptions(objective="ce", max_iter=30), labels=labels
+    )
     keep = labels != -100
     clean = F.cross_entropy(target(h)[keep], labels[keep])
     for i in range(2):
@@ -265,9 +272,9 @@ def test_min_energy_drops_weak_directions():
     d = 6
     target = SoftmaxTarget(d)
     h = random_hiddens((100, d))
-    full = extract_causal_basis(target, h, d, max_iter=30)
+    full = extract_causal_basis(target, h, d, CausalOptions(max_iter=30))
     cut = float(full.energies[2] + full.energies[3]) / 2
-    short = extract_causal_basis(target, h, d, max_iter=30, min_energy=cut)
+    short = extract_causal_basis(target, h, d, CausalOptions(max_iter=30, min_energy=cut))
     assert short.k == 3 and (short.energies >= cut).all()
 
 
@@ -297,13 +304,13 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="mask has shape"):
         extract_causal_basis(target, h, 2, mask=torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="needs labels"):
-        extract_causal_basis(target, h, 2, objective="ce")
+        extract_causal_basis(target, h, 2, CausalOptions(objective="ce"))
     with pytest.raises(ValueError, match="unknown ablation mode"):
-        extract_causal_basis(target, h, 2, mode="median")
+        extract_causal_basis(target, h, 2, CausalOptions(mode="median"))
     with pytest.raises(ValueError, match="selects nothing|no positions"):
         extract_causal_basis(target, h, 2, mask=torch.zeros(3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="min_energy"):
-        extract_causal_basis(target, h, 2, min_energy=1e6)
+        extract_causal_basis(target, h, 2, CausalOptions(min_energy=1e6))
     with pytest.raises(ValueError, match="keep every leading dimension"):
         extract_causal_basis(lambda x: target(x).sum(0), h, 2)
 
@@ -318,7 +325,7 @@ def test_chunked_evaluation_equals_one_pass(mode):
     mask[4, 3:] = False
     v = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0))).Q
     whole, chunked = (
-        AblationObjective(target, h, mode=mode, mask=mask, batch_size=b,
+        AblationObjective(target, h, CausalOptions(mode=mode, batch_size=b), mask=mask,
                           generator=torch.Generator().manual_seed(1))
         for b in (5, 2)
     )  # fmt: skip
@@ -342,7 +349,7 @@ def test_a_non_finite_energy_raises_instead_of_becoming_zero():
     def target(x: torch.Tensor) -> torch.Tensor:
         return torch.log(x[..., :1]) * torch.tensor([1.0, -1.0, 0.5])
 
-    obj = AblationObjective(target, h, mode="zero")
+    obj = AblationObjective(target, h, CausalOptions(mode="zero"))
     assert math.isfinite(obj.energy(torch.tensor([0.0, 1.0, 0.0])))
     with pytest.raises(FloatingPointError, match="not finite"):
         obj.energy(torch.tensor([1.0, 0.0, 0.0]))  # zero-ablating x0 gives log(0)
@@ -411,7 +418,7 @@ def test_tuned_lens_trains_saves_and_loads(gpt2_model, neox_model, token_batch, 
 
     tokens = {k: v.repeat(2, 1) for k, v in token_batch.items()}
     lens = train_tuned_lens(
-        gpt2_model, tokens, "resid_pre.*", steps=30, lr=3e-3, batch_size=4, show_progress=False
+        gpt2_model, tokens, "resid_pre.*", steps=30, lr=3e-3, batch_size=4, progress=False
     )
     before, after = lens.stats["kl_logit_lens"], lens.stats["kl_tuned_lens"]
     assert all(a < 0.8 * b for a, b in zip(after, before)), (before, after)
@@ -429,7 +436,7 @@ def test_tuned_lens_trains_saves_and_loads(gpt2_model, neox_model, token_batch, 
 # ----------------------------------------------------------------------------- models
 def test_extract_causal_bases_over_every_layer(hf_model, token_batch):
     bases = extract_causal_bases(
-        hf_model, token_batch, 2, "resid_pre.*", max_iter=15, n_pca=4, progress=False
+        hf_model, token_batch, 2, "resid_pre.*", CausalOptions(max_iter=15, n_pca=4), progress=False
     )
     assert list(bases) == ["resid_pre.0", "resid_pre.1"]
     for name, b in bases.items():
@@ -448,18 +455,20 @@ def test_extract_causal_bases_over_every_layer(hf_model, token_batch):
 
 def test_model_target_and_ce_objective(gpt2_model, token_batch):
     lens_basis = extract_causal_bases(
-        gpt2_model, token_batch, 1, "resid_pre.1", max_iter=10, n_pca=0, progress=False
+        gpt2_model,
+        token_batch,
+        1,
+        "resid_pre.1",
+        CausalOptions(max_iter=10, n_pca=0),
+        progress=False,
     )["resid_pre.1"]
     model_basis = extract_causal_bases(
         gpt2_model,
         token_batch,
         1,
         "resid_pre.1",
+        CausalOptions(objective="ce", batch_size=2, max_iter=5, n_pca=0),
         target="model",
-        objective="ce",
-        batch_size=2,
-        max_iter=5,
-        n_pca=0,
         progress=False,
     )["resid_pre.1"]
     assert model_basis.objective == "ce" and lens_basis.objective == "kl"
@@ -571,28 +580,33 @@ def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
     out = tmp_path / "dist"
     run_torchrun(Path(__file__).with_name("causal_dist_worker.py"), out)
     big, big_mask = subsample_problem()
-    one = AblationObjective(SoftmaxTarget6(), big, mask=big_mask, batch_size=3,
-                            screen_positions=72)  # fmt: skip
+    one = AblationObjective(SoftmaxTarget6(), big, CausalOptions(batch_size=3, screen_positions=72),
+                            mask=big_mask)  # fmt: skip
     rows = [r for s in one.screen[0] for r in range(s.start, s.stop)]
     parts = [json.loads((out / f"screen_rank{r}.json").read_text()) for r in (0, 1)]
     assert 0 < len(rows) < 41 and parts[0][0] and parts[1][0]  # both ranks hold some
     assert parts[0][0] + parts[1][0] == rows and parts[0][1] == parts[1][1] == one.screen[1]
     for mode in ("zero", "mean"):
         target, h, mask = problem()
-        single = extract_causal_basis(target, h, 3, mode=mode, mask=mask, max_iter=60, tol=TOL)
+        single = extract_causal_basis(
+            target, h, 3, CausalOptions(mode=mode, max_iter=60, tol=TOL), mask=mask
+        )
         both = [CausalBasis.load(out / f"{mode}_rank{r}") for r in (0, 1)]
         # the ranks all-reduce every sum, so they take identical steps: bit-identical results
         torch.testing.assert_close(both[0].vectors, both[1].vectors, rtol=0, atol=0)
         assert both[0].n_positions == single.n_positions
-        evaluator = AblationObjective(target.double(), h.double(), mode=mode, mask=mask)
+        evaluator = AblationObjective(
+            target.double(), h.double(), CausalOptions(mode=mode), mask=mask
+        )
 
         def score(v: torch.Tensor, ev: AblationObjective = evaluator) -> float:
             return ev.energy(v.double())
 
         assert_same_basis(both[0], single, score, TOY_TOLERANCE)
     model, tokens = model_problem()
-    single = extract_causal_bases(model, tokens, 2, "resid_pre.1", max_iter=60, n_pca=2,
-                                  progress=False, tol=TOL)["resid_pre.1"]  # fmt: skip
+    single = extract_causal_bases(model, tokens, 2, "resid_pre.1",
+                                  CausalOptions(max_iter=60, n_pca=2, tol=TOL),
+                                  progress=False)["resid_pre.1"]  # fmt: skip
     both = [CausalBasis.load(out / f"model_rank{r}") for r in (0, 1)]
     # exact: every sum is all-reduced, so both ranks take identical steps (as above)
     torch.testing.assert_close(both[0].vectors, both[1].vectors, rtol=0, atol=0)
@@ -601,7 +615,7 @@ def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
     with read_activations(model, "resid_pre.1") as acts:
         model(**tokens)
     evaluator = AblationObjective(
-        LogitLens.from_model(model), acts["resid_pre.1"], mode="mean",
+        LogitLens.from_model(model), acts["resid_pre.1"], CausalOptions(mode="mean"),
         mask=tokens["attention_mask"].bool(),
     )  # fmt: skip
     assert_same_basis(both[0], single, evaluator.energy, MODEL_TOLERANCE)

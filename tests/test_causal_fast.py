@@ -13,7 +13,14 @@ from torch import nn
 
 from conftest import build_gpt2, build_llama, build_neox
 from test_causal import SoftmaxTarget, random_hiddens
-from tyche.causal import AblationObjective, CausalBasis, LogitLens, TunedLens, extract_causal_basis
+from tyche.causal import (
+    AblationObjective,
+    CausalBasis,
+    CausalOptions,
+    LogitLens,
+    TunedLens,
+    extract_causal_basis,
+)
 from tyche.causal.refine import orthonormal_factor
 
 MODES = ["zero", "mean", "resample"]
@@ -83,9 +90,11 @@ def problem(seed: int = 0, dtype=torch.float64):
 
 
 def both_paths(target, h, mask, labels, mode, objective, **kw):
-    common = dict(mode=mode, objective=objective, mask=mask, batch_size=2, labels=labels)
-    made = [AblationObjective(target, h, fast=fast, generator=torch.Generator().manual_seed(1),
-                              **common, **kw) for fast in (True, False)]  # fmt: skip
+    made = [AblationObjective(target, h, CausalOptions(mode=mode, objective=objective,
+                                                       batch_size=2, fast=fast, **kw),
+                              mask=mask, labels=labels,
+                              generator=torch.Generator().manual_seed(1))
+            for fast in (True, False)]  # fmt: skip
     assert made[0].factored is not None and made[1].factored is None
     return made
 
@@ -125,10 +134,11 @@ def test_hf_llama_norm_is_recognised_and_both_paths_meet_a_float64_oracle():
     for mode in MODES:
         for objective in ("kl", "ce"):
             fast, direct = both_paths(target, h, mask, labels, mode, objective)
-            oracle = AblationObjective(LogitLens.from_model(exact), h.double(), mode=mode,
-                                       objective=objective, mask=mask, labels=labels,
-                                       batch_size=2, generator=torch.Generator().manual_seed(1),
-                                       fast=False)  # fmt: skip
+            oracle = AblationObjective(LogitLens.from_model(exact), h.double(),
+                                       CausalOptions(mode=mode, objective=objective,
+                                                     batch_size=2, fast=False),
+                                       mask=mask, labels=labels,
+                                       generator=torch.Generator().manual_seed(1))  # fmt: skip
             for vectors in (frame[:, 0], frame):
                 e0, g0 = oracle.value_and_grad(vectors.double())
                 for path, tol in ((fast, F32_FAST_ATOL), (direct, F32_DIRECT_ATOL)):
@@ -145,7 +155,7 @@ def test_cache_budget_changes_memory_not_results():
     chunk_gb = 2 * 7 * 512 * 8 / 2**30  # chunk 1: 2 rows × 7 positions; chunk 2: 1 row
     runs = {}
     for gb in (0.0, chunk_gb * 1.2, chunk_gb * 2.5, 1.0):
-        obj = AblationObjective(target, h, mask=mask, batch_size=2, cache_gb=gb)
+        obj = AblationObjective(target, h, CausalOptions(batch_size=2, cache_gb=gb), mask=mask)
         runs[gb] = (obj.factored.cached_fraction, obj.value_and_grad(frame))
     fractions = [f for f, _ in runs.values()]
     assert fractions == [0.0, 0.5, 1.0, 1.0]  # 2 chunks; readouts first, probabilities after
@@ -155,7 +165,7 @@ def test_cache_budget_changes_memory_not_results():
         torch.testing.assert_close(energy, reference[0], rtol=F64_RTOL, atol=F64_ATOL)
         torch.testing.assert_close(grad, reference[1], rtol=F64_RTOL, atol=F64_ATOL)  # as above
     with pytest.raises(ValueError, match="cache_gb must be >= 0"):
-        AblationObjective(target, h, cache_gb=-1.0)
+        AblationObjective(target, h, CausalOptions(cache_gb=-1.0))
 
 
 def test_default_cache_is_half_the_free_memory(monkeypatch):
@@ -168,12 +178,12 @@ def test_default_cache_is_half_the_free_memory(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for free, fraction in ((0, 0.0), (2 * 1.2 * chunk_bytes, 0.5), (1 << 40, 1.0)):
         monkeypatch.setattr(memory, "available_memory", lambda device, free=free: free)
-        obj = AblationObjective(target, h, mask=mask, batch_size=2)
+        obj = AblationObjective(target, h, CausalOptions(batch_size=2), mask=mask)
         assert obj.cache_gb == int(objective.AUTO_CACHE_SHARE * free) / 2**30
         assert obj.factored.cached_fraction == fraction
     # two torchrun processes on one host split the share between them
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    obj = AblationObjective(target, h, mask=mask, batch_size=2)
+    obj = AblationObjective(target, h, CausalOptions(batch_size=2), mask=mask)
     assert obj.cache_gb == int(objective.AUTO_CACHE_SHARE * free / 2) / 2**30
 
 
@@ -247,10 +257,12 @@ def test_a_common_shift_of_the_ablated_logits_cannot_underflow_float32():
         delta = target(h - (h @ big) * big[:, 0]) - target(h)
     assert float(delta.max()) < -87  # e^Δ is subnormal or zero in float32 everywhere
     for objective in ("kl", "ce"):
-        kw = dict(mode="zero", objective=objective, mask=mask, labels=labels)
-        fast = AblationObjective(target, h, **kw)
+        kw = dict(mask=mask, labels=labels)
+        fast = AblationObjective(target, h, CausalOptions(mode="zero", objective=objective), **kw)
         assert fast.factored is not None
-        oracle = AblationObjective(exact, h.double(), fast=False, **kw)
+        oracle = AblationObjective(
+            exact, h.double(), CausalOptions(mode="zero", objective=objective, fast=False), **kw
+        )
         e0, g0 = oracle.value_and_grad(big.double())
         e, g = fast.value_and_grad(big)
         assert abs(e0) > 1e-2  # a real energy (CE increase may be negative)
@@ -265,12 +277,14 @@ def test_subsample_is_spread_runs_of_rows_and_counted_exactly():
     h = random_hiddens((40, 9, 6))
     mask = torch.ones(40, 9, dtype=torch.bool)
     mask[10, 4:] = False  # row 10 starts a run: its padding is not counted
-    obj = AblationObjective(SoftmaxTarget(6), h, mask=mask, batch_size=3, screen_positions=72)
+    obj = AblationObjective(
+        SoftmaxTarget(6), h, CausalOptions(batch_size=3, screen_positions=72), mask=mask
+    )
     rows = [r for s in obj.screen[0] for r in range(s.start, s.stop)]
     assert rows == [0, 5, 10, 15, 20, 25, 30, 35]  # 8 rows of 9 positions, every 40/8 rows
     assert obj.screen[1] == 8 * 9 - 5 and obj.subsample_fraction == (72 - 5) / (360 - 5)
     assert all(s.start // 3 == (s.stop - 1) // 3 for s in obj.screen[0])  # never straddle
-    everything = AblationObjective(SoftmaxTarget(6), h, screen_positions=200)
+    everything = AblationObjective(SoftmaxTarget(6), h, CausalOptions(screen_positions=200))
     assert everything.subsample_fraction == 1.0  # more than half the data: no subsample
 
 
@@ -292,7 +306,7 @@ def test_search_stops_on_the_tangent_gradient_and_counts_its_passes(monkeypatch)
     monkeypatch.setattr(AblationObjective, "energy", counting(original_energy))
     target = SoftmaxTarget(8, seed=4).double()
     h = random_hiddens((48, 6, 8), seed=5).double()
-    basis = extract_causal_basis(target, h, 3, n_pca=0, screen_positions=48)
+    basis = extract_causal_basis(target, h, 3, CausalOptions(n_pca=0, screen_positions=48))
     fraction = basis.settings["screen_positions"] / basis.n_positions
     assert fraction < 1
     counted = calls["full"] - 3 + fraction * calls["sub"]
@@ -317,7 +331,7 @@ def test_joint_refinement_beats_a_brute_force_search_over_planes():
 
     target = SoftmaxTarget(3, seed=3).double()
     h = random_hiddens((300, 3), seed=4).double()
-    basis = extract_causal_basis(target, h, 2, refine="joint", n_pca=0)
+    basis = extract_causal_basis(target, h, 2, CausalOptions(refine="joint", n_pca=0))
     clean = target(h).log_softmax(-1)
     mu = h.mean(0)
     best = 0.0
@@ -336,8 +350,8 @@ def test_joint_refinement_is_stationary_ordered_and_reproducible(tmp_path):
     mask = torch.ones(4, 50, dtype=torch.bool)
     mask[2, 40:] = False
     k = 4
-    basis = extract_causal_basis(target, h, k, mask=mask, refine="joint", n_pca=0)
-    greedy = extract_causal_basis(target, h, k, mask=mask, n_pca=0)
+    basis = extract_causal_basis(target, h, k, CausalOptions(refine="joint", n_pca=0), mask=mask)
+    greedy = extract_causal_basis(target, h, k, CausalOptions(n_pca=0), mask=mask)
     # same path: the refinement starts from the greedy search, run with the same arguments
     torch.testing.assert_close(basis.greedy_subspace_energies, greedy.subspace_energies)
     assert basis.settings["refine"] == "joint" and greedy.greedy_subspace_energies is None
@@ -360,7 +374,7 @@ def test_joint_refinement_is_stationary_ordered_and_reproducible(tmp_path):
     # same path: the saved tensor itself (safetensors keeps the bits)
     torch.testing.assert_close(loaded.greedy_subspace_energies, basis.greedy_subspace_energies)
     with pytest.raises(ValueError, match="refine must be"):
-        extract_causal_basis(target, h, 2, refine="both")
+        extract_causal_basis(target, h, 2, CausalOptions(refine="both"))
 
 
 def test_orthonormal_factor_keeps_an_orthonormal_start():

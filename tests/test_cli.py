@@ -255,13 +255,14 @@ def _digits_curve(where=None, n: int = 8, cutoffs=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     """What `tyche basin` should compute, straight from the library (the oracle)."""
     from tyche.basin.core import estimate_basin
     from tyche.basin.loss import ModelLoss
+    from tyche.basin.options import BasinOptions
     from tyche.zoo import load_digits_mlp
 
     mlp = load_digits_mlp()
     mask = None if where is None else where(mlp.y_train)
     loss = ModelLoss(mlp.model, mlp.x_train, where=mask)
-    return estimate_basin(loss, loss.anchor, cutoffs=list(cutoffs), sigma=mlp.prior_sigma,
-                          n_samples=n, progress=False)  # fmt: skip
+    opts = BasinOptions(cutoffs=list(cutoffs), sigma=mlp.prior_sigma, n_samples=n)
+    return estimate_basin(loss, loss.anchor, opts, progress=False)
 
 
 def test_basin_lambda_and_where_on_digits(tmp_path, capsys):
@@ -633,6 +634,7 @@ INTERACTION_SETTINGS = [
      r"drop --n_stochastic_sources or use --edges squared"),
     (["--basis", "svd", "--n_stochastic_sources_hidden", "2"],
      r"--n_stochastic_sources_hidden only applies to the jacobian basis"),
+    (["--n_intervals", "2"], r"'gradient' rule .* so --n_intervals must be 0 \(got 2\)"),
 ]  # fmt: skip
 
 
@@ -671,3 +673,26 @@ def test_a_lens_of_another_model_is_refused_in_flags(tmp_path, capsys, lm_folder
             r".*tyche causal train-lens --model")
     one_line_error(run, "causal", said)
     assert "strict=False" not in run.err
+
+
+def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
+    """Only errors raised on purpose about input print as one line; a ValueError from a bug
+    (here planted in the zoo command) prints its traceback and asks for a bug report."""
+    from tyche.cli import zoo
+
+    def broken(argv):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(zoo, "main", broken)
+    run = cli(capsys, "zoo", "list")
+    assert run.code == 1, run
+    assert "Traceback (most recent call last)" in run.err and "an internal slip" in run.err
+    assert "this is a bug in tyche, not in your input: please report it" in run.err
+
+    def bad_input(argv):
+        from tyche.errors import InputError
+
+        raise InputError("give a smaller --thing")
+
+    monkeypatch.setattr(zoo, "main", bad_input)
+    one_line_error(cli(capsys, "zoo", "list"), "zoo", r"give a smaller --thing")

@@ -36,7 +36,11 @@ def cache_dir(tmp_path_factory, tiny_tokenizer, tiny_texts) -> Path:
     rows = ids[: (ids.numel() // 16) * 16].view(-1, 16)
     folder = tmp_path_factory.mktemp("app-cache")
     build_cache(
-        model, rows, folder, model_name="tiny-neox", data_name="tiny_texts", show_progress=False
+        model,
+        rows,
+        folder,
+        provenance={"model_name": "tiny-neox", "data_name": "tiny_texts"},
+        progress=False,
     )
     return folder
 

@@ -123,7 +123,7 @@ def test_every_trainable_parameter_changes_after_one_step(hf_model, token_batch)
     cb = attach(copy.deepcopy(hf_model), ["attn_heads.*", "mlp_out.*"], num_codes=16)
     before = {n: p.detach().clone() for n, p in cb.named_parameters()}
     cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, warmup_steps=0, log_every=1)
-    train_codebooks(cb, row_sampler(token_batch["input_ids"], 4), cfg, show_progress=False)
+    train_codebooks(cb, row_sampler(token_batch["input_ids"], 4), cfg, progress=False)
     unchanged = [n for n, p in cb.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"parameters that did not train: {unchanged}"
     attention = [n for n in before if "attn" in n or "attention" in n]

@@ -372,7 +372,7 @@ def test_fast_paths_train_like_the_plain_formulas(gpt2_model, monkeypatch, simil
         model = copy.deepcopy(gpt2_model).double()
         sites = ["attn_heads.*", "mlp_out.*"]
         cb = attach(model, sites, num_codes=64, seed=0, similarity=similarity)
-        result = train_codebooks(cb, row_sampler(rows, 4), cfg, show_progress=False)
+        result = train_codebooks(cb, row_sampler(rows, 4), cfg, progress=False)
         return [h["loss"] for h in result.history], cb.state_dict()
 
     fast_losses, fast_state = run()

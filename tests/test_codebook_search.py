@@ -28,9 +28,8 @@ def built(tmp_path_factory, tiny_tokenizer, tiny_texts):
         folder,
         tokenizer=tiny_tokenizer,
         batch_size=3,
-        model_name="tiny",
-        data_name="tiny_texts",
-        show_progress=False,
+        provenance={"model_name": "tiny", "data_name": "tiny_texts"},
+        progress=False,
     )
     return model, rows, cache
 
@@ -202,3 +201,19 @@ def test_build_cache_rejects_bad_input(built, tmp_path, gpt2_model) -> None:
             torch.ones(4, dtype=torch.long),
             tmp_path,
         )
+
+
+def test_build_cache_records_its_provenance(built, tmp_path) -> None:
+    model, rows, _ = built
+    folder = tmp_path / "prov"
+    cache = build_cache(model, rows[:2], folder, neurons=False, copy_model=False,
+                        provenance={"data_name": "tiny_texts", "split": "train"},
+                        progress=False)  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["model_name"] is None and manifest["data_name"] == "tiny_texts"
+    assert manifest["extra"] == {"split": "train"} and cache.manifest == manifest
+    plain = build_cache(model, rows[:2], tmp_path / "plain", neurons=False, copy_model=False,
+                        progress=False).manifest  # fmt: skip
+    assert (plain["model_name"], plain["data_name"], plain["extra"]) == (None, None, {})
+    with pytest.raises(ValueError, match="provenance must be a mapping"):
+        build_cache(model, rows[:2], tmp_path / "bad", provenance=["tiny"], progress=False)

@@ -63,7 +63,7 @@ def test_frozen_smollm2_with_codebooks() -> None:
         cb,
         row_sampler(train_rows, 4),
         cfg,
-        show_progress=False,
+        progress=False,
         eval_fn=lambda m: evaluate_lm(m, held, batch_size=4),
     )
     after = result.evaluation

@@ -35,7 +35,7 @@ def test_groups_have_their_learning_rates(cb) -> None:
 def test_freeze_base_trains_codebooks_only(cb) -> None:
     before = {n: p.detach().clone() for n, p in cb.named_parameters()}
     cfg = TrainConfig(steps=2, batch_size=4, freeze_base=True, warmup_steps=0, log_every=1)
-    result = train_codebooks(cb, row_sampler(_rows(), 4), cfg, show_progress=False)
+    result = train_codebooks(cb, row_sampler(_rows(), 4), cfg, progress=False)
     for name, p in cb.named_parameters():
         assert torch.equal(p, before[name]) == name.startswith("base."), name
     assert result.n_params_codebooks == sum(p.numel() for p in cb.codebook_parameters())
@@ -44,7 +44,7 @@ def test_freeze_base_trains_codebooks_only(cb) -> None:
 def test_metrics_are_logged(cb) -> None:
     cfg = TrainConfig(steps=4, batch_size=4, log_every=2, warmup_steps=1)
     result = train_codebooks(
-        cb, row_sampler(_rows(), 4), cfg, show_progress=False, eval_fn=lambda m: {"probe": 1.0}
+        cb, row_sampler(_rows(), 4), cfg, progress=False, eval_fn=lambda m: {"probe": 1.0}
     )
     assert [h["step"] for h in result.history] == [2, 4]
     for h in result.history:
@@ -58,7 +58,7 @@ def test_metrics_are_logged(cb) -> None:
 def test_dead_codes_are_replaced_during_training(cb) -> None:
     cfg = TrainConfig(steps=4, batch_size=4, replace_dead_every=2, log_every=4, warmup_steps=0)
     layer = cb.codebook("mlp_out.0")
-    train_codebooks(cb, row_sampler(_rows(), 4), cfg, show_progress=False)
+    train_codebooks(cb, row_sampler(_rows(), 4), cfg, progress=False)
     assert layer.recent is None and not layer.keep_recent  # cleaned up after training
 
 
@@ -79,12 +79,12 @@ def test_resume_gives_the_same_model(gpt2_model, tmp_path) -> None:
         return row_sampler(rows, 4)(step)
 
     straight = fresh()
-    train_codebooks(straight, row_sampler(rows, 4), cfg, show_progress=False)
+    train_codebooks(straight, row_sampler(rows, 4), cfg, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train_codebooks(fresh(), interrupted, cfg, out=tmp_path, show_progress=False)
+        train_codebooks(fresh(), interrupted, cfg, out=tmp_path, progress=False)
     resumed = fresh()
     result = train_codebooks(
-        resumed, row_sampler(rows, 4), cfg, out=tmp_path, resume=True, show_progress=False
+        resumed, row_sampler(rows, 4), cfg, out=tmp_path, resume=True, progress=False
     )
     assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
     # exact: the same steps on the same batches in one process, the state restored bit for bit
@@ -93,7 +93,7 @@ def test_resume_gives_the_same_model(gpt2_model, tmp_path) -> None:
     with pytest.raises(ValueError, match="other settings"):
         other = TrainConfig(**{**cfg.__dict__, "lr": 5e-4})
         train_codebooks(
-            fresh(), row_sampler(rows, 4), other, out=tmp_path, resume=True, show_progress=False
+            fresh(), row_sampler(rows, 4), other, out=tmp_path, resume=True, progress=False
         )
 
 
@@ -112,9 +112,9 @@ def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
     # stopped right after a dead-code replacement of snapped codebooks (step 3), then resumed
     snapped = TrainConfig(**{**cfg.__dict__, "snap_after": 1, "replace_dead_every": 3})
     straight = fresh()
-    train_codebooks(straight, row_sampler(rows, 4), snapped, show_progress=False)
+    train_codebooks(straight, row_sampler(rows, 4), snapped, progress=False)
     part = train_codebooks(
-        fresh(), row_sampler(rows, 4), snapped, out=tmp_path / "s", stop_at=3, show_progress=False
+        fresh(), row_sampler(rows, 4), snapped, out=tmp_path / "s", stop_at=3, progress=False
     )
     assert [h["step"] for h in part.history] == [1, 2, 3]
     branched = fresh()
@@ -124,26 +124,26 @@ def test_runs_branch_from_a_shared_start(gpt2_model, tmp_path) -> None:
         snapped,
         out=tmp_path / "s",
         resume=True,
-        show_progress=False,
+        progress=False,
     )
     # exact, as above: the same steps on the same batches, the state restored bit for bit
     for (name, a), b in zip(straight.state_dict().items(), branched.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     train_codebooks(
-        fresh(), row_sampler(rows, 4), cfg, out=tmp_path / "b", stop_at=2, show_progress=False
+        fresh(), row_sampler(rows, 4), cfg, out=tmp_path / "b", stop_at=2, progress=False
     )
     baseline = fresh()
     codes_before = [p.clone() for p in baseline.codebook_parameters()]
     baseline.set_snap(False)
     train_codebooks(
-        baseline, row_sampler(rows, 4), cfg, out=tmp_path / "b", resume=True, show_progress=False
+        baseline, row_sampler(rows, 4), cfg, out=tmp_path / "b", resume=True, progress=False
     )
     assert not any(layer.snap for layer in baseline.codebooks.values())
     for before, after in zip(codes_before, baseline.codebook_parameters()):
         assert torch.equal(before, after)  # never snapped: no k-means, no gradient
     assert not torch.equal(baseline.base.lm_head.weight, fresh().base.lm_head.weight)
     with pytest.raises(ValueError, match="stop_at"):
-        train_codebooks(fresh(), row_sampler(rows, 4), cfg, stop_at=2, show_progress=False)
+        train_codebooks(fresh(), row_sampler(rows, 4), cfg, stop_at=2, progress=False)
     with pytest.raises(ValueError, match="stop_at"):
         train_codebooks(fresh(), row_sampler(rows, 4), cfg, out=tmp_path / "c", stop_at=9)
 

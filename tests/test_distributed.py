@@ -131,6 +131,7 @@ class _GroupStarted(Exception):
 def _entry_points() -> dict[str, object]:
     """name -> a call of that public entry point on tiny inputs (``(model, ids)`` given)."""
     from tyche.basin.core import estimate_basin
+    from tyche.basin.options import BasinOptions
     from tyche.causal import (
         AblationObjective,
         TunedLens,
@@ -147,7 +148,8 @@ def _entry_points() -> dict[str, object]:
     h = torch.randn(2, 3, 4)
     return {
         "estimate_basin": lambda m, ids: estimate_basin(
-            lambda d: d.square().sum(-1), torch.ones(3), cutoff=0.1, n_samples=2, progress=False
+            lambda d: d.square().sum(-1), torch.ones(3), BasinOptions(cutoff=0.1, n_samples=2),
+            progress=False,
         ),
         "build_interaction_graph": lambda m, ids: build_interaction_graph(
             m, ids, layers, progress=False
@@ -155,7 +157,7 @@ def _entry_points() -> dict[str, object]:
         "build_grams": lambda m, ids: build_grams(m, ids, layers, progress=False),
         "ablate_nodes": lambda m, ids: ablate_nodes(m, None, ids, progress=False),
         "ablate_edges": lambda m, ids: ablate_edges(m, None, ids, progress=False),
-        "train_tuned_lens": lambda m, ids: train_tuned_lens(m, ids, steps=1, show_progress=False),
+        "train_tuned_lens": lambda m, ids: train_tuned_lens(m, ids, steps=1, progress=False),
         "evaluate_lens": lambda m, ids: evaluate_lens(TunedLens(m, "resid_pre.*"), ids),
         "extract_causal_bases": lambda m, ids: extract_causal_bases(
             m, ids, 1, "resid_pre.1", progress=False
@@ -166,7 +168,7 @@ def _entry_points() -> dict[str, object]:
             attach(m, ["mlp_out.0"], num_codes=4),
             row_sampler(ids, 2),
             TrainConfig(steps=1, batch_size=2),
-            show_progress=False,
+            progress=False,
         ),
     }
 
@@ -198,7 +200,7 @@ def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
     ranks agree exactly and match one process (tests/entry_points_dist_worker.py)."""
     import entry_points_dist_worker as worker
     from test_causal import MODEL_TOLERANCE, assert_same_basis
-    from tyche.causal import AblationObjective, LogitLens, TunedLens
+    from tyche.causal import AblationObjective, CausalOptions, LogitLens, TunedLens
     from tyche.causal.train_lens import evaluate_lens
     from tyche.hooks import read_activations
 
@@ -253,7 +255,8 @@ def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
     assert two["causal"].n_positions == one["causal"].n_positions == 5 * 12 - 3 - 7
     with read_activations(model, "resid_pre.1") as acts:
         model(**tokens)
-    evaluator = AblationObjective(LogitLens.from_model(model), acts["resid_pre.1"], mode="mean",
+    evaluator = AblationObjective(LogitLens.from_model(model), acts["resid_pre.1"],
+                                  CausalOptions(mode="mean"),
                                   mask=tokens["attention_mask"].bool())  # fmt: skip
     assert_same_basis(two["causal"], one["causal"], evaluator.energy, MODEL_TOLERANCE)
     # one eigensolve of the same all-reduced second moment (see tests/test_causal.py)

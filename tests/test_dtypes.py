@@ -51,23 +51,25 @@ def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
 def test_basin_estimate(model, tokens, dtype) -> None:
     from tyche.basin.core import estimate_basin
     from tyche.basin.loss import ModelLoss
+    from tyche.basin.options import BasinOptions
 
     before = _state(model)
     loss = ModelLoss(model, tokens)
     assert loss.anchor.dtype == dtype  # directions and offsets are made in the model's dtype
-    res = estimate_basin(loss, loss.anchor, cutoff=1e-2, n_samples=2, seed=0, progress=False)
+    opts = BasinOptions(cutoff=1e-2, n_samples=2, seed=0)
+    res = estimate_basin(loss, loss.anchor, opts, progress=False)
     assert res.estimates.dtype == torch.float64 and torch.isfinite(res.estimates).all()
     assert (res.radii > 0).all() and torch.isfinite(res.radii).all()
     assert _unchanged(model, before)
 
 
 def test_causal_tuned_lens_and_basis(model, tokens, dtype, tmp_path) -> None:
-    from tyche.causal import TunedLens, extract_causal_bases, train_tuned_lens
+    from tyche.causal import CausalOptions, TunedLens, extract_causal_bases, train_tuned_lens
     from tyche.causal.lens_algebra import check_factors
     from tyche.causal.train_lens import evaluate_lens
     from tyche.hooks import read_activations
 
-    lens = train_tuned_lens(model, tokens, steps=3, batch_size=2, show_progress=False)
+    lens = train_tuned_lens(model, tokens, steps=3, batch_size=2, progress=False)
     # a bfloat16 lens would round most of Adam's ~1e-3 steps away: its translators are float32
     assert lens.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(t.weight.abs().max() > 0 for t in lens.translators)  # Adam moved them
@@ -92,11 +94,9 @@ def test_causal_tuned_lens_and_basis(model, tokens, dtype, tmp_path) -> None:
             tokens,
             1,
             "resid_pre.1",
+            CausalOptions(max_iter=5, n_pca=0, batch_size=2),
             target=target,
             lens=lens if target == "tuned" else None,
-            max_iter=5,
-            n_pca=0,
-            batch_size=2,
             progress=False,
         )["resid_pre.1"]
         assert torch.isfinite(basis.vectors).all(), target
@@ -113,7 +113,7 @@ def test_codebook_training_codes_and_intervention(model, dtype) -> None:
     layer = cb.codebook("mlp_out.0")
     assert layer.codebook.dtype == dtype
     cfg = TrainConfig(steps=2, batch_size=4, log_every=1, warmup_steps=0, replace_dead_every=1)
-    result = train_codebooks(cb, row_sampler(ids, 4), cfg, show_progress=False)
+    result = train_codebooks(cb, row_sampler(ids, 4), cfg, progress=False)
     assert all(h["loss"] == h["loss"] and h["mse"] >= 0 for h in result.history)
     cb.eval()
     with torch.no_grad():
@@ -130,12 +130,16 @@ def test_codebook_training_codes_and_intervention(model, dtype) -> None:
 
 
 def test_interaction_graph(model, tokens, dtype) -> None:
-    from tyche.interaction import build_interaction_graph
+    from tyche.interaction import GraphOptions, build_interaction_graph
 
     before = _state(model)
     layers = ["resid_pre.0", "resid_pre.1", "unembed"]
     graph = build_interaction_graph(
-        model, tokens, layers, rotate_final=True, n_stochastic_sources=2, progress=False
+        model,
+        tokens,
+        layers,
+        GraphOptions(rotate_final=True, n_stochastic_sources=2),
+        progress=False,
     )
     assert graph.settings["dtype"] == "torch.float64"  # LIB itself runs in float64
     for edges in graph.edges:

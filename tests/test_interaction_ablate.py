@@ -9,7 +9,7 @@ import torch
 
 from test_interaction_graph import MLP_LAYERS, TinyMLP
 from tyche.hooks import replace_activations
-from tyche.interaction import build_interaction_graph
+from tyche.interaction import AblationOptions, GraphOptions, build_interaction_graph
 from tyche.interaction.ablate import (
     AblationCurve,
     _edge_masks,
@@ -74,9 +74,9 @@ def test_edge_masks_keep_the_largest_and_the_constant_for_free() -> None:
 @pytest.mark.parametrize("basis", ["jacobian", "svd"])
 def test_node_ablation_ends(trained, basis: str) -> None:
     model, x, y = trained
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis=basis, progress=False)
-    curves = ablate_nodes(model, graph, x, y, cutoff=3, base=2.0, dtype=torch.float64,
-                          progress=False)  # fmt: skip
+    graph = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis=basis), progress=False)
+    curves = ablate_nodes(model, graph, x, y, AblationOptions(cutoff=3, base=2.0,
+                          dtype=torch.float64), progress=False)  # fmt: skip
     assert set(curves) == {"layers.1:input", "layers.2:input"}
     for name, curve in curves.items():
         assert curve.n_kept[0] == 0 and curve.n_kept[-1] == curve.n_total
@@ -99,16 +99,17 @@ def test_node_ablation_ends(trained, basis: str) -> None:
 
 def test_neuron_and_final_layer_ablations(trained) -> None:
     model, x, y = trained
-    neuron = build_interaction_graph(model, x, MLP_LAYERS, basis="neuron", center=False,
-                                     progress=False)  # fmt: skip
-    curves = ablate_nodes(model, neuron, x, y, layers=["layers.2:input"], schedule="bisect",
-                          progress=False)  # fmt: skip
+    neuron = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="neuron",
+                                     center=False), progress=False)  # fmt: skip
+    curves = ablate_nodes(model, neuron, x, y, AblationOptions(schedule="bisect"),
+                          layers=["layers.2:input"], progress=False)  # fmt: skip
     curve = curves["layers.2:input"]
     assert 1 <= curve.n_required <= curve.n_total
     layers = ["layers.1:input", "layers.2:input"]
-    rotated = build_interaction_graph(model, x, layers, rotate_final=True, progress=False)
-    last = ablate_nodes(model, rotated, x, y, layers=["layers.2:input"], cutoff=2, base=3.0,
-                        progress=False)["layers.2:input"]  # fmt: skip
+    rotated = build_interaction_graph(model, x, layers, GraphOptions(rotate_final=True),
+                                      progress=False)  # fmt: skip
+    last = ablate_nodes(model, rotated, x, y, AblationOptions(cutoff=2, base=3.0),
+                        layers=["layers.2:input"], progress=False)["layers.2:input"]  # fmt: skip
     # all kept: the same counts as the model's (integer counts / N; one flip is 1/N ≥ 1e-3)
     assert last.accuracy[-1] == pytest.approx(last.baseline_accuracy, abs=1e-12)
 
@@ -116,10 +117,10 @@ def test_neuron_and_final_layer_ablations(trained) -> None:
 @pytest.mark.parametrize(("basis", "edges"), [("jacobian", "squared"), ("svd", "squared")])
 def test_edge_ablation_ends(trained, basis: str, edges: str) -> None:
     model, x, y = trained
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis=basis, edges=edges,
+    graph = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis=basis, edges=edges),
                                     progress=False)  # fmt: skip
-    curves = ablate_edges(model, graph, x, y, schedule="thresholds",
-                          thresholds=(0.5, 0.01, 0.0), progress=False)  # fmt: skip
+    curves = ablate_edges(model, graph, x, y, AblationOptions(schedule="thresholds",
+                          thresholds=(0.5, 0.01, 0.0)), progress=False)  # fmt: skip
     assert list(curves) == ["layers.1:input -> layers.2:input", "layers.2:input -> output"]
     for curve in curves.values():
         # every edge kept rebuilds each feature from all inputs: the model itself
@@ -127,7 +128,8 @@ def test_edge_ablation_ends(trained, basis: str, edges: str) -> None:
         # integer counts / N: the model's counts exactly (one flip is 1/N ≥ 1e-3 off)
         assert curve.accuracy[-1] == pytest.approx(curve.baseline_accuracy, abs=1e-12)
         assert curve.accuracy[0] <= curve.accuracy[-1]
-    bisect = ablate_edges(model, graph, x, y, sections=[1], tolerance=0.02, progress=False)
+    bisect = ablate_edges(model, graph, x, y, AblationOptions(tolerance=0.02), sections=[1],
+                          progress=False)  # fmt: skip
     only = bisect["layers.2:input -> output"]
     assert only.n_required is not None and only.n_required < only.n_total
     assert only.accuracy[only.n_kept.index(only.n_required)] >= only.baseline_accuracy - 0.02
@@ -136,8 +138,9 @@ def test_edge_ablation_ends(trained, basis: str, edges: str) -> None:
 def test_ablation_curves_save_and_plot(trained, tmp_path) -> None:
     model, x, y = trained
     lib = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
-    pca = build_interaction_graph(model, x, MLP_LAYERS, basis="svd", progress=False)
-    curves = {label: ablate_nodes(model, g, x, y, cutoff=2, base=2.0, progress=False)
+    pca = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="svd"), progress=False)
+    options = AblationOptions(cutoff=2, base=2.0)
+    curves = {label: ablate_nodes(model, g, x, y, options, progress=False)
               for label, g in (("LIB", lib), ("PCA", pca))}  # fmt: skip
     curve = curves["LIB"]["layers.1:input"]
     curve.save(tmp_path / "c")
@@ -178,9 +181,9 @@ def test_edge_colours_follow_the_drawn_edges(trained) -> None:
     from matplotlib.colors import to_rgba
 
     model, x, _ = trained
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis="(1-alpha)^2",
-                                    edges="functional", integration="trapezoidal",
-                                    n_intervals=3, progress=False)  # fmt: skip
+    graph = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="(1-alpha)^2",
+                                    edges="functional", integration="trapezoidal", n_intervals=3),
+                                    progress=False)  # fmt: skip
     segments = graph_segments(graph, threshold=0.0, norm="identity")
     values = [s[3] for s in segments]
     assert any(v < 0 for v in values) and any(v > 0 for v in values)

@@ -10,7 +10,7 @@ import torch
 
 import tyche.interaction.graph as graph_module
 from test_interaction_graph import TinyMLP, mlp_data
-from tyche.interaction import InteractionGraph, build_interaction_graph
+from tyche.interaction import GraphOptions, InteractionGraph, build_interaction_graph
 from tyche.interaction.checkpoint import SavedSection
 
 #: four node layers, three sections (built in the order 2, 1, 0)
@@ -35,10 +35,11 @@ class Counter:
         self.calls, self.stop = 0, stop
 
 
-def _build(folder: Path | None = None, resume: bool = False, **kwargs) -> InteractionGraph:  # noqa: ANN003
+def _build(folder: Path | None = None, resume: bool = False, bases: InteractionGraph | None = None,
+           **options) -> InteractionGraph:  # noqa: ANN003  # fmt: skip
     model, x = TinyMLP(), mlp_data()
-    return build_interaction_graph(model, x, LAYERS, checkpoint=folder, resume=resume,
-                                   progress=False, **kwargs)  # fmt: skip
+    return build_interaction_graph(model, x, LAYERS, GraphOptions(**options), bases=bases,
+                                   checkpoint=folder, resume=resume, progress=False)  # fmt: skip
 
 
 def _interrupted(folder: Path, **kwargs) -> None:  # noqa: ANN003

@@ -9,14 +9,15 @@ import torch
 
 from conftest import run_torchrun
 from interaction_dist_worker import cases
-from tyche.interaction import InteractionGraph, build_interaction_graph
+from tyche.interaction import GraphOptions, InteractionGraph, build_interaction_graph
 
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
     run_torchrun(Path(__file__).with_name("interaction_dist_worker.py"), tmp_path, timeout=600)
     for name, (model, inputs, layers, kwargs) in cases().items():
-        single = build_interaction_graph(model, inputs, layers, progress=False, **kwargs)
+        single = build_interaction_graph(model, inputs, layers, GraphOptions(**kwargs),
+                                         progress=False)  # fmt: skip
         ranks = [InteractionGraph.load(tmp_path / f"{name}_rank{r}") for r in (0, 1)]
         # exact: with two ranks every reduced element is a + b on both (addition commutes),
         # and each rank then runs the same ops on the same sums: identical graphs

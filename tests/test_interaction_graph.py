@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tyche.hooks import read_activations
-from tyche.interaction import build_interaction_graph
+from tyche.interaction import GraphOptions, build_interaction_graph
 from tyche.interaction.fold import append_constant
 from tyche.interaction.integrate import IntegrationRule
 from tyche.interaction.jacobian import integrated_vjp, section_outputs
@@ -62,9 +62,8 @@ def features(model: nn.Module, x: torch.Tensor, graph, i: int) -> torch.Tensor:
 @pytest.mark.parametrize("formula", ["(1-alpha)^2", "(1-0)*alpha"])
 def test_lambda_is_the_variance_of_each_feature(formula: str) -> None:
     model, x = TinyMLP(), mlp_data()
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis=formula, edges=None,
-                                    integration="gauss-legendre", n_intervals=4,
-                                    progress=False)  # fmt: skip
+    options = GraphOptions(basis=formula, edges=None, integration="gauss-legendre", n_intervals=4)
+    graph = build_interaction_graph(model, x, MLP_LAYERS, options, progress=False)
     for i in range(2):
         f_hat = features(model, x, graph, i)
         lam = graph.bases[i].Lambda
@@ -78,9 +77,9 @@ def test_lambda_is_the_variance_of_each_feature(formula: str) -> None:
 
 def test_functional_edges_sum_to_the_activation_size() -> None:
     model, x = TinyMLP(), mlp_data()
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis="(1-alpha)^2",
-                                    edges="functional", integration="trapezoidal",
-                                    n_intervals=3, progress=False)  # fmt: skip
+    options = GraphOptions(basis="(1-alpha)^2", edges="functional", integration="trapezoidal",
+                           n_intervals=3)  # fmt: skip
+    graph = build_interaction_graph(model, x, MLP_LAYERS, options, progress=False)
     for i in range(2):
         size = (features(model, x, graph, i) ** 2).mean(0)
         if i + 1 < 2:
@@ -98,9 +97,11 @@ def test_lambda_of_alpha_formulas_agree_on_a_homogeneous_network() -> None:
     """With biases folded a ReLU network is positively homogeneous, so both non-jacobian
     formulas integrate to ``F J``: their Lambdas agree (any exact rule)."""
     model, x = TinyMLP(), mlp_data()
-    kw = dict(edges=None, integration="gauss-legendre", n_intervals=2, progress=False)
-    a = build_interaction_graph(model, x, MLP_LAYERS, basis="(1-alpha)^2", **kw)
-    b = build_interaction_graph(model, x, MLP_LAYERS, basis="(1-0)*alpha", **kw)
+    kw = dict(edges=None, integration="gauss-legendre", n_intervals=2)
+    a = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="(1-alpha)^2", **kw),
+                                progress=False)  # fmt: skip
+    b = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="(1-0)*alpha", **kw),
+                                progress=False)  # fmt: skip
     for ba, bb in zip(a.bases[:-1], b.bases[:-1]):
         # two exact 3-node rules for the same integral: float64 rounding of sums over 300 rows
         # (~1e-13 relative) through an eigendecomposition
@@ -119,9 +120,11 @@ def test_rotating_the_final_layer_changes_only_the_last_basis_and_edges(
 ) -> None:
     model, x = TinyMLP(widths=(5, 7, 6, 6, 3)), mlp_data()
     layers = ["layers.1:input", "layers.2:input", "layers.3:input", "output"]
-    kw = dict(basis=formula, edges=edges, integration=rule, n_intervals=n, progress=False)
-    plain = build_interaction_graph(model, x, layers, rotate_final=False, **kw)
-    rotated = build_interaction_graph(model, x, layers, rotate_final=True, **kw)
+    kw = dict(basis=formula, edges=edges, integration=rule, n_intervals=n)
+    plain = build_interaction_graph(model, x, layers, GraphOptions(rotate_final=False, **kw),
+                                    progress=False)  # fmt: skip
+    rotated = build_interaction_graph(model, x, layers, GraphOptions(rotate_final=True, **kw),
+                                      progress=False)  # fmt: skip
     assert plain.bases[-1].C is None and rotated.bases[-1].C is not None
     for a, b in zip(plain.bases[:-1], rotated.bases[:-1]):
         # M differs only by float64 rounding of a rotation of the output: ~1e-13 relative
@@ -160,10 +163,10 @@ def test_block_diagonal_linear_model_gives_block_diagonal_edges(formula: str, ed
     # (1-alpha)^2 weighs gradients by the uncentred outputs F(f): a mean output couples the
     # blocks (E[F F^T] = Cov + mu mu^T), so that case runs on zero-mean data without biases
     model, x = block_model(bias=0.1 if formula == "jacobian" else 0.0)
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis=formula, edges=edges,
-                                    integration="gradient" if formula == "jacobian"
-                                    else "gauss-legendre", n_intervals=0 if formula ==
-                                    "jacobian" else 2, progress=False)  # fmt: skip
+    options = GraphOptions(basis=formula, edges=edges, integration="gradient" if formula ==
+                           "jacobian" else "gauss-legendre", n_intervals=0 if formula ==
+                           "jacobian" else 2)  # fmt: skip
+    graph = build_interaction_graph(model, x, MLP_LAYERS, options, progress=False)
 
     def blocks(C: torch.Tensor) -> torch.Tensor:
         """0 or 1 per column (block of its largest entries); -1 for the constant."""
@@ -187,10 +190,10 @@ def test_block_diagonal_linear_model_gives_block_diagonal_edges(formula: str, ed
 @pytest.mark.parametrize("formula", ["jacobian", "(1-0)*alpha", "(1-alpha)^2", "svd"])
 def test_centred_bases_have_one_constant_direction(formula: str) -> None:
     model, x = TinyMLP(), mlp_data()
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis=formula, edges=None,
-                                    integration="gradient" if formula in ("jacobian", "svd")
-                                    else "trapezoidal", n_intervals=0 if formula in
-                                    ("jacobian", "svd") else 3, progress=False)  # fmt: skip
+    options = GraphOptions(basis=formula, edges=None, integration="gradient" if formula in
+                           ("jacobian", "svd") else "trapezoidal", n_intervals=0 if formula in
+                           ("jacobian", "svd") else 3)  # fmt: skip
+    graph = build_interaction_graph(model, x, MLP_LAYERS, options, progress=False)
     for i in range(2):
         basis = graph.bases[i]
         # direction 0 reads only the constant coordinate; no other direction reads it
@@ -210,12 +213,12 @@ def test_centred_bases_have_one_constant_direction(formula: str) -> None:
 
 def test_svd_basis_is_the_pca_basis() -> None:
     model, x = TinyMLP(), mlp_data()
-    graph = build_interaction_graph(model, x, MLP_LAYERS, basis="svd", progress=False)
+    graph = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="svd"), progress=False)
     for basis in graph.bases[:-1]:
         assert torch.equal(basis.C, basis.W) and torch.equal(basis.C_pinv, basis.W_pinv)
         assert basis.Lambda is None and basis.importance is basis.eigenvalues
-    neuron = build_interaction_graph(model, x, MLP_LAYERS, basis="neuron", center=False,
-                                     progress=False)  # fmt: skip
+    neuron = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="neuron",
+                                     center=False), progress=False)  # fmt: skip
     assert torch.equal(neuron.bases[0].C, torch.eye(8, dtype=torch.float64))
 
 

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
-from tyche.interaction import InteractionGrams, InteractionGraph, build_interaction_graph
+from tyche.interaction import (
+    GraphOptions,
+    InteractionGrams,
+    InteractionGraph,
+    build_interaction_graph,
+)
 from tyche.zoo.modadd import ModAddConfig, ModAddTransformer
 
 RESID = ["resid_pre.0", "resid_pre.1", "unembed"]
@@ -37,8 +42,8 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_language_models_build_on_residual_sites(hf_model, token_batch) -> None:
     before = weights_of(hf_model)
     grads = {n: p.requires_grad for n, p in hf_model.named_parameters()}
-    graph = build_interaction_graph(hf_model, token_batch, RESID, rotate_final=True,
-                                    n_stochastic_sources=2, progress=False)  # fmt: skip
+    graph = build_interaction_graph(hf_model, token_batch, RESID, GraphOptions(rotate_final=True,
+                                    n_stochastic_sources=2), progress=False)  # fmt: skip
     assert graph.node_layers == RESID
     assert [tuple(e.shape) for e in graph.edges] == [
         (graph.bases[1].dim, graph.bases[0].dim),
@@ -60,7 +65,7 @@ def test_modadd_layout_builds_on_the_papers_node_layers() -> None:
     graph = build_interaction_graph(model, x, layers, progress=False)
     assert [b.orig_dim for b in graph.bases] == [17, 17, 17, 8]
     assert graph.bases[-1].C is None
-    svd = build_interaction_graph(model, x, layers, basis="svd", progress=False)
+    svd = build_interaction_graph(model, x, layers, GraphOptions(basis="svd"), progress=False)
     for lib, pca in zip(graph.edges, svd.edges):
         assert lib.shape[0] <= pca.shape[0] and lib.shape[1] <= pca.shape[1]
 
@@ -69,9 +74,10 @@ def test_one_stochastic_source_is_exact_for_one_output_position() -> None:
     """(sum_t phi_t a_t)^2 = a^2 when there is one output position: R = 1 is exact."""
     model, x = tiny_modadd()
     layers = ["resid_pre.0", "blocks.0.resid_mid", "unembed"]
-    exact = build_interaction_graph(model, x, layers, rotate_final=True, progress=False)
-    one = build_interaction_graph(model, x, layers, rotate_final=True, n_stochastic_sources=1,
-                                  progress=False)  # fmt: skip
+    exact = build_interaction_graph(model, x, layers, GraphOptions(rotate_final=True),
+                                    progress=False)  # fmt: skip
+    one = build_interaction_graph(model, x, layers, GraphOptions(rotate_final=True,
+                                  n_stochastic_sources=1), progress=False)  # fmt: skip
     for a, b in zip(exact.bases[:-1], one.bases[:-1]):
         # identical products up to the sign of each cotangent: float64 rounding
         torch.testing.assert_close(a.Lambda, b.Lambda, rtol=1e-12, atol=0)
@@ -82,13 +88,15 @@ def test_one_stochastic_source_is_exact_for_one_output_position() -> None:
 
 def test_stochastic_edges_converge_to_the_exact_edges(gpt2_model, token_batch) -> None:
     layers = ["resid_pre.1", "unembed"]
-    kw = dict(rotate_final=True, basis="svd", progress=False)
+    kw = dict(rotate_final=True, basis="svd")
     token_batch = {k: v[[0, 2], :8] for k, v in token_batch.items()}  # 16 positions
-    exact = build_interaction_graph(gpt2_model, token_batch, layers, **kw).edges[0]
+    exact = build_interaction_graph(gpt2_model, token_batch, layers, GraphOptions(**kw),
+                                    progress=False).edges[0]  # fmt: skip
     errors = []
     for sources in (1, 4, 16):
         approx = build_interaction_graph(gpt2_model, token_batch, layers,
-                                         n_stochastic_sources=sources, **kw).edges[0]  # fmt: skip
+                                         GraphOptions(n_stochastic_sources=sources, **kw),
+                                         progress=False).edges[0]  # fmt: skip
         errors.append(float((approx - exact).abs().sum() / exact.abs().sum()))
     # the error of a mean of R independent unbiased estimates falls like 1/sqrt(R): halving
     # per 4x sources; each figure aggregates thousands of edges, so the order is stable
@@ -98,12 +106,13 @@ def test_stochastic_edges_converge_to_the_exact_edges(gpt2_model, token_batch) -
 
 def test_stochastic_hidden_sources_approximate_the_jacobian_basis() -> None:
     model, x = TinyMLP(widths=(5, 7, 12, 3)), mlp_data()
-    exact = build_interaction_graph(model, x, MLP_LAYERS, edges=None, progress=False)
+    exact = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(edges=None), progress=False)
     lam = exact.bases[1].Lambda
     err = []
     for sources in (2, 32):
-        approx = build_interaction_graph(model, x, MLP_LAYERS, edges=None, progress=False,
-                                         n_stochastic_sources_hidden=sources)  # fmt: skip
+        approx = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(edges=None,
+                                         n_stochastic_sources_hidden=sources),
+                                         progress=False)  # fmt: skip
         other = approx.bases[1].Lambda
         k = min(len(lam), len(other))
         err.append(float(((other[:k] - lam[:k]).abs() / lam[:k]).max()))
@@ -130,7 +139,8 @@ def test_graph_saves_and_loads(tmp_path) -> None:
 def test_resuming_from_grams_and_bases_gives_the_same_graph(tmp_path) -> None:
     model, x = TinyMLP(), mlp_data()
     full = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
-    bases_only = build_interaction_graph(model, x, MLP_LAYERS, edges=None, progress=False)
+    bases_only = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(edges=None),
+                                         progress=False)  # fmt: skip
     bases_only.save(tmp_path / "bases")
     grams = full_grams(model, x)
     grams.save(tmp_path / "grams")
@@ -149,7 +159,7 @@ def test_resuming_from_grams_and_bases_gives_the_same_graph(tmp_path) -> None:
             # the same products; only the order of two sums differs between the paths
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15 * a.abs().max())
     with pytest.raises(ValueError, match=r"other settings \(center"):
-        build_interaction_graph(model, x, MLP_LAYERS, progress=False, center=False,
+        build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(center=False), progress=False,
                                 bases=bases_only)  # fmt: skip
     with pytest.raises(ValueError, match="n_rows"):
         build_interaction_graph(model, x[:100], MLP_LAYERS, progress=False, grams=grams)
@@ -167,7 +177,8 @@ def test_inputs_may_be_an_iterable_of_batches() -> None:
     whole = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
     pieces = build_interaction_graph(model, iter(x.split(70)), MLP_LAYERS, progress=False)
     assert pieces.settings["inputs"] == whole.settings["inputs"]  # the same rows, hashed in order
-    batched = build_interaction_graph(model, x, MLP_LAYERS, batch_size=64, progress=False)
+    batched = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(batch_size=64),
+                                      progress=False)  # fmt: skip
     for other in (pieces, batched):
         for a, b in zip(whole.edges, other.edges):
             # the same sums in other batches: float64 rounding of 300-row sums
@@ -181,8 +192,8 @@ def test_blocks_of_rows_give_the_same_graph(monkeypatch, gpt2_model, token_batch
     import tyche.interaction.jacobian as jacobian
 
     layers = ["resid_pre.1", "unembed"]
-    kw = dict(rotate_final=True, n_stochastic_sources=sources, progress=False)
-    whole = build_interaction_graph(gpt2_model, token_batch, layers, **kw)
+    options = GraphOptions(rotate_final=True, n_stochastic_sources=sources)
+    whole = build_interaction_graph(gpt2_model, token_batch, layers, options, progress=False)
     rows_seen: list[int] = []
     forward = jacobian.section_outputs
 
@@ -192,7 +203,7 @@ def test_blocks_of_rows_give_the_same_graph(monkeypatch, gpt2_model, token_batch
 
     monkeypatch.setattr(jacobian, "section_outputs", spy)
     monkeypatch.setattr(jacobian, "CPU_BUDGET", 2**14)  # one row per block at this width
-    blocks = build_interaction_graph(gpt2_model, token_batch, layers, **kw)
+    blocks = build_interaction_graph(gpt2_model, token_batch, layers, options, progress=False)
     assert rows_seen and max(rows_seen) == 1  # the basis and the edge sweeps, row by row
     for a, b in zip(whole.bases[:-1], blocks.bases[:-1]):
         # the same sums in another order: float64 rounding of sums over 64 positions
@@ -220,7 +231,7 @@ def test_edges_from_kept_gradients_equal_edges_computed_again(monkeypatch) -> No
     monkeypatch.setattr(graph_module, "free_memory_share", lambda device, share: 2**30)
     kept = build_interaction_graph(model, x, layers, progress=False)
     assert calls == []
-    recomputed = build_interaction_graph(model, x, layers, cache_gb=0, progress=False)
+    recomputed = build_interaction_graph(model, x, layers, GraphOptions(cache_gb=0), progress=False)
     assert len(calls) == len(layers) - 1
     monkeypatch.setattr(graph_module, "free_memory_share", lambda device, share: 0)
     build_interaction_graph(model, x, layers, progress=False)
@@ -229,7 +240,7 @@ def test_edges_from_kept_gradients_equal_edges_computed_again(monkeypatch) -> No
         # the same gradients summed in the same order; only the products differ in grouping
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14 * a.abs().max())
     with pytest.raises(ValueError, match="cache_gb must be >= 0"):
-        build_interaction_graph(model, x, layers, cache_gb=-1.0, progress=False)
+        build_interaction_graph(model, x, layers, GraphOptions(cache_gb=-1.0), progress=False)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -291,4 +302,5 @@ def test_a_node_layer_that_is_not_a_cut(gpt2_model, token_batch) -> None:
 )
 def test_bad_settings_are_refused_before_any_work(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_interaction_graph(TinyMLP(), mlp_data(), MLP_LAYERS, progress=False, **kwargs)
+        build_interaction_graph(TinyMLP(), mlp_data(), MLP_LAYERS, GraphOptions(**kwargs),
+                                progress=False)  # fmt: skip

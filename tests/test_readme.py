@@ -63,3 +63,12 @@ def test_readme_block_runs_as_printed(index: int, workdir: Path, monkeypatch) ->
     code = BLOCKS[index]
     warnings.simplefilter("ignore")  # ESS warnings are part of the results, not of this test
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_the_readme_names_every_registered_method() -> None:
+    """The front page's method table has a row for each method of the registry."""
+    from tyche.methods import METHODS
+
+    table = [line for line in README.read_text().splitlines() if line.startswith("| ")]
+    missing = [m.name for m in METHODS if not any(f"`tyche {m.name}`" in row for row in table)]
+    assert not missing, f"README's method table lacks {missing}"

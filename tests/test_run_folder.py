@@ -22,6 +22,7 @@ import pytest
 
 from conftest import cli, one_line_error
 from tyche.cli.run_folder import LOCK_FILE, RECORD_FILE
+from tyche.errors import InputError
 
 #: a refusal that comes before any model loads is this fast in-process
 AT_ONCE_SECONDS = 1.0
@@ -112,7 +113,7 @@ def test_a_stale_lock_is_taken_over_and_released_after_an_error(
 
     def loader(*_a, **_k):  # the lock is this process's while the run works
         seen.append(json.loads((out / LOCK_FILE).read_text())["pid"])
-        raise ValueError("stopped after the lock")
+        raise InputError("stopped after the lock")  # an input error: one line, exit 2
 
     monkeypatch.setattr("tyche.cli.basin._setup", loader)
     cases = [
@@ -315,7 +316,7 @@ def test_train_codebooks_refuses_another_layout_by_name(gpt2_model, tmp_path) ->
     def model(**kw):
         return attach(copy.deepcopy(gpt2_model), ["mlp_out.0"], **{"num_codes": 8, "k": 2, **kw})
 
-    train_codebooks(model(), row_sampler(rows, 2), cfg, out=tmp_path, show_progress=False,
+    train_codebooks(model(), row_sampler(rows, 2), cfg, out=tmp_path, progress=False,
                     extra_settings={"data": "rows"})  # fmt: skip
     cases = [
         (model(k=1), {}, {"k": (2, 1)}),
@@ -326,10 +327,10 @@ def test_train_codebooks_refuses_another_layout_by_name(gpt2_model, tmp_path) ->
         with pytest.raises(SettingsMismatch) as caught:
             settings = {"data": "rows", **extra}
             train_codebooks(again, row_sampler(rows, 2), cfg, out=tmp_path, resume=True,
-                            show_progress=False, extra_settings=settings)  # fmt: skip
+                            progress=False, extra_settings=settings)  # fmt: skip
         assert caught.value.differences == expected
     train_codebooks(model(), row_sampler(rows, 2), cfg, out=tmp_path, resume=True,
-                    show_progress=False, extra_settings={"data": "rows"})  # fmt: skip
+                    progress=False, extra_settings={"data": "rows"})  # fmt: skip
 
 
 def test_codebook_train_refuses_a_finished_run_of_other_settings(
@@ -433,7 +434,7 @@ def test_ctrl_c_while_a_checkpoint_is_swapped_in_keeps_one(gpt2_model, tmp_path,
     cb = attach(copy.deepcopy(gpt2_model), ["mlp_out.0"], num_codes=8)
     with pytest.raises(KeyboardInterrupt):
         train_module.train_codebooks(cb, train_module.row_sampler(rows, 2), cfg, out=tmp_path,
-                                     show_progress=False)  # fmt: skip
+                                     progress=False)  # fmt: skip
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
 

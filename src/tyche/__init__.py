@@ -28,11 +28,13 @@ _LAZY: dict[str, str] = {
     "VolumeConfig": "tyche.basin.config",
     "VolumeEstimator": "tyche.basin.estimator",
     "VolumeResult": "tyche.basin.result",
+    "BasinOptions": "tyche.basin.options",
     "estimate_basin": "tyche.basin.core",
     "model_loss": "tyche.basin.loss",
     "remove_subspace": "tyche.ablation",
     "extract_causal_basis": "tyche.causal.extraction",
     "extract_causal_bases": "tyche.causal.extraction",
+    "CausalOptions": "tyche.causal.options",
     "CausalBasis": "tyche.causal.result",
     "LogitLens": "tyche.causal.lenses",
     "TunedLens": "tyche.causal.lenses",
@@ -44,6 +46,8 @@ _LAZY: dict[str, str] = {
     "InteractionBasis": "tyche.interaction.basis",
     "ablate_nodes": "tyche.interaction.ablate",
     "ablate_edges": "tyche.interaction.ablate",
+    "GraphOptions": "tyche.interaction.options",
+    "AblationOptions": "tyche.interaction.options",
     "InputError": "tyche.errors",
     "chunk_and_tokenize": "tyche.data",
     "iter_batches": "tyche.data",
@@ -72,9 +76,11 @@ if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.basin.core import estimate_basin
     from tyche.basin.estimator import VolumeEstimator
     from tyche.basin.loss import model_loss
+    from tyche.basin.options import BasinOptions
     from tyche.basin.result import VolumeResult
     from tyche.causal.extraction import extract_causal_bases, extract_causal_basis
     from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
+    from tyche.causal.options import CausalOptions
     from tyche.causal.result import CausalBasis
     from tyche.causal.train_lens import train_tuned_lens
     from tyche.codebook.model import CodebookModel
@@ -85,6 +91,7 @@ if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.interaction.ablate import ablate_edges, ablate_nodes
     from tyche.interaction.basis import InteractionBasis
     from tyche.interaction.graph import build_interaction_graph
+    from tyche.interaction.options import AblationOptions, GraphOptions
     from tyche.interaction.result import InteractionGraph
     from tyche.io import ResultIO, load_result, model_hash, save_result
     from tyche.sites import (

@@ -57,8 +57,8 @@ class NoEOSToken(InputError):
     documents with, or any of pad and EOS to pad rows with)."""
 
 
-def _missing_key(text_key: str, available: Iterable[Any]) -> ValueError:
-    return ValueError(
+def _missing_key(text_key: str, available: Iterable[Any]) -> InputError:
+    return InputError(
         f"text_key {text_key!r} not found; available keys: {sorted(map(str, available))}. "
         "Pass text_key=<one of these>."
     )
@@ -201,8 +201,8 @@ def chunk_and_tokenize(
     return _pad(texts, tokenizer, pad_id, max_seq_len, text_key)
 
 
-def _no_text(text_key: str) -> ValueError:
-    return ValueError(
+def _no_text(text_key: str) -> InputError:
+    return InputError(
         f"no text found in data: no documents, or all of them empty (text_key={text_key!r})"
     )
 

@@ -129,8 +129,8 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None
 
 
-def _not_recognised(model: nn.Module, what: str) -> ValueError:
-    return ValueError(
+def _not_recognised(model: nn.Module, what: str) -> InputError:
+    return InputError(
         f"could not find the {what} of {type(model).__name__}: tyche looks for an nn.ModuleList "
         "of blocks at common paths (transformer.h, gpt_neox.layers, model.layers, layers, h, "
         "blocks, ...) and for the usual names of embeddings and norms next to it. For other "
@@ -339,7 +339,7 @@ class _Catalog:
                 )
         return hits
 
-    def no_match_error(self, pattern: str) -> ValueError:
+    def no_match_error(self, pattern: str) -> InputError:
         base = pattern.rsplit(":", 1)[0] if pattern.endswith((":input", ":output")) else pattern
         candidates = list(self.aliases) + [n for n, _ in self.modules]
         close = difflib.get_close_matches(base, candidates, n=8, cutoff=0.5)
@@ -348,7 +348,7 @@ class _Catalog:
             aliases = f"aliases {', '.join(families)} (layers .0 to .{self.n_layers - 1})"
         else:
             aliases = "no aliases (no transformer blocks found)"
-        return ValueError(
+        return InputError(
             f"site pattern {pattern!r} matches nothing in {type(self.model).__name__}. "
             f"Close matches: {close or 'none'}. This model has {aliases}. Globs: '*' stays in one "
             "dotted segment, '**' crosses dots; append ':input' for a module's input. "

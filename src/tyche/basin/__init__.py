@@ -1,7 +1,8 @@
 """Basin volume: the log-probability that a random parameter vector keeps a model's behaviour.
 
-``estimate_basin`` is the generic estimator on a flat parameter vector and a batched loss
-(one cutoff, or a ``BasinCurve`` over several, from which ``learning_coefficient`` fits λ);
+``estimate_basin`` is the generic estimator on a flat parameter vector and a batched loss,
+its settings one ``BasinOptions`` (one cutoff, or a ``BasinCurve`` over several, from which
+``learning_coefficient`` fits λ);
 ``model_loss`` builds that loss for any module whose output is logits; ``VolumeConfig`` and
 ``VolumeEstimator`` are the seed-compatible interface for HuggingFace causal LMs. Names are
 imported on first use.
@@ -15,6 +16,7 @@ from tyche._lazy import lazy_exports
 
 __all__ = [
     "BasinCurve",
+    "BasinOptions",
     "LearningCoefficient",
     "ModelLoss",
     "VolumeConfig",
@@ -32,12 +34,14 @@ if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.basin.estimator import VolumeEstimator
     from tyche.basin.lambda_fit import LearningCoefficient, learning_coefficient
     from tyche.basin.loss import ModelLoss, model_loss
+    from tyche.basin.options import BasinOptions
     from tyche.basin.result import VolumeResult
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "BasinCurve": "tyche.basin.curve",
+        "BasinOptions": "tyche.basin.options",
         "LearningCoefficient": "tyche.basin.lambda_fit",
         "ModelLoss": "tyche.basin.loss",
         "VolumeConfig": "tyche.basin.config",

@@ -16,8 +16,8 @@ v̂ = v/|v|. The answer is the log-mean-exp of the estimates.
 Memory stays bounded at any D: directions are drawn chunk by chunk in the anchor's dtype and
 device (``tyche.basin.sampling``), the float64 sums they need are accumulated by slices, and
 the batch of directions searched together is sized from a memory budget
-(``tyche.basin.memory``). With ``cutoffs=[...]`` every direction is searched once for all of
-them and the result is a `BasinCurve`.
+(``tyche.basin.memory``). The settings come as one `BasinOptions`; with its ``cutoffs=[...]``
+every direction is searched once for all of them and the result is a `BasinCurve`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 
@@ -35,6 +35,7 @@ from tyche import distributed as dist
 from tyche.basin.checkpoint import FIELDS, SampleCheckpoint, field_dtype
 from tyche.basin.curve import BasinCurve
 from tyche.basin.memory import bytes_per_direction, choose_batch
+from tyche.basin.options import BasinOptions
 from tyche.basin.preconditioners import user_preconditioner
 from tyche.basin.radial import (
     log_gaussian_ray_mass,
@@ -50,28 +51,7 @@ from tyche.io import model_hash
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _check_cutoffs(cutoff: float | None, cutoffs: Sequence[float] | None) -> list[float]:
-    if (cutoff is None) == (cutoffs is None):
-        raise InputError("give either cutoff= (one cutoff) or cutoffs=[...] (a curve)")
-    values = [cutoff] if cutoffs is None else list(cutoffs)
-    if not values:
-        raise InputError("cutoffs is empty; give at least one cutoff in nats")
-    for c in values:
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise InputError(f"cutoff must be a positive finite number of nats, got {c!r}")
-    if len(set(values)) != len(values):
-        raise InputError(f"cutoffs must be distinct, got {values}")
-    return sorted(float(c) for c in values)
-
-
-def _check_args(
-    anchor: torch.Tensor,
-    sigma: float | None,
-    n_samples: int,
-    prior: str,
-    batch_size: int | None,
-    rtol: float,
-) -> None:
+def _check_anchor(anchor: torch.Tensor) -> None:
     if not isinstance(anchor, torch.Tensor) or anchor.dim() != 1 or anchor.numel() == 0:
         raise InputError(
             "anchor must be a non-empty 1-D tensor θ of length D (the flat parameters)"
@@ -80,16 +60,6 @@ def _check_args(
         raise InputError(f"anchor must be a floating-point tensor, got {anchor.dtype}")
     if not torch.isfinite(anchor).all():
         raise InputError("anchor contains NaN or inf values")
-    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise InputError(f"sigma must be a positive finite number, got {sigma!r}")
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise InputError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-    if prior not in ("gaussian", "uniform"):
-        raise InputError(f"prior must be 'gaussian' or 'uniform', got {prior!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if not 0 < rtol < 1:
-        raise InputError(f"rtol must lie in (0, 1), got {rtol!r}")
 
 
 def _sq_norm(x: torch.Tensor) -> float:
@@ -109,28 +79,13 @@ def _evaluate(loss_fn: LossFn, offsets: torch.Tensor) -> torch.Tensor:
     return out.detach().to("cpu", torch.float64)
 
 
-@overload
-def estimate_basin(loss_fn: LossFn, anchor: torch.Tensor, *, cutoff: float,
-                   cutoffs: None = None, **kwargs: Any) -> VolumeResult: ...  # fmt: skip
-@overload
-def estimate_basin(loss_fn: LossFn, anchor: torch.Tensor, *, cutoff: None = None,
-                   cutoffs: Sequence[float], **kwargs: Any) -> BasinCurve: ...  # fmt: skip
 def estimate_basin(
     loss_fn: LossFn,
     anchor: torch.Tensor,
+    options: BasinOptions,
     *,
-    cutoff: float | None = None,
-    cutoffs: Sequence[float] | None = None,
-    sigma: float | None = None,
-    n_samples: int,
-    prior: Literal["gaussian", "uniform"] = "gaussian",
     preconditioner: torch.Tensor | None = None,
-    batch_size: int | None = None,
-    max_memory: int | None = None,
-    rtol: float = 1e-2,
-    seed: int = 0,
     progress: bool = True,
-    max_radius: float | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     extra_settings: dict[str, Any] | None = None,
@@ -143,29 +98,31 @@ def estimate_basin(
             ``bytes_per_offset``, the memory it needs per row, for the batch budget.
         anchor: θ, shape (D,). Directions and offsets are built in its dtype and on its
             device.
-        cutoff: the region is where loss_fn(δ) − loss_fn(0) < cutoff (nats for a KL); or
-        cutoffs: several cutoffs, every direction searched once for all of them; the result
-            is then a `BasinCurve`.
-        sigma: prior standard deviation; default the anchor's RMS, recorded in the result.
-        n_samples: number of sampled directions.
-        prior: "gaussian" for log-probability, "uniform" for log-volume.
+        options: the estimation settings (`BasinOptions`): the region is where
+            loss_fn(δ) − loss_fn(0) < ``options.cutoff`` (nats for a KL), a `VolumeResult`;
+            with ``options.cutoffs`` every direction is searched once for all of them and
+            the result is a `BasinCurve`. Also the prior and σ (default the anchor's RMS,
+            recorded in the result), the number of directions and their seed (direction i
+            comes from generators seeded by (seed, i)), rtol, the batch size and memory
+            budget (results do not depend on them; ``tyche.basin.memory``) and max_radius
+            (default 100·(|θ| + σ√D)).
         preconditioner: None, a positive (D,) vector p (v = p ⊙ u) or a (D, D) positive-
             definite matrix (v = P u, in parameter space); normalised to unit determinant.
-        batch_size: directions searched together (one loss_fn call per search round);
-            default as many as ``max_memory`` holds, at most 16 and at most 2^25 parameters'
-            worth (``tyche.basin.memory``). Results do not depend on it.
-        max_memory: bytes the batch may use (its draws and offsets, plus the loss's own per
-            offset); default half the memory free on the anchor's device.
-        rtol: every returned loss rise lies within rtol·cutoff of its cutoff.
-        seed: direction i is drawn from generators seeded by (seed, i).
-        max_radius: no boundary within this distance raises; default 100·(|θ| + σ√D).
+        progress: show a progress bar over the directions (rank 0 only).
         checkpoint: folder where finished samples are saved after every batch.
         resume: continue the run saved in ``checkpoint`` (its settings must match).
+        extra_settings: more keys recorded in the result's (and the checkpoint's) settings.
     """
-    targets = _check_cutoffs(cutoff, cutoffs)
-    _check_args(anchor, sigma, n_samples, prior, batch_size, rtol)
+    if not isinstance(options, BasinOptions):
+        raise InputError(
+            f"options must be a BasinOptions (tyche.basin.BasinOptions), got "
+            f"{type(options).__name__}"
+        )
+    _check_anchor(anchor)
     if resume and checkpoint is None:
         raise InputError("resume=True needs the checkpoint folder of the run to continue")
+    targets, n_samples, prior = options.targets, options.n_samples, options.prior
+    sigma, rtol, seed, max_radius = options.sigma, options.rtol, options.seed, options.max_radius
     dim = anchor.numel()
     anchor = anchor.detach()
     theta_sq = _sq_norm(anchor)
@@ -177,8 +134,8 @@ def estimate_basin(
     per_direction = bytes_per_direction(
         dim, anchor.element_size(), getattr(loss_fn, "bytes_per_offset", 0)
     )
-    batch_size = choose_batch(n_samples, dim, per_direction, batch_size=batch_size,
-                              max_memory=max_memory, device=anchor.device)  # fmt: skip
+    batch_size = choose_batch(n_samples, dim, per_direction, batch_size=options.batch_size,
+                              max_memory=options.max_memory, device=anchor.device)  # fmt: skip
     dist.init_distributed()
 
     base = _evaluate(loss_fn, torch.zeros(1, dim, dtype=anchor.dtype, device=anchor.device))
@@ -187,7 +144,7 @@ def estimate_basin(
             f"loss_fn(0) (the loss at the anchor) is {float(base[0])}; it must be finite"
         )
     settings = {
-        **({"cutoff": targets[0]} if cutoffs is None else {"cutoffs": targets}),
+        **({"cutoff": targets[0]} if options.cutoffs is None else {"cutoffs": targets}),
         "sigma": sigma,
         "n_samples": n_samples,
         "prior": prior,
@@ -292,7 +249,7 @@ def estimate_basin(
     )
     if dist.get_rank() == 0:
         _warn_if_bound(curve)
-    if cutoffs is not None:
+    if options.cutoffs is not None:
         return curve
     return dataclasses.replace(curve[0], settings=dict(curve.settings))
 

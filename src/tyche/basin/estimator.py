@@ -9,7 +9,8 @@ import torch
 from tyche.basin.config import VolumeConfig
 from tyche.basin.core import estimate_basin
 from tyche.basin.loss import ModelLoss
-from tyche.basin.preconditioners import adam_preconditioner, diag_preconditioner, fisher_diagonal
+from tyche.basin.options import BasinOptions
+from tyche.basin.preconditioners import build_preconditioner
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
 from tyche.errors import InputError
@@ -59,32 +60,26 @@ class VolumeEstimator:
             return torch.as_tensor(cfg.preconditioner)
         if cfg.preconditioner_type is None:
             return None
-        if cfg.preconditioner_type == "adam":
-            if cfg.optimizer_state is None:
-                raise InputError(
-                    'preconditioner_type="adam" needs optimizer_state (a state dict, '
-                    "a name -> moments mapping, or a path to optimizer.pt)"
-                )
-            return adam_preconditioner(
-                cfg.optimizer_state,
-                list(layout.names),
-                list(layout.shapes),
-                order=cfg.adam_order,
-                eps=cfg.preconditioner_eps,
-                exponent=cfg.preconditioner_exponent,
-                model=cfg.model,
+        if cfg.preconditioner_type not in ("adam", "fisher"):
+            raise InputError(
+                f"unknown preconditioner_type {cfg.preconditioner_type!r}: use 'adam', 'fisher' "
+                "or None"
             )
-        if cfg.preconditioner_type == "fisher":
-            device = next(self.config.model.parameters()).device
-            generator = torch.Generator(device).manual_seed(cfg.seed)
-            fisher = fisher_diagonal(
-                self.config.model, self.tokens, names=list(layout.names), generator=generator
+        if cfg.preconditioner_type == "adam" and cfg.optimizer_state is None:
+            raise InputError(
+                'preconditioner_type="adam" needs optimizer_state (a state dict, '
+                "a name -> moments mapping, or a path to optimizer.pt)"
             )
-            return diag_preconditioner(
-                fisher, eps=cfg.preconditioner_eps, exponent=cfg.preconditioner_exponent
-            )
-        raise InputError(
-            f"unknown preconditioner_type {cfg.preconditioner_type!r}: use 'adam', 'fisher' or None"
+        return build_preconditioner(
+            cfg.preconditioner_type,
+            cfg.model,
+            self.tokens,
+            names=list(layout.names),
+            optimizer_state=cfg.optimizer_state,
+            order=cfg.adam_order,
+            eps=cfg.preconditioner_eps,
+            exponent=cfg.preconditioner_exponent,
+            seed=cfg.seed,
         )
 
     def _loss_fn(self):
@@ -102,18 +97,21 @@ class VolumeEstimator:
             "max_seq_len": cfg.max_seq_len,
             "l2_reg": cfg.l2_reg,
         }
-        return estimate_basin(
-            self._loss_fn(),
-            self.loss.anchor,
+        options = BasinOptions(
             cutoff=cfg.cutoff,
             sigma=cfg.sigma,
             n_samples=cfg.n_samples,
             prior=cfg.prior,
-            preconditioner=self.preconditioner,
             batch_size=cfg.model_batch_size,
             max_memory=max_memory,
             rtol=cfg.rtol,
             seed=cfg.seed,
+        )
+        return estimate_basin(
+            self._loss_fn(),
+            self.loss.anchor,
+            options,
+            preconditioner=self.preconditioner,
             progress=cfg.tqdm,
             checkpoint=cfg.checkpoint,
             resume=cfg.resume,

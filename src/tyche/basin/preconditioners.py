@@ -340,3 +340,66 @@ def fisher_diagonal(
     flat = torch.cat([total[n].reshape(-1) for n in names])
     flat /= n_positions * (1 if exact else n_draws)
     return flat.to(torch.promote_types(sel[names[0]].dtype, torch.float32))
+
+
+#: the kinds `build_preconditioner` makes ("none": no preconditioner)
+PRECONDITIONER_KINDS = ("none", "adam", "fisher")
+
+
+def build_preconditioner(
+    kind: str,
+    model: nn.Module,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    names: Sequence[str],
+    optimizer_state: Any = None,
+    order: int = 2,
+    eps: float = 1e-3,
+    exponent: float = 0.5,
+    seed: int = 0,
+) -> torch.Tensor | None:
+    """The diagonal preconditioner p (D,) of one kind, for the parameters ``names`` of ``model``.
+
+    ``kind`` is "none" (returns None), "adam" (`adam_preconditioner` on ``optimizer_state``,
+    the moments of ``order``; shapes from the model) or "fisher" (`diag_preconditioner` of
+    `fisher_diagonal` on ``inputs``, its labels drawn on a generator on the model's device
+    seeded with ``seed``, so every rank and every resumed run get the same p). Both map a
+    spectrum s to p ∝ 1/(|s|^exponent + eps), unit determinant, in the order of ``names``
+    (the flat basin vector's). Deterministic: the same arguments give the same bits.
+
+    Defaults: eps = 1e-3 and exponent = 0.5 are those of `diag_preconditioner` and of the
+    ``tyche basin`` flags --eps and --exponent; order = 2 uses Adam's ``exp_avg_sq``. The
+    seed-compatible `VolumeConfig` passes its own fields instead, whose defaults are the
+    original basin-volume's: ``preconditioner_eps=1e-5``, ``preconditioner_exponent=0.5``,
+    ``adam_order=2``, and ``seed=42`` for the Fisher labels.
+
+    Raises:
+        InputError: an unknown kind, "adam" without optimizer_state, or what the builders
+            raise (`ZeroSpectrum` where eps = 0 meets a zero spectrum entry).
+    """
+    if kind not in PRECONDITIONER_KINDS:
+        raise InputError(
+            f"unknown preconditioner kind {kind!r}: use one of {', '.join(PRECONDITIONER_KINDS)}"
+        )
+    if kind == "none":
+        return None
+    if kind == "adam":
+        if optimizer_state is None:
+            raise InputError(
+                "the adam preconditioner needs optimizer_state (a state dict, a name -> "
+                "moments mapping, or a path to optimizer.pt)"
+            )
+        params = dict(model.named_parameters())
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise InputError(
+                f"names must be parameter names of the model; unknown: {unknown[:5]}; "
+                f"the model has e.g. {list(params)[:5]}"
+            )
+        shapes = [params[n].shape for n in names]
+        return adam_preconditioner(optimizer_state, list(names), shapes, order=order, eps=eps,
+                                   exponent=exponent, model=model)  # fmt: skip
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    fisher = fisher_diagonal(model, inputs, names=list(names), generator=generator)
+    return diag_preconditioner(fisher, eps=eps, exponent=exponent)

@@ -2,6 +2,7 @@
 
 ``extract_causal_basis(target, hiddens, k)`` works on tensors (any ``h -> logits`` target);
 ``extract_causal_bases(model, tokens, k, sites="resid_pre.*")`` does every site of a model.
+Both take their search settings as one :class:`CausalOptions`.
 Targets: :class:`LogitLens`, :class:`TunedLens` (train with :func:`train_tuned_lens`) and
 :class:`ModelFromSite` (the rest of the real model). Results are :class:`CausalBasis`.
 Names are imported on first use.
@@ -16,6 +17,7 @@ from tyche._lazy import lazy_exports
 __all__ = [
     "AblationObjective",
     "CausalBasis",
+    "CausalOptions",
     "LogitLens",
     "ModelFromSite",
     "TunedLens",
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.causal.extraction import extract_causal_bases, extract_causal_basis, pca_directions
     from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
     from tyche.causal.objective import AblationObjective
+    from tyche.causal.options import CausalOptions
     from tyche.causal.result import CausalBasis
     from tyche.causal.train_lens import train_tuned_lens
 
@@ -37,6 +40,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "AblationObjective": "tyche.causal.objective",
         "CausalBasis": "tyche.causal.result",
+        "CausalOptions": "tyche.causal.options",
         "LogitLens": "tyche.causal.lenses",
         "ModelFromSite": "tyche.causal.lenses",
         "TunedLens": "tyche.causal.lenses",

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tyche.ablation import AblationMode
 from tyche.causal.activations import next_token_labels, read_site_activations, token_inputs
-from tyche.causal.objective import (
-    SCREEN_POSITIONS,
-    AblationObjective,
-    Objective,
-    Target,
-)
+from tyche.causal.objective import AblationObjective, Target
+from tyche.causal.options import CausalOptions, Refine, resolve_options
 from tyche.causal.refine import order_by_marginal_contribution, refine_jointly
 from tyche.causal.result import CausalBasis
 from tyche.causal.search import (
@@ -47,35 +43,24 @@ from tyche.io import model_hash
 from tyche.sites import resolve_sites
 
 __all__ = [
+    "Refine",
     "extract_causal_basis",
     "extract_causal_bases",
     "pca_directions",
 ]
 
-
-Refine = Literal["none", "joint"]
+#: sequences per forward pass of :func:`extract_causal_bases` when ``options.batch_size`` is None
+SITE_BATCH_SIZE = 16
 
 
 def extract_causal_basis(
     target: Target,
     hiddens: Tensor,
     k: int,
+    options: CausalOptions | None = None,
     *,
-    mode: AblationMode = "mean",
-    objective: Objective = "kl",
     mask: Tensor | None = None,
     labels: Tensor | None = None,
-    max_iter: int = 100,
-    min_energy: float = 0.0,
-    tol: float = 1e-2,
-    n_init: int = 4,
-    n_starts: int = 2,
-    n_pca: int = 16,
-    refine: Refine = "none",
-    batch_size: int | None = None,
-    fast: bool = True,
-    cache_gb: float | None = None,
-    screen_positions: int = SCREEN_POSITIONS,
     generator: torch.Generator | None = None,
     site: str | None = None,
     model_hash: str | None = None,
@@ -88,30 +73,33 @@ def extract_causal_basis(
             callable acting row by row on the leading dimension).
         hiddens: (N, d) or (B, T, d) float hidden states (this rank's shard under torchrun).
         k: number of directions, 1 <= k <= d.
-        mode: ablation, ``"mean"`` (default), ``"zero"`` or ``"resample"``.
-        objective: ``"kl"`` (mean KL(clean ‖ ablated), nats) or ``"ce"`` (mean increase of
-            the cross-entropy against ``labels``, nats).
+        options: the search settings (None: the defaults), a :class:`CausalOptions`:
+
+            * ``mode``: ablation, ``"mean"`` (default), ``"zero"`` or ``"resample"``;
+              ``objective``: ``"kl"`` (mean KL(clean ‖ ablated), nats) or ``"ce"`` (mean
+              increase of the cross-entropy against ``labels``, nats).
+            * ``max_iter``: L-BFGS iterations per run (each direction's climb and polish, the
+              joint refinement).
+            * ``min_energy``: stop when a direction's energy falls below this (nats); it is
+              not included.
+            * ``tol``: a search ends once the gradient tangent to its constraint set is at
+              most ``tol`` times the energy (the energy is then within ~``tol²`` of the
+              maximum).
+            * ``n_init``: candidates of each kind (principal, readout) screened for each
+              direction's start; 0: random starts only.
+            * ``n_starts``: climbs per direction (on the subsample), from the best
+              ``n_starts`` candidates; the best is polished (the objective has several local
+              maxima).
+            * ``n_pca``: also report the energies of the top ``n_pca`` principal directions
+              (0: skip).
+            * ``refine``: ``"none"`` (greedy basis, sorted by energy) or ``"joint"`` (then
+              maximise the energy of ablating all k together, ordered by marginal
+              contribution).
+            * ``batch_size``, ``fast``, ``cache_gb``, ``screen_positions``: how the objective
+              is evaluated (see :class:`AblationObjective`).
         mask: ``hiddens.shape[:-1]`` bool/0-1 positions to use (padding off); None = all.
         labels: ``hiddens.shape[:-1]`` long, the class each position predicts (``-100`` =
             none); required for ``objective="ce"``.
-        max_iter: L-BFGS iterations per run (each direction's climb and polish, the joint
-            refinement).
-        min_energy: stop when a direction's energy falls below this; it is not included.
-        tol: a search ends once the gradient tangent to its constraint set is at most
-            ``tol`` times the energy (the energy is then within ~``tol²`` of the maximum).
-        n_init: candidates of each kind (principal, readout) screened for each direction's
-            start; 0: random starts only.
-        n_starts: climbs per direction (on the subsample), from the best ``n_starts``
-            candidates; the best is polished (the objective has several local maxima).
-        n_pca: also report the energies of the top ``n_pca`` principal directions (0: skip).
-        refine: ``"none"`` (greedy basis, sorted by energy) or ``"joint"`` (then maximise the
-            energy of ablating all k together, ordered by marginal contribution).
-        batch_size: rows of the leading dimension per forward pass (None: chunks of about
-            1024 positions).
-        fast: evaluate lens targets by exact algebra (see :class:`AblationObjective`).
-        cache_gb: GiB of clean lens readouts and probabilities the fast path keeps (the rest
-            is recomputed); None: half the memory free on the hidden states' device.
-        screen_positions: positions in the subsample used to screen and climb.
         generator: CPU generator for the random start (``n_init=0``) and the resampling
             derangement (held fixed for the whole extraction). Default: seeded with 0, so
             every rank under torchrun starts identically.
@@ -127,27 +115,12 @@ def extract_causal_basis(
     d = hiddens.shape[-1]
     if not isinstance(k, int) or not 1 <= k <= d:
         raise InputError(f"k must be an int in 1..d={d} (the hidden size), got {k!r}")
-    if max_iter < 0 or n_init < 0 or n_pca < 0 or n_starts < 1:
-        raise InputError("max_iter, n_init and n_pca must be >= 0 and n_starts >= 1")
-    if not tol > 0:
-        raise InputError(f"tol must be > 0, got {tol}")
-    if refine not in ("none", "joint"):
-        raise InputError(f"refine must be 'none' or 'joint', got {refine!r}")
+    options = resolve_options(options)
+    mode, tol, max_iter = options.mode, options.tol, options.max_iter
+    min_energy, n_init, n_pca = options.min_energy, options.n_init, options.n_pca
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     init_distributed()  # the objective sums over ranks
-    obj = AblationObjective(
-        target,
-        hiddens,
-        mode=mode,
-        objective=objective,
-        mask=mask,
-        labels=labels,
-        generator=generator,
-        batch_size=batch_size,
-        fast=fast,
-        cache_gb=cache_gb,
-        screen_positions=screen_positions,
-    )
+    obj = AblationObjective(target, hiddens, options, mask=mask, labels=labels, generator=generator)
     moment = obj.second_moment(centred=mode != "zero")
     readout = readout_directions(target, d) if n_init else None
     if progress is True:
@@ -162,7 +135,7 @@ def extract_causal_basis(
     for _ in range(k):
         start_time = time.perf_counter()
         starts, start_energies, n_screened = starting_directions(
-            obj, found, moment, readout, n_init, n_starts, generator
+            obj, found, moment, readout, n_init, options.n_starts, generator
         )
         best = find_direction(obj, found, starts, start_energies, tol=tol, max_iter=max_iter)
         if best.energy < min_energy:
@@ -189,7 +162,7 @@ def extract_causal_basis(
     evals, seconds = [evals[i] for i in order.tolist()], [seconds[i] for i in order.tolist()]
     subspace = [obj.energy(vectors[:, : i + 1]) for i in range(vectors.shape[1])]
     greedy_subspace = None
-    if refine == "joint" and vectors.shape[1] > 1:
+    if options.refine == "joint" and vectors.shape[1] > 1:
         start_time = time.perf_counter()
         joint = refine_jointly(obj, vectors, subspace[-1], tol=tol, max_iter=max_iter)
         vectors, prefix, n_order = order_by_marginal_contribution(obj, joint.vector)
@@ -211,7 +184,7 @@ def extract_causal_basis(
         greedy_subspace_energies=greedy_subspace,
         site=site,
         mode=mode,
-        objective=objective,
+        objective=options.objective,
         n_positions=obj.n_positions,
         n_evals=evals,
         seconds=seconds,
@@ -222,8 +195,8 @@ def extract_causal_basis(
             "min_energy": min_energy,
             "tol": tol,
             "n_init": n_init,
-            "n_starts": n_starts,
-            "refine": refine,
+            "n_starts": options.n_starts,
+            "refine": options.refine,
             "fast": obj.factored is not None,
             "cache_gb": obj.cache_gb,
             "cached_fraction": 0.0 if obj.factored is None else obj.factored.cached_fraction,
@@ -238,14 +211,13 @@ def extract_causal_bases(
     data: Mapping[str, Tensor] | Tensor,
     k: int,
     sites: str | Sequence[str] = "resid_pre.*",
+    options: CausalOptions | None = None,
     *,
     target: str = "logit",
     lens: Any = None,
-    batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
     on_basis: Callable[[str, CausalBasis], None] | None = None,
-    **options: Any,
 ) -> dict[str, CausalBasis]:
     """Causal bases of every site of a model, in one call (one progress bar).
 
@@ -255,15 +227,14 @@ def extract_causal_bases(
             each rank takes its own contiguous block of rows (``shard_range``).
         k: directions per site.
         sites: site patterns, e.g. ``"resid_pre.*"`` (every block's input).
+        options: the search settings, passed to :func:`extract_causal_basis` (None: the
+            defaults); ``options.batch_size`` is also the rows of ``data`` per forward pass
+            that reads the activations (None: ``SITE_BATCH_SIZE`` = 16, for both).
         target: ``"logit"`` (logit lens), ``"tuned"`` (``lens``, a :class:`TunedLens`), or
             ``"model"`` (the rest of the model from the site, :class:`ModelFromSite`).
-        batch_size: rows of ``data`` per forward pass.
         seed: seeds the generator of every site's extraction (same on every rank).
         on_basis: called as ``on_basis(site, basis)`` as soon as a site is done (e.g. to save
             it, so an interruption loses no finished site).
-        options: passed to :func:`extract_causal_basis` (``mode``, ``objective``,
-            ``max_iter``, ``min_energy``, ``tol``, ``n_init``, ``n_starts``, ``n_pca``,
-            ``refine``, ``fast``, ``cache_gb``, ``screen_positions``).
 
     Returns:
         ``{site name: CausalBasis}`` in layer order; identical on every rank.
@@ -274,14 +245,18 @@ def extract_causal_bases(
         raise InputError(f"target must be 'logit', 'tuned' or 'model', got {target!r}")
     if target == "tuned" and not isinstance(lens, TunedLens):
         raise InputError("target='tuned' needs lens=TunedLens(...) (see train_tuned_lens)")
+    options = resolve_options(options)
+    batch_size = SITE_BATCH_SIZE if options.batch_size is None else options.batch_size
+    options = replace(options, batch_size=batch_size)
     init_distributed()
     tokens = token_inputs(data)
     names = [s.name for s in resolve_sites(model, sites)]
     rows = shard_range(tokens["input_ids"].shape[0])
     device = next(model.parameters()).device
     local = {key: v[rows.start : rows.stop].to(device) for key, v in tokens.items()}
-    if options.get("objective", "kl") == "ce":
-        options["labels"] = next_token_labels(local["input_ids"], local["attention_mask"])
+    labels = None
+    if options.objective == "ce":
+        labels = next_token_labels(local["input_ids"], local["attention_mask"])
     was_training = model.training
     model.eval()
     try:
@@ -301,13 +276,13 @@ def extract_causal_bases(
                 fn,
                 hiddens[name],
                 k,
+                options,
                 mask=local["attention_mask"],
-                batch_size=batch_size,
+                labels=labels,
                 generator=torch.Generator().manual_seed(seed),
                 site=name,
                 model_hash=hash_,
                 progress=bar,
-                **options,
             )
             bar.update(k - bases[name].k)  # directions not found (min_energy)
             if on_basis is not None:

@@ -16,22 +16,21 @@ same objective, gradient and statistics as one process holding all the data.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tyche.ablation import ABLATION_MODES, AblationMode, resample_donors
+from tyche.ablation import resample_donors
 from tyche.causal.lens_algebra import FactoredReadout, check_factors
+from tyche.causal.options import SCREEN_POSITIONS, CausalOptions, Objective, resolve_options
 from tyche.distributed import all_reduce_sum, get_rank, get_world_size, init_distributed
 from tyche.divergence import masked_kl
 from tyche.errors import InputError
 from tyche.memory import free_memory_share
 
-__all__ = ["AblationObjective", "Objective", "Target", "target_for_rows"]
+__all__ = ["SCREEN_POSITIONS", "AblationObjective", "Objective", "Target", "target_for_rows"]
 
-Objective = Literal["kl", "ce"]
 #: maps hidden states (..., d) to logits (..., V)
 Target = Callable[[Tensor], Tensor]
 IGNORE_INDEX = -100
@@ -43,10 +42,6 @@ AUTO_CHUNK_POSITIONS = 1024
 #: an exponential and two passes over (N, V) per evaluation: measured 1.3x faster forward
 #: energies and 1.2x faster gradients at N = 8,192, V = 49,152 than holding the readouts only
 AUTO_CACHE_SHARE = 0.5
-#: default size of the screening subsample (positions): the energy of a candidate direction
-#: is a mean over positions, and 1,024 of them rank candidates whose energies differ by more
-#: than a few per cent (the spread of such means on 1/8 of the data)
-SCREEN_POSITIONS = 1024
 #: the subsample is this many runs of consecutive rows, spread evenly over the data
 SCREEN_RUNS = 8
 
@@ -80,44 +75,42 @@ class AblationObjective:
     Args:
         target: hidden states (..., d) -> logits (..., V).
         hiddens: (..., d) floating point, finite; the leading dimension is split into chunks
-            of ``batch_size`` rows for each evaluation.
-        mode: ``"zero"``, ``"mean"`` or ``"resample"``.
-        objective: ``"kl"`` or ``"ce"``.
+            of ``options.batch_size`` rows for each evaluation.
+        options: the settings (None: the defaults); read here:
+
+            * ``mode``: ``"zero"``, ``"mean"`` or ``"resample"``; ``objective``: ``"kl"`` or
+              ``"ce"``.
+            * ``batch_size``: rows of the leading dimension per forward pass (None: about
+              ``AUTO_CHUNK_POSITIONS`` positions per pass).
+            * ``fast``: for targets that expose ``lens_factors()`` (:class:`LogitLens`, a
+              tuned lens), evaluate by the exact algebra of ``tyche.causal.lens_algebra`` (no
+              (N × d × V) product per evaluation) once the factors are checked to reproduce
+              the target's logits; False: always run the target.
+            * ``cache_gb``: GiB of clean lens readouts and probabilities (N × V each) the fast
+              path keeps between evaluations (readouts first); what does not fit is
+              recomputed on every evaluation. None: half the memory free on the hidden
+              states' device (``AUTO_CACHE_SHARE``, split among the ``torchrun`` processes
+              sharing a host); the value used is ``self.cache_gb``.
+            * ``screen_positions``: about this many positions (whole chunks, spread over the
+              data) make the subsample used by ``subsample=True`` evaluations (all positions
+              if fewer).
         mask: ``hiddens.shape[:-1]`` bool/0-1: positions that are ablated, enter the mean and
             the resampling pool, and are averaged over (None: all).
         labels: ``hiddens.shape[:-1]`` long: the class each position's logits should predict
             (already shifted for next-token prediction; ``-100`` = none). Needed for ``"ce"``.
         generator: draws the one resampling derangement used for every evaluation (so the
             objective is deterministic).
-        batch_size: rows of the leading dimension per forward pass (None: about
-            ``AUTO_CHUNK_POSITIONS`` positions per pass).
-        fast: for targets that expose ``lens_factors()`` (:class:`LogitLens`, a tuned lens),
-            evaluate by the exact algebra of ``tyche.causal.lens_algebra`` (no (N × d × V)
-            product per evaluation) once the factors are checked to reproduce the target's
-            logits; False: always run the target.
-        cache_gb: GiB of clean lens readouts and probabilities (N × V each) the fast path keeps
-            between evaluations (readouts first); what does not fit is recomputed on every
-            evaluation. None: half the memory free on the hidden states' device
-            (``AUTO_CACHE_SHARE``, split among the ``torchrun`` processes sharing a host);
-            the value used is ``self.cache_gb``.
-        screen_positions: about this many positions (whole chunks, spread over the data) make
-            the subsample used by ``subsample=True`` evaluations (all positions if fewer).
     """
 
     def __init__(
         self,
         target: Target,
         hiddens: Tensor,
+        options: CausalOptions | None = None,
         *,
-        mode: AblationMode = "mean",
-        objective: Objective = "kl",
         mask: Tensor | None = None,
         labels: Tensor | None = None,
         generator: torch.Generator | None = None,
-        batch_size: int | None = None,
-        fast: bool = True,
-        cache_gb: float | None = None,
-        screen_positions: int = SCREEN_POSITIONS,
     ) -> None:
         if not isinstance(hiddens, Tensor) or not hiddens.is_floating_point():
             raise TypeError("hiddens must be a floating-point tensor of shape (..., d)")
@@ -126,21 +119,15 @@ class AblationObjective:
         if not torch.isfinite(hiddens).all():
             bad = int((~torch.isfinite(hiddens)).sum())
             raise InputError(f"hiddens contains {bad} NaN/inf values; clean the activations first")
-        if mode not in ABLATION_MODES:
-            raise InputError(f"unknown ablation mode {mode!r}; choose one of {ABLATION_MODES}")
-        if objective not in ("kl", "ce"):
-            raise InputError(f"unknown objective {objective!r}; choose 'kl' or 'ce'")
-        if batch_size is not None and batch_size < 1:
-            raise InputError(f"batch_size must be a positive number of rows, got {batch_size}")
+        options = resolve_options(options)
+        mode, objective, cache_gb = options.mode, options.objective, options.cache_gb
         if cache_gb is None:
             cache_gb = free_memory_share(hiddens.device, AUTO_CACHE_SHARE) / 2**30
-        if not cache_gb >= 0:
-            raise InputError(f"cache_gb must be >= 0 (GiB of cached lens readouts), got {cache_gb}")
         self.target, self.mode, self.objective = target, mode, objective
         self.cache_gb = float(cache_gb)
         self.hiddens = hiddens.detach()
         per_row = max(int(torch.Size(hiddens.shape[1:-1]).numel()), 1)
-        self.batch_size = batch_size or max(AUTO_CHUNK_POSITIONS // per_row, 1)
+        self.batch_size = options.batch_size or max(AUTO_CHUNK_POSITIONS // per_row, 1)
         lead = hiddens.shape[:-1]
         self.keep = self._check_mask(mask, lead).to(hiddens.device)
         self.weight = self.keep
@@ -160,8 +147,8 @@ class AblationObjective:
         if self.n_positions == 0:
             raise InputError("no positions to average over: the mask (and labels) select nothing")
         self.delta = self._ablation_offsets(generator)
-        self.screen = self._screening_rows(screen_positions)
-        self.factored = self._factored_readout(fast, cache_gb)
+        self.screen = self._screening_rows(options.screen_positions)
+        self.factored = self._factored_readout(options.fast, cache_gb)
         self.clean = None if self.factored is not None else self._clean_statistics()
 
     @staticmethod

@@ -23,8 +23,10 @@ from tyche.distributed import (
     all_reduce_sum,
     get_world_size,
     init_distributed,
-    progress,
     shard_range,
+)
+from tyche.distributed import (
+    progress as progress_bar,
 )
 from tyche.divergence import masked_kl
 from tyche.errors import InputError
@@ -68,7 +70,7 @@ def train_tuned_lens(
     batch_size: int = 8,
     weight_decay: float = 1e-3,
     seed: int = 0,
-    show_progress: bool = True,
+    progress: bool = True,
 ) -> TunedLens:
     """Train a tuned lens for ``sites`` of ``model`` on token ``data`` (see module docstring).
 
@@ -100,7 +102,7 @@ def train_tuned_lens(
     was_training = model.training
     model.eval()
     kl_logit = evaluate_lens(lens, tokens, batch_size)
-    bar = progress(range(steps), desc="tuned lens", disable=not show_progress)
+    bar = progress_bar(range(steps), desc="tuned lens", disable=not progress)
     try:
         for step in bar:
             pick = order[torch.arange(step * batch_size, (step + 1) * batch_size) % len(order)]

@@ -19,10 +19,11 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tyche.causal.options import SCREEN_POSITIONS, CausalOptions
 from tyche.cli.commandline import (
     CommandError,
     best_effort,
@@ -30,6 +31,7 @@ from tyche.cli.commandline import (
     check_number,
     check_readable_text,
     check_writable_folder,
+    flat_settings,
     on_interrupt,
     parse_config,
     reworded_text_errors,
@@ -69,10 +71,30 @@ class DataConfig:
     learned position table has no embedding past it)"""
     n_sequences: int = 64
     """sequences drawn (seeded) from the whole tokenized corpus"""
-    batch_size: int = 16
-    """sequences per forward pass"""
     seed: int = 0
     """seed of the sequence draw and of the extraction"""
+
+
+@dataclass(frozen=True)
+class SearchFlags(CausalOptions):
+    """The search settings of ``tyche causal``: a :class:`CausalOptions` whose flags are checked
+    in the command line's words; ``n_init`` and ``screen_positions`` keep the library defaults
+    (they have no flag), ``batch_size`` is ``--batch_size`` (sequences per forward pass)."""
+
+    n_init: int = field(default=CausalOptions.n_init, init=False)
+    screen_positions: int = field(default=SCREEN_POSITIONS, init=False)
+    batch_size: int = 16
+    """sequences per forward pass"""
+
+    def __post_init__(self) -> None:
+        check_number(self.max_iter, "--max_iter", minimum=0, integer=True)
+        check_number(self.min_energy, "--min_energy", minimum=0)
+        check_number(self.tol, "--tol", above=0)
+        check_number(self.n_starts, "--n_starts", minimum=1, integer=True)
+        check_number(self.batch_size, "--batch_size", minimum=1, integer=True)
+        check_number(self.cache_gb, "--cache_gb", minimum=0)  # None (the default) passes
+        check_number(self.n_pca, "--n_pca", minimum=0, integer=True)
+        super().__post_init__()
 
 
 @dataclass
@@ -88,33 +110,12 @@ class CausalConfig(DataConfig):
 
     k: int = 16
     """directions per site"""
-    mode: Literal["mean", "zero", "resample"] = "mean"
-    """ablation: mean, zero or resample"""
-    objective: Literal["kl", "ce"] = "kl"
-    """kl: mean KL(clean || ablated); ce: increase of the next-token cross-entropy (nats)"""
     target: Literal["logit", "tuned", "model"] = "logit"
     """what maps hidden states to logits: the logit lens, a tuned lens (--lens) or the model"""
     lens: str | None = None
     """folder of a tuned lens saved by `tyche causal train-lens` (for --target tuned)"""
-    max_iter: int = 100
-    """L-BFGS iterations per run (each direction's climb and polish, the joint refinement)"""
-    min_energy: float = 0.0
-    """stop at a site once a direction's energy is below this (nats)"""
-    tol: float = 1e-2
-    """a search ends once its tangent gradient is at most tol × energy"""
-    n_starts: int = 2
-    """climbs per direction (on a token subsample) from the best candidate starts; the best
-    is polished on all tokens"""
-    refine: Literal["none", "joint"] = "none"
-    """joint: after the greedy pass, maximise the energy of ablating all k directions
-    together and order them by marginal contribution"""
-    fast: bool = True
-    """evaluate lens targets (logit, tuned) by exact algebra instead of running the lens"""
-    cache_gb: float | None = None
-    """GiB of clean lens readouts and probabilities (tokens × vocabulary each) kept between
-    evaluations; the rest is recomputed each time (default: half the free memory)"""
-    n_pca: int = 16
-    """top principal directions whose energies are reported for comparison (0: none)"""
+    search: SearchFlags = field(default_factory=SearchFlags)
+    """the search settings (flat flags: --mode, --max_iter, ...)"""
     out: str = "runs/causal"
     """output folder: one CausalBasis per site, energies.png, summary.json"""
     plot: bool = True
@@ -135,6 +136,8 @@ class TrainLensConfig(DataConfig):
     """AdamW weight decay"""
     n_sequences: int = 256
     """sequences drawn (seeded) from the whole tokenized corpus"""
+    batch_size: int = 16
+    """sequences per forward pass"""
     out: str = "runs/tuned-lens"
     """output folder of the lens (safetensors + JSON)"""
     overwrite: bool = False
@@ -148,7 +151,6 @@ def _check_data_config(cfg: DataConfig) -> None:
 
     check_number(cfg.seq_len, "--seq_len", minimum=2, integer=True)
     check_number(cfg.n_sequences, "--n_sequences", minimum=1, integer=True)
-    check_number(cfg.batch_size, "--batch_size", minimum=1, integer=True)
     check_number(cfg.seed, "--seed", minimum=0, integer=True)
     if not split_list(cfg.sites):
         raise CommandError("--sites is empty; give site patterns such as 'resid_pre.*'")
@@ -170,14 +172,9 @@ def validate(cfg: CausalConfig) -> None:
     """Check every flag of ``tyche causal`` without loading anything."""
     _check_data_config(cfg)
     check_number(cfg.k, "--k", minimum=1, integer=True)
-    check_number(cfg.max_iter, "--max_iter", minimum=0, integer=True)
-    check_number(cfg.min_energy, "--min_energy", minimum=0)
-    check_number(cfg.tol, "--tol", above=0)
-    check_number(cfg.n_starts, "--n_starts", minimum=1, integer=True)
-    check_number(cfg.cache_gb, "--cache_gb", minimum=0)  # None (the default) passes
-    if cfg.target == "model" and (not cfg.fast or cfg.cache_gb is not None):
+    search = cfg.search  # its flags are checked as it is made (SearchFlags.__post_init__)
+    if cfg.target == "model" and (not search.fast or search.cache_gb is not None):
         raise CommandError("--no-fast and --cache_gb apply to lens targets, not --target model")
-    check_number(cfg.n_pca, "--n_pca", minimum=0, integer=True)
     if cfg.target == "tuned":
         if not cfg.lens:
             raise CommandError(
@@ -194,6 +191,7 @@ def validate(cfg: CausalConfig) -> None:
 def validate_train_lens(cfg: TrainLensConfig) -> None:
     """Check every flag of ``tyche causal train-lens`` without loading anything."""
     _check_data_config(cfg)
+    check_number(cfg.batch_size, "--batch_size", minimum=1, integer=True)
     check_number(cfg.steps, "--steps", minimum=1, integer=True)
     check_number(cfg.lr, "--lr", above=0)
     check_number(cfg.weight_decay, "--weight_decay", minimum=0)
@@ -280,7 +278,7 @@ def _load_lens(cfg: CausalConfig, model: torch.nn.Module) -> Any:
 # ----------------------------------------------------------------------------- run
 def _settings(cfg: DataConfig) -> dict[str, Any]:
     """The flags that make the results, ``{"--flag": value}``."""
-    return {f"--{k}": v for k, v in asdict(cfg).items() if k not in FREE}
+    return {f"--{k}": v for k, v in flat_settings(cfg).items() if k not in FREE}
 
 
 def run_causal(cfg: CausalConfig) -> dict:
@@ -298,7 +296,7 @@ def _extract(cfg: CausalConfig) -> dict:
     from tyche.plotting import causal_energies
 
     init_distributed()
-    rank0_print("settings: " + json.dumps(asdict(cfg)))
+    rank0_print("settings: " + json.dumps(flat_settings(cfg)))
     out = Path(cfg.out)
     model, tokenizer, _ = _load(cfg)
     lens = _load_lens(cfg, model) if cfg.target == "tuned" else None
@@ -316,26 +314,16 @@ def _extract(cfg: CausalConfig) -> dict:
         tokens,
         cfg.k,
         sites,
+        cfg.search,
         target=cfg.target,
         lens=lens,
-        batch_size=cfg.batch_size,
         seed=cfg.seed,
         on_basis=save,
-        mode=cfg.mode,
-        objective=cfg.objective,
-        max_iter=cfg.max_iter,
-        min_energy=cfg.min_energy,
-        tol=cfg.tol,
-        n_starts=cfg.n_starts,
-        n_pca=cfg.n_pca,
-        refine=cfg.refine,
-        fast=cfg.fast,
-        cache_gb=cfg.cache_gb,
     )
     on_interrupt(None)
     elapsed = time.perf_counter() - start
     if get_rank() == 0:
-        summary = {"config": asdict(cfg), "seconds": elapsed,
+        summary = {"config": flat_settings(cfg), "seconds": elapsed,
                    "sites": {s: {"energies": b.energies.tolist(),
                                  "subspace_energies": b.subspace_energies.tolist(),
                                  "greedy_subspace_energies": None
@@ -348,11 +336,11 @@ def _extract(cfg: CausalConfig) -> dict:
             PROG, "write summary.json", lambda: write_json(out / "summary.json", summary), out
         )
         head = (
-            f"\ncausal bases of {cfg.model} ({cfg.mode} ablation, {cfg.objective}, "
+            f"\ncausal bases of {cfg.model} ({cfg.search.mode} ablation, {cfg.search.objective}, "
             f"{cfg.target} target, {tokens['input_ids'].numel()} tokens, {elapsed:.1f} s)"
         )
         best_effort(PROG, "print the table", lambda: print(head + "\n" + energy_table(bases)), out)
-        if cfg.refine == "joint":
+        if cfg.search.refine == "joint":
             best_effort(PROG, "print the joint table", lambda: print(joint_table(bases)), out)
         if cfg.plot:
             best_effort(PROG, "draw energies.png",
@@ -376,7 +364,7 @@ def _train_lens(cfg: TrainLensConfig):
     from tyche.distributed import get_rank, init_distributed, rank0_print
 
     init_distributed()
-    rank0_print("settings: " + json.dumps(asdict(cfg)))
+    rank0_print("settings: " + json.dumps(flat_settings(cfg)))
     model, tokenizer, _ = _load(cfg)
     tokens = _tokens(cfg, tokenizer)
     sites = _check_sites(model, tokens, cfg, None)

@@ -7,7 +7,11 @@ A command describes its flags as a dataclass whose attribute docstrings are the 
   is the flag ``--lambda``), the help text from the attribute's docstring, the default shown
   once;
 - booleans as ``--flag`` / ``--no-flag``; ``Literal[...]`` fields as choices;
-  ``X | None`` fields take an ``X`` and default to None.
+  ``X | None`` fields take an ``X`` and default to None;
+- a field whose type is itself a dataclass (a method's options object, embedded whole) gives
+  its fields as flat flags (``--max_iter``, not ``--search.max_iter``), with that class's
+  attribute docstrings as help and the embedded default instance's values as defaults; the
+  parsed values build the inner dataclass, so its ``__post_init__`` checks run.
 
 Bad input raises :class:`CommandError` (an :class:`~tyche.errors.InputError`) naming the
 flag and what to fix.
@@ -50,6 +54,7 @@ __all__ = [
     "check_context",
     "check_writable_folder",
     "config_flags",
+    "flat_settings",
     "interrupt_hint",
     "on_interrupt",
     "parse_choices",
@@ -85,16 +90,47 @@ def resume_command(prog: str, argv: Sequence[str]) -> str:
     return shlex.join([*prog.split(), *kept, "--resume"])
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _is_nested(value_or_type: Any) -> bool:
+    """A dataclass instance or class embedded whole (its fields become flat flags)."""
+    return dataclasses.is_dataclass(value_or_type)
+
+
+def flat_settings(cfg: Any) -> dict[str, Any]:
+    """``{field: value}`` of the dataclass ``cfg`` with every embedded dataclass's fields
+    lifted to the top (as the flags name them), init fields only."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        out.update(flat_settings(value) if _is_nested(value) else {f.name: value})
+    return out
+
+
 def config_flags(cfg: Any) -> list[str]:
     """The flags that give the dataclass ``cfg`` back from :func:`parse_config`: one per
-    field that differs from its default (``--name VALUE``, ``--flag`` / ``--no-flag``)."""
+    field that differs from its default (``--name VALUE``, ``--flag`` / ``--no-flag``);
+    an embedded dataclass's fields are compared with the embedded default's."""
+    return _flags_against(cfg, None)
+
+
+def _flags_against(cfg: Any, defaults: Any) -> list[str]:
     flags: list[str] = []
     for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
         value = getattr(cfg, f.name)
-        default = f.default
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        if not f.init or value == default:
+        default = _default_of(f) if defaults is None else getattr(defaults, f.name)
+        if _is_nested(value):
+            flags += _flags_against(value, default)
+            continue
+        if value == default:
             continue
         name = f"--{f.name.rstrip('_')}"
         if isinstance(value, bool):
@@ -177,36 +213,60 @@ def _describe_default(value: Any) -> str:
 
 
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of the dataclass ``cls``."""
-    docs = _attribute_docs(cls)
-    hints = typing.get_type_hints(cls)
+    """An argparse parser with one flag per field of the dataclass ``cls`` (the fields of an
+    embedded dataclass flattened in, see the module docstring)."""
     parser = _Parser(
         prog=prog,
         description=description or inspect.getdoc(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_fields(parser, cls, None, (), set())
+    return parser
+
+
+def _init_fields(cls: type, defaults: Any) -> Iterator[tuple[dataclasses.Field, Any, Any]]:
+    """``(field, type without Optional, default)`` of each init field of ``cls``; the default
+    is the embedded instance's value where ``defaults`` is one, else the field's own."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if f.init:
+            default = _default_of(f) if defaults is None else getattr(defaults, f.name)
+            yield f, _unwrap_optional(hints[f.name])[0], default
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, defaults: Any,
+                path: tuple[str, ...], seen: set[str]) -> None:  # fmt: skip
+    """Add a flag per field of ``cls`` (recursing into embedded dataclasses); ``defaults`` is
+    the embedded default instance (None at the top: the fields' own defaults); a flag's dest
+    is its field path joined by ``__``."""
+    docs = _attribute_docs(cls)
+    for f, tp, default in _init_fields(cls, defaults):
+        if dataclasses.is_dataclass(tp):
+            if not _is_nested(default):
+                raise TypeError(f"{cls.__name__}.{f.name} embeds {tp.__name__}: give it a "
+                                "default_factory")  # fmt: skip
+            _add_fields(parser, type(default), default, (*path, f.name), seen)
             continue
-        names = [f"--{f.name.rstrip('_')}"]  # `lambda_` (a Python keyword) is the flag --lambda
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        flag = f.name.rstrip("_")  # `lambda_` (a Python keyword) is the flag --lambda
+        if flag in seen:
+            raise TypeError(f"{cls.__name__}.{f.name}: the flag --{flag} is defined twice")
+        seen.add(flag)
+        names = [f"--{flag}"]
+        dest = "__".join((*path, f.name))
         help_text = docs.get(f.name)
         if not help_text:
             raise TypeError(f"{cls.__name__}.{f.name} has no docstring: every flag needs help")
-        tp, _ = _unwrap_optional(hints[f.name])
         if tp is bool:
             state = "on" if default else "off"
             parser.add_argument(
                 *names,
-                dest=f.name,
+                dest=dest,
                 action=argparse.BooleanOptionalAction,
                 default=default,
                 help=f"{help_text} (default: {state})",
             )
             continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        kwargs: dict[str, Any] = {"dest": dest, "default": default}
         if typing.get_origin(tp) is Literal:
             choices = list(typing.get_args(tp))
             kwargs.update(choices=choices, metavar="{" + ",".join(map(str, choices)) + "}")
@@ -218,7 +278,17 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
             kwargs["type"] = str
             kwargs["metavar"] = "TEXT"
         parser.add_argument(*names, help=help_text + _describe_default(default), **kwargs)
-    return parser
+
+
+def _build(cls: type, values: dict[str, Any], defaults: Any, path: tuple[str, ...]) -> Any:
+    """An instance of ``cls`` from the parsed ``values`` (keyed by dest)."""
+    kwargs: dict[str, Any] = {}
+    for f, tp, default in _init_fields(cls, defaults):
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(type(default), values, default, (*path, f.name))
+        else:
+            kwargs[f.name] = values["__".join((*path, f.name))]
+    return cls(**kwargs)
 
 
 def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str | None = None) -> T:
@@ -229,7 +299,7 @@ def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str 
     """
     parser = build_parser(cls, prog, description)
     namespace = parser.parse_args(list(argv))
-    return cls(**vars(namespace))
+    return _build(cls, vars(namespace), None, ())
 
 
 # ----------------------------------------------------------------------------- checks

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from tyche.codebook.model import CodebookModel
-from tyche.distributed import progress
+from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
 from tyche.io import json_text
 
@@ -171,19 +171,22 @@ def build_cache(
     batch_size: int = 32,
     neurons: bool = True,
     copy_model: bool = True,
-    model_name: str | None = None,
-    data_name: str | None = None,
-    extra: dict[str, Any] | None = None,
-    show_progress: bool = True,
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> CodeCache:
     """Run ``model`` over ``input_ids`` ``(n, T)`` and write a cache folder to ``out``.
 
     ``tokenizer`` (default ``model.tokenizer``) decodes the text. ``neurons`` stores the
     dense activations entering each codebook (float16), ``copy_model`` the model itself (so
-    the folder alone serves the app and interventions). ``extra`` goes into the manifest.
+    the folder alone serves the app and interventions). ``provenance`` says where the model
+    and the data came from, for the manifest: its ``"model_name"`` and ``"data_name"`` (each
+    None when absent) become the manifest's entries of those names, any other keys its
+    ``"extra"``; e.g. ``provenance={"model_name": "runs/cb", "data_name": "zoo:shakespeare"}``.
+    ``progress`` shows a progress bar over the batches.
     """
     from safetensors.torch import save_file
 
+    model_name, data_name, extra = _split_provenance(provenance)
     if not isinstance(model, CodebookModel) or not model.sites:
         raise InputError("build_cache needs a CodebookModel with at least one codebook")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
@@ -201,7 +204,7 @@ def build_cache(
         layer.keep_input = neurons
     try:
         batches = range(0, input_ids.shape[0], batch_size)
-        for i in progress(batches, desc="cache", unit="batch", disable=not show_progress):
+        for i in progress_bar(batches, desc="cache", unit="batch", disable=not progress):
             model(input_ids=input_ids[i : i + batch_size].to(model.device))
             for site, layer in layers.items():
                 ids = layer.last_ids
@@ -245,10 +248,25 @@ def build_cache(
         "neurons": neurons,
         "has_model": copy_model,
         "seconds": time.perf_counter() - start,
-        "extra": extra or {},
+        "extra": extra,
     }
     (out / MANIFEST).write_text(json_text(manifest, indent=1, sort_keys=False))
     return load_cache(out)
+
+
+def _split_provenance(
+    provenance: Mapping[str, Any] | None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(model_name, data_name, the other keys) of ``build_cache``'s ``provenance``."""
+    if provenance is None:
+        return None, None, {}
+    if not isinstance(provenance, Mapping) or not all(isinstance(k, str) for k in provenance):
+        raise InputError(
+            "provenance must be a mapping with text keys, e.g. {'model_name': ..., "
+            f"'data_name': ...}}, got {type(provenance).__name__}"
+        )
+    rest = {k: v for k, v in provenance.items() if k not in ("model_name", "data_name")}
+    return provenance.get("model_name"), provenance.get("data_name"), rest
 
 
 def load_cache(folder: str | os.PathLike[str]) -> CodeCache:

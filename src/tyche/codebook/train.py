@@ -48,8 +48,10 @@ from tyche.distributed import (
     get_rank,
     get_world_size,
     init_distributed,
-    progress,
     shard_range,
+)
+from tyche.distributed import (
+    progress as progress_bar,
 )
 from tyche.errors import InputError
 from tyche.io import ResultIO, json_text
@@ -397,7 +399,7 @@ def train_codebooks(
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
     eval_fn: Callable[[CodebookModel], dict[str, float]] | None = None,
-    show_progress: bool = True,
+    progress: bool = True,
     desc: str = "codebooks",
     stop_at: int | None = None,
     extra_settings: dict[str, Any] | None = None,
@@ -448,13 +450,13 @@ def train_codebooks(
     before = {s: layer.usage.clone() for s, layer in model.layers().items()}
     losses: list[torch.Tensor] = []
     began = time.perf_counter()
-    bar = progress(
+    bar = progress_bar(
         range(start, end),
         total=cfg.steps,
         initial=start,
         desc=desc,
         unit="step",
-        disable=not show_progress,
+        disable=not progress,
     )
     for step in bar:
         if step == cfg.snap_after:

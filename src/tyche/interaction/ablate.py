@@ -32,6 +32,7 @@ from tyche.errors import InputError
 from tyche.hooks import replace_activations
 from tyche.interaction.fold import append_constant
 from tyche.interaction.jacobian import feature_matrix
+from tyche.interaction.options import AblationOptions
 from tyche.interaction.result import InteractionGraph
 from tyche.interaction.sections import (
     Batch,
@@ -43,7 +44,7 @@ from tyche.interaction.sections import (
 )
 from tyche.io import ResultIO
 
-__all__ = ["AblationCurve", "ablate_edges", "ablate_nodes", "schedule_points"]
+__all__ = ["AblationCurve", "AblationOptions", "ablate_edges", "ablate_nodes", "schedule_points"]
 
 IGNORE = -100
 
@@ -182,6 +183,16 @@ def _curve(kind: str, where: str, graph: InteractionGraph, schedule: str, n_tota
                          baseline[1], required, settings)  # fmt: skip
 
 
+def _options(options: AblationOptions | None) -> AblationOptions:
+    if options is None:
+        return AblationOptions()
+    if not isinstance(options, AblationOptions):
+        raise InputError(
+            f"options must be an AblationOptions (or None), got {type(options).__name__}"
+        )
+    return options
+
+
 def _check_graph(model: nn.Module, graph: InteractionGraph) -> None:
     from tyche.io import model_hash
 
@@ -228,21 +239,21 @@ def ablate_nodes(
     graph: InteractionGraph,
     inputs: Any,
     labels: Tensor | None = None,
+    options: AblationOptions | None = None,
     *,
     layers: Sequence[str] | None = None,
-    schedule: str = "exponential",
-    cutoff: int = 16,
-    base: float = 1.25,
-    tolerance: float = 0.01,
-    batch_size: int | None = None,
-    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict[str, AblationCurve]:
     """Accuracy and loss against the number of kept directions, one node layer at a time.
 
     ``layers``: node layers to ablate (default: every one with a basis). ``labels``: ``(N,)``
     (or ``(N, T)``) class labels for tensor inputs; token dicts are scored on next tokens.
+    ``options`` (:class:`~tyche.interaction.options.AblationOptions`): the schedule (default
+    ``exponential``), its ``cutoff`` and ``base``, the ``tolerance`` (default 0.01), the batch
+    size and the dtype the model runs in.
     """
+    o = _options(options)
+    schedule, tolerance = o.schedule_for("exponential"), o.tolerance_for(0.01)
     init_distributed()
     _check_graph(model, graph)
     names = list(layers) if layers is not None else [
@@ -253,9 +264,9 @@ def ablate_nodes(
         raise InputError(f"layers {unknown} are not node layers of the graph: {graph.node_layers}")
     resolved = resolve_node_layers(model, graph.node_layers)
     curves = {}
-    with prepared_model(model, dtype) as m:
-        runner = ModelRunner(m, resolved, dtype)
-        batches = make_batches(inputs, batch_size)
+    with prepared_model(model, o.dtype) as m:
+        runner = ModelRunner(m, resolved, o.dtype)
+        batches = make_batches(inputs, o.batch_size)
         baseline = _evaluate(runner, batches, labels, lambda b: model_output(runner.call(b)))
         for name in names:
             index = graph.node_layers.index(name)
@@ -273,9 +284,9 @@ def ablate_nodes(
 
                 return _evaluate(runner, batches, labels, logits_of)
 
-            results, required = _search(basis.orig_dim, schedule, cutoff, base, tolerance,
+            results, required = _search(basis.orig_dim, schedule, o.cutoff, o.base, tolerance,
                                         baseline[0], score, progress, f"nodes {name}")  # fmt: skip
-            settings = {"cutoff": cutoff, "base": base, "tolerance": tolerance}
+            settings = {"cutoff": o.cutoff, "base": o.base, "tolerance": tolerance}
             curves[name] = _curve("nodes", name, graph, schedule, basis.orig_dim, results,
                                   baseline, required, settings)  # fmt: skip
     return curves
@@ -351,25 +362,22 @@ def ablate_edges(
     graph: InteractionGraph,
     inputs: Any,
     labels: Tensor | None = None,
+    options: AblationOptions | None = None,
     *,
     sections: Sequence[int] | None = None,
-    schedule: str = "bisect",
-    cutoff: int = 16,
-    base: float = 1.25,
-    tolerance: float = 0.001,
-    thresholds: Sequence[float] = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4, 1e-6, 0.0),
-    batch_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    group_chunk: int = 16,
     progress: bool = True,
 ) -> dict[str, AblationCurve]:
     """Accuracy and loss against the number of kept edges, one section at a time.
 
-    ``sections``: indices ``i`` of the edge matrices (default: all). ``schedule``:
-    ``bisect`` (the fewest edges within ``tolerance`` of the unablated accuracy),
-    ``exponential``, or ``thresholds`` (keep the edges at or above each fraction of the
-    section's largest edge). Needs a graph with edges.
+    ``sections``: indices ``i`` of the edge matrices (default: all). ``options``
+    (:class:`~tyche.interaction.options.AblationOptions`): the schedule, ``bisect`` by
+    default (the fewest edges within ``tolerance``, default 0.001, of the unablated
+    accuracy), ``exponential``, or ``thresholds`` (keep the edges at or above each fraction
+    of the section's largest edge), the batch size, the dtype the model runs in and
+    ``group_chunk``. Needs a graph with edges.
     """
+    o = _options(options)
+    schedule, tolerance = o.schedule_for("bisect"), o.tolerance_for(0.001)
     init_distributed()
     _check_graph(model, graph)
     if not graph.has_edges:
@@ -377,9 +385,9 @@ def ablate_edges(
     resolved = resolve_node_layers(model, graph.node_layers)
     indices = list(sections) if sections is not None else list(range(len(graph.edges)))
     curves = {}
-    with prepared_model(model, dtype) as m:
-        runner = ModelRunner(m, resolved, dtype)
-        batches = make_batches(inputs, batch_size)
+    with prepared_model(model, o.dtype) as m:
+        runner = ModelRunner(m, resolved, o.dtype)
+        batches = make_batches(inputs, o.batch_size)
         baseline = _evaluate(runner, batches, labels, lambda b: model_output(runner.call(b)))
         for index in indices:
             E = graph.edges[index]
@@ -390,15 +398,17 @@ def ablate_edges(
             def score(n: int, index=index, E=E, constant=constant) -> tuple[float, float]:
                 mask = _edge_masks(E, n, constant)
                 return _evaluate(runner, batches, labels, lambda b: _edge_logits(
-                    runner, graph, index, mask, b, group_chunk))  # fmt: skip
+                    runner, graph, index, mask, b, o.group_chunk))  # fmt: skip
 
             counted = E[:, 1:] if constant else E
-            points = [int((counted.abs() >= t * counted.abs().max()).sum()) for t in thresholds]
-            results, required = _search(n_total, schedule, cutoff, base, tolerance, baseline[0],
-                                        score, progress, f"edges {where}", points)  # fmt: skip
-            settings = {"cutoff": cutoff, "base": base, "tolerance": tolerance,
+            points = [int((counted.abs() >= t * counted.abs().max()).sum())
+                      for t in o.thresholds]  # fmt: skip
+            results, required = _search(n_total, schedule, o.cutoff, o.base, tolerance,
+                                        baseline[0], score, progress, f"edges {where}",
+                                        points)  # fmt: skip
+            settings = {"cutoff": o.cutoff, "base": o.base, "tolerance": tolerance,
                         "constant_edges_kept": constant,
-                        "thresholds": list(thresholds)}  # fmt: skip
+                        "thresholds": list(o.thresholds)}  # fmt: skip
             curves[where] = _curve("edges", where, graph, schedule, n_total, results, baseline,
                                    required, settings)  # fmt: skip
     return curves

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tyche.distributed import all_reduce_sum, progress
+from tyche.distributed import all_reduce_sum
+from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
 from tyche.interaction.basis import InteractionBasis
 from tyche.interaction.jacobian import (
@@ -71,7 +72,7 @@ def section_edges(
     formula: str,
     n_out: int,
     *,
-    show_progress: bool = True,
+    progress: bool = True,
 ) -> Tensor:
     """``(n_out, k_in)`` edges of section ``plan.index`` by one pass over ``batches``."""
     if formula not in EDGE_FORMULAS:
@@ -82,8 +83,8 @@ def section_edges(
     E = torch.zeros(n_out, C.shape[1], dtype=torch.float64, device=C.device)
     n_pos = torch.zeros((), dtype=torch.float64, device=C.device)
     scale = 1.0
-    bar = progress(batches, desc=f"edges {basis_in.node_layer}", disable=not show_progress,
-                   leave=False)  # fmt: skip
+    bar = progress_bar(batches, desc=f"edges {basis_in.node_layer}", disable=not progress,
+                       leave=False)  # fmt: skip
     for whole in bar:
         for batch, fwd in section_blocks(runner, whole, plan, need_full=formula == "functional"):
             w_in = position_weights(batch, fwd.h)

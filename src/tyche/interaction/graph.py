@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tyche.distributed import all_reduce_sum, init_distributed, progress, rank0_print
+from tyche.distributed import all_reduce_sum, init_distributed, rank0_print
+from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
 from tyche.interaction.basis import (
-    BASES,
     LIB_FORMULAS,
     InteractionBasis,
     final_pca_basis,
@@ -47,11 +47,12 @@ from tyche.interaction.basis import (
     unrotated_basis,
 )
 from tyche.interaction.checkpoint import SavedSection, SectionCheckpoint, section_digest
-from tyche.interaction.edges import EDGE_FORMULAS, edges_from_cache, section_edges
+from tyche.interaction.edges import edges_from_cache, section_edges
 from tyche.interaction.gram import GramAccumulator
 from tyche.interaction.integrate import rule_for_layers
 from tyche.interaction.jacobian import SectionPlan, position_weights
 from tyche.interaction.moments import lib_moments
+from tyche.interaction.options import GraphOptions
 from tyche.interaction.result import InteractionGrams, InteractionGraph
 from tyche.interaction.sections import (
     Batch,
@@ -63,7 +64,7 @@ from tyche.interaction.sections import (
 from tyche.io import model_hash
 from tyche.memory import free_memory_share
 
-__all__ = ["build_grams", "build_interaction_graph", "collect_grams"]
+__all__ = ["GraphOptions", "build_grams", "build_interaction_graph", "collect_grams"]
 
 #: share of the free memory the jacobian basis may keep for the edges by default
 AUTO_CACHE_SHARE = 0.5
@@ -75,38 +76,6 @@ BASIS_KEYS = (*GRAM_KEYS, "basis", "integration", "n_intervals", "center",
               "seed")  # fmt: skip
 
 
-def check_settings(basis: str, edges: str | None, center: bool, integration: Any, n_intervals: int,
-              dtype: torch.dtype | None, gram_dtype: torch.dtype, split: str,
-              sources: int | None, hidden: int | None) -> None:  # fmt: skip
-    """Raise ``ValueError`` naming what to fix for settings that cannot work together."""
-    if basis not in BASES:
-        raise InputError(f"unknown basis {basis!r}; choose one of {BASES}")
-    if edges is not None and edges not in EDGE_FORMULAS:
-        raise InputError(f"unknown edges {edges!r}; choose one of {EDGE_FORMULAS} or None")
-    if basis == "neuron" and center:
-        raise InputError("the neuron basis is the identity and cannot be centred: center=False")
-    if dtype is not None and not dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating dtype (or None), got {dtype}")
-    if gram_dtype not in (torch.float32, torch.float64):
-        raise InputError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
-    if split not in ("data", "outputs"):
-        raise InputError(f"split must be 'data' or 'outputs', got {split!r}")
-    for name, value in (("n_stochastic_sources", sources), ("n_stochastic_sources_hidden", hidden)):
-        if value is not None and value < 1:
-            raise InputError(f"{name} must be a positive int or None, got {value}")
-    if hidden is not None and basis != "jacobian":
-        raise InputError("n_stochastic_sources_hidden only applies to the jacobian basis")
-    if edges == "functional" and sources is not None:
-        raise InputError("functional edges are exact; drop n_stochastic_sources or use squared")
-    if basis == "(1-alpha)^2":
-        rules = integration.values() if isinstance(integration, Mapping) else [integration]
-        if "gradient" in rules or n_intervals == 0:
-            raise InputError(
-                "the (1-alpha)^2 basis integrates over alpha (its integrand vanishes at alpha = "
-                "1): use integration='trapezoidal' or 'gauss-legendre' with n_intervals > 0"
-            )
-
-
 def collect_grams(
     runner: ModelRunner,
     batches: list[Batch],
@@ -114,7 +83,7 @@ def collect_grams(
     skip_last: bool,
     dtype: torch.dtype = torch.float64,
     settings: dict | None = None,
-    show_progress: bool = True,
+    progress: bool = True,
 ) -> InteractionGrams:
     """Stage 1: counts, means and covariances of every node layer (one forward per batch).
 
@@ -125,7 +94,7 @@ def collect_grams(
     names = [n.name for n in runner.node_layers]
     accs: list[GramAccumulator | None] = [None] * len(names)
     dims = [0] * len(names)
-    for batch in progress(batches, desc="grams", disable=not show_progress, leave=False):
+    for batch in progress_bar(batches, desc="grams", disable=not progress, leave=False):
         acts = runner.read(batch)
         for i, name in enumerate(names):
             a = acts[name]
@@ -213,25 +182,10 @@ def build_interaction_graph(
     model: nn.Module,
     inputs: Any,
     node_layers: Sequence[str],
+    options: GraphOptions | None = None,
     *,
-    basis: str = "jacobian",
-    edges: str | None = "squared",
-    integration: str | Mapping[str, str] = "gradient",
-    n_intervals: int = 0,
-    center: bool = True,
-    dtype: torch.dtype | None = torch.float64,
-    rotate_final: bool = False,
-    n_stochastic_sources: int | None = None,
-    n_stochastic_sources_hidden: int | None = None,
-    truncation_threshold: float = 1e-14,
-    batch_size: int | None = None,
-    gram_dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-    split: str = "data",
     grams: InteractionGrams | None = None,
     bases: InteractionGraph | None = None,
-    cache_gb: float | None = None,
-    check_cuts: bool = True,
     progress: bool = True,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -240,36 +194,15 @@ def build_interaction_graph(
 
     Args:
         model: any ``nn.Module`` (an HF model, an MLP, ...). It is run in eval mode, in
-            ``dtype``, with frozen parameters; all of that is restored afterwards.
+            ``options.dtype``, with frozen parameters; all of that is restored afterwards.
         inputs: a tensor, a dict of model keyword arguments (``input_ids``,
             ``attention_mask``...), or an iterable of them (each one batch).
         node_layers: site patterns in forward order (aliases such as ``resid_pre.1``, module
             names, ``name:input``) and optionally ``"output"`` (the logits) last.
-        basis: ``jacobian``, ``(1-0)*alpha``, ``(1-alpha)^2``, ``svd`` (PCA) or ``neuron``.
-        edges: ``squared``, ``functional`` or None (bases only).
-        integration: ``gradient``, ``trapezoidal`` or ``gauss-legendre``, or a dict from
-            node-layer names (or prefixes) to rules; ``n_intervals`` for the latter two.
-        center: centre the bases (the constant direction comes first).
-        dtype: the dtype the model runs in (float64 recommended; None keeps the model's).
-        rotate_final: give the last node layer its PCA basis (else its raw coordinates).
-        n_stochastic_sources: random +-1 combinations of output positions instead of every
-            position (basis and squared edges); ``n_stochastic_sources_hidden`` the same over
-            output features (jacobian basis only).
-        truncation_threshold: directions with eigenvalue (Gram) or Lambda at or below this
-            fraction of the largest are dropped (at least 1e-6 with float32 Grams). Both are
-            squared quantities: a dropped direction moves the next layer by at most about
-            the square root of this, relative.
-        batch_size: rows per forward pass for tensor or dict inputs (None: all at once).
-        gram_dtype: accumulation dtype of the Gram matrices (float64 or float32).
-        seed: seed of the stochastic sources.
-        split: under ``torchrun``, ``data`` (each rank a share of the rows) or ``outputs``
-            (each rank all rows, a share of the output features).
+        options: the basis and edge formulas, the integration rule, dtypes, batching, the
+            stochastic sources... (:class:`~tyche.interaction.options.GraphOptions`; None:
+            its defaults).
         grams, bases: results of earlier stages to resume from (checked against the settings).
-        cache_gb: memory for reusing the jacobian basis's gradients for the edges (None:
-            half the memory free on the model's device, shared among the ``torchrun``
-            processes of a host). It changes the time taken, never the result.
-        check_cuts: test that every node layer is a cut of the model (one extra pass on a few
-            rows per section).
         progress: progress bars and the line naming the resumed sections (rank 0 only).
         checkpoint: folder where each finished section (its basis, and its edges when asked
             for) is saved as soon as it is done (:mod:`tyche.interaction.checkpoint`); the
@@ -279,39 +212,28 @@ def build_interaction_graph(
             the rest is computed. A loaded section without the edges asked for gets them
             computed (by one pass, as with ``bases=``).
     """
-    check_settings(basis, edges, center, integration, n_intervals, dtype, gram_dtype, split,
-              n_stochastic_sources, n_stochastic_sources_hidden)  # fmt: skip
-    if cache_gb is not None and not cache_gb >= 0:
-        raise InputError(f"cache_gb must be >= 0 (None: half the free memory), got {cache_gb}")
+    o = _options(options)
     if resume and checkpoint is None:
         raise InputError("resume=True needs the checkpoint folder of the build to continue")
     init_distributed()
     store = None if checkpoint is None else SectionCheckpoint(checkpoint, resume=resume)
     layers = resolve_node_layers(model, node_layers)
     names = [n.name for n in layers]
-    rules = rule_for_layers(integration, n_intervals, names)
+    rules = rule_for_layers(o.integration, o.n_intervals, names)
     mhash = model_hash(model)
     inputs = _read_once(inputs)
     digest = inputs_digest(inputs)
     seconds: dict[str, float] = {}
-    with prepared_model(model, dtype) as prepared:
-        runner = ModelRunner(prepared, layers, dtype)
-        batches = make_batches(inputs, batch_size, shard=True)
+    with prepared_model(model, o.dtype) as prepared:
+        runner = ModelRunner(prepared, layers, o.dtype)
+        batches = make_batches(inputs, o.batch_size, shard=True)
         n_rows = int(all_reduce_sum(torch.tensor(float(sum(b.n for b in batches)))).item())
-        settings = {
-            "node_layers": names, "basis": basis, "edges": edges,
-            "integration": dict(integration) if isinstance(integration, Mapping) else integration,
-            "n_intervals": n_intervals, "center": center, "dtype": str(runner.dtype),
-            "rotate_final": rotate_final, "n_stochastic_sources": n_stochastic_sources,
-            "n_stochastic_sources_hidden": n_stochastic_sources_hidden,
-            "truncation_threshold": truncation_threshold, "gram_dtype": str(gram_dtype),
-            "seed": seed, "split": split, "n_rows": n_rows, "batch_size": batch_size,
-            "inputs": digest,
-        }  # fmt: skip
+        settings = _settings(o, names, runner.dtype, n_rows, digest)
         done = _resumed_sections(store, settings, mhash, bases, progress)
         if grams is None:
-            grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
-                                  settings=settings, show_progress=progress)  # fmt: skip
+            grams = collect_grams(runner, batches, skip_last=not o.rotate_final,
+                                  dtype=o.gram_dtype, settings=settings,
+                                  progress=progress)  # fmt: skip
             grams = InteractionGrams(grams.node_layers, grams.counts, grams.means,
                                      grams.covariances, grams.settings, mhash,
                                      grams.seconds)  # fmt: skip
@@ -319,9 +241,9 @@ def build_interaction_graph(
             _check_resume(grams.settings, settings, GRAM_KEYS, "grams")
             _check_model(grams.model_hash, mhash, "grams")
         seconds["grams"] = grams.seconds
-        sweep_batches = batches if split == "data" else make_batches(inputs, batch_size,
-                                                                      shard=False)  # fmt: skip
-        if check_cuts and sweep_batches:
+        sweep_batches = batches if o.split == "data" else make_batches(inputs, o.batch_size,
+                                                                        shard=False)  # fmt: skip
+        if o.check_cuts and sweep_batches:
             for i in range(len(layers) - 1):
                 runner.check_cut(sweep_batches[0], i, 1e-6 if runner.dtype == torch.float64
                                  else 1e-3)  # fmt: skip
@@ -329,48 +251,71 @@ def build_interaction_graph(
             _check_resume(bases.settings, settings, BASIS_KEYS, "bases")
             _check_model(bases.model_hash, mhash, "bases")
         # float32 Grams are rounded at ~1e-7 of their largest eigenvalue: no finer threshold
-        floor = 1e-6 if gram_dtype == torch.float32 else 0.0
+        floor = 1e-6 if o.gram_dtype == torch.float32 else 0.0
         graph_bases, graph_edges, t_bases, t_edges = _sweep(
             runner, sweep_batches, grams, rules, settings, bases, progress,
-            _cache_bytes(cache_gb, runner),
-            max(truncation_threshold, floor), _Sections(store, done, mhash),
+            _cache_bytes(o.cache_gb, runner),
+            max(o.truncation_threshold, floor), _Sections(store, done, mhash),
         )  # fmt: skip
     seconds["bases"], seconds["edges"] = t_bases, t_edges
     return InteractionGraph(names, graph_bases, graph_edges, settings, mhash,
                             list(grams.counts), seconds)  # fmt: skip
 
 
+def _settings(o: GraphOptions, names: list[str], dtype: torch.dtype, n_rows: int,
+              digest: str | None) -> dict[str, Any]:  # fmt: skip
+    """The settings a graph records (and a resumed build must match): the options but
+    ``cache_gb`` and ``check_cuts`` (they change the time taken, never the result), with the
+    node layers, the dtype the model ran in, the number of rows and the inputs' digest."""
+    return {
+        "node_layers": names, "basis": o.basis, "edges": o.edges,
+        "integration": dict(o.integration) if isinstance(o.integration, Mapping)
+        else o.integration,
+        "n_intervals": o.n_intervals, "center": o.center, "dtype": str(dtype),
+        "rotate_final": o.rotate_final, "n_stochastic_sources": o.n_stochastic_sources,
+        "n_stochastic_sources_hidden": o.n_stochastic_sources_hidden,
+        "truncation_threshold": o.truncation_threshold, "gram_dtype": str(o.gram_dtype),
+        "seed": o.seed, "split": o.split, "n_rows": n_rows, "batch_size": o.batch_size,
+        "inputs": digest,
+    }  # fmt: skip
+
+
 def build_grams(
     model: nn.Module,
     inputs: Any,
     node_layers: Sequence[str],
+    options: GraphOptions | None = None,
     *,
-    dtype: torch.dtype | None = torch.float64,
-    rotate_final: bool = False,
-    batch_size: int | None = None,
-    gram_dtype: torch.dtype = torch.float64,
     progress: bool = True,
 ) -> InteractionGrams:
     """Stage 1 alone: the means and covariances of the node layers, to save and resume from
-    (``build_interaction_graph(..., grams=...)`` with the same settings)."""
-    if gram_dtype not in (torch.float32, torch.float64):
-        raise InputError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    (``build_interaction_graph(..., grams=...)`` with the same options). Of ``options`` only
+    ``dtype``, ``rotate_final``, ``batch_size`` and ``gram_dtype`` matter here."""
+    o = _options(options)
     init_distributed()
     layers = resolve_node_layers(model, node_layers)
     mhash = model_hash(model)
     inputs = _read_once(inputs)
     digest = inputs_digest(inputs)
-    with prepared_model(model, dtype) as prepared:
-        runner = ModelRunner(prepared, layers, dtype)
-        batches = make_batches(inputs, batch_size, shard=True)
+    with prepared_model(model, o.dtype) as prepared:
+        runner = ModelRunner(prepared, layers, o.dtype)
+        batches = make_batches(inputs, o.batch_size, shard=True)
         n_rows = int(all_reduce_sum(torch.tensor(float(sum(b.n for b in batches)))).item())
         settings = {"node_layers": [n.name for n in layers], "dtype": str(runner.dtype),
-                    "gram_dtype": str(gram_dtype), "n_rows": n_rows,
-                    "rotate_final": rotate_final, "inputs": digest}  # fmt: skip
-        grams = collect_grams(runner, batches, skip_last=not rotate_final, dtype=gram_dtype,
-                              settings=settings, show_progress=progress)  # fmt: skip
+                    "gram_dtype": str(o.gram_dtype), "n_rows": n_rows,
+                    "rotate_final": o.rotate_final, "inputs": digest}  # fmt: skip
+        grams = collect_grams(runner, batches, skip_last=not o.rotate_final, dtype=o.gram_dtype,
+                              settings=settings, progress=progress)  # fmt: skip
     return InteractionGrams(grams.node_layers, grams.counts, grams.means, grams.covariances,
                             grams.settings, mhash, grams.seconds)  # fmt: skip
+
+
+def _options(options: GraphOptions | None) -> GraphOptions:
+    if options is None:
+        return GraphOptions()
+    if not isinstance(options, GraphOptions):
+        raise InputError(f"options must be a GraphOptions (or None), got {type(options).__name__}")
+    return options
 
 
 def _check_model(saved: str | None, now: str, what: str) -> None:
@@ -429,7 +374,7 @@ def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, th
             if formula in LIB_FORMULAS:
                 keep = cache_bytes if edge_formula == "squared" else 0.0
                 mom = lib_moments(runner, batches, plan, p, formula, cache_bytes=keep,
-                                  show_progress=show)  # fmt: skip
+                                  progress=show)  # fmt: skip
                 out[i] = lib_basis(grams.node_layers[i], p, mom.M, mom.lambda_dash, formula,
                                    threshold)  # fmt: skip
                 cache, n_pos = mom.cache, mom.n_positions
@@ -447,7 +392,7 @@ def _sweep(runner, batches, grams, rules, settings, given, show, cache_bytes, th
                 edges[i] = edges_from_cache(cache, out[i], n_pos)
             else:
                 edges[i] = section_edges(runner, batches, plan, out[i], edge_formula,
-                                         out[i + 1].dim, show_progress=show)  # fmt: skip
+                                         out[i + 1].dim, progress=show)  # fmt: skip
         t_edges += time.perf_counter() - start
         if saved is None or (edges[i] is not None and edges[i] is not saved.edges):
             sections.save(i, out[i], edges[i], settings)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tyche.distributed import all_reduce_sum, progress
+from tyche.distributed import all_reduce_sum
+from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
 from tyche.interaction.basis import PCA
 from tyche.interaction.jacobian import (
@@ -74,7 +75,7 @@ def lib_moments(
     formula: str,
     *,
     cache_bytes: float = 0.0,
-    show_progress: bool = True,
+    progress: bool = True,
 ) -> Moments:
     """Accumulate ``M`` (and ``Lambda'``) of section ``plan.index`` over ``batches``.
 
@@ -91,7 +92,7 @@ def lib_moments(
         cache = GradientCache()
     scale = 1.0
     name = runner.node_layers[plan.index].name
-    for whole in progress(batches, desc=f"basis {name}", disable=not show_progress, leave=False):
+    for whole in progress_bar(batches, desc=f"basis {name}", disable=not progress, leave=False):
         for batch, fwd in section_blocks(runner, whole, plan, need_full=formula != "jacobian",
                                          split=formula == "jacobian"):  # fmt: skip
             w_in = position_weights(batch, fwd.h)

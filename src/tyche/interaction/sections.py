@@ -290,8 +290,8 @@ class ModelRunner:
         data = self._to_device(batch)
         return self.model(**data) if isinstance(data, dict) else self.model(data)
 
-    def _fit_error(self, err: Exception) -> ValueError:
-        return ValueError(
+    def _fit_error(self, err: Exception) -> InputError:
+        return InputError(
             f"the model could not run on the inputs ({type(err).__name__}: {err}). Pass what "
             f"{type(self.model).__name__}.forward takes: a tensor, a dict of keyword arguments "
             "(e.g. {'input_ids': ..., 'attention_mask': ...}), or an iterable of them"

@@ -225,7 +225,7 @@ def train_prefix(cfg: TokFSMConfig, work: Path, progress: bool = True) -> dict:
         _train_config(cfg),
         out=work,
         stop_at=cfg.snap_after,
-        show_progress=progress,
+        progress=progress,
         desc="shared steps",
     )
     return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
@@ -251,7 +251,7 @@ def train_one(
         _train_config(cfg),
         out=work,
         resume=work is not None,
-        show_progress=progress,
+        progress=progress,
         desc=name,
     )
     cpu = time.process_time() - cpu

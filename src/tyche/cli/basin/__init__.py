@@ -85,7 +85,6 @@ class Setup:
     model: torch.nn.Module
     inputs: Any  # classifier inputs (N, ...) or LM token dict, on the model's device
     names: list[str]
-    shapes: list[Any]
     default_sigma: float | None
     optimizer_state: Any
     name: str
@@ -178,8 +177,8 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
         "exponent": cmd.exponent,
     }
     subsets = _subset_masks(plan, inputs, labels, row_plays)
-    return Setup(model, inputs, [n for n, _ in named], [p.shape for _, p in named], sigma,
-                 state, name, data, note, identity, subsets)  # fmt: skip
+    return Setup(model, inputs, [n for n, _ in named], sigma, state, name, data, note, identity,
+                 subsets)  # fmt: skip
 
 
 def _subset_masks(plan: Plan, inputs: Any, labels: Any, row_plays: Any) -> list:
@@ -215,35 +214,17 @@ def _check_globs(model: torch.nn.Module, globs: tuple[str, ...]) -> None:
             )
 
 
-def _preconditioner(kind: str, setup: Setup, cmd: BasinCommand) -> torch.Tensor | None:
-    from tyche.basin.preconditioners import (
-        adam_preconditioner,
-        diag_preconditioner,
-        fisher_diagonal,
-    )
-
-    if kind == "none":
-        return None
-    if kind == "adam":
-        return adam_preconditioner(setup.optimizer_state, setup.names, setup.shapes,
-                                   eps=cmd.eps, exponent=cmd.exponent,
-                                   model=setup.model)  # fmt: skip
-    import torch
-
-    # the sampled labels are seeded, so every rank and every resumed run get the same p;
-    # computed on all the evaluation data, so every --where subset gets the same directions
-    device = next(setup.model.parameters()).device
-    generator = torch.Generator(device).manual_seed(cmd.seed)
-    fisher = fisher_diagonal(setup.model, setup.inputs, names=setup.names, generator=generator)
-    return diag_preconditioner(fisher, eps=cmd.eps, exponent=cmd.exponent)
-
-
 def _preconditioner_in_flags(kind: str, setup: Setup, cmd: BasinCommand) -> torch.Tensor | None:
-    """:func:`_preconditioner`, its division by zero said in the flags' words."""
-    from tyche.basin.preconditioners import ZeroSpectrum
+    """The ``--preconditioners`` kind's p (`tyche.basin.preconditioners.build_preconditioner`
+    with --eps, --exponent and --seed), its division by zero said in the flags' words."""
+    from tyche.basin.preconditioners import ZeroSpectrum, build_preconditioner
 
+    # the Fisher's sampled labels are seeded, so every rank and every resumed run get the same
+    # p; computed on all the evaluation data, so every --where subset gets the same directions
     try:
-        return _preconditioner(kind, setup, cmd)
+        return build_preconditioner(kind, setup.model, setup.inputs, names=setup.names,
+                                    optimizer_state=setup.optimizer_state, eps=cmd.eps,
+                                    exponent=cmd.exponent, seed=cmd.seed)  # fmt: skip
     except ZeroSpectrum as err:
         what = "second moment (Adam)" if kind == "adam" else "Fisher diagonal"
         raise CommandError(
@@ -286,6 +267,7 @@ def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResu
     from tyche.basin.core import estimate_basin
     from tyche.basin.lambda_fit import learning_coefficient
     from tyche.basin.loss import ModelLoss
+    from tyche.basin.options import BasinOptions
     from tyche.cli.basin import report
     from tyche.cli.basin.report import Row
     from tyche.io import model_hash
@@ -296,7 +278,14 @@ def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResu
     kinds = _kinds(plan, setup)
     if cmd.checkpoint:
         _record_run(cmd, plan, setup)
-    sigma = cmd.sigma if cmd.sigma is not None else setup.default_sigma
+    options = BasinOptions(
+        cutoffs=plan.cutoffs,
+        sigma=cmd.sigma if cmd.sigma is not None else setup.default_sigma,
+        n_samples=cmd.n_samples,
+        seed=cmd.seed,
+        batch_size=cmd.batch_size,
+        max_memory=plan.max_memory,
+    )
     checkpoints = plan.out / "checkpoints"
     if cmd.checkpoint:
         again = resume_command(PROG, argv)
@@ -323,13 +312,8 @@ def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResu
                     curve = estimate_basin(
                         loss,
                         loss.anchor,
-                        cutoffs=list(plan.cutoffs),
-                        sigma=sigma,
-                        n_samples=cmd.n_samples,
+                        options,
                         preconditioner=pres[kind],
-                        batch_size=cmd.batch_size,
-                        max_memory=plan.max_memory,
-                        seed=cmd.seed,
                         checkpoint=checkpoints / f"{kind}{tag}" if cmd.checkpoint else None,
                         resume=cmd.resume,
                         extra_settings={**setup.identity, "preconditioner_kind": kind, **where},

@@ -34,8 +34,7 @@ def run_cache(args: CacheArgs) -> Any:
         batch_size=args.batch_size,
         neurons=args.neurons,
         copy_model=args.copy_model,
-        model_name=args.model,
-        data_name=args.data,
+        provenance={"model_name": args.model, "data_name": args.data},
     )
     print(
         f"cached {cache.n_sequences} x {cache.seq_len} tokens at {len(cache.sites)} codebooks "

@@ -25,7 +25,6 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from tyche.cli.commandline import (
     CommandError,
     best_effort,
     check_context,
+    flat_settings,
     on_interrupt,
     parse_config,
     resume_command,
@@ -48,7 +48,6 @@ from tyche.cli.interaction.flags import (
     BuildConfig,
     PlotConfig,
     SourceConfig,
-    parse_integration,
     validate_ablate,
     validate_build,
     validate_plot,
@@ -139,16 +138,10 @@ def run_build(cfg: BuildConfig, argv: list[str] | None = None):
 
 
 def _check_build_settings(cfg: BuildConfig) -> None:
-    """The builder's own check of the combination of settings (before --out is claimed)."""
-    from tyche.interaction.graph import check_settings
-
-    dtypes = _dtypes()
-    edges = None if cfg.edges == "none" else cfg.edges
+    """The builder's own check of the combination of settings (before --out is claimed): the
+    library's options are made, and their checks run, from the flags."""
     try:
-        check_settings(cfg.basis, edges, cfg.center, parse_integration(cfg.integration),
-                       cfg.n_intervals, dtypes[cfg.dtype], dtypes[cfg.gram_dtype],
-                       cfg.split_over, cfg.n_stochastic_sources or None,
-                       cfg.n_stochastic_sources_hidden or None)  # fmt: skip
+        cfg.options.library(cfg.batch_size, cfg.seed)
     except ValueError as err:
         raise CommandError(f"{_in_flags(str(err))} (see `{PROG} build --help`)") from None
 
@@ -160,8 +153,9 @@ _FLAG_WORDS = {
         "--integration trapezoidal or gauss-legendre with --n_intervals above 0",
     "n_stochastic_sources_hidden": "--n_stochastic_sources_hidden",
     "n_stochastic_sources": "--n_stochastic_sources",
+    "n_intervals": "--n_intervals",
     "use squared": "use --edges squared",
-}
+}  # fmt: skip
 _KEYWORDS = re.compile("|".join(rf"(?<![-\w]){re.escape(k)}(?!\w)" for k in _FLAG_WORDS))
 
 
@@ -178,13 +172,9 @@ def _build(cfg: BuildConfig, argv: list[str] | None):
     from tyche.interaction.result import InteractionGrams, InteractionGraph
     from tyche.io import write_json
 
-    dtypes = _dtypes()
-    integration = parse_integration(cfg.integration)
-    edges = None if cfg.edges == "none" else cfg.edges
-    sources = cfg.n_stochastic_sources or None
-    hidden = cfg.n_stochastic_sources_hidden or None
+    options = cfg.options.library(cfg.batch_size, cfg.seed, edges=cfg.stage != "bases")
     init_distributed()
-    rank0_print("settings: " + json.dumps(asdict(cfg)))
+    rank0_print("settings: " + json.dumps(flat_settings(cfg)))
     model, inputs, _, default_layers = load_source(cfg)
     layers = split_list(cfg.node_layers) or default_layers
     out = Path(cfg.out)
@@ -196,28 +186,21 @@ def _build(cfg: BuildConfig, argv: list[str] | None):
     elif cfg.resume and (out / STAGE_FILES["grams"]).is_file():
         grams = InteractionGrams.load(out / "grams")
         rank0_print(f"resuming from the grams in {out / 'grams'}")
-    common = dict(dtype=dtypes[cfg.dtype], rotate_final=cfg.rotate_final,
-                  batch_size=cfg.batch_size or None, gram_dtype=dtypes[cfg.gram_dtype])  # fmt: skip
     if argv is not None:
         on_interrupt(f"finished stages are saved under {out}/ and finished sections under "
                      f"{sections}/; continue with: "
                      f"{resume_command(f'{PROG} build', argv[1:])}")  # fmt: skip
     start = time.perf_counter()
     if grams is None and bases is None:
-        grams = build_grams(model, inputs, layers, **common)
+        grams = build_grams(model, inputs, layers, options)
         if get_rank() == 0:
             grams.save(out / "grams")
     if cfg.stage == "grams":
         on_interrupt(None)
         rank0_print(f"saved the grams of {grams.node_layers} under {out / 'grams'}")
         return grams
-    graph = build_interaction_graph(
-        model, inputs, layers, basis=cfg.basis, edges=None if cfg.stage == "bases" else edges,
-        integration=integration, n_intervals=cfg.n_intervals, center=cfg.center,
-        n_stochastic_sources=sources, n_stochastic_sources_hidden=hidden,
-        truncation_threshold=cfg.truncation_threshold, seed=cfg.seed, split=cfg.split_over,
-        grams=grams, bases=bases, checkpoint=sections, resume=cfg.resume, **common,
-    )  # fmt: skip
+    graph = build_interaction_graph(model, inputs, layers, options, grams=grams, bases=bases,
+                                    checkpoint=sections, resume=cfg.resume)  # fmt: skip
     on_interrupt(None)
     seconds = time.perf_counter() - start
     if get_rank() == 0:
@@ -226,7 +209,7 @@ def _build(cfg: BuildConfig, argv: list[str] | None):
         if graph.has_edges:
             graph.save(out / "graph")
         shutil.rmtree(sections, ignore_errors=True)  # the stage's result holds them all now
-        summary = {"config": asdict(cfg), "seconds": seconds, **graph_summary(graph)}
+        summary = {"config": flat_settings(cfg), "seconds": seconds, **graph_summary(graph)}
         best_effort(PROG, "write summary.json",
                     lambda: write_json(out / "summary.json", summary), out)  # fmt: skip
         if cfg.plot and graph.has_edges:
@@ -237,12 +220,6 @@ def _build(cfg: BuildConfig, argv: list[str] | None):
                         out)  # fmt: skip
         best_effort(PROG, "print the table", lambda: print(summary_table(graph, seconds)), out)
     return graph
-
-
-def _dtypes() -> dict[str, torch.dtype]:
-    import torch
-
-    return {"float64": torch.float64, "float32": torch.float32}
 
 
 def run_ablate(cfg: AblateConfig) -> dict:
@@ -271,13 +248,12 @@ def _ablate(cfg: AblateConfig, graph: Any, out: Path) -> dict:
 
     init_distributed()
     model, inputs, labels, _ = load_source(cfg)
-    kw = dict(schedule=cfg.schedule, cutoff=cfg.cutoff, base=cfg.base, tolerance=cfg.tolerance,
-              batch_size=cfg.batch_size or None, dtype=_dtypes()[cfg.dtype])  # fmt: skip
+    options = cfg.options.library(cfg.batch_size)
     if cfg.kind == "nodes":
-        curves = ablate_nodes(model, graph, inputs, labels, layers=split_list(cfg.layers) or None,
-                              **kw)  # fmt: skip
+        curves = ablate_nodes(model, graph, inputs, labels, options,
+                              layers=split_list(cfg.layers) or None)  # fmt: skip
     else:
-        curves = ablate_edges(model, graph, inputs, labels, **kw)
+        curves = ablate_edges(model, graph, inputs, labels, options)
     if get_rank() == 0:
         for i, curve in enumerate(curves.values()):
             curve.save(out / f"{i}")
@@ -291,8 +267,8 @@ def _ablate(cfg: AblateConfig, graph: Any, out: Path) -> dict:
 
             best_effort(PROG, "draw curves.png", draw, out)
     for where, c in curves.items():
-        extra = f", fewest within {cfg.tolerance}: {c.n_required}" if c.n_required is not None \
-            else ""  # fmt: skip
+        extra = "" if c.n_required is None else \
+            f", fewest within {cfg.options.tolerance}: {c.n_required}"  # fmt: skip
         rank0_print(f"{where}: baseline accuracy {c.baseline_accuracy:.4f}, loss "
                     f"{c.baseline_loss:.4f}{extra}")  # fmt: skip
         rank0_print("  kept:     " + " ".join(f"{n:>6}" for n in c.n_kept))

@@ -4,9 +4,9 @@ loaded here: every flag is checked before a model is)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tyche.cli.commandline import (
     CommandError,
@@ -17,9 +17,16 @@ from tyche.cli.commandline import (
 )
 from tyche.cli.run_folder import check_new_file, check_unlocked, differences, read_record
 
+if TYPE_CHECKING:
+    import torch
+
+    from tyche.interaction.options import AblationOptions, GraphOptions
+
 __all__ = [
     "AblateConfig",
+    "AblationFlags",
     "BuildConfig",
+    "GraphFlags",
     "PlotConfig",
     "validate_ablate",
     "validate_build",
@@ -33,6 +40,13 @@ CLASS_MODELS = ("zoo:modadd", "zoo:digits-mlp", "zoo:fashion-mlp")
 RULE_NAMES = ("gradient", "trapezoidal", "gauss-legendre")
 #: the files each build stage leaves under --out
 STAGE_FILES = {"grams": "grams/meta.json", "bases": "bases/meta.json", "edges": "graph/meta.json"}
+
+
+def _dtype(name: str) -> torch.dtype:
+    """The dtype a ``--dtype`` / ``--gram_dtype`` name says (torch is imported only here)."""
+    import torch
+
+    return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
 @dataclass
@@ -62,20 +76,14 @@ class SourceConfig:
     """seed of the sequence draw and of the stochastic sources"""
 
 
-@dataclass
-class BuildConfig(SourceConfig):
-    """Build the local interaction graph of a model (grams -> bases -> edges).
+@dataclass(frozen=True)
+class GraphFlags:
+    """The builder's settings in the command's words: :class:`tyche.interaction.GraphOptions`
+    with dtype names, 0 for "every" stochastic source, ``none`` for no edges, the
+    integration rule as text and ``--split_over`` for its ``split`` (``--split`` names the
+    rows). ``batch_size`` and ``seed`` come from the shared source flags; ``cache_gb`` and
+    ``check_cuts`` keep the library's defaults."""
 
-    Examples:
-
-      tyche interaction build --model zoo:modadd --out runs/modadd-lib
-      tyche interaction build --model zoo:modadd --basis svd --out runs/modadd-pca
-      tyche interaction build --model zoo:shakespeare-lm --node_layers resid_pre.2,unembed
-    """
-
-    node_layers: str = ""
-    """site patterns, comma separated, in forward order; 'output' for the logits (default: the
-    paper's for zoo:modadd, the hidden layers for MLPs, the last residual sites for LMs)"""
     basis: Literal["jacobian", "(1-0)*alpha", "(1-alpha)^2", "svd", "neuron"] = "jacobian"
     """basis formula (svd: PCA, neuron: identity)"""
     edges: Literal["squared", "functional", "none"] = "squared"
@@ -100,6 +108,68 @@ class BuildConfig(SourceConfig):
     """drop directions whose Gram eigenvalue or Lambda is at most this fraction of the largest"""
     split_over: Literal["data", "outputs"] = "data"
     """under torchrun: split the rows, or the output features, over the ranks"""
+
+    def library(self, batch_size: int, seed: int, *, edges: bool = True) -> GraphOptions:
+        """The :class:`~tyche.interaction.GraphOptions` these flags say (``edges=False``: no
+        edges, for ``--stage bases``); ``batch_size`` 0 is all rows at once."""
+        from tyche.interaction.options import GraphOptions
+
+        values = asdict(self)
+        split = values.pop("split_over")
+        values.update(
+            edges=None if not edges or self.edges == "none" else self.edges,
+            integration=parse_integration(self.integration),
+            dtype=_dtype(self.dtype),
+            gram_dtype=_dtype(self.gram_dtype),
+            n_stochastic_sources=self.n_stochastic_sources or None,
+            n_stochastic_sources_hidden=self.n_stochastic_sources_hidden or None,
+        )
+        return GraphOptions(**values, split=split, batch_size=batch_size or None, seed=seed)
+
+
+@dataclass(frozen=True)
+class AblationFlags:
+    """The ablation settings in the command's words: :class:`tyche.interaction.AblationOptions`
+    with a dtype name and the command's defaults (``--tolerance`` 0.001 and the exponential
+    schedule for both kinds, float32); ``batch_size`` comes from the shared source flags."""
+
+    schedule: Literal["exponential", "bisect", "thresholds"] = "exponential"
+    """kept counts: every count up to --cutoff then steps of --base; a bisection for the fewest
+    within --tolerance; or (edges) the edges above fractions of the largest"""
+    cutoff: int = 16
+    """exponential schedule: every count up to this"""
+    base: float = 1.25
+    """exponential schedule: then steps of this factor"""
+    tolerance: float = 0.001
+    """bisect: accuracy drop allowed against the unablated model"""
+    dtype: Literal["float64", "float32"] = "float32"
+    """dtype the model runs in"""
+
+    def library(self, batch_size: int) -> AblationOptions:
+        """The :class:`~tyche.interaction.AblationOptions` these flags say (``batch_size`` 0
+        is all rows at once)."""
+        from tyche.interaction.options import AblationOptions
+
+        values = {**asdict(self), "dtype": _dtype(self.dtype)}
+        return AblationOptions(**values, batch_size=batch_size or None)
+
+
+@dataclass
+class BuildConfig(SourceConfig):
+    """Build the local interaction graph of a model (grams -> bases -> edges).
+
+    Examples:
+
+      tyche interaction build --model zoo:modadd --out runs/modadd-lib
+      tyche interaction build --model zoo:modadd --basis svd --out runs/modadd-pca
+      tyche interaction build --model zoo:shakespeare-lm --node_layers resid_pre.2,unembed
+    """
+
+    node_layers: str = ""
+    """site patterns, comma separated, in forward order; 'output' for the logits (default: the
+    paper's for zoo:modadd, the hidden layers for MLPs, the last residual sites for LMs)"""
+    options: GraphFlags = field(default_factory=GraphFlags)
+    """how the graph is built (its flags follow: --basis ... --split_over)"""
     stage: Literal["grams", "bases", "edges"] = "edges"
     """stop after this stage (each is saved under --out)"""
     resume: bool = False
@@ -131,21 +201,12 @@ class AblateConfig(SourceConfig):
     """a build's --out folder, or a saved graph folder"""
     kind: Literal["nodes", "edges"] = "nodes"
     """keep the top directions of each node layer, or the strongest edges of each section"""
-    schedule: Literal["exponential", "bisect", "thresholds"] = "exponential"
-    """kept counts: every count up to --cutoff then steps of --base; a bisection for the fewest
-    within --tolerance; or (edges) the edges above fractions of the largest"""
     layers: str = ""
     """nodes: node layers to ablate, comma separated (default: all with a basis)"""
-    cutoff: int = 16
-    """exponential schedule: every count up to this"""
-    base: float = 1.25
-    """exponential schedule: then steps of this factor"""
-    tolerance: float = 0.001
-    """bisect: accuracy drop allowed against the unablated model"""
+    options: AblationFlags = field(default_factory=AblationFlags)
+    """how the counts kept are chosen and the model is run (--schedule ... --dtype)"""
     split: Literal["train", "test"] = "test"
     """rows to score on (the paper scores modadd on its test split)"""
-    dtype: Literal["float64", "float32"] = "float32"
-    """dtype the model runs in"""
     out: str = ""
     """output folder (default: <graph>/ablate-<kind>)"""
     plot: bool = True
@@ -237,11 +298,12 @@ def validate_build(cfg: BuildConfig) -> None:
             f"--node_layers {cfg.node_layers!r}: give at least two site patterns (a section "
             "runs between two), e.g. resid_pre.1,unembed"
         )
-    parse_integration(cfg.integration)
+    graph = cfg.options
+    parse_integration(graph.integration)
     for flag in ("n_intervals", "n_stochastic_sources", "n_stochastic_sources_hidden"):
-        check_number(getattr(cfg, flag), f"--{flag}", minimum=0, integer=True)
-    check_number(cfg.truncation_threshold, "--truncation_threshold", minimum=0)
-    if cfg.truncation_threshold >= 1:
+        check_number(getattr(graph, flag), f"--{flag}", minimum=0, integer=True)
+    check_number(graph.truncation_threshold, "--truncation_threshold", minimum=0)
+    if graph.truncation_threshold >= 1:
         raise CommandError("--truncation_threshold is a fraction of the largest: below 1")
     out = Path(cfg.out).expanduser()
     check_unlocked(out)  # a build in progress is named as such, not as a leftover
@@ -307,13 +369,13 @@ def validate_ablate(cfg: AblateConfig) -> Path:
                 setattr(cfg, key, built[key])
         cfg.allow_long_context = cfg.allow_long_context or built.get("allow_long_context", False)
     _check_source(cfg)
-    if cfg.kind == "nodes" and cfg.schedule == "thresholds":
+    if cfg.kind == "nodes" and cfg.options.schedule == "thresholds":
         raise CommandError("--schedule thresholds is for --kind edges")
     if cfg.kind == "edges" and cfg.layers:
         raise CommandError("--layers is for --kind nodes (edges ablate every section)")
-    check_number(cfg.cutoff, "--cutoff", minimum=0, integer=True)
-    check_number(cfg.base, "--base", above=1)
-    check_number(cfg.tolerance, "--tolerance", minimum=0)
+    check_number(cfg.options.cutoff, "--cutoff", minimum=0, integer=True)
+    check_number(cfg.options.base, "--base", above=1)
+    check_number(cfg.options.tolerance, "--tolerance", minimum=0)
     out = Path(cfg.out) if cfg.out else folder.parent / f"ablate-{cfg.kind}"
     check_writable_folder(out, "--out")
     check_unlocked(out)

@@ -3,9 +3,9 @@ the settings that make its results (see :mod:`tyche.cli.run_folder`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
+from tyche.cli.commandline import flat_settings
 from tyche.cli.run_folder import Owned
 
 #: what a build writes in --out (and the ablations it holds by default, made from its graph)
@@ -28,5 +28,6 @@ FREE = ("out", "resume", "overwrite", "plot", "batch_size", "allow_long_context"
 
 
 def settings(cfg: Any) -> dict[str, Any]:
-    """The flags that make a run's results, ``{"--flag": value}``, defaults filled in."""
-    return {f"--{k}": v for k, v in asdict(cfg).items() if k not in FREE}
+    """The flags that make a run's results, ``{"--flag": value}``, defaults filled in (the
+    embedded options' flags among them, as the command line names them)."""
+    return {f"--{k}": v for k, v in flat_settings(cfg).items() if k not in FREE}

@@ -24,7 +24,7 @@ test: $(STAMP)
 # 1 and 2 OpenMP threads with this CPU's best kernels (AVX-512 or AVX2); 2 threads with the
 # AVX2 kernels (on an AVX-512 CPU: what an AVX2-only CPU runs natively); 1 thread with the
 # generic (non-vectorised) kernels. Every tolerance in tests/ states its reason
-# (tests/test_tolerance_guard.py); `make tolerance-report` measures the margins.
+# (tests/shared/test_tolerance_guard.py); `make tolerance-report` measures the margins.
 PORTABLE_SETTINGS := omp1:OMP_NUM_THREADS=1 omp2:OMP_NUM_THREADS=2 \
 	avx2:ATEN_CPU_CAPABILITY=avx2 default:TYCHE_TEST_THREADS=1,ATEN_CPU_CAPABILITY=default
 
@@ -38,7 +38,7 @@ test-portable: $(STAMP)
 
 # The fast suite under each setting of test-portable, each writing how much of its tolerance
 # every comparison used (test-artifacts/tolerance/SETTING.jsonl), then every call site whose
-# worst margin over the settings is below 10x (tests/tolerance_report.py).
+# worst margin over the settings is below 10x (tests/support/tolerance_report.py).
 TOLERANCE_DIR := test-artifacts/tolerance
 tolerance-report: $(STAMP)
 	rm -rf $(TOLERANCE_DIR); mkdir -p $(TOLERANCE_DIR); \
@@ -46,7 +46,7 @@ tolerance-report: $(STAMP)
 		env $$(echo $${s#*:} | tr , ' ') TYCHE_TOLERANCE_REPORT=$(TOLERANCE_DIR)/$${s%%:*}.jsonl \
 			$(BIN)/python -m pytest -q || true; \
 	done; \
-	$(BIN)/python tests/tolerance_report.py $(TOLERANCE_DIR)/*.jsonl
+	$(BIN)/python tests/support/tolerance_report.py $(TOLERANCE_DIR)/*.jsonl
 
 test-slow: $(STAMP) smollm2
 	$(BIN)/python -m pytest -q -m slow --durations=15

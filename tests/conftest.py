@@ -7,6 +7,7 @@ Every model is built from a config (no hub access), has vocab 512, 2 layers, wid
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+#: the test workers (torchrun scripts) and helpers shared by several test folders
+SUPPORT = Path(__file__).resolve().parent / "support"
+sys.path.insert(0, str(SUPPORT))
+
 # Threads follow OMP_NUM_THREADS unless TYCHE_TEST_THREADS says otherwise, so the portable
 # runs (`make test-portable`) really change how reductions are split across threads.
 if os.environ.get("TYCHE_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["TYCHE_TEST_THREADS"]))
 
 # TYCHE_TOLERANCE_REPORT=file.jsonl records how much of its tolerance every comparison uses
-# (tests/tolerance_report.py); the comparisons are wrapped before any test module imports them.
+# (tests/support/tolerance_report.py); the comparisons are wrapped before any test module
+# imports them.
 if os.environ.get("TYCHE_TOLERANCE_REPORT"):
     import tolerance_report  # noqa: E402
 

@@ -46,7 +46,7 @@ Method (and why)
 4. ``log I = G(u_m) + c + log Σ w_i exp(-Δ(h_i))`` with ``G(u_m) = D log r_m - a r_m²/2 + b r_m``
    evaluated directly at ``r_m = min(R, r*)``.
 
-Accuracy (tests/test_basin_radial.py, mpmath references at 30–70 digits): over ~1200 cases
+Accuracy (tests/basin/test_basin_radial.py, mpmath references at 30–70 digits): over ~1200 cases
 with D = 1 … 1e9 (and non-integer D), a = 1e-8 … 1e9, b of both signs moving the peak by
 orders of magnitude (b = ±1000 sqrt(aD)), R from 1e-4 r* to ∞, the largest error was 5.7e-15
 relative where |log I| ≥ 1e3 and 5e-13 absolute below — 1/175 of the contract

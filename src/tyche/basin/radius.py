@@ -16,7 +16,7 @@ log-log coordinates x = log r, f = log(Δ/cutoff) (the root is f = 0):
   row fail to halve the bracket (a safeguarded, Brent-like root finder).
 
 On a quadratic the second evaluation is exact; on smooth losses the mean is 3–4.5
-evaluations per direction at rtol = 1e-2 (see tests/test_basin_radius.py). A NaN or infinite
+evaluations per direction at rtol = 1e-2 (see tests/basin/test_basin_radius.py). A NaN or infinite
 Δ counts as "above the cutoff" (never accepted); a negative or zero Δ counts as "below".
 
 Several cutoffs c_1 < … < c_K are searched along each direction at once: one target at a

@@ -9,8 +9,8 @@ import typing
 
 import pytest
 import torch
-
 from test_causal import SoftmaxTarget, random_hiddens
+
 from tyche.ablation import ABLATION_MODES
 from tyche.causal import (
     AblationObjective,

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import run_torchrun
 from interaction_dist_worker import cases
+
+from conftest import SUPPORT, run_torchrun
 from tyche.interaction import GraphOptions, InteractionGraph, build_interaction_graph
 
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    run_torchrun(Path(__file__).with_name("interaction_dist_worker.py"), tmp_path, timeout=600)
+    run_torchrun(SUPPORT / "interaction_dist_worker.py", tmp_path, timeout=600)
     for name, (model, inputs, layers, kwargs) in cases().items():
         single = build_interaction_graph(model, inputs, layers, GraphOptions(**kwargs),
                                          progress=False)  # fmt: skip
@@ -42,7 +42,7 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
 def test_two_ranks_resume_from_the_sections_rank_0_saved(tmp_path: Path) -> None:
     import json
 
-    run_torchrun(Path(__file__).with_name("interaction_checkpoint_worker.py"), tmp_path,
+    run_torchrun(SUPPORT / "interaction_checkpoint_worker.py", tmp_path,
                  timeout=600)  # fmt: skip
     counts = [json.loads((tmp_path / f"counts_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(c["interrupted"] for c in counts)

@@ -23,7 +23,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 #: comparison functions and the number of positional arguments before the tolerances
 COMPARISONS = {"approx": 1, "allclose": 2, "isclose": 2, "assert_close": 2, "assert_allclose": 2}
@@ -141,10 +141,10 @@ def check_source(source: str, path: str) -> list[Finding]:
 
 
 def check_tree(folder: Path = TESTS) -> list[Finding]:
-    """The findings over every ``*.py`` file directly in ``folder``."""
+    """The findings over every ``*.py`` file in ``folder`` and its sub-folders."""
     findings = []
-    for file in sorted(folder.glob("*.py")):
-        findings += check_source(file.read_text(encoding="utf-8"), file.name)
+    for file in sorted(folder.rglob("*.py")):
+        findings += check_source(file.read_text(encoding="utf-8"), str(file.relative_to(folder)))
     return findings
 
 

@@ -1,4 +1,5 @@
-"""Worker for tests/test_distributed.py, run as ``torchrun --nproc_per_node=2 dist_worker.py OUT``.
+"""Worker for tests/shared/test_distributed.py, run as
+``torchrun --nproc_per_node=2 dist_worker.py OUT``.
 
 Each rank checks the tyche.distributed helpers under a real gloo process group and writes
 ``OUT/rank{RANK}.json`` with what it saw; the test asserts on those files.

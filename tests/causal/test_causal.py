@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import run_torchrun
+from conftest import SUPPORT, run_torchrun
 from tyche.ablation import remove_subspace, resample_donors
 from tyche.causal import (
     CausalBasis,
@@ -575,10 +574,11 @@ def test_two_gloo_ranks_find_the_same_basis_as_one_process(tmp_path):
     import json
 
     from causal_dist_worker import TOL, SoftmaxTarget6, model_problem, problem, subsample_problem
+
     from tyche.causal.objective import AblationObjective
 
     out = tmp_path / "dist"
-    run_torchrun(Path(__file__).with_name("causal_dist_worker.py"), out)
+    run_torchrun(SUPPORT / "causal_dist_worker.py", out)
     big, big_mask = subsample_problem()
     one = AblationObjective(SoftmaxTarget6(), big, CausalOptions(batch_size=3, screen_positions=72),
                             mask=big_mask)  # fmt: skip

@@ -1,5 +1,5 @@
-"""Worker for tests/test_distributed.py: every method's entry point under torchrun, called from
-a plain script that never calls ``tyche.distributed.init_distributed`` itself.
+"""Worker for tests/shared/test_distributed.py: every method's entry point under torchrun,
+called from a plain script that never calls ``tyche.distributed.init_distributed`` itself.
 
 Run as ``torchrun --nproc_per_node=2 entry_points_dist_worker.py OUT``. The first call
 (``build_interaction_graph``) must start the process group on its own; the others then find
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
 
 #: rows of every language-model problem: 8 (4 per rank), no padding, so each rank's half has
 #: as many positions as the other and the mean of the two half-means is the whole mean
@@ -49,7 +49,7 @@ def lm() -> nn.Module:
 
 
 def basin_problem() -> tuple[Any, torch.Tensor]:
-    """A ModelLoss on a small MLP (as tests/basin_dist_worker.py) and its anchor."""
+    """A ModelLoss on a small MLP (as tests/support/basin_dist_worker.py) and its anchor."""
     from tyche.basin.loss import ModelLoss
 
     torch.manual_seed(0)
@@ -73,6 +73,7 @@ def run_all(world: int) -> dict[str, Any]:
 def _run_all(world: int) -> dict[str, Any]:
     """:func:`run_all` on the current threads."""
     from causal_dist_worker import TOL, model_problem
+
     from tyche.basin.core import estimate_basin
     from tyche.basin.options import BasinOptions
     from tyche.causal import CausalOptions, extract_causal_bases, train_tuned_lens
@@ -109,7 +110,8 @@ def _run_all(world: int) -> dict[str, Any]:
         "kl_tuned_lens": lens.stats["kl_tuned_lens"],
     }
     out["evaluate_lens"] = evaluate_lens(lens, data, batch_size=3)
-    # the problem of tests/test_causal.py's torchrun test, whose tolerances were measured on it
+    # the problem of tests/causal/test_causal.py's torchrun test, whose tolerances were
+    # measured on it
     causal_model, causal_tokens = model_problem()
     out["causal"] = extract_causal_bases(
         causal_model,

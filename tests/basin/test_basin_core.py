@@ -206,7 +206,7 @@ def test_results_do_not_depend_on_batch_size(monkeypatch, low, cutoff, anchor):
     runs = [run(b) for b in (1, 3, 4, 9, 20)]
     # exact: each direction's search only ever sees its own rows, the loss is row-wise
     # (elementwise ops and a per-row 20-term sum whose order does not depend on the number of
-    # rows), each radial integral is computed as if alone (tests/test_basin_radial.py), and
+    # rows), each radial integral is computed as if alone (tests/basin/test_basin_radial.py), and
     # the pilot is the same for every batch size
     for r in runs[1:]:
         assert torch.equal(r.estimates, runs[0].estimates)

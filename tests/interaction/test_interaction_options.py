@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
 
 from conftest import cli, one_line_error
-from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
 from tyche.cli.commandline import parse_config
 from tyche.cli.interaction.flags import AblateConfig, AblationFlags, BuildConfig, GraphFlags
 from tyche.cli.interaction.folders import settings

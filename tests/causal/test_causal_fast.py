@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from test_causal import SoftmaxTarget, random_hiddens
 from torch import nn
 
 from conftest import build_gpt2, build_llama, build_neox
-from test_causal import SoftmaxTarget, random_hiddens
 from tyche.causal import (
     AblationObjective,
     CausalBasis,

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from test_interaction_graph import MLP_LAYERS, TinyMLP
+
 from tyche.hooks import replace_activations
 from tyche.interaction import AblationOptions, GraphOptions, build_interaction_graph
 from tyche.interaction.ablate import (

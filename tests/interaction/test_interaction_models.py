@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
+
 from tyche.interaction import (
     GraphOptions,
     InteractionGrams,

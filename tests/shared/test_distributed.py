@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_torchrun
+from conftest import SUPPORT, run_torchrun
 from tyche import distributed as td
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = SUPPORT / "dist_worker.py"
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 12, 13])
@@ -197,14 +196,15 @@ def test_every_entry_point_starts_the_process_group_itself(monkeypatch, name):
 @pytest.mark.filterwarnings("ignore:effective sample size")  # 7 samples: a bound, as expected
 def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
     """Two ranks run every entry point from a script that never calls init_distributed: the
-    ranks agree exactly and match one process (tests/entry_points_dist_worker.py)."""
+    ranks agree exactly and match one process (tests/support/entry_points_dist_worker.py)."""
     import entry_points_dist_worker as worker
     from test_causal import MODEL_TOLERANCE, assert_same_basis
+
     from tyche.causal import AblationObjective, CausalOptions, LogitLens, TunedLens
     from tyche.causal.train_lens import evaluate_lens
     from tyche.hooks import read_activations
 
-    run_torchrun(Path(__file__).with_name("entry_points_dist_worker.py"), tmp_path, timeout=300)
+    run_torchrun(SUPPORT / "entry_points_dist_worker.py", tmp_path, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     two, one = ranks[0], worker.run_all(world=1)
     assert not two["group_before_first_call"] and two["world_size"] == 2
@@ -212,7 +212,8 @@ def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
 
     # interaction: sums split in two and added (float64 rounding ~1e-15 relative per sum),
     # grown by the eigendecompositions' conditioning; the bounds of
-    # tests/test_interaction_distributed.py (measured here: C 4.7e-13, edges 5.4e-14 of max)
+    # tests/interaction/test_interaction_distributed.py (measured here: C 4.7e-13, edges
+    # 5.4e-14 of max)
     assert two["graph"]["n_positions"] == one["graph"]["n_positions"]
     for a, b in zip(one["graph"]["C"], two["graph"]["C"]):
         if a is not None:
@@ -248,7 +249,7 @@ def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
     # measured ≤ 1.7e-5 relative (generic kernels), 2.2e-8 (AVX2); one rank's rows: 4.8e-2
     assert two["evaluate_lens"] == pytest.approx(alone, rel=2e-4)
 
-    # causal basis: the problem and bounds of tests/test_causal.py's torchrun test
+    # causal basis: the problem and bounds of tests/causal/test_causal.py's torchrun test
     from causal_dist_worker import model_problem
 
     model, tokens = model_problem()
@@ -259,7 +260,7 @@ def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
                                   CausalOptions(mode="mean"),
                                   mask=tokens["attention_mask"].bool())  # fmt: skip
     assert_same_basis(two["causal"], one["causal"], evaluator.energy, MODEL_TOLERANCE)
-    # one eigensolve of the same all-reduced second moment (see tests/test_causal.py)
+    # one eigensolve of the same all-reduced second moment (see tests/causal/test_causal.py)
     torch.testing.assert_close(
         two["causal"].pca_energies, one["causal"].pca_energies, rtol=1e-4, atol=0
     )
@@ -272,7 +273,7 @@ def test_entry_points_under_torchrun_need_no_set_up(tmp_path):
     # as above: measured ≤ 9.5e-7 nats
     assert two["codebooks"]["losses"] == pytest.approx(one["codebooks"]["losses"], abs=1e-5)
 
-    # basin: exact, as in tests/test_basin_model.py (the shards fall into the same batches
+    # basin: exact, as in tests/basin/test_basin_model.py (the shards fall into the same batches
     # of 2, each direction's loss depends only on its own batch, one thread)
     assert torch.equal(two["basin"]["estimates"], one["basin"]["estimates"])
     assert torch.equal(two["basin"]["radii"], one["basin"]["radii"])

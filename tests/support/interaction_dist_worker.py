@@ -1,7 +1,7 @@
 """Worker for test_interaction_distributed: each of 2 gloo ranks builds the same graphs.
 
-Run as ``torchrun --nproc_per_node=2 tests/interaction_dist_worker.py OUT``. Every rank passes
-the whole data; the builder splits it (``split="data"``) or splits the output features
+Run as ``torchrun --nproc_per_node=2 tests/support/interaction_dist_worker.py OUT``. Every
+rank passes the whole data; the builder splits it (``split="data"``) or splits the output features
 (``split="outputs"``) and reduces the sums. Each rank saves its graphs to ``OUT/{case}_rank{r}``.
 """
 
@@ -16,8 +16,9 @@ import torch
 def cases() -> dict[str, tuple]:
     """name -> (model, inputs, node_layers, GraphOptions keywords); the single process runs
     the same."""
-    from conftest import build_gpt2
     from test_interaction_graph import MLP_LAYERS, TinyMLP, mlp_data
+
+    from conftest import build_gpt2
 
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 512, (5, 8), generator=g)
@@ -50,5 +51,6 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interaction"))  # its tests
     main(Path(sys.argv[1]))

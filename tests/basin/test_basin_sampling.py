@@ -6,11 +6,11 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SUPPORT
 from tyche.basin.core import estimate_basin
 from tyche.basin.memory import (
     DEFAULT_BATCH,
@@ -28,7 +28,7 @@ from tyche.basin.sampling import (
 )
 from tyche.memory import parse_size
 
-WORKER = Path(__file__).with_name("basin_memory_worker.py")
+WORKER = SUPPORT / "basin_memory_worker.py"
 
 
 def test_a_direction_depends_only_on_seed_and_index():

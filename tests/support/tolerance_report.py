@@ -19,8 +19,9 @@ each function (``atol + rtol·|b|`` for the ``allclose`` family, ``max(rel·|b|,
 torch.allclose(...)``, which claims two results differ) count in ``n_apart``, and
 ``least_apart`` is the smallest ``|a - b| / tolerance`` among them: their margin.
 
-``python tests/tolerance_report.py FILE.jsonl ...`` (one file per setting) prints every call site
-whose worst margin over all the files is below ``--margin`` (default 10), then the worst margins.
+``python tests/support/tolerance_report.py FILE.jsonl ...`` (one file per setting) prints every
+call site whose worst margin over all the files is below ``--margin`` (default 10), then the
+worst margins.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 ENV = "TYCHE_TOLERANCE_REPORT"
 
 
@@ -43,9 +44,9 @@ def _site(depth: int) -> tuple[str, int] | None:
     """(file relative to tests/, line) of the frame ``depth`` above the caller, if in tests/."""
     frame = sys._getframe(depth + 1)
     path = Path(frame.f_code.co_filename)
-    if path.parent != TESTS or path.name == Path(__file__).name:
+    if TESTS not in path.parents or path.name == Path(__file__).name:
         return None
-    return path.name, frame.f_lineno
+    return str(path.relative_to(TESTS)), frame.f_lineno
 
 
 class Recorder:

@@ -21,13 +21,14 @@ from tyche.cli.codebook_app import APP_FILE, CACHE_ENV, streamlit_command  # noq
 CHROMIUM = "/usr/bin/chromium"
 #: screenshots of the browser test land here (a CI artefact)
 ARTIFACTS = Path(
-    os.environ.get("TYCHE_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")
+    os.environ.get("TYCHE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
 )
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, tiny_tokenizer, tiny_texts) -> Path:
     from codebook_helpers import tiny_cb_model
+
     from tyche.codebook.cache import build_cache
 
     model = tiny_cb_model()

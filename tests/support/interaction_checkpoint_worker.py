@@ -1,6 +1,6 @@
 """Worker for test_interaction_distributed: 2 gloo ranks interrupt a build, then resume it.
 
-Run as ``torchrun --nproc_per_node=2 tests/interaction_checkpoint_worker.py OUT``. Each rank
+Run as ``torchrun --nproc_per_node=2 tests/support/interaction_checkpoint_worker.py OUT``. Each rank
 builds the graph uninterrupted (``OUT/whole_rank{r}``), then with a section checkpoint in
 ``OUT/sections`` stopped by ``KeyboardInterrupt`` in the second section, then resumed
 (``OUT/resumed_rank{r}``); ``OUT/counts_rank{r}.json`` says how many sections the rank wrote,
@@ -19,9 +19,10 @@ LAYERS = ["layers.0:input", "layers.1:input", "layers.2:input", "output"]
 
 
 def main(out: Path) -> None:
+    from test_interaction_graph import TinyMLP, mlp_data
+
     import tyche.interaction.checkpoint as checkpoint_module
     import tyche.interaction.graph as graph_module
-    from test_interaction_graph import TinyMLP, mlp_data
     from tyche.distributed import barrier, get_rank, init_distributed
     from tyche.interaction import GraphOptions
 
@@ -68,5 +69,6 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interaction"))  # its tests
     main(Path(sys.argv[1]))

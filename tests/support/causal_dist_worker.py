@@ -1,6 +1,6 @@
 """Worker for test_causal's torchrun test: each rank extracts a basis from its shard.
 
-Run as ``torchrun --standalone --nproc_per_node=2 tests/causal_dist_worker.py OUT``. Every
+Run as ``torchrun --standalone --nproc_per_node=2 tests/support/causal_dist_worker.py OUT``. Every
 rank takes its contiguous block of rows of the same problem (7 sequences: 4 + 3 rows, so the
 shards differ in size and in their means), and saves its result to ``OUT/{mode}_rank{r}``.
 """
@@ -95,5 +95,6 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "causal"))  # test_causal
     main(Path(sys.argv[1]))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_interaction_graph import TinyMLP, mlp_data
 
 import tyche.interaction.graph as graph_module
-from test_interaction_graph import TinyMLP, mlp_data
 from tyche.interaction import GraphOptions, InteractionGraph, build_interaction_graph
 from tyche.interaction.checkpoint import SavedSection
 

@@ -84,7 +84,7 @@ def test_an_exported_tyche_cache_is_left_alone(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
          str(inner), *tests],  # fmt: skip
-        cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=300,
+        cwd=here.parents[2], env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "2 passed" in run.stdout, run.stdout[-2000:]

@@ -1,4 +1,4 @@
-"""Worker for tests/test_codebook_train.py: ``torchrun --nproc_per_node=2 ... OUT``.
+"""Worker for tests/codebook/test_codebook_train.py: ``torchrun --nproc_per_node=2 ... OUT``.
 
 Rank 0 writes the averaged gradients of one batch (``OUT/grads.pt``); then both ranks train
 three steps with dead-code replacement and rank 0 records whether every rank ended with the
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
 
 from conftest import build_neox  # noqa: E402
 from tyche import distributed as td  # noqa: E402

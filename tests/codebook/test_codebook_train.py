@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SUPPORT
 from tyche.codebook.model import attach
 from tyche.codebook.train import TrainConfig, _optimizer, row_sampler, train_codebooks
 
-WORKER = Path(__file__).with_name("codebook_dist_worker.py")
+WORKER = SUPPORT / "codebook_dist_worker.py"
 
 
 def _rows(n: int = 16, t: int = 12, seed: int = 0) -> torch.Tensor:

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import run_torchrun
+from conftest import SUPPORT, run_torchrun
 from tyche import VolumeConfig, VolumeEstimator
 from tyche.basin.loss import ModelLoss
 
@@ -198,7 +197,7 @@ def test_adam_preconditioned_estimator_runs(gpt2_model, tiny_tokenizer, tiny_tex
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_same_estimates_as_one(tmp_path):
-    worker = Path(__file__).with_name("basin_dist_worker.py")
+    worker = SUPPORT / "basin_dist_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two.json"
     run_torchrun(worker, out)

@@ -22,6 +22,11 @@ import torch  # noqa: E402
 #: the test workers (torchrun scripts) and helpers shared by several test folders
 SUPPORT = Path(__file__).resolve().parent / "support"
 sys.path.insert(0, str(SUPPORT))
+# a test module may import another folder's helpers (test_distributed reuses test_causal's),
+# whichever folders a run selects: every test folder is importable (their names are unique)
+for _folder in sorted(SUPPORT.parent.iterdir()):
+    if _folder.is_dir() and _folder.name not in ("support", "__pycache__"):
+        sys.path.append(str(_folder))
 
 # Threads follow OMP_NUM_THREADS unless TYCHE_TEST_THREADS says otherwise, so the portable
 # runs (`make test-portable`) really change how reductions are split across threads.

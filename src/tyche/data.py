@@ -19,6 +19,7 @@ real token whose id equals the pad id (e.g. Pythia, where pad=1) keeps mask 1.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,11 +37,22 @@ __all__ = [
     "iter_batches",
     "iter_texts",
     "load_texts",
+    "token_ids_sha256",
 ]
 
 #: Texts are tokenized this many at a time (keeps memory flat on large corpora).
 _TOKENIZE_BATCH = 1000
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+
+
+def token_ids_sha256(input_ids: torch.Tensor) -> str:
+    """SHA-256 (64 hex characters) of token ids ``(N, T)`` in order: their shape, then the ids
+    as little-endian int64, row by row. Any device, dtype or memory layout gives the same hash
+    for the same ids, so two runs that read the same rows record the same hash."""
+    ids = input_ids.detach().to("cpu", torch.int64).contiguous()
+    digest = hashlib.sha256(f"{tuple(ids.shape)}\n".encode())
+    digest.update(ids.numpy().astype("<i8", copy=False).tobytes())
+    return digest.hexdigest()
 
 
 class TooFewTokens(InputError):

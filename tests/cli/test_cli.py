@@ -51,7 +51,7 @@ BASIN_FLAG_ERRORS = [
     (["--model", "zoo:nope"], r"unknown zoo model 'nope'; known: digits-mlp"),
     (["--model", "zoo:shakespeare"], r"unknown zoo model 'shakespeare'"),
     (["--data", "zoo:shakespeare"], r"--data does not apply to zoo:digits-mlp"),
-    (["--val_size", "4"], r"--val_size does not apply to zoo:digits-mlp"),
+    (["--n_sequences", "4"], r"--n_sequences does not apply to zoo:digits-mlp"),
     (["--resume", "--no-checkpoint"], r"--resume needs the checkpoints"),
     (["--resume"], r"--resume: no interrupted run under"),
     (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
@@ -120,7 +120,7 @@ CAUSAL_FLAG_ERRORS = [
     (["--target", "model", "--cache_gb", "8"], r"apply to lens targets, not --target model"),
     (["--tol", "0"], r"--tol must be greater than 0"),
     (["--sites", " , "], r"--sites is empty"),
-    (["--model", "zoo:digits-mlp"], r"has no tokens; give a language model"),
+    (["--model", "zoo:digits-mlp"], r"is not a language model \(it has no tokens\)"),
     (["--data", "zoo:nope"], r"unknown zoo data 'nope'"),
     (["train-lens", "--steps", "0"], r"--steps must be at least 1"),
     (["train-lens", "--lr", "-1"], r"--lr must be greater than 0"),
@@ -162,7 +162,7 @@ def test_model_errors_come_right_after_loading(tmp_path, capsys, lm_folder, text
     resolve_model(str(lm_folder))
     load_seconds = time.perf_counter() - start
     common = ["--model", str(lm_folder), "--data", str(text_file)]
-    causal, basin = ["--seq_len", "8"], ["--max_seq_len", "8"]
+    causal, basin = ["--seq_len", "8"], ["--seq_len", "8"]
     cases = [
         ("causal", [*causal, "--sites", "resid_mid.*"], r"'resid_mid\.\*' matches nothing"),
         ("causal", [*causal, "--k", "1000"], r"--k 1000 is larger than the width 64"),
@@ -198,6 +198,7 @@ def test_basin_command_on_digits(tmp_path, capsys):
     run = cli(capsys, "basin", "--n_samples", "6", "--cutoffs", "1e-3,1e-2", "--out", str(out))
     assert run.code == 0, run.err
     assert "preconditioner" in run.out and "adam" in run.out and "slope" in run.out
+    assert "--lambda fits it with an interval" in run.out  # the table's hint, in flag words
     assert run.out.count("settings: ") == 1 and "data 1,024 digits training inputs" in run.out
     summary = json.loads((out / "summary.json").read_text())
     assert {(r["preconditioner"], r["cutoff"]) for r in summary} == {
@@ -223,7 +224,7 @@ def test_basin_command_on_digits(tmp_path, capsys):
 def test_basin_command_on_a_local_hf_folder_and_text_file(tmp_path, capsys, lm_folder, text_file):
     out = tmp_path / "run"
     run = cli(capsys, "basin", "--model", str(lm_folder), "--data", str(text_file),
-              "--n_samples", "2", "--val_size", "2", "--max_seq_len", "16",
+              "--n_samples", "2", "--n_sequences", "2", "--seq_len", "16",
               "--out", str(out))  # fmt: skip
     assert run.code == 0, run.err
     assert "no saved optimizer state; skipping 'adam'" in run.out
@@ -233,12 +234,12 @@ def test_basin_command_on_a_local_hf_folder_and_text_file(tmp_path, capsys, lm_f
 
 
 def test_a_failing_plot_loses_no_result(tmp_path, capsys, monkeypatch):
-    from tyche import plotting
+    from tyche.basin import plot
 
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(plotting, "basin_histogram", broken)
+    monkeypatch.setattr(plot, "plot_histogram", broken)
     out = tmp_path / "run"
     run = cli(capsys, "basin", "--n_samples", "3", "--preconditioners", "none,adam",
               "--out", str(out))  # fmt: skip
@@ -349,7 +350,7 @@ def test_basin_max_memory_sets_the_batch_and_changes_nothing_else(tmp_path, caps
 def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
     out = tmp_path / "run"
     run = cli(capsys, "basin", "--model", str(lm_folder), "--data", "zoo:shakespeare",
-              "--where", "play=hamlet;play=macbeth;all", "--val_size", "1", "--max_seq_len", "8",
+              "--where", "play=hamlet;play=macbeth;all", "--n_sequences", "1", "--seq_len", "8",
               "--n_samples", "2", "--preconditioners", "none", "--out", str(out))  # fmt: skip
     assert run.code == 0, run.err
     assert "2 sequences × 8 tokens (1 of each of 2 plays)" in run.out
@@ -361,10 +362,6 @@ def test_basin_where_plays_on_a_language_model(tmp_path, capsys, lm_folder):
     # radii themselves cannot tell the plays apart here)
     hashes = {r.settings["where_hash"] for r in res.values()}
     assert len(hashes) == 3
-    # without --data the model's own data decides, checked right after it loads
-    run = cli(capsys, "basin", "--model", str(lm_folder), "--where", "play=hamlet",
-              "--out", str(tmp_path / "bad"))  # fmt: skip
-    one_line_error(run, "basin", r"needs the plays as data.*zoo:stdlib-docs by default")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -389,7 +386,7 @@ def test_resume_refuses_every_setting_that_changes_a_sample(
     shutil.copy(text_file, text)
     out = tmp_path / "run"
     base = ["basin", "--model", str(model_dir), "--data", str(text), "--n_samples", "3",
-            "--val_size", "2", "--max_seq_len", "8", "--preconditioners", "fisher",
+            "--n_sequences", "2", "--seq_len", "8", "--preconditioners", "fisher",
             "--out", str(out)]  # fmt: skip
     with monkeypatch.context() as patch:
         _interrupt_after_estimation(patch)
@@ -403,8 +400,8 @@ def test_resume_refuses_every_setting_that_changes_a_sample(
         (["--cutoff", "0.1"], "--cutoffs"),
         (["--cutoffs", "1e-3,1e-2"], "--cutoffs"),
         (["--seed", "1"], "--seed"),
-        (["--val_size", "3"], "--val_size"),
-        (["--max_seq_len", "12"], "--max_seq_len"),
+        (["--n_sequences", "3"], "--n_sequences"),
+        (["--seq_len", "12"], "--seq_len"),
         (["--exclude", "gpt_neox.embed_in.*"], "--exclude"),
         (["--preconditioners", "none"], "--preconditioners"),
         (["--n_samples", "4"], "--n_samples"),
@@ -504,11 +501,11 @@ def test_every_flag_has_help_text():
     """A flag without a docstring cannot be registered (the parser refuses to build)."""
     from dataclasses import dataclass as dc
 
-    from tyche.cli.basin import BasinCommand
+    from tyche.cli.basin import BasinConfig
     from tyche.cli.causal import CausalConfig, TrainLensConfig
     from tyche.cli.commandline import build_parser
 
-    for cls in (BasinCommand, CausalConfig, TrainLensConfig):
+    for cls in (BasinConfig, CausalConfig, TrainLensConfig):
         build_parser(cls, "tyche test")
 
     @dc
@@ -604,7 +601,7 @@ def test_a_negative_number_is_a_value_the_command_checks(args, pattern, tmp_path
 
 #: (command, its data and length flags) of every command that cuts --data into sequences
 TEXT_COMMANDS = [
-    (["basin"], "--max_seq_len"),
+    (["basin"], "--seq_len"),
     (["causal"], "--seq_len"),
     (["causal", "train-lens"], "--seq_len"),
     (["codebook", "train"], "--seq_len"),

@@ -52,7 +52,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 #: (command, the flag of its sequence length, the other arguments it needs)
 COMMANDS = [
-    (["basin"], "--max_seq_len", []),
+    (["basin"], "--seq_len", []),
     (["causal"], "--seq_len", []),
     (["causal", "train-lens"], "--seq_len", []),
     (["codebook", "train"], "--seq_len", ["--steps", "1"]),

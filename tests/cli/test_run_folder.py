@@ -392,7 +392,7 @@ def test_codebook_ctrl_c_prints_a_resume_line_that_resumes(
 def test_basin_run_without_argv_prints_its_own_flags(tmp_path, capsys, monkeypatch) -> None:
     """The library entry point builds its resume line from the command it was given."""
     from tyche.cli import commandline
-    from tyche.cli.basin import BasinCommand, report, run
+    from tyche.cli.basin import BasinConfig, report, run_basin
 
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
@@ -402,7 +402,7 @@ def test_basin_run_without_argv_prints_its_own_flags(tmp_path, capsys, monkeypat
 
         patch.setattr(report, "finish", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            run(BasinCommand(n_samples=2, preconditioners="none", out=str(out)))
+            run_basin(BasinConfig(n_samples=2, preconditioners="none", out=str(out)))
     hint = commandline.interrupt_hint() or ""
     line = hint.rsplit("\n", 1)[-1].strip()
     assert line == f"tyche basin --n_samples 2 --preconditioners none --out {out} --resume"

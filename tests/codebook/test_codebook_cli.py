@@ -491,7 +491,7 @@ def test_tokfsm_command(tmp_path, capsys) -> None:
 def test_errors_before_loading(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="not a codebook cache"):
         codebook_main(["app", "--cache", str(tmp_path), "--port", "8999", "--headless"])
-    with pytest.raises(ValueError, match="no model folder"):
+    with pytest.raises(ValueError, match="--model: no folder"):
         codebook_main(["cache", "--model", str(tmp_path / "none")])
     with pytest.raises(ValueError, match="not a language model"):
         codebook_main(["cache", "--model", "zoo:digits-mlp"])

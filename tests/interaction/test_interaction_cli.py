@@ -196,7 +196,7 @@ def test_a_local_language_model_folder(tmp_path, gpt2_model, tiny_tokenizer, tin
 # ----------------------------------------------------------------------------- bad input
 #: (arguments, what the one-line error must say); none of these loads a model
 FLAG_ERRORS = [
-    (["draw"], r"needs a command: build\|ablate\|plot \(got 'draw'\)"),
+    (["draw"], r"unknown sub-command 'draw'; tyche interaction needs a command: build\|ablate"),
     ([], r"needs a command"),
     (["build", "--basis", "pca"], r"--basis: invalid choice: 'pca'"),
     (["build", "--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
@@ -206,7 +206,7 @@ FLAG_ERRORS = [
     (["build", "--n_sequences", "0"], r"--n_sequences must be at least 1"),
     (["build", "--model", "zoo:nope"], r"unknown zoo model 'nope'; known: digits-mlp"),
     (["build", "--model", "zoo:shakespeare"], r"unknown zoo model 'shakespeare'"),
-    (["build", "--model", "/nonexistent/folder"], r"--model: '/nonexistent/folder' is not a"),
+    (["build", "--model", "/nonexistent/folder"], r"--model: no folder '/nonexistent/folder'"),
     (["build", "--data", "zoo:shakespeare"], r"--data does not apply to zoo:modadd"),
     (["build", "--model", "zoo:shakespeare-lm", "--data", "zoo:fashion-mnist"], r"image data"),
     (["build", "--model", "zoo:shakespeare-lm", "--data", "/no/file.txt"], r"--data: no file"),

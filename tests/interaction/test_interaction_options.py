@@ -127,7 +127,7 @@ def test_graph_flags_say_the_library_options() -> None:
                                      "--integration", "layers.1=trapezoidal,layers.2=gradient",
                                      "--n_intervals", "2", "--batch_size", "4", "--seed", "7",
                                      "--no-center", "--basis", "svd"], "t")  # fmt: skip
-    assert cfg.options.library(cfg.batch_size, cfg.seed) == GraphOptions(
+    assert cfg.options.library(cfg.batch_size, cfg.rows.seed) == GraphOptions(
         basis="svd", edges=None, center=False, n_stochastic_sources=3, dtype=torch.float32,
         split="outputs", integration={"layers.1": "trapezoidal", "layers.2": "gradient"},
         n_intervals=2, batch_size=4, seed=7,

@@ -6,7 +6,6 @@ every batch; ``settings.json`` guards against resuming with different settings.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from tyche.errors import InputError
-from tyche.io import write_json, write_safetensors
+from tyche.io import write_safetensors
+from tyche.resume import SettingsMismatch, record_settings
+
+__all__ = ["FIELDS", "SampleCheckpoint", "SettingsMismatch", "field_dtype"]
 
 #: the per-sample fields a checkpoint keeps, indexed like ``index`` along dim 0 (radii, deltas,
 #: logabsint and estimates have one column per cutoff)
@@ -25,23 +27,6 @@ def field_dtype(field: str) -> torch.dtype:
     return torch.long if field in ("index", "n_evals") else torch.float64
 
 
-class SettingsMismatch(InputError):
-    """A resumed run's settings differ from the saved run's.
-
-    ``differences`` maps each differing setting to ``(saved, now)``; a command line
-    re-words them as its own flags.
-    """
-
-    def __init__(self, folder: Path, differences: dict[str, tuple[Any, Any]]) -> None:
-        self.folder = folder
-        self.differences = differences
-        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
-        super().__init__(
-            f"cannot resume from {folder}: its run had other settings ({shown}); use the saved "
-            "settings, or a new checkpoint folder to start afresh"
-        )
-
-
 class SampleCheckpoint:
     """Finished samples of one run, kept in ``folder``."""
 
@@ -49,24 +34,13 @@ class SampleCheckpoint:
         self.folder = Path(folder)
         self.rank = rank
         self.records: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
-        meta = self.folder / "settings.json"
-        if resume and meta.exists():
-            saved = json.loads(meta.read_text())
-            settings = json.loads(json.dumps(settings))  # compare as saved (tuples -> lists)
-            keys = list(settings) + [k for k in saved if k not in settings]
-            diff = {
-                k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)
-            }
-            if diff:
-                raise SettingsMismatch(self.folder, diff)
-        elif not resume and any(self.folder.glob("samples-rank*.safetensors")):
+        if not resume and any(self.folder.glob("samples-rank*.safetensors")):
             raise InputError(
                 f"{self.folder} already holds samples of an earlier run: resume it (resume=True, "
                 "on the command line --resume) or choose an empty folder"
             )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if rank == 0 and not meta.exists():
-            write_json(meta, settings)
+        # resuming: the saved settings.json must match (SettingsMismatch names what differs)
+        record_settings(self.folder, settings, resume=resume, write=rank == 0)
         self.path = self.folder / f"samples-rank{rank}.safetensors"
         if resume and self.path.exists():  # keep what this rank wrote before
             old = load_file(str(self.path))

@@ -17,15 +17,18 @@ orthonormal bases and orders the result by marginal contribution (``tyche.causal
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from tyche.causal.activations import next_token_labels, read_site_activations, token_inputs
+from tyche.causal.checkpoint import BasisCheckpoint, PartialBasis
 from tyche.causal.objective import AblationObjective, Target
 from tyche.causal.options import CausalOptions, Refine, resolve_options
 from tyche.causal.refine import order_by_marginal_contribution, refine_jointly
@@ -36,6 +39,7 @@ from tyche.causal.search import (
     readout_directions,
     starting_directions,
 )
+from tyche.data import token_ids_sha256
 from tyche.distributed import init_distributed, shard_range
 from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
@@ -44,6 +48,7 @@ from tyche.sites import resolve_sites
 
 __all__ = [
     "Refine",
+    "direction_generator",
     "extract_causal_basis",
     "extract_causal_bases",
     "pca_directions",
@@ -100,9 +105,10 @@ def extract_causal_basis(
         mask: ``hiddens.shape[:-1]`` bool/0-1 positions to use (padding off); None = all.
         labels: ``hiddens.shape[:-1]`` long, the class each position predicts (``-100`` =
             none); required for ``objective="ce"``.
-        generator: CPU generator for the random start (``n_init=0``) and the resampling
-            derangement (held fixed for the whole extraction). Default: seeded with 0, so
-            every rank under torchrun starts identically.
+        generator: CPU generator of the resampling derangement (held fixed for the whole
+            extraction); the random starts of direction ``j`` (``n_init=0``, or too few
+            candidates) come from :func:`direction_generator` (its seed and ``j`` only).
+            Default: seeded with 0, so every rank under torchrun starts identically.
         site, model_hash: recorded in the result.
         progress: True for a progress bar, or an existing tqdm bar to advance by one per
             direction.
@@ -110,6 +116,39 @@ def extract_causal_basis(
     Returns:
         A :class:`CausalBasis`; identical on every rank.
     """
+    return _extract_basis(target, hiddens, k, options, mask=mask, labels=labels,
+                          generator=generator, site=site, model_hash=model_hash,
+                          progress=progress)  # fmt: skip
+
+
+def direction_generator(generator: torch.Generator, index: int) -> torch.Generator:
+    """The generator of direction ``index``'s random starts: a new CPU generator seeded from
+    ``generator``'s seed (``initial_seed()``) and ``index`` alone, so a direction draws the same
+    starts whatever was drawn before it (a resumed extraction draws what an uninterrupted one
+    did, and every rank draws alike)."""
+    key = f"{generator.initial_seed()}/direction/{index}".encode()
+    seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed(seed)
+
+
+def _extract_basis(
+    target: Target,
+    hiddens: Tensor,
+    k: int,
+    options: CausalOptions | None = None,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    site: str | None = None,
+    model_hash: str | None = None,
+    progress: Any = False,
+    start: PartialBasis | None = None,
+    on_direction: Callable[[PartialBasis], None] | None = None,
+) -> CausalBasis:
+    """:func:`extract_causal_basis`, continuing from the greedy directions of ``start`` (found
+    earlier, in order) and telling ``on_direction`` the directions found so far after each new
+    one (to checkpoint them)."""
     if not isinstance(hiddens, Tensor) or hiddens.ndim < 2:
         raise InputError("hiddens must be a tensor of shape (N, d) or (B, T, d)")
     d = hiddens.shape[-1]
@@ -132,11 +171,18 @@ def extract_causal_basis(
     energies: list[float] = []
     evals: list[float] = []
     seconds: list[float] = []
-    for _ in range(k):
+    if start is not None:  # directions found before: loaded, not searched again
+        found = start.vectors.to(hiddens)[:, :k]
+        energies, evals = list(start.energies[:k]), list(start.n_evals[:k])
+        seconds = list(start.seconds[:k])
+        if bar is not None:
+            bar.update(len(energies))
+    for index in range(len(energies), k):
         start_time = time.perf_counter()
         starts, start_energies, n_screened = starting_directions(
-            obj, found, moment, readout, n_init, options.n_starts, generator
-        )
+            obj, found, moment, readout, n_init, options.n_starts,
+            direction_generator(generator, index),
+        )  # fmt: skip
         best = find_direction(obj, found, starts, start_energies, tol=tol, max_iter=max_iter)
         if best.energy < min_energy:
             break
@@ -148,6 +194,9 @@ def extract_causal_basis(
         energies.append(best.energy)
         evals.append(n_evals)
         seconds.append(time.perf_counter() - start_time)
+        if on_direction is not None:
+            on_direction(PartialBasis(site or "", found.detach().cpu(), list(energies),
+                                      list(evals), list(seconds)))  # fmt: skip
     if progress is True and bar is not None:
         bar.close()
     if not energies:
@@ -217,7 +266,7 @@ def extract_causal_bases(
     lens: Any = None,
     seed: int = 0,
     progress: bool = True,
-    on_basis: Callable[[str, CausalBasis], None] | None = None,
+    checkpoint: BasisCheckpoint | None = None,
 ) -> dict[str, CausalBasis]:
     """Causal bases of every site of a model, in one call (one progress bar).
 
@@ -233,13 +282,19 @@ def extract_causal_bases(
         target: ``"logit"`` (logit lens), ``"tuned"`` (``lens``, a :class:`TunedLens`), or
             ``"model"`` (the rest of the model from the site, :class:`ModelFromSite`).
         seed: seeds the generator of every site's extraction (same on every rank).
-        on_basis: called as ``on_basis(site, basis)`` as soon as a site is done (e.g. to save
-            it, so an interruption loses no finished site).
+        checkpoint: a :class:`~tyche.causal.checkpoint.BasisCheckpoint` told of every
+            finished direction and site as soon as it is done, so an interruption loses
+            neither. Made with ``resume=True``, the work it holds is used: finished sites are
+            loaded, a site in progress continues from its saved directions, and the result
+            equals an uninterrupted run's. What the extraction depends on (k, the sites, the
+            target, ``seed``, the search settings that change results, the model's hash, the
+            tokens' sha256) must match the saved run's
+            (:class:`~tyche.resume.SettingsMismatch` otherwise).
 
     Returns:
         ``{site name: CausalBasis}`` in layer order; identical on every rank.
     """
-    from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
+    from tyche.causal.lenses import TunedLens
 
     if target not in ("logit", "tuned", "model"):
         raise InputError(f"target must be 'logit', 'tuned' or 'model', got {target!r}")
@@ -257,23 +312,31 @@ def extract_causal_bases(
     labels = None
     if options.objective == "ce":
         labels = next_token_labels(local["input_ids"], local["attention_mask"])
+    hash_ = model_hash(model)
+    saved: dict[str, CausalBasis | PartialBasis] = {}
+    if checkpoint is not None:
+        lens_hash = model_hash(lens) if target == "tuned" else None
+        checkpoint.check(_identity(k, names, target, seed, options, hash_, tokens, lens_hash))
+        saved = checkpoint.load(names)
+    todo = [n for n in names if not isinstance(saved.get(n), CausalBasis)]
     was_training = model.training
     model.eval()
     try:
-        hiddens = read_site_activations(model, local, names, batch_size)
-        hash_ = model_hash(model)
+        hiddens = read_site_activations(model, local, todo, batch_size) if todo else {}
         bar = progress_bar(total=len(names) * k, desc="causal bases", disable=not progress)
         bases: dict[str, CausalBasis] = {}
         for name in names:
             bar.set_description(f"causal bases {name}")
-            if target == "logit":
-                fn: Target = LogitLens.from_model(model)
-            elif target == "tuned":
-                fn = lens.for_site(name)
-            else:
-                fn = ModelFromSite(model, name, local)
-            bases[name] = extract_causal_basis(
-                fn,
+            done = saved.get(name)
+            if isinstance(done, CausalBasis):  # finished before: loaded, not recomputed
+                bases[name] = done
+                bar.update(k)
+                continue
+            fit: Callable[..., CausalBasis] = extract_causal_basis
+            if checkpoint is not None:  # continue from the saved directions, save each new one
+                fit = partial(_extract_basis, start=done, on_direction=checkpoint.save_direction)
+            bases[name] = fit(
+                _site_target(model, name, target, lens, local),
                 hiddens[name],
                 k,
                 options,
@@ -285,9 +348,43 @@ def extract_causal_bases(
                 progress=bar,
             )
             bar.update(k - bases[name].k)  # directions not found (min_energy)
-            if on_basis is not None:
-                on_basis(name, bases[name])
+            if checkpoint is not None:
+                checkpoint.save_site(name, bases[name])
         bar.close()
     finally:
         model.train(was_training)
     return bases
+
+
+def _site_target(model: nn.Module, name: str, target: str, lens: Any,
+                 local: Mapping[str, Tensor]) -> Target:  # fmt: skip
+    """The map from site ``name``'s hidden states to logits that ``target`` names."""
+    from tyche.causal.lenses import LogitLens, ModelFromSite
+
+    if target == "logit":
+        return LogitLens.from_model(model)
+    if target == "tuned":
+        return lens.for_site(name)
+    return ModelFromSite(model, name, local)
+
+
+#: the search settings that change an extraction's results (the others change only how the
+#: objective is evaluated: ``batch_size``, ``fast``, ``cache_gb``)
+RESULT_OPTIONS = ("mode", "objective", "max_iter", "min_energy", "tol", "n_init", "n_starts",
+                  "refine", "n_pca", "screen_positions")  # fmt: skip
+
+
+def _identity(k: int, names: Sequence[str], target: str, seed: int, options: CausalOptions,
+              hash_: str, tokens: Mapping[str, Tensor], lens_hash: str | None) -> dict:  # fmt: skip
+    """What an extraction's results depend on, as a resumed run must match it."""
+    return {
+        "k": k,
+        "sites": list(names),
+        "target": target,
+        "seed": seed,
+        **{name: getattr(options, name) for name in RESULT_OPTIONS},
+        "model_hash": hash_,
+        "lens_hash": lens_hash,
+        "input_ids_sha256": token_ids_sha256(tokens["input_ids"]),
+        "attention_mask_sha256": token_ids_sha256(tokens["attention_mask"]),
+    }

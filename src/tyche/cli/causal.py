@@ -10,13 +10,16 @@ Examples::
 
 ``tyche causal`` saves one ``CausalBasis`` folder per site under ``--out``, prints an energy
 table per layer and plots each layer's energies next to those of its top PCA directions
-(``--out/energies.png``).
+(``--out/energies.png``). Every finished site and every finished direction is checkpointed in
+``--out/checkpoints/`` (removed when the run finishes); after Ctrl-C, ``--resume`` continues
+the run, loading what was finished instead of computing it again, and gives the bases an
+uninterrupted run gives. A resumed run must have the same flags that change results, the same
+model weights and the same tokens; it is refused, naming what differs, otherwise.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,18 +29,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from tyche.causal.options import SCREEN_POSITIONS, CausalOptions
 from tyche.cli.commandline import (
     CommandError,
+    Subcommand,
     best_effort,
-    check_context,
     check_number,
-    check_readable_text,
     check_writable_folder,
+    config_flags,
     flat_settings,
     on_interrupt,
-    parse_config,
-    reworded_text_errors,
+    resume_command,
+    route,
     split_list,
 )
-from tyche.cli.run_folder import Owned, check_unlocked, claim_folder
+from tyche.cli.inputs import ModelSource, Rows, TextRows
+from tyche.cli.run_folder import Owned, check_unlocked, claim_folder, resume_refusal
 
 if TYPE_CHECKING:
     import torch
@@ -47,32 +51,27 @@ if TYPE_CHECKING:
 __all__ = ["CausalConfig", "TrainLensConfig", "main"]
 
 PROG = "tyche causal"
+#: the checkpoint folder in --out (finished sites and directions of a run in progress)
+CHECKPOINTS = "checkpoints"
 #: what each sub-command writes in --out (one CausalBasis folder per site; a lens's files)
-OWNED = Owned(names=("summary.json", "energies.png"), result_types=("CausalBasis",))
+OWNED = Owned(names=("summary.json", "energies.png", "checkpoints"),
+              result_types=("CausalBasis",))
 LENS_OWNED = Owned(names=("meta.json", "tensors.safetensors"))
 #: flags that change nothing in the results
-FREE = ("out", "overwrite", "plot", "batch_size", "fast", "cache_gb", "allow_long_context")
+FREE = ("out", "overwrite", "resume", "plot", "batch_size", "fast", "cache_gb",
+        "allow_long_context")
 
 
 @dataclass
 class DataConfig:
     """Model and data shared by both sub-commands."""
 
-    model: str = "zoo:shakespeare-lm"
-    """'zoo:NAME' (a language model) or a local save_pretrained folder"""
-    data: str = "zoo:shakespeare"
-    """text: 'zoo:shakespeare', 'zoo:stdlib-docs' or a local UTF-8 text file"""
+    source: ModelSource = field(default_factory=ModelSource)
+    """the language model (--model, --allow_long_context)"""
+    rows: TextRows = field(default_factory=lambda: TextRows(n_sequences=64, seq_len=128))
+    """the token rows (--data, --n_sequences, --seq_len, --seed: also the extraction's seed)"""
     sites: str = "resid_pre.*"
     """site pattern(s), comma separated (aliases such as resid_pre.3, or module-name globs)"""
-    seq_len: int = 128
-    """tokens per sequence"""
-    allow_long_context: bool = False
-    """let --seq_len past the model's context length through (rotary positions only; a
-    learned position table has no embedding past it)"""
-    n_sequences: int = 64
-    """sequences drawn (seeded) from the whole tokenized corpus"""
-    seed: int = 0
-    """seed of the sequence draw and of the extraction"""
 
 
 @dataclass(frozen=True)
@@ -122,6 +121,9 @@ class CausalConfig(DataConfig):
     """write energies.png"""
     overwrite: bool = False
     """replace a run of other settings in --out (its bases are removed first)"""
+    resume: bool = False
+    """continue the interrupted run in --out from its checkpoints (--out/checkpoints/): its
+    finished sites and directions are loaded, not computed again"""
 
 
 @dataclass
@@ -134,8 +136,8 @@ class TrainLensConfig(DataConfig):
     """AdamW learning rate (linear decay to 0)"""
     weight_decay: float = 1e-3
     """AdamW weight decay"""
-    n_sequences: int = 256
-    """sequences drawn (seeded) from the whole tokenized corpus"""
+    rows: TextRows = field(default_factory=lambda: TextRows(n_sequences=256, seq_len=128))
+    """the token rows (--data, --n_sequences, --seq_len, --seed)"""
     batch_size: int = 16
     """sequences per forward pass"""
     out: str = "runs/tuned-lens"
@@ -147,25 +149,12 @@ class TrainLensConfig(DataConfig):
 # ----------------------------------------------------------------------------- checks
 def _check_data_config(cfg: DataConfig) -> None:
     """Flags shared by both sub-commands, checked before anything is loaded."""
-    from tyche.zoo.catalogue import check_name
-
-    check_number(cfg.seq_len, "--seq_len", minimum=2, integer=True)
-    check_number(cfg.n_sequences, "--n_sequences", minimum=1, integer=True)
-    check_number(cfg.seed, "--seed", minimum=0, integer=True)
+    cfg.rows.check()
+    if cfg.rows.n_sequences is None or cfg.rows.seq_len is None:
+        raise CommandError("--n_sequences and --seq_len need a value")
     if not split_list(cfg.sites):
         raise CommandError("--sites is empty; give site patterns such as 'resid_pre.*'")
-    if cfg.model.startswith("zoo:"):
-        if check_name(cfg.model, kind="model") == "digits-mlp":
-            raise CommandError("--model zoo:digits-mlp has no tokens; give a language model")
-    elif not (Path(cfg.model).expanduser() / "config.json").is_file():
-        raise CommandError(
-            f"--model: {cfg.model!r} is not a save_pretrained folder (no config.json in it)"
-        )
-    if cfg.data.startswith("zoo:"):
-        if check_name(cfg.data, kind="data") == "fashion-mnist":
-            raise CommandError("--data: zoo:fashion-mnist is image data, not text")
-    else:
-        check_readable_text(cfg.data, "--data")
+    cfg.source.check()
 
 
 def validate(cfg: CausalConfig) -> None:
@@ -186,6 +175,51 @@ def validate(cfg: CausalConfig) -> None:
         raise CommandError(f"--lens is only used with --target tuned (not {cfg.target})")
     check_writable_folder(cfg.out, "--out")
     check_unlocked(cfg.out)
+    _check_resume(cfg)
+
+
+def _check_resume(cfg: CausalConfig) -> None:
+    """--resume needs an interrupted run of the same flags in --out/checkpoints; an
+    interrupted run there needs --resume or --overwrite."""
+    from tyche.resume import compare_settings, read_settings
+
+    checkpoints = Path(cfg.out).expanduser() / CHECKPOINTS
+    if cfg.resume and cfg.overwrite:
+        raise CommandError("--overwrite discards the run that --resume continues; drop one")
+    saved = read_settings(checkpoints)
+    if cfg.resume and saved is None:
+        raise CommandError(f"--resume: no interrupted run under {checkpoints}; drop --resume")
+    if not cfg.resume and not cfg.overwrite and saved is not None:
+        raise CommandError(
+            f"{checkpoints} holds an interrupted run: add --resume to continue it, or pass "
+            "--overwrite (or choose another --out) to start afresh"
+        )
+    if cfg.resume and saved is not None:
+        _refuse_changes(compare_settings(saved, _settings(cfg)), checkpoints)
+
+
+#: what the extraction's own record of a run names, in the command line's words
+CLI_WORDS = {
+    "model_hash": "--model (its weights changed)",
+    "lens_hash": "--lens (its weights changed)",
+    "input_ids_sha256": "--data (its tokens changed)",
+    "attention_mask_sha256": "--data (its tokens changed)",
+}
+
+
+def _refuse_changes(differ: Mapping[str, tuple[Any, Any]], folder: Path) -> None:
+    """Refuse a resumed run whose settings differ from the saved ones, naming each flag."""
+    if differ:
+        raise CommandError(_changes_message(differ, folder))
+
+
+def _refuse_message(err: Any) -> str:
+    """A :class:`tyche.resume.SettingsMismatch` of the extraction in the flags' words."""
+    return _changes_message(err.differences, err.folder)
+
+
+def _changes_message(differ: Mapping[str, tuple[Any, Any]], folder: Path) -> str:
+    return str(resume_refusal(folder, differ, CLI_WORDS))
 
 
 def validate_train_lens(cfg: TrainLensConfig) -> None:
@@ -225,39 +259,14 @@ def _check_sites(model: torch.nn.Module, tokens: Mapping[str, Any], cfg: DataCon
     return names
 
 
-def _load(cfg: DataConfig) -> tuple[torch.nn.Module, Any, str]:
-    """The model on this rank's device, its tokenizer and the spec of the data to use."""
-    from tyche.distributed import default_device
-    from tyche.zoo import resolve_model
-
-    zoo_model = resolve_model(cfg.model)
-    if zoo_model.tokenizer is None:
-        raise CommandError(
-            f"--model {cfg.model} has no tokenizer; causal bases need a language model"
-        )
-    check_context(zoo_model.model, cfg.seq_len, "--seq_len",
-                  allow_long=cfg.allow_long_context, name=cfg.model)  # fmt: skip
-    return zoo_model.model.to(default_device()), zoo_model.tokenizer, cfg.data
-
-
-def _tokens(cfg: DataConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
-    """``n_sequences`` token rows of the data, drawn with the seed."""
-    import torch
-
-    from tyche.data import chunk_and_tokenize
+def _load(cfg: DataConfig) -> tuple[torch.nn.Module, Rows]:
+    """The model on this rank's device and the token rows it reads (announced)."""
     from tyche.distributed import rank0_print
-    from tyche.zoo import resolve_texts
 
-    with reworded_text_errors("--data", cfg.data, "--seq_len"):
-        tokens = chunk_and_tokenize(resolve_texts(cfg.data), tokenizer, max_seq_len=cfg.seq_len)
-    n = tokens["input_ids"].shape[0]
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    pick = pick[: cfg.n_sequences].sort().values
-    chosen = {k: v[pick] for k, v in tokens.items()}
-    rows = chosen["input_ids"].shape[0]
-    note = "" if rows == cfg.n_sequences else f" (the text has only {rows})"
-    rank0_print(f"data {cfg.data}: {rows} sequences × {cfg.seq_len} tokens{note}")
-    return chosen
+    zoo_model = cfg.source.load(cfg.rows.seq_len)
+    rows = cfg.rows.load(zoo_model.tokenizer, zoo_model.default_data)
+    rank0_print(f"data {rows.note(cfg.rows.n_sequences)}")
+    return zoo_model.model, rows
 
 
 def _load_lens(cfg: CausalConfig, model: torch.nn.Module) -> Any:
@@ -270,7 +279,8 @@ def _load_lens(cfg: CausalConfig, model: torch.nn.Module) -> Any:
     if trained_on is not None and trained_on != this:
         raise CommandError(
             f"--lens {cfg.lens} was trained on another model (hash {trained_on}), not on --model "
-            f"{cfg.model} ({this}); train one on it: {PROG} train-lens --model {cfg.model}"
+            f"{cfg.source.model} ({this}); train one on it: {PROG} train-lens --model "
+            f"{cfg.source.model}"
         )
     return TunedLens.load(cfg.lens, model, strict=False)  # the hashes were compared above
 
@@ -281,72 +291,95 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     return {f"--{k}": v for k, v in flat_settings(cfg).items() if k not in FREE}
 
 
-def run_causal(cfg: CausalConfig) -> dict:
-    """Run ``tyche causal`` with a parsed config; returns ``{site: CausalBasis}``."""
+def run_causal(cfg: CausalConfig, argv: list[str] | None = None) -> dict:
+    """Run ``tyche causal`` with a parsed config; returns ``{site: CausalBasis}``. ``argv``
+    (the flags as given; default: those of ``cfg``) makes the Ctrl-C resume line."""
     validate(cfg)
-    with claim_folder(cfg.out, PROG, _settings(cfg), OWNED, overwrite=cfg.overwrite):
-        return _extract(cfg)
+    with claim_folder(cfg.out, PROG, _settings(cfg), OWNED, overwrite=cfg.overwrite,
+                      resume=cfg.resume):  # fmt: skip
+        return _extract(cfg, config_flags(cfg) if argv is None else argv)
 
 
-def _extract(cfg: CausalConfig) -> dict:
+def _checkpoint(cfg: CausalConfig, out: Path) -> Any:
+    """The run's :class:`~tyche.causal.checkpoint.BasisCheckpoint` in --out/checkpoints, which
+    also saves each finished site's basis as --out/<site> at once."""
+    from tyche.causal.checkpoint import BasisCheckpoint
+    from tyche.distributed import get_rank
+
+    class SavingCheckpoint(BasisCheckpoint):
+        def save_site(self, site: str, basis: CausalBasis) -> None:
+            if get_rank() == 0:
+                basis.save(out / site)
+            super().save_site(site, basis)
+
+    return SavingCheckpoint(out / CHECKPOINTS, _settings(cfg), resume=cfg.resume)
+
+
+def _extract(cfg: CausalConfig, argv: list[str]) -> dict:
     """:func:`run_causal` in its claimed --out."""
+    from tyche.causal import report
     from tyche.causal.extraction import extract_causal_bases
+    from tyche.causal.plot import plot_energies
     from tyche.distributed import get_rank, init_distributed, rank0_print
-    from tyche.io import write_json
-    from tyche.plotting import causal_energies
+    from tyche.io import model_hash, write_json
 
     init_distributed()
     rank0_print("settings: " + json.dumps(flat_settings(cfg)))
     out = Path(cfg.out)
-    model, tokenizer, _ = _load(cfg)
+    model, rows = _load(cfg)
     lens = _load_lens(cfg, model) if cfg.target == "tuned" else None
-    tokens = _tokens(cfg, tokenizer)
+    tokens = rows.tokens
     sites = _check_sites(model, tokens, cfg, cfg.k)
 
-    def save(site: str, basis: CausalBasis) -> None:
-        if get_rank() == 0:
-            basis.save(out / site)
+    from tyche.resume import SettingsMismatch
 
-    on_interrupt(f"the bases of finished sites are saved under {out}/")
+    checkpoint = _checkpoint(cfg, out)
+    on_interrupt(f"finished sites and directions are saved under {out / CHECKPOINTS}/; resume "
+                 f"with:\n  {resume_command(PROG, argv)}")  # fmt: skip
     start = time.perf_counter()
-    bases = extract_causal_bases(
-        model,
-        tokens,
-        cfg.k,
-        sites,
-        cfg.search,
-        target=cfg.target,
-        lens=lens,
-        seed=cfg.seed,
-        on_basis=save,
-    )
+    try:
+        bases = extract_causal_bases(
+            model,
+            tokens,
+            cfg.k,
+            sites,
+            cfg.search,
+            target=cfg.target,
+            lens=lens,
+            seed=cfg.rows.seed,
+            checkpoint=checkpoint,
+        )
+    except SettingsMismatch as err:  # the model's weights or the data's tokens changed
+        raise CommandError(_refuse_message(err)) from None
     on_interrupt(None)
+    if checkpoint.loaded:
+        rank0_print(f"resumed: {sum(checkpoint.loaded.values())} directions "
+                    f"({len(checkpoint.finished)} finished sites) loaded from "
+                    f"{out / CHECKPOINTS}/, not computed again")  # fmt: skip
     elapsed = time.perf_counter() - start
     if get_rank() == 0:
-        summary = {"config": flat_settings(cfg), "seconds": elapsed,
-                   "sites": {s: {"energies": b.energies.tolist(),
-                                 "subspace_energies": b.subspace_energies.tolist(),
-                                 "greedy_subspace_energies": None
-                                 if b.greedy_subspace_energies is None
-                                 else b.greedy_subspace_energies.tolist(),
-                                 "pca_energies": None if b.pca_energies is None
-                                 else b.pca_energies.tolist(),
-                                 "n_evals": b.n_evals} for s, b in bases.items()}}  # fmt: skip
+        summary = report.bases_summary(bases, elapsed, flat_settings(cfg),
+                                       {"model": cfg.source.model, "model_hash": model_hash(model),
+                                        **rows.record(cfg.rows)})  # fmt: skip
         best_effort(
             PROG, "write summary.json", lambda: write_json(out / "summary.json", summary), out
         )
         head = (
-            f"\ncausal bases of {cfg.model} ({cfg.search.mode} ablation, {cfg.search.objective}, "
-            f"{cfg.target} target, {tokens['input_ids'].numel()} tokens, {elapsed:.1f} s)"
+            f"\ncausal bases of {cfg.source.model} ({cfg.search.mode} ablation, "
+            f"{cfg.search.objective}, {cfg.target} target, {tokens['input_ids'].numel()} "
+            f"tokens, {elapsed:.1f} s)"
         )
-        best_effort(PROG, "print the table", lambda: print(head + "\n" + energy_table(bases)), out)
+        table = lambda: head + "\n" + report.energy_table(bases)  # noqa: E731
+        best_effort(PROG, "print the table", lambda: print(table()), out)
         if cfg.search.refine == "joint":
-            best_effort(PROG, "print the joint table", lambda: print(joint_table(bases)), out)
+            joint = lambda: report.joint_table(bases)  # noqa: E731
+            best_effort(PROG, "print the joint table", lambda: print(joint()), out)
         if cfg.plot:
             best_effort(PROG, "draw energies.png",
-                    lambda: print(f"figure: {causal_energies(bases, out / 'energies.png')}"),
+                    lambda: print(f"figure: {plot_energies(bases, out / 'energies.png')}"),
                     out)  # fmt: skip
         print(f"saved {len(bases)} bases under {out}/")
+    checkpoint.remove()  # the run is finished: its bases are in --out
     return bases
 
 
@@ -365,12 +398,12 @@ def _train_lens(cfg: TrainLensConfig):
 
     init_distributed()
     rank0_print("settings: " + json.dumps(flat_settings(cfg)))
-    model, tokenizer, _ = _load(cfg)
-    tokens = _tokens(cfg, tokenizer)
+    model, rows = _load(cfg)
+    tokens = rows.tokens
     sites = _check_sites(model, tokens, cfg, None)
     lens = train_tuned_lens(model, tokens, sites, steps=cfg.steps, lr=cfg.lr,
                             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                            seed=cfg.seed)  # fmt: skip
+                            seed=cfg.rows.seed)  # fmt: skip
     rank0_print(f"{'site':<14} {'KL logit lens':>14} {'KL tuned lens':>14}   (nats)")
     for site, before, after in zip(lens.sites, lens.stats["kl_logit_lens"],
                                    lens.stats["kl_tuned_lens"]):  # fmt: skip
@@ -380,56 +413,14 @@ def _train_lens(cfg: TrainLensConfig):
     return lens
 
 
-def main(argv: list[str]) -> None:
-    """``tyche causal [--flags]`` or ``tyche causal train-lens [--flags]``."""
-    argv = list(argv)
-    if argv and argv[0] == "train-lens":
-        run_train_lens(parse_config(TrainLensConfig, argv[1:], "tyche causal train-lens"))
-        return
-    run_causal(parse_config(CausalConfig, argv, PROG))
+SUBCOMMANDS = {
+    "extract": Subcommand(CausalConfig, run_causal,
+                          "extract a causal basis at every site (the default: no name needed)"),
+    "train-lens": Subcommand(TrainLensConfig, lambda cfg, argv: run_train_lens(cfg)),
+}
 
 
-def energy_table(bases: Mapping[str, CausalBasis], n_show: int = 4) -> str:
-    """A text table: per site the leading energies, the joint energy, the best PCA energy.
+def main(argv: list[str]) -> Any:
+    """``tyche causal [extract] [--flags]`` or ``tyche causal train-lens [--flags]``."""
+    return route(PROG, SUBCOMMANDS, argv, default="extract")
 
-    Columns: ``E1..En`` single-direction energies (nats), ``joint`` the energy of ablating all
-    k together, ``PCA best`` the largest energy among the top principal directions, ``E1/PCA``
-    their ratio, ``evals/dir`` mean objective evaluations per direction, ``s/dir`` seconds.
-    """
-    n_show = max(1, min(n_show, max((b.k for b in bases.values()), default=1)))
-    width = max([len("site")] + [len(s) for s in bases])
-    head = [f"{'site':<{width}}"] + [f"{'E' + str(i + 1):>9}" for i in range(n_show)]
-    head += [f"{'joint':>9}", f"{'PCA best':>9}", f"{'E1/PCA':>7}", f"{'evals/dir':>9}",
-             f"{'s/dir':>7}"]  # fmt: skip
-    lines = ["  ".join(head)]
-    for site, b in bases.items():
-        row = [f"{site:<{width}}"]
-        row += [f"{float(b.energies[i]):9.4g}" if i < b.k else f"{'':>9}" for i in range(n_show)]
-        row.append(f"{float(b.subspace_energies[-1]):9.4g}")
-        if b.pca_energies is not None and b.pca_energies.numel():
-            best = float(b.pca_energies.max())
-            ratio = float(b.energies[0]) / best if best > 0 else math.inf
-            row += [f"{best:9.4g}", f"{ratio:7.2f}"]
-        else:
-            row += [f"{'-':>9}", f"{'-':>7}"]
-        evals = sum(b.n_evals) / max(len(b.n_evals), 1)
-        secs = sum(b.seconds) / max(len(b.seconds), 1)
-        row += [f"{evals:9.1f}", f"{secs:7.2f}"]
-        lines.append("  ".join(row))
-    unit = next(iter(bases.values())).units if bases else "nats"
-    lines.append(f"(energies in {unit}: mean KL(clean ‖ ablated) per position, or CE increase)")
-    return "\n".join(lines)
-
-
-def joint_table(bases: Mapping[str, CausalBasis]) -> str:
-    """Per site, the joint energy of ablating the first i directions, greedy then refined."""
-    lines = ["joint energy of the first i directions (nats), greedy basis / refined basis:"]
-    width = max([len("site")] + [len(s) for s in bases])
-    for site, b in bases.items():
-        greedy = b.greedy_subspace_energies
-        cells = ", ".join(
-            f"{'-' if greedy is None else f'{float(greedy[i]):.4g}'}/{float(e):.4g}"
-            for i, e in enumerate(b.subspace_energies)
-        )
-        lines.append(f"{site:<{width}}  {cells}")
-    return "\n".join(lines)

@@ -48,6 +48,7 @@ T = TypeVar("T")
 
 __all__ = [
     "CommandError",
+    "Subcommand",
     "check_number",
     "check_readable_text",
     "best_effort",
@@ -62,6 +63,7 @@ __all__ = [
     "parse_numbers",
     "resume_command",
     "reworded_text_errors",
+    "route",
     "split_list",
 ]
 
@@ -291,15 +293,68 @@ def _build(cls: type, values: dict[str, Any], defaults: Any, path: tuple[str, ..
     return cls(**kwargs)
 
 
-def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str | None = None) -> T:
+def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str | None = None,
+                 epilog: str | None = None) -> T:  # fmt: skip
     """Parse ``argv`` into an instance of the dataclass ``cls`` (see the module docstring).
 
-    Raises :class:`CommandError` for an unknown flag or a value of the wrong type;
-    ``--help`` prints the help and exits 0.
+    ``epilog`` is printed after the flags by ``--help``. Raises :class:`CommandError` for an
+    unknown flag or a value of the wrong type; ``--help`` prints the help and exits 0.
     """
     parser = build_parser(cls, prog, description)
+    parser.epilog = epilog
     namespace = parser.parse_args(list(argv))
     return _build(cls, vars(namespace), None, ())
+
+
+# ----------------------------------------------------------------------------- sub-commands
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """One sub-command of a command: its config dataclass (the flags) and its runner.
+
+    ``run(config, argv)`` gets the parsed config and the sub-command's flags as given (for
+    a Ctrl-C resume line); ``summary`` is the line ``--help`` lists it with (default: the
+    first line of the config's docstring).
+    """
+
+    config: type
+    run: Callable[[Any, list[str]], Any]
+    summary: str = ""
+
+    def line(self) -> str:
+        return self.summary or (inspect.getdoc(self.config) or "").splitlines()[0]
+
+
+def commands_block(table: dict[str, Subcommand], prog: str) -> str:
+    """The ``commands:`` list of ``--help`` (one line per sub-command)."""
+    width = max(map(len, table))
+    lines = ["commands:"] + [f"  {name:<{width}}  {sub.line()}" for name, sub in table.items()]
+    return "\n".join([*lines, "", f"Run `{prog} <command> --help` for its flags."])
+
+
+def route(prog: str, table: dict[str, Subcommand], argv: Sequence[str],
+          default: str | None = None) -> Any:  # fmt: skip
+    """Run the sub-command that ``argv[0]`` names with the rest of ``argv``; returns what
+    it returns. With a ``default``, flags without a name run that sub-command, and its
+    ``--help`` lists the others after its flags; without one, no name (or ``--help``) prints
+    the list of sub-commands, and a missing or unknown name is refused."""
+    argv = list(argv)
+    if argv and argv[0] in table:
+        name, rest = argv[0], argv[1:]
+    elif default is not None:
+        name, rest = default, argv
+    elif argv and argv[0] in ("-h", "--help", "help"):
+        print(f"usage: {prog} <command> [flags]\n\n{commands_block(table, prog)}")
+        return None
+    else:
+        got = f"unknown sub-command {argv[0]!r}" if argv else "no sub-command given"
+        raise CommandError(f"{got}; {prog} needs a command: {'|'.join(table)} (see "
+                           f"`{prog} --help`)")  # fmt: skip
+    sub = table[name]
+    others = {k: v for k, v in table.items() if k != name}
+    epilog = commands_block(others, prog) if name == default and others else None
+    sub_prog = prog if name == default else f"{prog} {name}"
+    config = parse_config(sub.config, rest, sub_prog, epilog=epilog)
+    return sub.run(config, rest)
 
 
 # ----------------------------------------------------------------------------- checks

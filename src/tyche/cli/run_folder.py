@@ -54,6 +54,7 @@ __all__ = [
     "claim_folder",
     "differences",
     "read_record",
+    "resume_refusal",
 ]
 
 LOCK_FILE = ".tyche.lock"
@@ -313,6 +314,33 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
         for key in dict.fromkeys([*now, *saved])
         if saved.get(key) != now.get(key)
     ]
+
+
+def resume_refusal(folder: str | os.PathLike[str], changed: Mapping[str, tuple[Any, Any]],
+                   words: Mapping[str, str] | None = None) -> CommandError:  # fmt: skip
+    """The one refusal of every command's ``--resume`` when settings differ from the saved
+    run's: ``changed`` maps each recorded setting to ``(saved, now)``; ``words`` names a
+    recorded key in the flags' words (default: ``--key``). A hash (a key ending in ``_hash``
+    or ``sha256``) is named alone, its values mean nothing to a reader; any other setting
+    is shown as ``--flag (saved A, now B)``."""
+    named = []
+    for key, (saved, now) in changed.items():
+        flag = (words or {}).get(key) or (key if key.startswith("--") else f"--{key}")
+        if key.endswith(("_hash", "sha256")):
+            named.append(flag)
+        else:
+            named.append(f"{flag} (saved {_plain(saved)}, now {_plain(now)})")
+    return CommandError(
+        f"cannot --resume the run in {folder}: these settings differ from it: "
+        f"{'; '.join(dict.fromkeys(named))}. Resume with the saved settings, or drop --resume "
+        "and choose another --out to start afresh"
+    )
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple]:
+    """``{key: (saved, now)}`` for every setting that differs (keys of either side)."""
+    return {key: (saved.get(key), now.get(key)) for key in dict.fromkeys([*now, *saved])
+            if saved.get(key) != now.get(key)}  # fmt: skip
 
 
 def _as_json(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,9 @@
   fires;
 - :func:`intervene` forces, replaces, appends or blocks codes; :func:`generate` samples under
   interventions;
-- :mod:`tyche.codebook.tokfsm` is the paper's finite-state-machine task and its metrics.
+- :mod:`tyche.codebook.tokfsm` is the paper's finite-state-machine task and its metrics;
+- :mod:`tyche.codebook.report` formats what the command prints, :mod:`tyche.codebook.plot`
+  draws the training curves (:func:`plot_training`) and code usage.
 
 Submodules load on first use.
 """
@@ -26,7 +28,7 @@ _LAZY: dict[str, str] = {
     "kmeans": "tyche.codebook.kmeans",
     "CodebookModel": "tyche.codebook.model",
     "attach": "tyche.codebook.model",
-    "TrainConfig": "tyche.codebook.train",
+    "TrainConfig": "tyche.codebook.options",
     "TrainResult": "tyche.codebook.train",
     "train_codebooks": "tyche.codebook.train",
     "evaluate_lm": "tyche.codebook.train",
@@ -45,6 +47,14 @@ _LAZY: dict[str, str] = {
     "state_forcing": "tyche.codebook.steering",
     "topic_codes": "tyche.codebook.steering",
     "topic_steering": "tyche.codebook.steering",
+    "plot_code_usage": "tyche.codebook.plot",
+    "plot_training": "tyche.codebook.plot",
+    "contexts_text": "tyche.codebook.report",
+    "forcing_text": "tyche.codebook.report",
+    "purity_table": "tyche.codebook.report",
+    "steering_line": "tyche.codebook.report",
+    "tokfsm_accuracy_text": "tyche.codebook.report",
+    "training_line": "tyche.codebook.report",
 }
 
 __all__ = sorted(_LAZY)
@@ -56,10 +66,19 @@ if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.codebook.kmeans import kmeans
     from tyche.codebook.layer import CodebookLayer, GroupedCodebookLayer
     from tyche.codebook.model import CodebookModel, attach
+    from tyche.codebook.options import TrainConfig
+    from tyche.codebook.plot import plot_code_usage, plot_training
+    from tyche.codebook.report import (
+        contexts_text,
+        forcing_text,
+        purity_table,
+        steering_line,
+        tokfsm_accuracy_text,
+        training_line,
+    )
     from tyche.codebook.steering import state_forcing, topic_codes, topic_steering
     from tyche.codebook.tokfsm import FSM
     from tyche.codebook.train import (
-        TrainConfig,
         TrainResult,
         evaluate_lm,
         row_sampler,

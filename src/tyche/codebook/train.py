@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -35,12 +34,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from tyche.codebook.layer import usage_stats
 from tyche.codebook.model import CodebookModel
+from tyche.codebook.options import TrainConfig
 from tyche.distributed import (
     all_reduce_sum,
     average_gradients,
@@ -55,6 +55,7 @@ from tyche.distributed import (
 )
 from tyche.errors import InputError
 from tyche.io import ResultIO, json_text
+from tyche.resume import SettingsMismatch, compare_settings
 
 __all__ = [
     "SettingsMismatch",
@@ -74,100 +75,6 @@ RESUMABLE = ("log_every", "checkpoint_every")
 #: branched from a checkpoint with its codebooks passing their inputs through)
 LAYOUT_KEYS = ("grouped", "n_groups", "dim", "num_codes", "k", "similarity", "loss", "beta",
                "restore_scale")  # fmt: skip
-
-
-class SettingsMismatch(InputError):
-    """A resumed run's settings differ from those its checkpoint was written with.
-
-    ``differences`` maps each differing setting (a :class:`TrainConfig` field, a layout key
-    of :func:`codebook_layout`, or a key of the caller's ``extra_settings``) to
-    ``(saved, now)``; a command line re-words them as its own flags.
-    """
-
-    def __init__(self, folder: Path, differences: dict[str, tuple[Any, Any]]) -> None:
-        self.folder = folder
-        self.differences = differences
-        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
-        super().__init__(
-            f"resume: the checkpoint in {folder} was written with other settings ({shown}); "
-            "use the saved settings, or start a new run in another folder"
-        )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of a codebook training run."""
-
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    #: learning rate of the codebooks (None: ``lr``)
-    code_lr: float | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    schedule: Literal["cosine", "constant"] = "cosine"
-    #: the cosine schedule decays to ``min_lr_ratio`` × the peak
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    freeze_base: bool = False
-    #: steps at the start with the codebooks passing their inputs through (a warm start of
-    #: the model); the codebooks snap from this step on (after k-means, with ``kmeans_init``)
-    snap_after: int = 0
-    #: with ``snap_after``: the schedule restarts at the snap (a warm restart: a new linear
-    #: warm-up of ``warmup_steps`` to this multiple of the peak learning rates, then the
-    #: schedule over the remaining steps), instead of running on, which would leave the
-    #: snapped model little learning rate to adapt with (None: the schedule runs through)
-    snap_lr_factor: float | None = None
-    kmeans_init: bool = False
-    kmeans_tokens: int = 16384
-    #: with ``kmeans_init``, fit each codebook's layer-norm affine so that codes output
-    #: vectors of their inputs' scale (a snapped model then starts close to the unsnapped one;
-    #: for a warm start from scratch; heavy-tailed activations of pretrained models suit
-    #: ``restore_scale`` codebooks better)
-    kmeans_calibrate: bool = False
-    #: replace codes unused for this many steps (0: never)
-    replace_dead_every: int = 0
-    replace_rho: float = 1e-2
-    log_every: int = 50
-    checkpoint_every: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "log_every", "kmeans_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "code_lr"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise InputError(f"{name} must be a positive number, got {value}")
-        if self.schedule not in ("cosine", "constant"):
-            raise InputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        factor = self.snap_lr_factor
-        if factor is not None and not (math.isfinite(factor) and factor > 0):
-            raise InputError(f"snap_lr_factor must be a positive number, got {factor}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak learning rates at ``step`` (linear warm-up, then schedule;
-        with ``snap_lr_factor``, the same again from the snap on, scaled by that factor)."""
-        if self.snap_lr_factor is not None and 0 < self.snap_after <= step:
-            after = step - self.snap_after
-            return self.snap_lr_factor * self._shape(after, self.steps - self.snap_after)
-        return self._shape(step, self.steps)
-
-    def _shape(self, step: int, steps: int) -> float:
-        """Warm-up then schedule, for ``step`` of a run of ``steps`` steps."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        frac = min((step - self.warmup_steps) / max(1, steps - self.warmup_steps), 1.0)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 @dataclass(frozen=True)
@@ -335,7 +242,7 @@ def _load_checkpoint(
         keys = [k for k in keys if k not in ("sites", *LAYOUT_KEYS)]
     if "extra_settings" not in state:
         keys = [k for k in keys if k not in extra]
-    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    diff = compare_settings({k: saved.get(k) for k in keys}, {k: now.get(k) for k in keys})
     if diff:  # checked before any tensor is loaded: a changed layout never meets the weights
         raise SettingsMismatch(folder, diff)
     load_model(model, str(folder / "model.safetensors"), device=str(model.device))

@@ -63,6 +63,7 @@ from tyche.interaction.sections import (
 )
 from tyche.io import model_hash
 from tyche.memory import free_memory_share
+from tyche.resume import SettingsMismatch, compare_settings
 
 __all__ = ["GraphOptions", "build_grams", "build_interaction_graph", "collect_grams"]
 
@@ -169,13 +170,13 @@ def inputs_digest(inputs: Any) -> str | None:
 def _check_resume(saved: dict, settings: dict, keys: Sequence[str], what: str) -> None:
     # a result saved before its inputs were hashed (no "inputs") is checked on the rest
     keys = [k for k in keys if k != "inputs" or saved.get(k) is not None]
-    diffs = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
+    diffs = compare_settings({k: saved.get(k) for k in keys}, {k: settings.get(k) for k in keys})
     if diffs:
         detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-        raise InputError(
+        raise SettingsMismatch(None, diffs, message=(
             f"the saved {what} were computed with other settings ({detail}); compute them "
             "again or build with the saved settings"
-        )
+        ))  # fmt: skip
 
 
 def build_interaction_graph(

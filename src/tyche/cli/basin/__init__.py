@@ -25,7 +25,7 @@ from tyche.cli.basin.flags import (
     PLAY_DATA,
     PROG,
     SHAKESPEARE,
-    BasinCommand,
+    BasinConfig,
     Plan,
     validate,
 )
@@ -39,6 +39,7 @@ from tyche.cli.commandline import (
     CommandError,
     check_context,
     config_flags,
+    flat_settings,
     on_interrupt,
     parse_config,
     resume_command,
@@ -52,10 +53,10 @@ if TYPE_CHECKING:
     from tyche.basin.result import VolumeResult
     from tyche.cli.basin.report import Row
 
-__all__ = ["BasinCommand", "main", "run", "validate"]
+__all__ = ["BasinConfig", "main", "run_basin", "validate"]
 
 
-def _record_run(cmd: BasinCommand, plan: Plan, setup: Setup) -> None:
+def _record_run(cmd: BasinConfig, plan: Plan, setup: Setup) -> None:
     """Write OUT/checkpoints/run.json, or, resuming, refuse a changed model or data."""
     from tyche.distributed import barrier, get_rank
     from tyche.io import write_json
@@ -94,25 +95,16 @@ class Setup:
     subsets: list[tuple[str | None, Any]]  # (subset text or None, mask or None)
 
 
-def _lm_tokens(plan: Plan, zm: Any, data: str) -> tuple[dict, str, list[str] | None]:
-    """The evaluation tokens, a note on them and, with play= subsets, each row's play."""
-    from tyche.data import chunk_and_tokenize
-    from tyche.zoo import resolve_texts
+def _lm_tokens(plan: Plan, zm: Any, data: str) -> tuple[dict, str, list[str] | None, dict]:
+    """The evaluation tokens, a note on them, with play= subsets each row's play, and the
+    record of the rows read (``input_ids_sha256``)."""
+    from tyche.data import token_ids_sha256
 
-    def chunks(texts: list[str]) -> dict:
-        with reworded_text_errors("--data", data, "--max_seq_len"):
-            tokens = chunk_and_tokenize(texts, zm.tokenizer, max_seq_len=plan.max_seq_len,
-                                        chunking=True, max_examples=plan.val_size)  # fmt: skip
-        return {k: v[: plan.val_size] for k, v in tokens.items()}
-
+    rows = plan.rows
     plays = [s for s in plan.subsets or () if s.key == "play"]
     if not plays:
-        tokens = chunks(resolve_texts(data))
-        rows, width = tokens["input_ids"].shape
-        note = f"{data}: {rows} sequences × {width} tokens"
-        if rows < plan.val_size:
-            note += f" (the text has only {rows} of the {plan.val_size} asked for)"
-        return tokens, note, None
+        drawn = rows.load(zm.tokenizer, default_data=data)
+        return drawn.tokens, drawn.note(rows.n_sequences), None, drawn.record(rows)
     import torch
 
     from tyche.basin.where import named_plays
@@ -122,17 +114,20 @@ def _lm_tokens(plan: Plan, zm: Any, data: str) -> tuple[dict, str, list[str] | N
     by_title = dict(zip(titles, load_shakespeare()))
     parts, row_plays = [], []
     for title in named_plays(plays, titles):
-        part = chunks([by_title[title]])
+        part = rows.load(zm.tokenizer, default_data=data, texts=[by_title[title]]).tokens
         parts.append(part)
         row_plays += [title] * len(part["input_ids"])
     tokens = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    rows, width = tokens["input_ids"].shape
-    note = f"{data}: {rows} sequences × {width} tokens ({plan.val_size} of each of " \
+    n, width = tokens["input_ids"].shape
+    note = f"{data}: {n} sequences × {width} tokens ({rows.n_sequences} of each of " \
            f"{len(parts)} plays)"  # fmt: skip
-    return tokens, note, row_plays
+    record = {"data": data, "n_sequences": n, "seq_len": width, "seed": rows.seed,
+              "plays": list(dict.fromkeys(row_plays)),
+              "input_ids_sha256": token_ids_sha256(tokens["input_ids"])}  # fmt: skip
+    return tokens, note, row_plays, record
 
 
-def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
+def _setup(cmd: BasinConfig, plan: Plan) -> Setup:
     """Load the model and data, check the model's own settings; no estimation yet."""
     from tyche.basin.params import select_parameters
     from tyche.io import model_hash
@@ -147,20 +142,15 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
         data, note = "digits training inputs", f"{len(mlp.x_train):,} digits training inputs"
         data_hash = model_hash({"x": mlp.x_train})
         sigma, state, name = mlp.prior_sigma, mlp.optimizer_state, "zoo:digits-mlp"
+        inputs_record: dict[str, Any] = {}  # the data_hash of its fixed inputs says it all
     else:
-        from tyche.zoo import resolve_model
-
-        zm = resolve_model(cmd.model)
-        if zm.tokenizer is None:
-            raise CommandError(f"--model {cmd.model} has no tokenizer; a language model is needed")
+        zm = cmd.source.load(plan.rows.seq_len)
         model, name, sigma, state = zm.model, zm.name, None, zm.optimizer_state
         _check_globs(model, plan.exclude)
-        check_context(model, plan.max_seq_len, "--max_seq_len",
-                      allow_long=cmd.allow_long_context, name=cmd.model)  # fmt: skip
-        data = plan.data or zm.default_data or "zoo:stdlib-docs"
+        data = plan.rows.spec(zm.default_data)
         if any(s.key == "play" for s in plan.subsets or ()) and data != SHAKESPEARE:
             raise CommandError(f"{PLAY_DATA} ({zm.name} is measured on {data} by default)")
-        tokens, note, row_plays = _lm_tokens(plan, zm, data)
+        tokens, note, row_plays, inputs_record = _lm_tokens(plan, zm, data)
         data_hash = model_hash(tokens)
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in tokens.items()}
@@ -170,11 +160,12 @@ def _setup(cmd: BasinCommand, plan: Plan) -> Setup:
         "model_hash": model_hash(model),
         "data": data,
         "data_hash": data_hash,
-        "val_size": None if plan.is_digits else plan.val_size,
-        "max_seq_len": None if plan.is_digits else plan.max_seq_len,
+        "n_sequences": None if plan.is_digits else plan.rows.n_sequences,
+        "seq_len": None if plan.is_digits else plan.rows.seq_len,
         "exclude": list(plan.exclude),
         "eps": cmd.eps,
         "exponent": cmd.exponent,
+        **{k: v for k, v in inputs_record.items() if k.endswith("sha256")},
     }
     subsets = _subset_masks(plan, inputs, labels, row_plays)
     return Setup(model, inputs, [n for n, _ in named], sigma, state, name, data, note, identity,
@@ -214,7 +205,7 @@ def _check_globs(model: torch.nn.Module, globs: tuple[str, ...]) -> None:
             )
 
 
-def _preconditioner_in_flags(kind: str, setup: Setup, cmd: BasinCommand) -> torch.Tensor | None:
+def _preconditioner_in_flags(kind: str, setup: Setup, cmd: BasinConfig) -> torch.Tensor | None:
     """The ``--preconditioners`` kind's p (`tyche.basin.preconditioners.build_preconditioner`
     with --eps, --exponent and --seed), its division by zero said in the flags' words."""
     from tyche.basin.preconditioners import ZeroSpectrum, build_preconditioner
@@ -224,7 +215,7 @@ def _preconditioner_in_flags(kind: str, setup: Setup, cmd: BasinCommand) -> torc
     try:
         return build_preconditioner(kind, setup.model, setup.inputs, names=setup.names,
                                     optimizer_state=setup.optimizer_state, eps=cmd.eps,
-                                    exponent=cmd.exponent, seed=cmd.seed)  # fmt: skip
+                                    exponent=cmd.exponent, seed=cmd.rows.seed)  # fmt: skip
     except ZeroSpectrum as err:
         what = "second moment (Adam)" if kind == "adam" else "Fisher diagonal"
         raise CommandError(
@@ -249,7 +240,7 @@ def _kinds(plan: Plan, setup: Setup) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- run
-def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeResult]:
+def run_basin(cmd: BasinConfig, argv: list[str] | None = None) -> dict[str, VolumeResult]:
     """Run the command; returns the results at the histogram's cutoff by preconditioner
     (``"kind subset"`` keys with --where). ``argv`` (the flags as given; default: those
     of ``cmd``) makes the Ctrl-C resume line."""
@@ -260,8 +251,8 @@ def run(cmd: BasinCommand, argv: list[str] | None = None) -> dict[str, VolumeRes
         return _run(cmd, plan, config_flags(cmd) if argv is None else argv)
 
 
-def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResult]:
-    """:func:`run` in its claimed --out: load, estimate, save, report."""
+def _run(cmd: BasinConfig, plan: Plan, argv: list[str]) -> dict[str, VolumeResult]:
+    """:func:`run_basin` in its claimed --out: load, estimate, save, report."""
     from tyche import distributed as dist
     from tyche.basin.checkpoint import SettingsMismatch
     from tyche.basin.core import estimate_basin
@@ -273,7 +264,8 @@ def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResu
     from tyche.io import model_hash
 
     dist.init_distributed()
-    dist.rank0_print("settings: " + json.dumps({k.rstrip("_"): v for k, v in asdict(cmd).items()}))
+    dist.rank0_print("settings: " + json.dumps({k.rstrip("_"): v
+                                                for k, v in flat_settings(cmd).items()}))
     setup = _setup(cmd, plan)
     kinds = _kinds(plan, setup)
     if cmd.checkpoint:
@@ -282,7 +274,7 @@ def _run(cmd: BasinCommand, plan: Plan, argv: list[str]) -> dict[str, VolumeResu
         cutoffs=plan.cutoffs,
         sigma=cmd.sigma if cmd.sigma is not None else setup.default_sigma,
         n_samples=cmd.n_samples,
-        seed=cmd.seed,
+        seed=cmd.rows.seed,
         batch_size=cmd.batch_size,
         max_memory=plan.max_memory,
     )
@@ -348,5 +340,5 @@ def _slug(text: str) -> str:
 
 def main(argv: list[str]) -> None:
     """``tyche basin [flags]``."""
-    cmd = parse_config(BasinCommand, argv, PROG)
-    run(cmd, argv)
+    cmd = parse_config(BasinConfig, argv, PROG)
+    run_basin(cmd, argv)

@@ -4,7 +4,8 @@ or data is loaded, and turned into a :class:`Plan`."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,12 +17,12 @@ from tyche.cli.basin.resume import (
 from tyche.cli.commandline import (
     CommandError,
     check_number,
-    check_readable_text,
     check_writable_folder,
     parse_choices,
     parse_numbers,
     split_list,
 )
+from tyche.cli.inputs import ModelSource, TextRows
 from tyche.cli.run_folder import Owned, check_unlocked
 
 if TYPE_CHECKING:
@@ -32,8 +33,8 @@ PRECONDITIONERS = ("none", "adam", "fisher")
 DEFAULT_PRECONDITIONERS = "none,adam"
 DEFAULT_CUTOFF = 1e-2
 LAMBDA_CUTOFFS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_VAL_SIZE = 8
-DEFAULT_MAX_SEQ_LEN = 64
+DEFAULT_N_SEQUENCES = 8
+DEFAULT_SEQ_LEN = 64
 DIGITS = "zoo:digits-mlp"
 SHAKESPEARE = "zoo:shakespeare"
 PLAY_DATA = "--where play= needs the plays as data: --data zoo:shakespeare with a language model"
@@ -45,7 +46,7 @@ OWNED = Owned(
 
 
 @dataclass
-class BasinCommand:
+class BasinConfig:
     """Estimate log P(basin) under a Gaussian prior (nats) for a model on some data.
 
     The basin is the region around the trained parameters where the mean KL from the trained
@@ -60,12 +61,12 @@ class BasinCommand:
       tyche basin --resume                           # continue an interrupted run
     """
 
-    model: str = DIGITS
-    """zoo:digits-mlp, zoo:shakespeare-lm, zoo:smollm2-135m, or a save_pretrained folder"""
-    data: str | None = None
-    """language models' evaluation text: zoo:shakespeare, zoo:stdlib-docs or a UTF-8 text
-    file (default: the model's own zoo data, else zoo:stdlib-docs); not for the digits MLP,
-    which is measured on its 1,024 training inputs"""
+    source: ModelSource = field(default_factory=lambda: ModelSource(model=DIGITS))
+    """the model: zoo:digits-mlp (measured on its 1,024 training inputs), zoo:shakespeare-lm,
+    zoo:smollm2-135m, or a save_pretrained folder (--model, --allow_long_context)"""
+    rows: TextRows = field(default_factory=TextRows)
+    """language models' evaluation rows (--data, --n_sequences: default 8, per play with
+    --where play=; --seq_len: default 64; --seed: also the seed of the directions)"""
     n_samples: int = 100
     """Monte Carlo directions per preconditioner (and subset)"""
     cutoff: float | None = None
@@ -95,8 +96,6 @@ class BasinCommand:
     sigma: float | None = None
     """prior standard deviation (default: the zoo model's L2-implied prior, else the RMS of
     the measured parameters)"""
-    seed: int = 0
-    """seed of the directions (direction i comes from the seed and i alone)"""
     batch_size: int | None = None
     """directions searched together (default: as many as --max_memory holds, at most 16 and
     at most 2^25 parameters' worth); results do not depend on it"""
@@ -104,12 +103,9 @@ class BasinCommand:
     """memory the batch of directions may use, e.g. 4GiB or 512MiB (default: half the memory
     free on the model's device when the run starts)"""
     val_size: int | None = None
-    """language models: evaluation sequences (default 8; per play with --where play=)"""
+    """deprecated: the old name of --n_sequences"""
     max_seq_len: int | None = None
-    """language models: tokens per sequence (default 64)"""
-    allow_long_context: bool = False
-    """let --max_seq_len past the model's context length through (rotary positions only; a
-    learned position table has no embedding past it)"""
+    """deprecated: the old name of --seq_len"""
     exclude: str | None = None
     """comma-separated globs of parameter names held fixed, e.g. 'transformer.wte.*,*ln*';
     each must match a parameter"""
@@ -136,43 +132,31 @@ class Plan:
     exclude: tuple[str, ...]
     out: Path
     is_digits: bool
-    data: str | None
-    val_size: int
-    max_seq_len: int
+    rows: TextRows
     subsets: tuple[Subset, ...] | None
     max_memory: int | None
     lam: bool
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_model_spec(spec: str) -> bool:
-    """True for the digits MLP; raises for an unknown zoo name or a folder without a model."""
-    from tyche.zoo.catalogue import check_name
-
-    if spec.startswith("zoo:"):
-        return check_name(spec, kind="model") == "digits-mlp"
-    folder = Path(spec).expanduser()
-    if not folder.is_dir():
-        raise CommandError(
-            f"--model: no folder {spec!r}; give zoo:NAME or a save_pretrained folder"
-        )
-    if not (folder / "config.json").is_file():
-        raise CommandError(f"--model: {spec!r} has no config.json; is it a save_pretrained folder?")
-    return False
-
-
-def _check_data_spec(spec: str) -> None:
-    from tyche.zoo.catalogue import check_name
-
-    if spec.startswith("zoo:"):
-        name = check_name(spec, kind="data")
-        if name == "fashion-mnist":
-            raise CommandError("--data: zoo:fashion-mnist is image data, not text")
-        return
-    check_readable_text(spec, "--data")
+def _renamed_flags(cmd: BasinConfig) -> TextRows:
+    """The rows' flags with the deprecated --val_size / --max_seq_len folded in (a one-line
+    note each on stderr; both a name and its old name given differently is refused)."""
+    rows = cmd.rows
+    for old, new, value in (("--val_size", "--n_sequences", cmd.val_size),
+                            ("--max_seq_len", "--seq_len", cmd.max_seq_len)):  # fmt: skip
+        if value is None:
+            continue
+        current = getattr(rows, new[2:])
+        if current is not None and current != value:
+            raise CommandError(f"{old} {value} and {new} {current} disagree; {old} is the old "
+                               f"name of {new}: give {new} alone")  # fmt: skip
+        print(f"{PROG}: note: {old} is deprecated; use {new}", file=sys.stderr)
+        rows = replace(rows, **{new[2:]: value})
+    return rows
 
 
-def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | None:
+def _check_where(cmd: BasinConfig, is_digits: bool) -> tuple[Subset, ...] | None:
     """Parse --where and check it against the model and data named (nothing loaded)."""
     if cmd.where is None:
         return None
@@ -193,7 +177,7 @@ def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | Non
             raise CommandError(str(err)) from None
     if "play" in keys:
         # without --data the model's own data decides, checked once it is loaded
-        if is_digits or cmd.data not in (None, SHAKESPEARE):
+        if is_digits or cmd.rows.data not in (None, SHAKESPEARE):
             raise CommandError(PLAY_DATA)
         from tyche.zoo.text import play_titles
 
@@ -212,7 +196,7 @@ def _check_where(cmd: BasinCommand, is_digits: bool) -> tuple[Subset, ...] | Non
     return tuple(subsets)
 
 
-def _check_cutoffs(cmd: BasinCommand) -> tuple[list[float], float]:
+def _check_cutoffs(cmd: BasinConfig) -> tuple[list[float], float]:
     if cmd.cutoffs is not None:
         cutoffs = sorted(parse_numbers(cmd.cutoffs, "--cutoffs"))
         if cmd.lambda_ and len(cutoffs) < 2:
@@ -232,17 +216,18 @@ def _check_cutoffs(cmd: BasinCommand) -> tuple[list[float], float]:
     return cutoffs, cmd.cutoff if cmd.cutoff is not None else cutoffs[-1]
 
 
-def validate(cmd: BasinCommand) -> Plan:
+def validate(cmd: BasinConfig) -> Plan:
     """Check every flag and combination without loading anything; the filled-in plan."""
     check_number(cmd.n_samples, "--n_samples", minimum=1, integer=True)
     check_number(cmd.batch_size, "--batch_size", minimum=1, integer=True)
-    check_number(cmd.seed, "--seed", minimum=0, integer=True)
     check_number(cmd.eps, "--eps", minimum=0)
     check_number(cmd.exponent, "--exponent", minimum=0)
     check_number(cmd.sigma, "--sigma", above=0)
     check_number(cmd.cutoff, "--cutoff", above=0)
     check_number(cmd.val_size, "--val_size", minimum=1, integer=True)
     check_number(cmd.max_seq_len, "--max_seq_len", minimum=2, integer=True)
+    given = _renamed_flags(cmd)
+    given.check()
     max_memory = None
     if cmd.max_memory is not None:
         from tyche.memory import parse_size
@@ -258,17 +243,16 @@ def validate(cmd: BasinCommand) -> Plan:
     exclude = split_list(cmd.exclude)
     if cmd.exclude is not None and not exclude:
         raise CommandError("--exclude is empty; give globs of parameter names or drop the flag")
-    is_digits = _check_model_spec(cmd.model)
+    is_digits = cmd.source.check(classifiers=(DIGITS,)) is not None
     if is_digits:
-        for flag, value in (("--data", cmd.data), ("--val_size", cmd.val_size),
+        for flag, value in (("--data", cmd.rows.data), ("--n_sequences", cmd.rows.n_sequences),
+                            ("--seq_len", cmd.rows.seq_len), ("--val_size", cmd.val_size),
                             ("--max_seq_len", cmd.max_seq_len)):  # fmt: skip
             if value is not None:
                 raise CommandError(
                     f"{flag} does not apply to {DIGITS}: it is measured on its 1,024 training "
                     "inputs; drop the flag"
                 )
-    if cmd.data is not None:
-        _check_data_spec(cmd.data)
     subsets = _check_where(cmd, is_digits)
     if cmd.resume and not cmd.checkpoint:
         raise CommandError("--resume needs the checkpoints: drop --no-checkpoint")
@@ -294,9 +278,7 @@ def validate(cmd: BasinCommand) -> Plan:
         exclude=tuple(exclude),
         out=out,
         is_digits=is_digits,
-        data=cmd.data,
-        val_size=cmd.val_size or DEFAULT_VAL_SIZE,
-        max_seq_len=cmd.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+        rows=given.filled(DEFAULT_N_SEQUENCES, DEFAULT_SEQ_LEN),
         subsets=subsets,
         max_memory=max_memory,
         lam=cmd.lambda_,

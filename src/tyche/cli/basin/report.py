@@ -1,112 +1,37 @@
-"""What ``tyche basin`` prints and draws: the results table, summary rows and plots.
+"""What ``tyche basin`` prints, writes and draws: summary.json, the table and the plots.
 
-One `Row` per preconditioner × subset: its `BasinCurve` (one column per cutoff, a single
-column without ``--cutoffs``), the seconds it took and, with ``--lambda``, its fitted λ.
+The rows, the table and the summary are built by :mod:`tyche.basin.report` (one `Row` per
+preconditioner × subset; a single cutoff without ``--cutoffs``, λ with ``--lambda``), the
+figures by :mod:`tyche.basin.plot`; here they are written, printed and drawn, each step's
+failure reported, not fatal.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from tyche.basin.curve import BasinCurve
-from tyche.basin.lambda_fit import LearningCoefficient
+from tyche.basin.report import Row, results_table, summary_rows
 from tyche.cli.commandline import best_effort
 
+__all__ = ["Row", "draw", "finish"]
+
 PROG = "tyche basin"
-
-
-@dataclass
-class Row:
-    """One curve of the run: preconditioner ``kind`` on ``subset`` (None: all the data)."""
-
-    kind: str
-    subset: str | None
-    curve: BasinCurve
-    seconds: float
-    lam: LearningCoefficient | None = None
-
-    @property
-    def label(self) -> str:
-        return self.kind if self.subset is None else f"{self.kind} {self.subset}"
-
-
-def summary_rows(rows: list[Row]) -> list[dict[str, Any]]:
-    """One JSON-ready dict per preconditioner × subset × cutoff."""
-    out = []
-    for row in rows:
-        for res in row.curve.results:
-            entry: dict[str, Any] = {"preconditioner": row.kind, "cutoff": res.cutoff}
-            if row.subset is not None:
-                entry["subset"] = row.subset
-            entry.update(res.summary())
-            entry["seconds"] = row.seconds
-            entry["curve_cutoffs"] = len(row.curve)
-            if row.lam is not None:
-                entry.update(lambda_=row.lam.value, lambda_ci=[row.lam.ci_low, row.lam.ci_high],
-                             lambda_straight=row.lam.straight)  # fmt: skip
-            out.append({k.rstrip("_"): v for k, v in entry.items()})
-    return out
-
-
-def table(rows: list[Row], n_params: int) -> str:
-    """The results table, its footnotes and, over several cutoffs, the slope or λ lines."""
-    subsets = any(r.subset is not None for r in rows)
-    width = max([len(r.subset or "") for r in rows] + [6]) if subsets else 0
-    sub = f" {'subset':<{width}}" if subsets else ""
-    head = (
-        f"{'preconditioner':<14}{sub} {'cutoff':>8} {'log P (nats)':>16} {'95% CI':>27} "
-        f"{'max':>12} {'ESS':>6} {'evals/dir':>9} {'time (s)':>9}"
-    )
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        for res in row.curve.results:
-            lo, hi = res.interval()
-            cell = f" {row.subset or 'all':<{width}}" if subsets else ""
-            lines.append(
-                f"{row.kind:<14}{cell} {res.cutoff:>8.0e} {res.log_prob:>16,.1f} "
-                f"{f'[{lo:,.0f}, {hi:,.0f}]':>27} {res.max:>12,.1f} {res.ess:>6.2f} "
-                f"{row.curve.evals_per_direction:>9.2f} {row.seconds:>9.1f}"
-            )
-    if any(res.is_lower_bound for row in rows for res in row.curve.results):
-        lines.append(
-            "ESS ≈ 1: the log-mean-exp is dominated by its best direction, so it is a lower "
-            "bound (the paper's regime); more directions or a better preconditioner raise it."
-        )
-    if rows and len(rows[0].curve) > 1:
-        lines.append(
-            f"evals/dir and time are per curve: each direction is searched once for all "
-            f"{len(rows[0].curve)} cutoffs."
-        )
-        fitted = [r for r in rows if r.lam is not None]
-        for row in fitted:
-            lines.append(f"{row.label}: {row.lam.describe()}")
-        if not fitted:
-            res = rows[0].curve
-            c0, c1 = float(res.cutoffs[0]), float(res.cutoffs[1])
-            p0, p1 = (float(v) for v in res.log_probs[:2])
-            slope = (p1 - p0) / (math.log(c1) - math.log(c0))
-            lines.append(
-                f"slope of log P against ln(cutoff) at the smallest cutoffs: {slope:,.0f} "
-                f"(D/2 = {n_params / 2:,.0f}); --lambda fits it with an interval"
-            )
-    return "\n".join(lines)
+#: how to get λ with an interval, ending the table's slope line when it was not fitted
+LAMBDA_HINT = "--lambda fits it with an interval"
 
 
 def draw(rows: list[Row], cutoff: float, n_params: int, out: Path) -> None:
     """histogram.png at ``cutoff`` and, over several cutoffs, cutoff_scan.png (with λ fits)."""
-    from tyche import plotting
+    from tyche.basin import plot
 
     at = {row.label: row.curve.at(cutoff) for row in rows}
-    plotting.basin_histogram(at, out / "histogram.png")
+    plot.plot_histogram(at, out / "histogram.png")
     if rows and len(rows[0].curve) > 1:
         cutoffs = rows[0].curve.cutoffs.tolist()
         by_label = {row.label: list(row.curve.results) for row in rows}
         fits = {row.label: row.lam for row in rows if row.lam is not None}
-        plotting.basin_cutoff_scan(cutoffs, by_label, n_params, out / "cutoff_scan.png",
-                                   fits=fits or None)  # fmt: skip
+        plot.plot_cutoff_scan(cutoffs, by_label, n_params, out / "cutoff_scan.png",
+                              fits=fits or None)  # fmt: skip
 
 
 def finish(rows: list[Row], cutoff: float, out: Path) -> None:
@@ -116,6 +41,7 @@ def finish(rows: list[Row], cutoff: float, out: Path) -> None:
     n_params = rows[0].curve.n_params if rows else 0
     summary = lambda: write_json(out / "summary.json", summary_rows(rows))  # noqa: E731
     best_effort(PROG, "write summary.json", summary, out)
-    best_effort(PROG, "print the table", lambda: print(table(rows, n_params)), out)
+    text = lambda: results_table(rows, n_params, fit_hint=LAMBDA_HINT)  # noqa: E731
+    best_effort(PROG, "print the table", lambda: print(text()), out)
     best_effort(PROG, "draw the plots", lambda: draw(rows, cutoff, n_params, out), out)
     print(f"results in {out}/ (one folder per preconditioner and cutoff)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tyche.cli.commandline import CommandError
+from tyche.cli.run_folder import changed_settings, resume_refusal
 
 #: settings recorded with every sample -> the words a user of this command knows them by
 CLI_WORDS = {
@@ -14,8 +14,9 @@ CLI_WORDS = {
     "model_hash": "--model (its weights changed)",
     "data": "--data",
     "data_hash": "--data (its tokens changed)",
-    "val_size": "--val_size",
-    "max_seq_len": "--max_seq_len",
+    "n_sequences": "--n_sequences",
+    "seq_len": "--seq_len",
+    "input_ids_sha256": "--data (its token rows changed)",
     "exclude": "--exclude",
     "n_params": "--exclude (the number of measured parameters)",
     "preconditioner_kind": "--preconditioners",
@@ -40,54 +41,29 @@ RUN_FILE = "run.json"
 def flag_identity(cmd: Any, plan: Any) -> dict[str, Any]:
     """Every flag that changes a sample, as the user gave it (defaults filled in)."""
     return {
-        "--model": cmd.model,
-        "--data": plan.data,
-        "--val_size": None if plan.is_digits else plan.val_size,
-        "--max_seq_len": None if plan.is_digits else plan.max_seq_len,
+        "--model": cmd.source.model,
+        "--data": plan.rows.data,
+        "--n_sequences": None if plan.is_digits else plan.rows.n_sequences,
+        "--seq_len": None if plan.is_digits else plan.rows.seq_len,
         "--exclude": list(plan.exclude),
         "--preconditioners": list(plan.kinds),
         "--eps": cmd.eps,
         "--exponent": cmd.exponent,
         "--sigma": cmd.sigma,
         "--cutoffs": list(plan.cutoffs),
-        "--seed": cmd.seed,
+        "--seed": cmd.rows.seed,
         "--n_samples": cmd.n_samples,
         "--where": None if plan.subsets is None else [s.text for s in plan.subsets],
     }
 
 
 def refuse_mixing(saved: dict[str, Any], now: dict[str, Any], folder: Path) -> None:
-    differ = [
-        f"{key} (saved {plain(saved.get(key))}, now {plain(now.get(key))})"
-        for key in dict.fromkeys([*saved, *now])
-        if saved.get(key) != now.get(key)
-    ]
-    if differ:
-        raise CommandError(
-            f"cannot --resume the run in {folder}: these settings differ from it: "
-            f"{'; '.join(differ)}. Resume with the saved settings, or drop --resume and "
-            "choose another --out to start afresh"
-        )
+    """Refuse a --resume whose flags differ from the interrupted run's, naming them."""
+    changed = changed_settings(saved, now)
+    if changed:
+        raise resume_refusal(folder, changed)
 
 
 def mismatch_message(err: Any) -> str:
-    differ = []
-    for key, (saved, now) in err.differences.items():
-        words = CLI_WORDS.get(key, key)
-        if key.endswith("_hash"):
-            differ.append(words)
-        else:
-            differ.append(f"{words} (saved {plain(saved)}, now {plain(now)})")
-    return (
-        f"cannot --resume the run in {err.folder}: these settings differ from it: "
-        f"{'; '.join(dict.fromkeys(differ))}. Resume with the saved settings, or drop --resume "
-        "and choose another --out to start afresh"
-    )
-
-
-def plain(value: Any) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A :class:`tyche.resume.SettingsMismatch` of the estimator in the flags' words."""
+    return str(resume_refusal(err.folder, err.differences, CLI_WORDS))

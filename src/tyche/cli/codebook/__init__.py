@@ -16,17 +16,18 @@ Examples::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tyche.cli.codebook.args import (
-    AppArgs,
-    CacheArgs,
-    ContextsArgs,
-    InterveneArgs,
-    SearchArgs,
-    SteerArgs,
-    TokFSMArgs,
-    TrainArgs,
+    AppConfig,
+    CacheConfig,
+    CodebookTrainConfig,
+    ContextsConfig,
+    InterveneConfig,
+    SearchConfig,
+    SteerConfig,
+    TokFSMEvalConfig,
 )
 from tyche.cli.codebook.checks import check_args
 from tyche.cli.codebook.folders import claim
@@ -40,45 +41,50 @@ from tyche.cli.codebook.tools import (
     run_tokfsm,
 )
 from tyche.cli.codebook.train import PROG, run_train
-from tyche.cli.commandline import CommandError, parse_config
+from tyche.cli.commandline import Subcommand, route
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS: dict[str, tuple[type, Any, str]] = {
-    "train": (TrainArgs, run_train, "attach codebooks and train them (and the model)"),
-    "cache": (CacheArgs, run_cache, "store every token's code ids over data"),
-    "search": (SearchArgs, run_search, "find codes that fire on a regex"),
-    "contexts": (ContextsArgs, run_contexts, "show where a code fires"),
-    "intervene": (InterveneArgs, run_intervene, "generate with codes forced/blocked"),
-    "steer": (SteerArgs, run_steer, "topic steering table for words"),
-    "tokfsm": (TokFSMArgs, run_tokfsm, "evaluate a TokFSM codebook model"),
-    "app": (AppArgs, run_app, "start the Streamlit code browser"),
+def _checked(name: str, runner: Callable[..., Any], with_argv: bool = False) -> Subcommand:
+    """Sub-command ``name``: its flags checked (nothing loaded), its output folder claimed
+    (lock and record), then ``runner``; ``train`` also starts torchrun's process group."""
+
+    def run(args: Any, argv: list[str]) -> Any:
+        check_args(args)
+        with claim(name, args):  # the output folder's lock and record, before any model loads
+            if not with_argv:
+                return runner(args)
+            from tyche.distributed import init_distributed
+
+            init_distributed()
+            return runner(args, argv)
+
+    return Subcommand(CONFIGS[name][0], run, CONFIGS[name][1])
+
+
+#: sub-command -> (its flags, the line --help lists it with)
+CONFIGS: dict[str, tuple[type, str]] = {
+    "train": (CodebookTrainConfig, "attach codebooks and train them (and the model)"),
+    "cache": (CacheConfig, "store every token's code ids over data"),
+    "search": (SearchConfig, "find codes that fire on a regex"),
+    "contexts": (ContextsConfig, "show where a code fires"),
+    "intervene": (InterveneConfig, "generate with codes forced/blocked"),
+    "steer": (SteerConfig, "topic steering table for words"),
+    "tokfsm": (TokFSMEvalConfig, "evaluate a TokFSM codebook model"),
+    "app": (AppConfig, "start the Streamlit code browser"),
 }
-
-
-def _usage() -> str:
-    lines = ["usage: tyche codebook <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
-    lines += ["", "Run `tyche codebook <command> --help` for its options."]
-    return "\n".join(lines)
+COMMANDS: dict[str, Subcommand] = {
+    "train": _checked("train", run_train, with_argv=True),
+    "cache": _checked("cache", run_cache),
+    "search": _checked("search", run_search),
+    "contexts": _checked("contexts", run_contexts),
+    "intervene": _checked("intervene", run_intervene),
+    "steer": _checked("steer", run_steer),
+    "tokfsm": _checked("tokfsm", run_tokfsm),
+    "app": _checked("app", run_app),
+}
 
 
 def main(argv: list[str]) -> Any:
     """Entry point of ``tyche codebook``; returns what the sub-command returns."""
-    argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return None
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        raise CommandError(f"unknown sub-command {name!r}; choose from {', '.join(COMMANDS)}")
-    cls, runner, _ = COMMANDS[name]
-    args = parse_config(cls, rest, prog=f"{PROG} {name}", description=cls.__doc__)
-    check_args(args)
-    with claim(name, args):  # the output folder's lock and record, before any model loads
-        if name == "train":
-            from tyche.distributed import init_distributed
-
-            init_distributed()
-            return runner(args, rest)
-        return runner(args)
+    return route(PROG, COMMANDS, argv)

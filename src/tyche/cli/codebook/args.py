@@ -3,48 +3,46 @@ the ``--help`` texts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal
+
+from tyche.cli.inputs import ModelSource, TextRows
+from tyche.codebook.options import TrainConfig
 
 
 @dataclass
-class ModelArgs:
+class ModelFlags:
     model: str = "zoo:shakespeare-lm"
     """'zoo:NAME' or a local folder (a save_pretrained model, with or without codebooks)"""
 
 
 @dataclass
-class DataArgs:
-    data: str = "zoo:shakespeare"
-    """text: 'zoo:shakespeare', 'zoo:stdlib-docs' or a .txt file; or 'fsm:FOLDER' / 'fsm:zoo:tokfsm'
-    for TokFSM walks from that folder's fsm.json"""
-    seq_len: int = 128
-    """tokens per sequence"""
-    allow_long_context: bool = False
-    """let --seq_len past the model's context length through (rotary positions only; a
-    learned position table has no embedding past it)"""
-    seed: int = 0
-    """seed of the data draw (and of training)"""
+class CodebookRows(TextRows):
+    """The token rows of a codebook command: a seeded draw of text, or TokFSM walks."""
+
+    data: str | None = None
+    """text: zoo:shakespeare, zoo:stdlib-docs or a UTF-8 text file; or 'fsm:FOLDER' /
+    'fsm:zoo:tokfsm' for TokFSM walks from that folder's fsm.json (default: the model's own zoo
+    data, else zoo:shakespeare)"""
+
+    def check(self) -> None:
+        """The text flags (see :meth:`TextRows.check`), ``fsm:`` specs included."""
+        from tyche.cli.codebook.loading import check_data_spec
+
+        if self.data is not None and self.data.startswith("fsm:"):
+            check_data_spec(self.data)
+            TextRows(None, self.n_sequences, self.seq_len, self.seed).check()  # the numbers
+            return
+        super().check()
 
 
-@dataclass
-class TrainArgs(ModelArgs, DataArgs):
-    """Attach codebooks to a model (or continue a codebook model) and train them."""
+@dataclass(frozen=True)
+class TrainFlags(TrainConfig):
+    """The optimiser settings of ``tyche codebook train``: a
+    :class:`~tyche.codebook.TrainConfig` whose flags are checked in the command line's words,
+    with the command's defaults; the settings without a flag keep the library's defaults, and
+    the seed is ``--seed`` (:meth:`library` makes the library's config)."""
 
-    sites: str = "attn_heads.*,mlp_out.*"
-    """site patterns for new codebooks, comma separated (ignored for a codebook model)"""
-    num_codes: int = 512
-    """codes per codebook (per head for attn_heads)"""
-    k: int = 1
-    """codes chosen per token"""
-    similarity: Literal["inner_product", "cosine", "euclidean"] = "inner_product"
-    """how inputs are compared with codes"""
-    loss: Literal["aeloss", "fullaeloss", "vqvae", "base"] = "aeloss"
-    """gradient variant of the codebooks (see tyche.codebook.layer)"""
-    beta: float = 0.25
-    """commitment weight (fullaeloss, vqvae)"""
-    restore_scale: bool = False
-    """codebook outputs keep their input's own mean and spread (for a frozen base)"""
     steps: int = 600
     """optimiser steps"""
     batch_size: int = 16
@@ -63,8 +61,6 @@ class TrainArgs(ModelArgs, DataArgs):
     """train only the codebooks"""
     snap_after: int = 0
     """steps with the codebooks passing their inputs through (a warm start) before they snap"""
-    from_scratch: bool = False
-    """re-initialise the model's weights (seeded by --seed) and train it from scratch"""
     kmeans_init: bool = False
     """initialise the codes by k-means on the model's activations"""
     kmeans_tokens: int = 16384
@@ -77,6 +73,58 @@ class TrainArgs(ModelArgs, DataArgs):
     """steps between logged metrics"""
     checkpoint_every: int = 0
     """steps between checkpoints (0: only at the end)"""
+    min_lr_ratio: float = field(default=TrainConfig.min_lr_ratio, init=False)
+    grad_clip: float | None = field(default=TrainConfig.grad_clip, init=False)
+    snap_lr_factor: float | None = field(default=TrainConfig.snap_lr_factor, init=False)
+    replace_rho: float = field(default=TrainConfig.replace_rho, init=False)
+    seed: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        from tyche.cli.commandline import check_number
+
+        for name in ("steps", "batch_size", "log_every", "kmeans_tokens"):
+            check_number(getattr(self, name), f"--{name}", minimum=1, integer=True)
+        for name in ("warmup_steps", "replace_dead_every", "checkpoint_every", "snap_after"):
+            check_number(getattr(self, name), f"--{name}", minimum=0, integer=True)
+        for name in ("lr", "code_lr"):
+            check_number(getattr(self, name), f"--{name}", above=0)
+        check_number(self.weight_decay, "--weight_decay", minimum=0)
+        super().__post_init__()
+
+    def library(self, seed: int) -> TrainConfig:
+        """The library's :class:`~tyche.codebook.TrainConfig` of these flags and ``seed``."""
+        values = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+        return TrainConfig(**{**values, "seed": seed})
+
+
+@dataclass
+class CodebookTrainConfig:
+    """Attach codebooks to a model (or continue a codebook model) and train them."""
+
+    source: ModelSource = field(default_factory=ModelSource)
+    """the model: 'zoo:NAME' or a local folder (a save_pretrained model, with or without
+    codebooks) (--model, --allow_long_context)"""
+    rows: CodebookRows = field(default_factory=lambda: CodebookRows(seq_len=128))
+    """the training rows (--data; --n_sequences: default every row of the text but the
+    --eval_sequences held out; --seq_len; --seed: also of training)"""
+    sites: str = "attn_heads.*,mlp_out.*"
+    """site patterns for new codebooks, comma separated (ignored for a codebook model)"""
+    num_codes: int = 512
+    """codes per codebook (per head for attn_heads)"""
+    k: int = 1
+    """codes chosen per token"""
+    similarity: Literal["inner_product", "cosine", "euclidean"] = "inner_product"
+    """how inputs are compared with codes"""
+    loss: Literal["aeloss", "fullaeloss", "vqvae", "base"] = "aeloss"
+    """gradient variant of the codebooks (see tyche.codebook.layer)"""
+    beta: float = 0.25
+    """commitment weight (fullaeloss, vqvae)"""
+    restore_scale: bool = False
+    """codebook outputs keep their input's own mean and spread (for a frozen base)"""
+    from_scratch: bool = False
+    """re-initialise the model's weights (seeded by --seed) and train it from scratch"""
+    train: TrainFlags = field(default_factory=TrainFlags)
+    """the optimiser's settings (flat flags: --steps ... --checkpoint_every)"""
     resume: bool = False
     """continue the run in --out from its checkpoint; every flag that changes the trained model
     or its data must be as saved (only --log_every and --checkpoint_every may change; to train
@@ -90,11 +138,13 @@ class TrainArgs(ModelArgs, DataArgs):
 
 
 @dataclass
-class CacheArgs(ModelArgs, DataArgs):
+class CacheConfig:
     """Run a codebook model over data and store every token's code ids (plus text)."""
 
-    n_sequences: int = 256
-    """sequences cached (seeded draw from the whole tokenized data)"""
+    source: ModelSource = field(default_factory=ModelSource)
+    """the codebook model: 'zoo:NAME' or a local folder (--model, --allow_long_context)"""
+    rows: CodebookRows = field(default_factory=lambda: CodebookRows(n_sequences=256, seq_len=128))
+    """the rows cached (--data, --n_sequences, --seq_len, --seed)"""
     batch_size: int = 32
     """sequences per forward pass"""
     neurons: bool = True
@@ -108,7 +158,7 @@ class CacheArgs(ModelArgs, DataArgs):
 
 
 @dataclass
-class SearchArgs:
+class SearchConfig:
     """Find codes that fire on a regex, ranked by precision against the best neuron."""
 
     cache: str = "runs/codebook-cache"
@@ -134,7 +184,7 @@ class SearchArgs:
 
 
 @dataclass
-class ContextsArgs:
+class ContextsConfig:
     """Show the contexts where a code fired, the token marked."""
 
     cache: str = "runs/codebook-cache"
@@ -152,7 +202,7 @@ class ContextsArgs:
 
 
 @dataclass
-class InterveneArgs(ModelArgs):
+class InterveneConfig(ModelFlags):
     """Generate from a prompt with and without codes forced, replaced, appended or blocked."""
 
     cache: str | None = None
@@ -178,7 +228,7 @@ class InterveneArgs(ModelArgs):
 
 
 @dataclass
-class SteerArgs:
+class SteerConfig:
     """Topic steering: force the codes of a word and count continuations that contain it."""
 
     cache: str = "runs/codebook-cache"
@@ -214,7 +264,7 @@ class SteerArgs:
 
 
 @dataclass
-class TokFSMArgs(ModelArgs):
+class TokFSMEvalConfig(ModelFlags):
     """Evaluate a TokFSM codebook model: transitions, purity, state forcing."""
 
     model: str = "zoo:tokfsm"
@@ -236,7 +286,7 @@ class TokFSMArgs(ModelArgs):
 
 
 @dataclass
-class AppArgs:
+class AppConfig:
     """Start the Streamlit code browser on a cache folder."""
 
     cache: str = "runs/codebook-cache"

@@ -9,20 +9,20 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tyche.cli.codebook.args import CacheArgs, SteerArgs, TrainArgs
-from tyche.cli.commandline import CommandError
+from tyche.cli.codebook.args import CacheConfig, CodebookTrainConfig, SteerConfig
+from tyche.cli.commandline import CommandError, flat_settings
 from tyche.cli.run_folder import (
     Claim,
     Owned,
+    changed_settings,
     check_new_file,
     check_unlocked,
     claim_folder,
-    differences,
     read_record,
+    resume_refusal,
 )
 
 PROG = "tyche codebook"
@@ -51,7 +51,8 @@ MODEL_FILES = (
 )
 OWNED = {
     "train": Owned(
-        names=(*MODEL_FILES, "train_result", "train_args.json", "checkpoint", ".checkpoint.tmp"),
+        names=(*MODEL_FILES, "train_result", "train_args.json", "training.png", "checkpoint",
+               ".checkpoint.tmp"),  # fmt: skip
         patterns=("model-*-of-*.safetensors",),
     ),
     "cache": Owned(
@@ -72,8 +73,9 @@ TRAINER_STATE = Path("checkpoint") / "trainer_state.json"
 
 def settings(args: Any) -> dict[str, Any]:
     """The flags that make a run's result, ``{"--flag": value}``, defaults filled in."""
-    free = {TrainArgs: TRAIN_FREE, CacheArgs: CACHE_FREE}.get(type(args), ("out", "overwrite"))
-    return {f"--{k}": v for k, v in asdict(args).items() if k not in free}
+    owned = {CodebookTrainConfig: TRAIN_FREE, CacheConfig: CACHE_FREE}
+    free = owned.get(type(args), ("out", "overwrite"))
+    return {f"--{k}": v for k, v in flat_settings(args).items() if k not in free}
 
 
 def _refuse_input_inside(out: Path, spec: str, flag: str) -> None:
@@ -88,7 +90,7 @@ def _refuse_input_inside(out: Path, spec: str, flag: str) -> None:
         )
 
 
-def check_train_folder(args: TrainArgs) -> None:
+def check_train_folder(args: CodebookTrainConfig) -> None:
     """A resumed run refuses every changed flag by name; a leftover checkpoint needs
     --resume or --overwrite. Checked before anything is loaded."""
     out = Path(args.out).expanduser()
@@ -96,20 +98,16 @@ def check_train_folder(args: TrainArgs) -> None:
     if args.resume and args.overwrite:
         raise CommandError("--overwrite discards the run that --resume continues; drop one")
     if args.overwrite:
-        _refuse_input_inside(out, args.model, "--model")
+        _refuse_input_inside(out, args.source.model, "--model")
     state_file = out / TRAINER_STATE
     if not state_file.is_file():
         return
     state = json.loads(state_file.read_text())
     if args.resume:
         saved = state.get("extra_settings")
-        differ = differences(saved, settings(args)) if saved is not None else []
-        if differ:
-            raise CommandError(
-                f"cannot --resume the run in {out}: these settings differ from it: "
-                f"{'; '.join(differ)}. Resume with the saved settings, or drop --resume and "
-                "choose another --out to start afresh"
-            )
+        changed = changed_settings(saved, settings(args)) if saved is not None else {}
+        if changed:
+            raise resume_refusal(out, changed)
         return
     record = read_record(out)
     if not args.overwrite and record is not None and not record.get("finished"):
@@ -120,16 +118,16 @@ def check_train_folder(args: TrainArgs) -> None:
         )
 
 
-def check_output_file(args: SteerArgs) -> None:
+def check_output_file(args: SteerConfig) -> None:
     """steer --out: never replace an earlier table without --overwrite."""
     if args.out:
         check_new_file(args.out, "--out", args.overwrite, "table")
 
 
-def check_cache_folder(args: CacheArgs) -> None:
+def check_cache_folder(args: CacheConfig) -> None:
     check_unlocked(args.out)
     if args.overwrite:
-        _refuse_input_inside(Path(args.out), args.model, "--model")
+        _refuse_input_inside(Path(args.out), args.source.model, "--model")
 
 
 @contextlib.contextmanager
@@ -147,17 +145,14 @@ def claim(name: str, args: Any) -> Iterator[Claim | None]:
 
 
 def mismatch_message(err: Any) -> str:
-    """A :class:`tyche.codebook.train.SettingsMismatch` in the words of the command line."""
-    fields = set(TrainArgs.__dataclass_fields__)
-    differ = []
-    for key, (saved, now) in err.differences.items():
-        if key in ("dim", "n_groups", "grouped"):
-            words = "--model (the widths of its codebook sites)"
-        else:
-            words = key if key.startswith("--") or key not in fields else f"--{key}"
-        differ.append(differences({words: saved}, {words: now})[0])
-    return (
-        f"cannot --resume the run in {err.folder.parent}: these settings differ from it: "
-        f"{'; '.join(differ)}. Resume with the saved settings, or drop --resume and choose "
-        "another --out to start afresh"
-    )
+    """A :class:`tyche.resume.SettingsMismatch` of the trainer in the words of the command
+    line (the folder named is the run's --out, not its checkpoint folder)."""
+    fields = set(flat_settings(CodebookTrainConfig()))
+    words = {key: "--model (the widths of its codebook sites)" if key in WIDTH_KEYS
+             else key if key.startswith("--") or key not in fields else f"--{key}"
+             for key in err.differences}  # fmt: skip
+    return str(resume_refusal(err.folder.parent, err.differences, words))
+
+
+#: the trainer's layout keys that only the codebook model's site widths change
+WIDTH_KEYS = ("dim", "n_groups", "grouped")

@@ -58,6 +58,15 @@ def folder_of(spec: str) -> Path:
     return path
 
 
+def default_data_of(spec: str) -> str | None:
+    """The data a zoo model is naturally read on (its entry's ``default_data``), else None."""
+    if not spec.startswith("zoo:"):
+        return None
+    from tyche.zoo.catalogue import get_entry
+
+    return get_entry(spec, kind="model").default_data
+
+
 def load_model(spec: str) -> Any:
     """A CodebookModel from a zoo name or folder (no codebooks if the folder has none)."""
     check_model_spec(spec)

@@ -6,27 +6,46 @@ from pathlib import Path
 from typing import Any
 
 from tyche.cli.codebook.args import (
-    AppArgs,
-    CacheArgs,
-    ContextsArgs,
-    InterveneArgs,
-    SearchArgs,
-    SteerArgs,
-    TokFSMArgs,
+    AppConfig,
+    CacheConfig,
+    ContextsConfig,
+    InterveneConfig,
+    SearchConfig,
+    SteerConfig,
+    TokFSMEvalConfig,
 )
-from tyche.cli.codebook.loading import folder_of, load_model, load_rows, split
+from tyche.cli.codebook.loading import default_data_of, folder_of, load_model, load_rows, split
 from tyche.cli.commandline import CommandError, check_context, split_list
+from tyche.codebook.report import (
+    contexts_text,
+    forcing_text,
+    purity_table,
+    steering_line,
+    tokfsm_accuracy_text,
+)
 
 
-def run_cache(args: CacheArgs) -> Any:
+def run_cache(args: CacheConfig) -> Any:
     from tyche.codebook.cache import build_cache
+    from tyche.data import token_ids_sha256
+    from tyche.io import model_hash
 
-    model = load_model(args.model)
-    check_context(model, args.seq_len, "--seq_len", allow_long=args.allow_long_context,
-                  name=args.model)  # fmt: skip
+    model = load_model(args.source.model)
+    args.source.check_context(model, args.rows.seq_len)
     if not model.sites:
-        raise CommandError(f"{args.model} has no codebooks; train some with tyche codebook train")
-    rows = load_rows(args.data, model.tokenizer, args.seq_len, args.n_sequences, args.seed)
+        raise CommandError(
+            f"{args.source.model} has no codebooks; train some with tyche codebook train"
+        )
+    spec = args.rows.spec(default_data_of(args.source.model))
+    if spec.startswith("fsm:"):
+        rows = load_rows(spec, model.tokenizer, args.rows.seq_len, args.rows.n_sequences,
+                         args.rows.seed)  # fmt: skip
+        record = {"data": spec, "n_sequences": len(rows), "seq_len": args.rows.seq_len,
+                  "seed": args.rows.seed}  # fmt: skip
+    else:
+        drawn = args.rows.load(model.tokenizer, spec)
+        rows, record = drawn.input_ids, drawn.record(args.rows)
+    record["input_ids_sha256"] = token_ids_sha256(rows)
     cache = build_cache(
         model,
         rows,
@@ -34,7 +53,8 @@ def run_cache(args: CacheArgs) -> Any:
         batch_size=args.batch_size,
         neurons=args.neurons,
         copy_model=args.copy_model,
-        provenance={"model_name": args.model, "data_name": args.data},
+        provenance={"model_name": args.source.model, "data_name": spec,
+                    "inputs": {**record, "model_hash": model_hash(model.base)}},
     )
     print(
         f"cached {cache.n_sequences} x {cache.seq_len} tokens at {len(cache.sites)} codebooks "
@@ -43,7 +63,7 @@ def run_cache(args: CacheArgs) -> Any:
     return cache
 
 
-def run_search(args: SearchArgs) -> Any:
+def run_search(args: SearchConfig) -> Any:
     from tyche.codebook.cache import load_cache
     from tyche.codebook.code_search import search
 
@@ -64,7 +84,7 @@ def run_search(args: SearchArgs) -> Any:
     return result
 
 
-def run_contexts(args: ContextsArgs) -> Any:
+def run_contexts(args: ContextsConfig) -> Any:
     from tyche.codebook.cache import load_cache
     from tyche.codebook.code_search import code_contexts
 
@@ -78,16 +98,12 @@ def run_contexts(args: ContextsArgs) -> Any:
         )
     found = code_contexts(cache, args.site, args.code, head=args.head, n=args.n, window=args.window)
     total = int(cache.counts(args.site)[args.head or 0, args.code])
-    print(
-        f"{args.site}{'' if args.head is None else f'/h{args.head}'} code {args.code}: "
-        f"fires on {total} of {cache.n_sequences * cache.seq_len} tokens"
-    )
-    for ctx in found:
-        print(f"  [{ctx.row}:{ctx.position}] {ctx.render()}")
+    print(contexts_text(args.site, args.code, found, head=args.head, n_fires=total,
+                        n_tokens=cache.n_sequences * cache.seq_len))  # fmt: skip
     return found
 
 
-def run_intervene(args: InterveneArgs) -> Any:
+def run_intervene(args: InterveneConfig) -> Any:
     from tyche.codebook.interventions import generate, next_token_jsd, parse_interventions
 
     ivs = []
@@ -141,7 +157,7 @@ def _check_positions(ivs: list[Any], prompt_len: int, max_new_tokens: int) -> No
         )
 
 
-def run_steer(args: SteerArgs) -> Any:
+def run_steer(args: SteerConfig) -> Any:
     from tyche.codebook.cache import load_cache
     from tyche.codebook.steering import topic_codes, topic_steering, word_regex
     from tyche.io import json_text
@@ -181,18 +197,14 @@ def run_steer(args: SteerArgs) -> Any:
         )
         row["word"] = word
         table.append(row)
-        print(
-            f"{word:<10} baseline {100 * row['baseline_rate']:5.1f}%   with codes "
-            f"{100 * row['steered_rate']:5.1f}%   ({row['n']} continuations; codes "
-            f"{', '.join(row['codes'])})"
-        )
+        print(steering_line(row))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json_text(table, indent=1, sort_keys=False))
     return table
 
 
-def run_tokfsm(args: TokFSMArgs) -> Any:
+def run_tokfsm(args: TokFSMEvalConfig) -> Any:
     from tyche.codebook.steering import state_forcing
     from tyche.codebook.tokfsm import (
         FSM,
@@ -213,56 +225,21 @@ def run_tokfsm(args: TokFSMArgs) -> Any:
         "first_transition_accuracy": first_transition_accuracy(model, fsm),
         **transition_accuracy(model, fsm, n=args.n_samples, seq_len=args.seq_len, seed=args.seed),
     }
-    print(
-        f"first-transition accuracy (all {fsm.n_states} states): "
-        f"{100 * report['first_transition_accuracy']:.1f}%"
-    )
-    print(
-        f"transition accuracy ({args.n_samples} sampled sequences): "
-        f"{100 * report['transition_accuracy']:.1f}%"
-    )
+    print(tokfsm_accuracy_text(report, fsm.n_states, args.n_samples))
     if model.sites:
         purity = code_purity(model, fsm, seq_len=args.seq_len)
         report["purity"] = purity
-        print(
-            f"{'codebook':<22} {'firing':>6} {'≥0.9 pure (state)':>18} {'≥0.9 pure (trigram)':>20}"
-        )
-        for key, rep in purity.items():
-            print(
-                f"{key:<22} {rep['state']['n_firing']:>6} "
-                f"{100 * rep['state']['frac_pure_90']:17.1f}% "
-                f"{100 * rep['trigram']['frac_pure_90']:19.1f}%"
-            )
+        print(purity_table(purity))
         if forced:
             forcing = state_forcing(
                 model, fsm, sites=forced, n_trials=args.n_trials, seed=args.seed
             )
             report["state_forcing"] = forcing
-            print(
-                f"forcing another state's codes at {', '.join(forced)} "
-                f"({forcing['n_trials']} trials), next token: "
-                f"closer to that state's than to the own state's in "
-                f"{100 * forcing['next_token_success_rate']:.0f}% of trials; mass on digits "
-                f"that begin its successors {forcing['next_token_target_mass']:.2f} (without: "
-                f"{forcing['next_token_baseline_mass']:.2f}); JSD to that state "
-                f"{forcing['next_token_jsd_patched']:.3f} nats (unpatched "
-                f"{forcing['next_token_jsd_unpatched']:.3f})"
-            )
-            print(
-                f"  whole next state: its successors most likely in "
-                f"{100 * forcing['success_rate']:.0f}% of trials "
-                f"(without: {100 * forcing['baseline_rate']:.0f}%); JSD to that state "
-                f"{forcing['jsd_patched']:.3f} nats (unpatched {forcing['jsd_unpatched']:.3f})"
-            )
-            print(
-                f"  whole next state, codes of that state's run also at its digits: its "
-                f"successors most likely in {100 * forcing['carried_success_rate']:.0f}% of "
-                f"trials; JSD to that state {forcing['carried_jsd_patched']:.3f} nats"
-            )
+            print(forcing_text(forcing, forced))
     return report
 
 
-def run_app(args: AppArgs) -> Any:
+def run_app(args: AppConfig) -> Any:
     from tyche.cli.codebook_app import launch
 
     if not (Path(args.cache) / "manifest.json").is_file():

@@ -26,21 +26,20 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tyche.cli.commandline import (
     CommandError,
+    Subcommand,
     best_effort,
-    check_context,
     flat_settings,
     on_interrupt,
-    parse_config,
     resume_command,
-    reworded_text_errors,
+    route,
     split_list,
 )
+from tyche.cli.inputs import Rows
 from tyche.cli.interaction.flags import (
-    CLASS_MODELS,
     PROG,
     RULE_NAMES,
     STAGE_FILES,
@@ -64,29 +63,32 @@ SECTIONS_DIR = "sections"
 __all__ = ["RULE_NAMES", "AblateConfig", "BuildConfig", "PlotConfig", "main", "run_build"]
 
 
-def _lm_rows(cfg: SourceConfig, tokenizer: Any, default_data: str | None) -> dict:
-    import torch
+class Source(NamedTuple):
+    """What a build or an ablation runs on: the model, its inputs (a classifier's rows ``(N,
+    ...)`` or a token dict ``(N, T)``), the labels (None for text), the default node layers
+    and the JSON record of the inputs (the model's hash; ``input_ids_sha256`` for text)."""
 
-    from tyche.data import chunk_and_tokenize
-    from tyche.zoo import resolve_texts
-
-    spec = cfg.data or default_data or "zoo:shakespeare"
-    with reworded_text_errors("--data", spec, "--seq_len"):
-        tokens = chunk_and_tokenize(resolve_texts(spec), tokenizer, max_seq_len=cfg.seq_len)
-    n = tokens["input_ids"].shape[0]
-    if n < 2 * cfg.n_sequences:
-        raise CommandError(
-            f"--n_sequences {cfg.n_sequences}: {spec} gives {n} sequences of {cfg.seq_len} "
-            f"tokens, and the train and test draws need {2 * cfg.n_sequences}; ask for fewer"
-        )
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    half = pick[: cfg.n_sequences] if cfg.split == "train" else pick[-cfg.n_sequences :]
-    return {k: v[half.sort().values] for k, v in tokens.items()}
+    model: torch.nn.Module
+    inputs: Any
+    labels: torch.Tensor | None
+    layers: list[str]
+    record: dict[str, Any]
 
 
-def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor | None, list[str]]:
-    """``(model, inputs, labels or None, default node layers)`` for ``cfg``."""
-    name = cfg.model
+def _lm_rows(cfg: SourceConfig, tokenizer: Any, default_data: str | None) -> Rows:
+    """The train draw, or the held-out test draw, of ``--n_sequences`` rows of the text."""
+    n = cfg.rows.n_sequences
+    rows = cfg.rows.load(tokenizer, default_data, held_out=n)  # the two draws need 2n rows
+    if cfg.split == "test":  # the held-out end of the same permutation
+        return Rows(rows.held_out, None, rows.available, rows.data)
+    return Rows(rows.tokens, None, rows.available, rows.data)
+
+
+def load_source(cfg: SourceConfig) -> Source:
+    """The model, its rows and labels, its default node layers and the record of its inputs."""
+    from tyche.io import model_hash
+
+    name = cfg.source.model
     if name == "zoo:modadd":
         from tyche.zoo.modadd import NODE_LAYERS, load_modadd
 
@@ -109,22 +111,19 @@ def load_source(cfg: SourceConfig) -> tuple[torch.nn.Module, Any, torch.Tensor |
         layers = list(NODE_LAYERS)
     else:
         from tyche.sites import n_layers
-        from tyche.zoo import resolve_model
 
-        zoo = resolve_model(name)
-        if zoo.tokenizer is None:
-            raise CommandError(
-                f"--model {name} has no tokenizer: give a language model or one of "
-                f"{', '.join(CLASS_MODELS)}"
-            )
-        check_context(zoo.model, cfg.seq_len, "--seq_len", allow_long=cfg.allow_long_context,
-                      name=name)  # fmt: skip
+        zoo = cfg.source.load(cfg.rows.seq_len)
         n = n_layers(zoo.model)
         layers = [f"resid_pre.{i}" for i in range(max(0, n - 2), n)] + ["unembed"]
-        return zoo.model, _lm_rows(cfg, zoo.tokenizer, zoo.default_data), None, layers
+        rows = _lm_rows(cfg, zoo.tokenizer, zoo.default_data)
+        record = {"model": name, "model_hash": model_hash(zoo.model), "split": cfg.split,
+                  **rows.record(cfg.rows)}  # fmt: skip
+        return Source(zoo.model, rows.tokens, None, layers, record)
     if cfg.n_rows:
         x, y = x[: cfg.n_rows], y[: cfg.n_rows]
-    return model, x, y, layers
+    record = {"model": name, "model_hash": model_hash(model), "split": cfg.split,
+              "n_rows": len(x), "inputs_sha256": model_hash({"x": x, "y": y})}  # fmt: skip
+    return Source(model, x, y, layers, record)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -141,7 +140,7 @@ def _check_build_settings(cfg: BuildConfig) -> None:
     """The builder's own check of the combination of settings (before --out is claimed): the
     library's options are made, and their checks run, from the flags."""
     try:
-        cfg.options.library(cfg.batch_size, cfg.seed)
+        cfg.options.library(cfg.batch_size, cfg.rows.seed)
     except ValueError as err:
         raise CommandError(f"{_in_flags(str(err))} (see `{PROG} build --help`)") from None
 
@@ -172,10 +171,10 @@ def _build(cfg: BuildConfig, argv: list[str] | None):
     from tyche.interaction.result import InteractionGrams, InteractionGraph
     from tyche.io import write_json
 
-    options = cfg.options.library(cfg.batch_size, cfg.seed, edges=cfg.stage != "bases")
+    options = cfg.options.library(cfg.batch_size, cfg.rows.seed, edges=cfg.stage != "bases")
     init_distributed()
     rank0_print("settings: " + json.dumps(flat_settings(cfg)))
-    model, inputs, _, default_layers = load_source(cfg)
+    model, inputs, _, default_layers, record = load_source(cfg)
     layers = split_list(cfg.node_layers) or default_layers
     out = Path(cfg.out)
     sections = out / SECTIONS_DIR
@@ -209,7 +208,8 @@ def _build(cfg: BuildConfig, argv: list[str] | None):
         if graph.has_edges:
             graph.save(out / "graph")
         shutil.rmtree(sections, ignore_errors=True)  # the stage's result holds them all now
-        summary = {"config": flat_settings(cfg), "seconds": seconds, **graph_summary(graph)}
+        summary = {"config": flat_settings(cfg), "seconds": seconds, "inputs": record,
+                   **graph_summary(graph)}
         best_effort(PROG, "write summary.json",
                     lambda: write_json(out / "summary.json", summary), out)  # fmt: skip
         if cfg.plot and graph.has_edges:
@@ -247,7 +247,7 @@ def _ablate(cfg: AblateConfig, graph: Any, out: Path) -> dict:
     from tyche.interaction.ablate import ablate_edges, ablate_nodes
 
     init_distributed()
-    model, inputs, labels, _ = load_source(cfg)
+    model, inputs, labels, _, _ = load_source(cfg)
     options = cfg.options.library(cfg.batch_size)
     if cfg.kind == "nodes":
         curves = ablate_nodes(model, graph, inputs, labels, options,
@@ -291,28 +291,13 @@ def run_plot(cfg: PlotConfig):
     return path
 
 
-SUBCOMMANDS = {"build": BuildConfig, "ablate": AblateConfig, "plot": PlotConfig}
+SUBCOMMANDS = {
+    "build": Subcommand(BuildConfig, lambda cfg, argv: run_build(cfg, ["build", *argv])),
+    "ablate": Subcommand(AblateConfig, lambda cfg, argv: run_ablate(cfg)),
+    "plot": Subcommand(PlotConfig, lambda cfg, argv: run_plot(cfg)),
+}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> Any:
     """``tyche interaction build|ablate|plot [--flags]``."""
-    argv = list(argv)
-    names = "|".join(SUBCOMMANDS)
-    if argv and argv[0] in ("-h", "--help"):
-        lines = [f"usage: {PROG} {{{','.join(SUBCOMMANDS)}}} ...", "", "commands:"]
-        for name, cls in SUBCOMMANDS.items():
-            lines.append(f"  {name:<7} {(cls.__doc__ or '').splitlines()[0]}")
-        lines += ["", f"Run `{PROG} <command> --help` for its flags."]
-        print("\n".join(lines))
-        return
-    if not argv or argv[0] not in SUBCOMMANDS:
-        got = repr(argv[0]) if argv else "none"
-        raise CommandError(f"{PROG} needs a command: {names} (got {got})")
-    prog = f"{PROG} {argv[0]}"
-    cfg = parse_config(SUBCOMMANDS[argv[0]], argv[1:], prog)
-    if isinstance(cfg, BuildConfig):
-        run_build(cfg, argv)
-    elif isinstance(cfg, AblateConfig):
-        run_ablate(cfg)
-    else:
-        run_plot(cfg)
+    return route(PROG, SUBCOMMANDS, argv)

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Literal
 from tyche.cli.commandline import (
     CommandError,
     check_number,
-    check_readable_text,
     check_writable_folder,
     split_list,
 )
+from tyche.cli.inputs import ModelSource, TextRows
 from tyche.cli.run_folder import check_new_file, check_unlocked, differences, read_record
 
 if TYPE_CHECKING:
@@ -49,31 +49,27 @@ def _dtype(name: str) -> torch.dtype:
     return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
+def _text_rows() -> TextRows:
+    return TextRows(n_sequences=16, seq_len=64)
+
+
 @dataclass
 class SourceConfig:
     """The model and the rows it is run on."""
 
-    model: str = "zoo:modadd"
-    """zoo:modadd, zoo:digits-mlp, zoo:fashion-mlp, zoo:shakespeare-lm, zoo:smollm2-135m or a
-    local save_pretrained folder of a language model"""
-    data: str = ""
-    """text for language models: zoo:shakespeare, zoo:stdlib-docs or a UTF-8 text file
-    (default: the model's own); the zoo classifiers bring their data"""
+    source: ModelSource = field(default_factory=lambda: ModelSource(model="zoo:modadd"))
+    """the model: zoo:modadd, zoo:digits-mlp, zoo:fashion-mlp (classifiers that bring their
+    rows), or a language model (--model, --allow_long_context)"""
+    rows: TextRows = field(default_factory=_text_rows)
+    """language models' token rows (--data, --n_sequences, --seq_len, --seed: also the seed of
+    the stochastic sources)"""
     split: Literal["train", "test"] = "train"
-    """classifiers: their training or test rows; language models: two disjoint draws"""
+    """classifiers: their training or test rows; language models: two disjoint draws (test:
+    the held-out end of the seeded permutation)"""
     n_rows: int = 0
     """classifiers: use at most this many rows (0: all of the split)"""
-    seq_len: int = 64
-    """language models: tokens per sequence"""
-    allow_long_context: bool = False
-    """let --seq_len past the model's context length through (rotary positions only; a
-    learned position table has no embedding past it)"""
-    n_sequences: int = 16
-    """language models: sequences drawn (seeded) from the tokenized text"""
     batch_size: int = 0
     """rows per forward pass (0: all at once)"""
-    seed: int = 0
-    """seed of the sequence draw and of the stochastic sources"""
 
 
 @dataclass(frozen=True)
@@ -195,8 +191,9 @@ class AblateConfig(SourceConfig):
       tyche interaction ablate --graph runs/modadd-lib --kind edges --schedule thresholds
     """
 
-    model: str = ""
-    """the model the graph was built on (default: the build's, from its summary.json)"""
+    source: ModelSource = field(default_factory=lambda: ModelSource(model=""))
+    """the model the graph was built on (--model; default: the build's, from its
+    summary.json)"""
     graph: str = "runs/interaction"
     """a build's --out folder, or a saved graph folder"""
     kind: Literal["nodes", "edges"] = "nodes"
@@ -240,30 +237,18 @@ class PlotConfig:
 # ----------------------------------------------------------------------------- checks
 def _check_source(cfg: SourceConfig) -> None:
     """Flags naming the model and its rows, checked without loading anything."""
-    from tyche.zoo.catalogue import check_name
-
-    for flag in ("n_rows", "batch_size", "seed"):
+    for flag in ("n_rows", "batch_size"):
         check_number(getattr(cfg, flag), f"--{flag}", minimum=0, integer=True)
-    check_number(cfg.seq_len, "--seq_len", minimum=2, integer=True)
-    check_number(cfg.n_sequences, "--n_sequences", minimum=1, integer=True)
-    if cfg.model in CLASS_MODELS:
-        if cfg.data:
-            raise CommandError(f"--data does not apply to {cfg.model}, which brings its rows")
+    cfg.rows.check()
+    if cfg.rows.n_sequences is None or cfg.rows.seq_len is None:
+        raise CommandError("--n_sequences and --seq_len need a value")
+    if cfg.source.check(classifiers=CLASS_MODELS) is not None:
+        if cfg.rows.data:
+            raise CommandError(f"--data does not apply to {cfg.source.model}, which brings its "
+                               "rows")  # fmt: skip
         return
-    if cfg.model.startswith("zoo:"):
-        check_name(cfg.model, kind="model")
-    elif not (Path(cfg.model).expanduser() / "config.json").is_file():
-        raise CommandError(
-            f"--model: {cfg.model!r} is not a save_pretrained folder (no config.json in it); "
-            f"give one, or {', '.join(CLASS_MODELS)}, zoo:shakespeare-lm"
-        )
     if cfg.n_rows:
         raise CommandError("--n_rows is for the zoo classifiers; use --n_sequences for text")
-    if cfg.data.startswith("zoo:"):
-        if check_name(cfg.data, kind="data") == "fashion-mnist":
-            raise CommandError("--data: zoo:fashion-mnist is image data, not text")
-    elif cfg.data:
-        check_readable_text(cfg.data, "--data")
 
 
 def parse_integration(text: str) -> str | dict[str, str]:
@@ -358,16 +343,18 @@ def validate_ablate(cfg: AblateConfig) -> Path:
     ``summary.json`` (flags left at their defaults only).
     """
     folder = _graph_folder(cfg.graph)
-    if not cfg.model:
+    if not cfg.source.model:
         summary = folder.parent / "summary.json"
         if not summary.is_file():
             raise CommandError(f"--model: no {summary} to take the model from; pass --model")
         built = json.loads(summary.read_text())["config"]
-        cfg.model = built["model"]
+        cfg.source.model = built["model"]
+        default = _text_rows()
         for key in ("data", "seq_len", "n_sequences", "seed"):  # the same text source
-            if getattr(cfg, key) == getattr(SourceConfig, key):
-                setattr(cfg, key, built[key])
-        cfg.allow_long_context = cfg.allow_long_context or built.get("allow_long_context", False)
+            if getattr(cfg.rows, key) == getattr(default, key):
+                setattr(cfg.rows, key, built[key] or None if key == "data" else built[key])
+        cfg.source.allow_long_context = (cfg.source.allow_long_context
+                                         or built.get("allow_long_context", False))  # fmt: skip
     _check_source(cfg)
     if cfg.kind == "nodes" and cfg.options.schedule == "thresholds":
         raise CommandError("--schedule thresholds is for --kind edges")

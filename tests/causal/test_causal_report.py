@@ -73,3 +73,16 @@ def test_plot_energies_writes_a_png_that_opens(tmp_path):
     assert path == tmp_path / "energies.png"
     height, width, _ = imread(path).shape
     assert height > 100 and width > 300  # the site panels and the summary panel side by side
+
+
+def test_energy_plot_ranks_are_whole_numbers(tmp_path, monkeypatch):
+    """A site with one direction: matplotlib's default ticks would be 0.96, 0.98, 1.00, ..."""
+    from figure_checks import assert_count_axis, capture_figures
+
+    from tyche.causal import plot
+
+    figures = capture_figures(monkeypatch, plot)
+    plot_energies(_bases(), tmp_path / "energies.png")
+    for ax in figures[0].axes[:2]:
+        assert ax.get_xlabel() == "direction"
+        assert_count_axis(ax.xaxis)

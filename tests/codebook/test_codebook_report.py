@@ -121,3 +121,19 @@ def test_train_draws_training_png_and_a_failing_plot_loses_nothing(
     assert "warning: could not draw training.png (ZeroDivisionError" in run.err
     assert "figure:" not in run.out and not (out / "training.png").exists()
     assert CodebookModel.from_pretrained(out).sites == ["mlp_out.0"]
+
+
+def test_count_axes_have_whole_number_ticks(tmp_path, monkeypatch):
+    """Code ranks, token counts and steps are counts: no 1.5 or 0.25 ticks on few points."""
+    from figure_checks import assert_count_axis, capture_figures
+
+    from tyche.codebook import plot
+
+    figures = capture_figures(monkeypatch, plot)
+    plot_code_usage(torch.tensor([3, 2, 2, 1, 0]), tmp_path / "usage.png")
+    plot_training(_history(2), tmp_path / "training.png")
+    usage, training = figures
+    assert_count_axis(usage.axes[0].xaxis)
+    assert_count_axis(usage.axes[0].yaxis)
+    for ax in training.axes:
+        assert_count_axis(ax.xaxis)

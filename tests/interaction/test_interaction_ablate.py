@@ -184,11 +184,12 @@ def test_edge_colours_follow_the_drawn_edges(trained) -> None:
     graph = build_interaction_graph(model, x, MLP_LAYERS, GraphOptions(basis="(1-alpha)^2",
                                     edges="functional", integration="trapezoidal", n_intervals=3),
                                     progress=False)  # fmt: skip
-    segments = graph_segments(graph, threshold=0.0, norm="identity")
+    every = {"weight_share": 1.0, "max_edges": None, "threshold": 0.0, "norm": "identity"}
+    segments = graph_segments(graph, **every)
     values = [s[3] for s in segments]
     assert any(v < 0 for v in values) and any(v > 0 for v in values)
     fig, ax = plt.subplots()
-    lines = draw_graph(ax, graph, threshold=0.0, norm="identity")
+    lines = draw_graph(ax, graph, **every)
     colours = lines.get_colors()
     assert len(colours) == len(segments) == len(lines.get_segments())
     for (i, j, k, v), seg, colour in zip(segments, lines.get_segments(), colours):
@@ -198,3 +199,81 @@ def test_edge_colours_follow_the_drawn_edges(trained) -> None:
         # in the LineCollection: equal to rounding; the other colour is ≥ 0.3 off in a channel
         assert tuple(colour) == pytest.approx(want, abs=1e-12)
     plt.close(fig)
+
+
+def _window_weights(graph, i: int, n: int = 30) -> torch.Tensor:
+    """|E| of layer pair i among the top n nodes, the constant direction's edges zeroed."""
+    e = graph.edges[i].double()[:n, :n].abs().clone()
+    if graph.bases[i].center:
+        e[:, 0] = 0.0
+    return e
+
+
+@pytest.mark.parametrize("max_edges", [None, 2])
+def test_graph_draws_the_fewest_strongest_edges_carrying_most_weight(trained, max_edges) -> None:
+    """Per layer pair: the strongest edges, as few as carry 90% of the weight (or max_edges)."""
+    model, x, _ = trained
+    graph = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
+    segments = graph_segments(graph, max_edges=max_edges)
+    for i in range(len(graph.edges)):
+        weight = _window_weights(graph, i)
+        drawn = sorted((float(weight[k, j]) for layer, j, k, _ in segments if layer == i),
+                       reverse=True)  # fmt: skip
+        total, rest = float(weight.sum()), weight.flatten().sort(descending=True).values
+        assert drawn == rest[: len(drawn)].tolist()  # the strongest, strongest first
+        if max_edges is not None and len(drawn) == max_edges:
+            continue  # the cap bound: fewer than 90% may be drawn
+        assert sum(drawn) >= 0.9 * total > sum(drawn[:-1]), (i, len(drawn), weight.numel())
+    if max_edges is not None:
+        assert max(sum(1 for s in segments if s[0] == i) for i in range(len(graph.edges))) == 2
+
+
+def test_graph_labels_only_the_drawn_nodes_and_they_do_not_collide(trained, monkeypatch,
+                                                                   tmp_path) -> None:  # fmt: skip
+    from figure_checks import assert_count_axis, bboxes_overlap, capture_figures
+
+    from tyche.interaction import plot
+
+    model, x, _ = trained
+    graph = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
+    figures = capture_figures(monkeypatch, plot)
+    names = {name: [f"a long feature name {j}" for j in range(9)] for name in graph.node_layers}
+    plot_graph(graph, tmp_path / "graph.png", labels=names, max_edges=3)
+    (ax,) = figures[0].axes
+    segments = graph_segments(graph, max_edges=3)
+    touched = {(i, j) for i, j, _, _ in segments} | {(i + 1, k) for i, _, k, _ in segments}
+    labels = [t for t in ax.texts if t.get_text().startswith("a long")]
+    assert len(labels) == len(touched) < sum(min(30, b.dim) for b in graph.bases)
+    assert {(round(t.get_position()[0]), t.get_position()[1]) for t in labels} == touched
+    boxes = [t.get_window_extent() for t in labels]
+    assert not any(bboxes_overlap(a, b) for n, a in enumerate(boxes) for b in boxes[n + 1 :])
+    assert f"{len(segments)} strongest of" in ax.get_title()
+    assert_count_axis(ax.yaxis)
+
+
+def test_graph_selection_refuses_bad_settings(trained) -> None:
+    model, x, _ = trained
+    graph = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
+    for bad, pattern in (({"weight_share": 0.0}, "weight_share"), ({"max_edges": 0}, "max_edges"),
+                         ({"threshold": 2.0}, "threshold"), ({"norm": "log"}, "unknown norm")):
+        with pytest.raises(ValueError, match=pattern):
+            graph_segments(graph, **bad)
+
+
+
+def test_ablation_curve_counts_start_at_zero_with_whole_ticks(trained, monkeypatch,
+                                                             tmp_path) -> None:  # fmt: skip
+    """The symlog axis of counts kept starts at 0: no negative or fractional ticks."""
+    from figure_checks import assert_count_axis, capture_figures
+
+    from tyche.interaction import plot
+
+    model, x, y = trained
+    graph = build_interaction_graph(model, x, MLP_LAYERS, progress=False)
+    curves = ablate_nodes(model, graph, x, y, AblationOptions(cutoff=2, base=2.0), progress=False)
+    figures = capture_figures(monkeypatch, plot)
+    plot_ablation_curves({"LIB": curves}, tmp_path / "curves.png")
+    for ax in figures[0].axes:
+        if ax.axison:
+            assert ax.get_xlim()[0] == 0
+            assert_count_axis(ax.xaxis)

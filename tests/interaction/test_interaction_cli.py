@@ -236,6 +236,9 @@ FLAG_ERRORS = [
     (["ablate", "--model", "zoo:nope"], r"unknown zoo model 'nope'"),
     (["plot", "--nodes_per_layer", "0"], r"--nodes_per_layer must be at least 1"),
     (["plot", "--threshold", "1.5"], r"--threshold is a fraction .* at most 1"),
+    (["plot", "--weight_share", "0"], r"--weight_share is a share .* above 0, at most 1"),
+    (["plot", "--weight_share", "1.2"], r"--weight_share is a share .* above 0, at most 1"),
+    (["plot", "--max_edges", "-1"], r"--max_edges must be at least 0"),
     (["plot", "--out", "graph.pdf"], r"give a .png file"),
     (["plot", "--norm", "log"], r"--norm: invalid choice: 'log'"),
 ]
@@ -265,6 +268,27 @@ def test_flag_errors_are_one_line_before_loading(args, pattern, saved_graph, cap
     monkeypatch.setattr("tyche.cli.interaction.load_source", no_loading)
     run = cli(capsys, "interaction", *args)
     _assert_one_line_error(run, pattern)
+
+
+def test_plot_draws_the_edges_its_flags_choose(saved_graph, tmp_path, capsys,
+                                               monkeypatch) -> None:  # fmt: skip
+    from figure_checks import capture_figures
+
+    from tyche.interaction import plot
+
+    figures = capture_figures(monkeypatch, plot)
+    png = tmp_path / "few.png"
+    run = cli(capsys, "interaction", "plot", "--graph", saved_graph, "--out", str(png),
+              "--max_edges", "3", "--weight_share", "1")  # fmt: skip
+    assert run.code == 0 and png.is_file(), run.err
+    (ax,) = figures[0].axes
+    (lines,) = ax.collections[:1]
+    n_pairs = len(InteractionGraph.load(f"{saved_graph}/graph").edges)
+    assert len(lines.get_segments()) == 3 * n_pairs
+    assert f"{3 * n_pairs} strongest of" in ax.get_title()
+    run = cli(capsys, "interaction", "plot", "--graph", saved_graph, "--out",
+              str(tmp_path / "all.png"), "--max_edges", "0", "--weight_share", "1")  # fmt: skip
+    assert run.code == 0 and len(figures[1].axes[0].collections[0].get_segments()) > 3 * n_pairs
 
 
 def test_resume_and_leftover_builds(tmp_path, capsys, saved_graph) -> None:

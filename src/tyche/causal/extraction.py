@@ -109,7 +109,8 @@ def extract_causal_basis(
             extraction); the random starts of direction ``j`` (``n_init=0``, or too few
             candidates) come from :func:`direction_generator` (its seed and ``j`` only).
             Default: seeded with 0, so every rank under torchrun starts identically.
-        site, model_hash: recorded in the result.
+        site: recorded in the result.
+        model_hash: recorded in the result.
         progress: True for a progress bar, or an existing tqdm bar to advance by one per
             direction.
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tyche.causal.result import CausalBasis
-from tyche.plotting import pyplot, save_figure
+from tyche.plotting import integer_ticks, pyplot, save_figure
 
 __all__ = ["plot_energies"]
 
@@ -33,6 +33,7 @@ def plot_energies(bases: Mapping[str, CausalBasis], path: str | Path) -> Path:
             ax.semilogy(range(1, len(pca) + 1), pca, "s--", ms=3, label="PCA")
         ax.set_title(site, fontsize=9)
         ax.set_xlabel("direction")
+        integer_ticks(ax.xaxis)
         ax.set_ylabel(f"energy ({b.units})")
     flat[0].legend(fontsize=8)
     summary = flat[len(bases)]

@@ -80,7 +80,8 @@ def train_tuned_lens(
         sites: site patterns the lens reads.
         steps: optimiser steps; each uses ``batch_size`` rows (per rank), cycling through
             the data in a fixed shuffled order drawn from ``seed``.
-        lr, weight_decay: AdamW settings; the learning rate decays linearly to 0.
+        lr: AdamW's learning rate; it decays linearly to 0.
+        weight_decay: AdamW's weight decay.
 
     Returns:
         The trained lens, with ``lens.stats`` holding the per-site KL (nats) of the logit

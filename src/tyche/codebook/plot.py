@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tyche.errors import InputError
-from tyche.plotting import pyplot, save_figure
+from tyche.plotting import integer_ticks, log_count_ticks, pyplot, save_figure
 
 __all__ = ["TRAINING_PANELS", "plot_code_usage", "plot_training"]
 
@@ -50,6 +50,7 @@ def plot_training(history: Sequence[Mapping[str, float]], path: str | Path) -> P
     for ax, (key, label) in zip(axes.ravel(), TRAINING_PANELS):
         ax.plot(steps, [row[key] for row in history], "o-", ms=3)
         ax.set_xlabel("step")
+        integer_ticks(ax.xaxis)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("Codebook training (one point per logged window)")
@@ -62,7 +63,8 @@ def plot_code_usage(counts: torch.Tensor, path: str | Path, title: str = "code u
 
     ``counts`` is ``(n_groups, num_codes)`` or ``(num_codes,)``: how many tokens chose each
     code (e.g. :meth:`CodeCache.counts <tyche.codebook.cache.CodeCache.counts>`). Codes that
-    never fired are counted in the legend. Saved as PNG at ``path``.
+    never fired are counted in the legend and drawn on the floor of the axes (0.5). Ticks are
+    whole numbers (code ranks and counts). Saved as PNG at ``path``.
     """
     counts = torch.as_tensor(counts)
     if counts.dim() == 1:
@@ -80,6 +82,9 @@ def plot_code_usage(counts: torch.Tensor, path: str | Path, title: str = "code u
         ax.semilogy(ranks, row.sort(descending=True).values.clamp_min(0.5), lw=1,
                     label=f"{label}{dead} of {len(row)} codes never fire")  # fmt: skip
     ax.set_xlabel("code rank")
+    integer_ticks(ax.xaxis)
+    ax.set_ylim(bottom=0.5)
+    log_count_ticks(ax.yaxis, float(counts.max()))
     ax.set_ylabel("tokens choosing the code")
     ax.set_title(title)
     ax.legend(fontsize=8)

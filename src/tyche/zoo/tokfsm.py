@@ -5,14 +5,12 @@ two digit tokens per state, seed 0); a GPT-2 of the paper's layout (4 layers, wi
 4 heads, MLP 512, vocabulary 11; the original's TokFSM script builds GPT-NeoX and has a GPT-2
 option) with k = 1 codebooks of 256 codes on every attention head and every MLP output, the
 codes at 3 × the model's learning rate, trained from scratch on fresh random walks (16 × 64
-tokens a step, AdamW, peak learning rate 1.5e-3, cosine; per token of compute this learns
-several times faster than 32 × 64 at 1e-2); and the same model without codebooks trained on
-the same batches for the same number of steps. GPT-2 because of its learned absolute
-positions: they sit in the residual stream, which no codebook quantises, so the model knows
-which digit of a state each token is. With GPT-NeoX's rotary positions that reaches the
-residual stream only through the heads' outputs, which the codebooks quantise, and with the
-same recipe otherwise the codebook model kept 0.65 of the baseline's transition accuracy
-(0.83 with GPT-2, both with the codes at the model's learning rate).
+tokens a step, AdamW, peak learning rate 1.5e-3, cosine); and the same model without
+codebooks trained on the same batches for the same number of steps. GPT-2 because of its
+learned absolute positions: they sit in the residual stream, which no codebook quantises, so
+the model knows which digit of a state each token is; GPT-NeoX's rotary positions reach the
+residual stream only through the heads' outputs, which the codebooks quantise. Measured
+recipes, training times and the spread across CPUs: BENCHMARKS.md, TokFSM.
 
 Until ``snap_after`` the codebook model's codebooks pass their inputs through (a warm
 start: from random weights every k = 1 codebook collapses to a few codes and the model stays

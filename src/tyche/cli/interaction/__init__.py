@@ -285,6 +285,7 @@ def run_plot(cfg: PlotConfig):
     graph = InteractionGraph.load(folder)
     out = Path(cfg.out) if cfg.out else folder.parent / "graph.png"
     path = plot_graph(graph, out, nodes_per_layer=cfg.nodes_per_layer,
+                      weight_share=cfg.weight_share, max_edges=cfg.max_edges or None,
                       threshold=cfg.threshold, norm=cfg.norm, hide_constant=cfg.hide_constant,
                       labels=cfg.labels)  # fmt: skip
     print(f"figure: {path}")

@@ -222,8 +222,14 @@ class PlotConfig:
     """PNG file (default: graph.png next to the graph folder)"""
     nodes_per_layer: int = 30
     """features drawn per node layer (the most important)"""
-    threshold: float = 0.02
-    """leave out edges below this fraction of the largest of their layer pair"""
+    weight_share: float = 0.9
+    """per layer pair, draw the fewest strongest edges that carry this share of its edge
+    weight (among the drawn features)"""
+    max_edges: int = 40
+    """at most this many edges per layer pair (0: no cap)"""
+    threshold: float = 0.0
+    """drop, from the edges --weight_share and --max_edges choose, those below this fraction
+    of the largest of their layer pair (after --norm; 0: drop none)"""
     norm: Literal["sqrt", "identity"] = "sqrt"
     """edge width from sqrt(E) (undoes the squaring of squared edges) or E"""
     labels: bool = False
@@ -376,6 +382,10 @@ def validate_plot(cfg: PlotConfig) -> Path:
     check_number(cfg.threshold, "--threshold", minimum=0)
     if cfg.threshold > 1:
         raise CommandError("--threshold is a fraction of the largest edge: at most 1")
+    check_number(cfg.weight_share, "--weight_share", minimum=0)
+    if not 0 < cfg.weight_share <= 1:
+        raise CommandError("--weight_share is a share of the edge weight: above 0, at most 1")
+    check_number(cfg.max_edges, "--max_edges", minimum=0, integer=True)
     out = Path(cfg.out) if cfg.out else folder.parent / "graph.png"
     if out.suffix.lower() != ".png":
         raise CommandError(f"--out {str(out)!r}: give a .png file")

@@ -30,8 +30,8 @@ EOS, PAD = "<|endoftext|>", "<|padding|>"
 
 @dataclass(frozen=True)
 class ShakespeareLMConfig:
-    """Settings of the Shakespeare LM (defaults: the zoo model; 18.6 min on 2 cores at load 1-5,
-    see BENCHMARKS.md, Zoo)."""
+    """Settings of the Shakespeare LM (defaults: the zoo model; its training times:
+    BENCHMARKS.md, Zoo)."""
 
     seed: int = 0
     vocab_size: int = 2048
@@ -234,7 +234,7 @@ class ShakespeareLMEntry(ZooEntry):
 
     name = "shakespeare-lm"
     kind = "model"
-    description = "GPT-NeoX (3x128, 4 heads, BPE 2k) trained here on 36 plays, 19 min at load 1-5"
+    description = "GPT-NeoX (3x128, 4 heads, BPE 2k) trained here on 36 plays, 7-19 min on 2 cores"
     default_data = "zoo:shakespeare"
 
     def check_available(self) -> None:

@@ -249,6 +249,10 @@ def test_graph_labels_only_the_drawn_nodes_and_they_do_not_collide(trained, monk
     assert not any(bboxes_overlap(a, b) for n, a in enumerate(boxes) for b in boxes[n + 1 :])
     assert f"{len(segments)} strongest of" in ax.get_title()
     assert_count_axis(ax.yaxis)
+    # the feature axis spans the rows drawn, its ticks on rows only (not -2 or past the top)
+    rows = max(min(30, b.dim) for b in graph.bases)
+    assert ax.get_ylim()[1] == rows - 0.5
+    assert all(0 <= t <= rows - 1 for t in ax.get_yticks())
 
 
 def test_graph_selection_refuses_bad_settings(trained) -> None:

@@ -153,9 +153,11 @@ def draw_graph(ax: Any, graph: InteractionGraph, *, nodes_per_layer: int = 30,
     for col, (name, basis) in enumerate(zip(graph.node_layers, graph.bases)):
         _draw_nodes(ax, col, name, basis, min(nodes_per_layer, basis.dim), touched, labels)
     ax.set_xlim(-0.5, len(graph.node_layers) - (0.2 if labels else 0.5))  # room for labels
-    ax.set_ylim(-2.5, nodes_per_layer + 0.5)
+    shown = max(min(nodes_per_layer, basis.dim) for basis in graph.bases)
+    ax.set_ylim(-2.5, shown - 0.5)  # the layer names sit below row 0
     ax.set_xticks([])
     integer_ticks(ax.yaxis)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= shown - 1])  # the rows only
     ax.set_ylabel("feature (by importance)")
     return collection
 

@@ -210,16 +210,12 @@ CLI_WORDS = {
 def _refuse_changes(differ: Mapping[str, tuple[Any, Any]], folder: Path) -> None:
     """Refuse a resumed run whose settings differ from the saved ones, naming each flag."""
     if differ:
-        raise CommandError(_changes_message(differ, folder))
+        raise resume_refusal(folder, differ, CLI_WORDS)
 
 
 def _refuse_message(err: Any) -> str:
     """A :class:`tyche.resume.SettingsMismatch` of the extraction in the flags' words."""
-    return _changes_message(err.differences, err.folder)
-
-
-def _changes_message(differ: Mapping[str, tuple[Any, Any]], folder: Path) -> str:
-    return str(resume_refusal(folder, differ, CLI_WORDS))
+    return str(resume_refusal(err.folder, err.differences, CLI_WORDS))
 
 
 def validate_train_lens(cfg: TrainLensConfig) -> None:

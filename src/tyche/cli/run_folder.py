@@ -337,12 +337,6 @@ def resume_refusal(folder: str | os.PathLike[str], changed: Mapping[str, tuple[A
     )
 
 
-def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple]:
-    """``{key: (saved, now)}`` for every setting that differs (keys of either side)."""
-    return {key: (saved.get(key), now.get(key)) for key in dict.fromkeys([*now, *saved])
-            if saved.get(key) != now.get(key)}  # fmt: skip
-
-
 def _as_json(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The settings as they read back from JSON (tuples -> lists); NaN refused."""
     return json.loads(json.dumps(dict(settings), allow_nan=False))

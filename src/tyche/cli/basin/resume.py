@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tyche.cli.run_folder import changed_settings, resume_refusal
+from tyche.cli.run_folder import resume_refusal
+from tyche.resume import compare_settings
 
 #: settings recorded with every sample -> the words a user of this command knows them by
 CLI_WORDS = {
@@ -59,7 +60,7 @@ def flag_identity(cmd: Any, plan: Any) -> dict[str, Any]:
 
 def refuse_mixing(saved: dict[str, Any], now: dict[str, Any], folder: Path) -> None:
     """Refuse a --resume whose flags differ from the interrupted run's, naming them."""
-    changed = changed_settings(saved, now)
+    changed = compare_settings(saved, now)
     if changed:
         raise resume_refusal(folder, changed)
 

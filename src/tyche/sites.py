@@ -49,6 +49,7 @@ from typing import Any, Literal
 from torch import nn
 
 from tyche.errors import InputError
+from tyche.hook_names import envoy_path, translations
 
 __all__ = [
     "Site",
@@ -83,6 +84,8 @@ class Site:
 
     ``n_heads`` set means the tensor's last dimension is read as ``(n_heads, d_head)``: reads
     give ``(..., n_heads, d_head)`` and replacement functions receive and return that view.
+    ``heads_native`` says the module already outputs that view (TransformerLens' ``hook_z``),
+    so nothing is split or merged.
     """
 
     name: str
@@ -90,6 +93,7 @@ class Site:
     module: nn.Module = field(repr=False)
     where: Where = "output"
     n_heads: int | None = None
+    heads_native: bool = False
 
     def __post_init__(self) -> None:
         if self.where not in ("input", "output"):
@@ -260,6 +264,8 @@ def alias_sites(model: nn.Module) -> dict[str, Site]:
     found = _find_blocks(model)
     if found is None:
         return sites
+    if _submodule(model, _join(found[0], "0.hook_resid_pre")) is not None:
+        return _hook_point_sites(model, found[0], len(found[1]))
     add("embed", _embedding_or_none(model), "output")
     for i, block in enumerate(found[1]):
         attention = _child(block, _ATTN_NAMES)
@@ -273,6 +279,54 @@ def alias_sites(model: nn.Module) -> dict[str, Site]:
         add(f"mlp_out.{i}", mlp[1] if mlp else None, "output")
         add(f"resid_post.{i}", block, "output")
     add("unembed", _unembedding_or_none(model), "input")
+    return sites
+
+
+#: the order in which a TransformerLens model computes its children's outputs
+_HOOK_POINT_ORDER = tuple(
+    """embed hook_embed pos_embed hook_pos_embed blocks ln_final unembed
+    hook_resid_pre hook_attn_in hook_q_input hook_k_input hook_v_input ln1
+    hook_q hook_k hook_v hook_rot_q hook_rot_k hook_attn_scores hook_pattern hook_z hook_result
+    attn hook_attn_out hook_resid_mid hook_mlp_in ln2 hook_pre hook_pre_linear hook_post mlp
+    hook_mlp_out hook_resid_post hook_in hook_scale hook_normalized hook_out""".split()
+)
+
+
+def _forward_rank(children: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, int]]:
+    """Each child's place in forward order: by :data:`_HOOK_POINT_ORDER`, then as registered."""
+    last = len(_HOOK_POINT_ORDER)
+    return {
+        name: (_HOOK_POINT_ORDER.index(name) if name in _HOOK_POINT_ORDER else last, i)
+        for i, (name, _) in enumerate(children)
+    }
+
+
+def _hook_point_sites(model: nn.Module, blocks_path: str, n: int) -> dict[str, Site]:
+    """The aliases of a TransformerLens model: its hook points (``tyche.hook_names``)."""
+    cfg = getattr(model, "cfg", None)
+    heads = getattr(cfg, "n_heads", None)
+    points = [("embed", "hook_embed")]
+    for i in range(n):
+        block = _join(blocks_path, str(i))
+        points += [
+            (f"resid_pre.{i}", f"{block}.hook_resid_pre"),
+            (f"attn_heads.{i}", f"{block}.attn.hook_z"),
+            (f"attn_out.{i}", f"{block}.hook_attn_out"),
+            (f"mlp_out.{i}", f"{block}.hook_mlp_out"),
+            (f"resid_post.{i}", f"{block}.hook_resid_post"),
+        ]
+    points.append(("unembed", "ln_final.hook_normalized"))
+    sites: dict[str, Site] = {}
+    for alias, path in points:
+        module = _submodule(model, path)
+        if module is None and alias == "unembed":  # no final norm: the unembedding's input
+            path, module = "unembed.hook_in", _submodule(model, "unembed.hook_in")
+        if module is None:
+            continue
+        per_head = alias.startswith("attn_heads") and isinstance(heads, int)
+        sites[alias] = Site(
+            alias, path, module, "output", heads if per_head else None, heads_native=per_head
+        )
     return sites
 
 
@@ -309,6 +363,9 @@ class _Catalog:
         self.ids = {id(m) for m in model.modules()}
         found = _find_blocks(model)
         self.n_layers = len(found[1]) if found else 0
+        self.hook_points = (
+            found is not None and _submodule(model, _join(found[0], "0.hook_resid_pre")) is not None
+        )
         # a depth-first walk: a module's input comes before its submodules, its output after
         self.events: dict[tuple[str, str], int] = {}
         self._walk("", model, set())
@@ -318,7 +375,11 @@ class _Catalog:
             return
         seen.add(id(module))
         self.events[(name, "input")] = len(self.events)
-        for child_name, child in module.named_children():
+        children = list(module.named_children())
+        if self.hook_points:  # TransformerLens registers hook points after the layers they follow
+            rank = _forward_rank(children)
+            children.sort(key=lambda item: rank[item[0]])
+        for child_name, child in children:
             self._walk(_join(name, child_name), child, seen)
         self.events[(name, "output")] = len(self.events)
 
@@ -326,6 +387,15 @@ class _Catalog:
         return self.events.get((site.module_name, site.where), len(self.events)), site.name
 
     def match(self, pattern: str) -> list[Site]:
+        """Sites named by ``pattern``; failing that, by its TransformerLens/nnsight spelling."""
+        hits = self._match(pattern)
+        for other in translations(pattern) if not hits else ():
+            hits = self._match(other)
+            if hits:
+                break
+        return hits
+
+    def _match(self, pattern: str) -> list[Site]:
         base, _, suffix = pattern.rpartition(":")
         if not base or suffix not in ("input", "output"):
             base, suffix = pattern, ""
@@ -357,10 +427,13 @@ class _Catalog:
 
 
 def _as_list(patterns: Any) -> list[str | Site]:
+    path = envoy_path(patterns)
+    if path is not None:  # an nnsight Envoy: its module name
+        return [path]
     if isinstance(patterns, str | Site):
         return [patterns]
     if isinstance(patterns, Sequence | set | frozenset):
-        items = list(patterns)
+        items = [p if envoy_path(p) is None else envoy_path(p) for p in patterns]
         if not all(isinstance(p, str | Site) for p in items):
             raise TypeError(f"site patterns must be str or Site, got {[type(p) for p in items]}")
         return items

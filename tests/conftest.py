@@ -303,3 +303,12 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text("\n\n".join(tiny_text_list() * 6))
     return path
+
+
+@pytest.fixture(scope="module")
+def hooked() -> torch.nn.Module:
+    """A tiny random TransformerLens HookedTransformer (2 layers, width 64, 4 heads, vocab
+    512; skips without the [interop] extra): see tests/interop/interop_support.py."""
+    from interop_support import build_hooked
+
+    return build_hooked()

@@ -26,7 +26,7 @@ from torch import nn
 
 from tyche.errors import InputError
 
-__all__ = ["HookedLM", "LMOutput", "as_module", "framework_of"]
+__all__ = ["HookedLM", "LMOutput", "as_module", "framework_of", "hooked_from_hf", "require_interop"]
 
 
 def _origin(obj: Any) -> str:
@@ -180,3 +180,60 @@ def _filtered(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> t
         drop = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) > top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
+
+
+def require_interop(module: str, what: str) -> Any:
+    """Import ``module`` (a library of the ``[interop]`` extra) or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise InputError(
+            f"{what} needs {module}; install the interop extra: pip install 'tyche[interop]'"
+        ) from err
+
+
+def hooked_from_hf(folder: str, hf_model: nn.Module, tokenizer: Any = None) -> nn.Module:
+    """A TransformerLens ``HookedTransformer`` holding ``hf_model``'s weights, unprocessed.
+
+    ``folder`` is the model's ``save_pretrained`` folder (TransformerLens reads its
+    ``config.json`` to build the ``HookedTransformerConfig``); the weights are converted by
+    TransformerLens's own converter for the architecture and loaded with no folding or
+    centring (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+    ``fold_value_biases`` all off), so every hook point holds the HF model's own tensor and
+    the logits equal the HF model's to float rounding (BENCHMARKS.md). dtype and device follow
+    ``hf_model``'s parameters. Raises ``InputError`` when TransformerLens is missing or does
+    not know the architecture.
+    """
+    tl = require_interop("transformer_lens", "a TransformerLens model (--model tl:...)")
+    import transformer_lens.loading_from_pretrained as loading
+
+    param = next(hf_model.parameters())
+    try:
+        fields = loading.convert_hf_model_config(str(folder))
+    except (ValueError, NotImplementedError, KeyError) as err:
+        raise InputError(f"TransformerLens cannot convert the model in {folder}: {err}") from err
+    known = tl.HookedTransformerConfig.__dataclass_fields__
+    cfg = tl.HookedTransformerConfig(
+        **{k: v for k, v in fields.items() if k in known},
+        device=str(param.device),
+        dtype=param.dtype,
+    )
+    state = loading.get_pretrained_state_dict(
+        str(folder), cfg, hf_model=hf_model, dtype=param.dtype
+    )
+    import warnings
+
+    with warnings.catch_warnings():  # HookedTransformer's deprecation notice
+        warnings.simplefilter("ignore")
+        hooked = tl.HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    hooked.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return hooked.to(param.device, print_details=False).eval()

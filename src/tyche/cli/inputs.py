@@ -48,7 +48,9 @@ class ModelSource:
     """The model a command reads."""
 
     model: str = "zoo:shakespeare-lm"
-    """'zoo:NAME' (see `tyche zoo list`) or a local save_pretrained folder"""
+    """'zoo:NAME' (see `tyche zoo list`) or a local save_pretrained folder; prefix 'tl:'
+    (tl:zoo:NAME, tl:FOLDER) to measure it as a TransformerLens HookedTransformer, whose
+    hook names (blocks.0.hook_resid_pre, ...) are then site names"""
     allow_long_context: bool = False
     """let --seq_len past the model's context length through (rotary positions only; a
     learned position table has no embedding past it)"""
@@ -59,6 +61,17 @@ class ModelSource:
         from tyche.zoo.catalogue import check_name
 
         spec = self.model
+        if spec.startswith("tl:"):
+            from tyche.frameworks import require_interop
+
+            require_interop("transformer_lens", f"--model {spec}")
+            spec = spec[len("tl:") :]
+            if not spec or spec.startswith("tl:"):
+                raise CommandError(f"--model {self.model}: give tl:zoo:NAME or tl:FOLDER")
+            if spec in CLASSIFIERS:
+                raise CommandError(f"--model {self.model}: TransformerLens models are language "
+                                   "models; give tl:zoo:shakespeare-lm or tl:FOLDER")  # fmt: skip
+            return replace(self, model=spec).check(())
         if spec.startswith("zoo:"):
             name = f"zoo:{check_name(spec, kind='model')}"
             if name in CLASSIFIERS:
@@ -84,13 +97,28 @@ class ModelSource:
         from tyche.distributed import default_device
         from tyche.zoo import resolve_model
 
-        zoo_model = resolve_model(self.model)
+        hooked = self.model.startswith("tl:")
+        spec = self.model[len("tl:") :] if hooked else self.model
+        zoo_model = resolve_model(spec)
         if zoo_model.tokenizer is None:
             raise CommandError(f"--model {self.model} has no tokenizer; give a language model")
+        if hooked:
+            zoo_model = self._as_hooked(zoo_model, spec)
         if seq_len is not None:
             self.check_context(zoo_model.model, seq_len)
         zoo_model.model.to(default_device())
         return zoo_model
+
+    @staticmethod
+    def _as_hooked(zoo_model: ZooModel, spec: str) -> ZooModel:
+        """``zoo_model`` with its HF model converted to a TransformerLens HookedTransformer
+        (unprocessed weights, :func:`tyche.frameworks.hooked_from_hf`), seen as a HookedLM."""
+        from tyche.frameworks import HookedLM, hooked_from_hf
+        from tyche.zoo.catalogue import get_entry
+
+        folder = get_entry(spec, kind="model").path if spec.startswith("zoo:") else spec
+        hooked = hooked_from_hf(str(folder), zoo_model.model, zoo_model.tokenizer)
+        return replace(zoo_model, model=HookedLM(hooked), name=f"tl:{zoo_model.name}")
 
     def check_context(self, model: Any, seq_len: int) -> None:
         """Refuse ``--seq_len`` past ``model``'s context (see :func:`check_context`)."""

@@ -5,6 +5,9 @@ HuggingFace model or any ``nn.Module``:
 
 * an **nnsight** ``NNsight`` / ``LanguageModel`` (or any nnsight ``Envoy`` root): measured as
   the module it wraps (``model._module``), so the numbers are the HF model's own;
+* a **TransformerLens** ``TransformerBridge`` (TransformerLens 3's wrapper that runs the HF
+  model's own modules): measured as that HF model (``bridge.original_model``), whose tensors
+  are the bridge's hook values; TransformerLens hook names translate to its aliases;
 * a **TransformerLens** ``HookedTransformer``: measured through :class:`HookedLM`, a view that
   shares its submodules (the same parameters, hook points and module names, so
   ``blocks.3.hook_resid_pre`` names a site) and answers the HuggingFace calls the methods make:
@@ -58,6 +61,14 @@ def as_module(model: Any) -> nn.Module:
         if not isinstance(inner, nn.Module):
             raise InputError(f"this nnsight {type(model).__name__} wraps no torch module")
         return inner
+    if kind == "transformer_lens" and isinstance(getattr(model, "original_model", None), nn.Module):
+        if getattr(model, "_weights_processed", False):
+            raise InputError(
+                "this TransformerBridge's weights were processed (enable_compatibility_mode "
+                "folds layer norms), so its HF modules no longer hold the model's own weights; "
+                "measure it before enable_compatibility_mode(), or boot it without processing"
+            )
+        return model.original_model
     if kind == "transformer_lens" and not isinstance(model, HookedLM):
         return HookedLM(model)
     if not isinstance(model, nn.Module):

@@ -189,3 +189,23 @@ def test_import_tyche_imports_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_transformer_bridge_is_measured_as_its_hf_model(lm_folder) -> None:
+    bridge_module = require("transformer_lens.model_bridge")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(lm_folder).eval()
+    bridge = bridge_module.TransformerBridge.boot_transformers(
+        str(lm_folder), hf_model=hf, device="cpu"
+    )
+    assert framework_of(bridge) == "transformer_lens" and as_module(bridge) is hf
+    _, cache = bridge.run_with_cache(TOKENS)
+    with (
+        torch.no_grad(),
+        read_activations(hf, ["blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]) as acts,
+    ):
+        hf(input_ids=TOKENS)
+    # the bridge runs the HF modules themselves; its hook values are the same tensors
+    assert torch.equal(acts["resid_pre.1"], cache["blocks.1.hook_resid_pre"])  # same path
+    assert torch.equal(acts["mlp_out.0"], cache["blocks.0.hook_mlp_out"])  # same path

@@ -123,6 +123,15 @@ class HookedLM(nn.Module):
         first = next(self.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
 
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedLM:
+        """``.to()``, ``.double()``, ...: as for any module, then ``cfg.dtype``/``cfg.device``
+        follow the parameters (TransformerLens's norms cast their output to ``cfg.dtype``)."""
+        super()._apply(fn, recurse)
+        first = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if first is not None:
+            self.cfg.dtype, self.cfg.device = first.dtype, str(first.device)
+        return self
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -20,15 +20,17 @@ see :mod:`tyche.sites`. Researchers arrive with two more vocabularies, and both 
   ``blocks.i.hook_attn_out``    ``attn_out.i``    the attention submodule's output
   ``blocks.i.hook_mlp_out``     ``mlp_out.i``     the MLP submodule's output
   ``blocks.i.hook_resid_post``  ``resid_post.i``  block ``i``'s output
-  ``ln_final.hook_normalized``  ``unembed``       the unembedding's input (``lm_head``)
+  ``unembed.hook_in``           ``unembed``       the unembedding's input (``lm_head``)
   ============================  ================  =========================================
 
   :data:`TRANSFORMER_LENS` is this table as data, :func:`hook_name` and
   :func:`alias_of_hook` translate one way and the other. Globs translate too:
   ``blocks.*.hook_resid_pre`` is ``resid_pre.*``.
 
-  Two cautions, both about TransformerLens, not about the translation. On GPT-NeoX (parallel
-  attention and MLP) ``resid_mid`` does not exist in the HF model, so it has no alias. And a
+  Three cautions, all about TransformerLens, not about the translation. Its
+  ``ln_final.hook_normalized`` is the residual stream normalised *before* the final norm's
+  gain and bias, a tensor the HF model never holds, so it has no alias. On GPT-NeoX (parallel
+  attention and MLP) ``resid_mid`` does not exist in the HF model either. And a
   HookedTransformer loaded with ``fold_ln``/``center_writing_weights`` (the default of
   ``from_pretrained``) computes the same outputs with other weights: its ``hook_resid_pre``
   is the HF residual stream minus its mean over the width, not the HF tensor itself.
@@ -53,7 +55,7 @@ TRANSFORMER_LENS: dict[str, str] = {
     "blocks.{i}.hook_attn_out": "attn_out.{i}",
     "blocks.{i}.hook_mlp_out": "mlp_out.{i}",
     "blocks.{i}.hook_resid_post": "resid_post.{i}",
-    "ln_final.hook_normalized": "unembed",
+    "unembed.hook_in": "unembed",
 }
 
 # a layer index as written in a pattern: digits, a glob, or a character class

@@ -25,7 +25,9 @@ named in two ways.
   ==================  ===========================================================  =============
 
 * **Module names** from ``model.named_modules()``: ``transformer.h.0.mlp`` is that module's
-  output, ``transformer.h.0.mlp:input`` its first input.
+  output, ``transformer.h.0.mlp:input`` its first input. On a TransformerLens model a hook
+  point whose output is per head (``blocks.i.attn.hook_z``) is per head by its own name too,
+  and an alias wins over a module of the same name (``unembed``, ``embed``).
 
 Patterns are globs over both kinds of name: ``*`` and ``?`` stay inside one dotted segment,
 ``**`` crosses dots, ``[0-3]`` is a character class. So ``resid_pre.*`` is every block's
@@ -315,12 +317,15 @@ def _hook_point_sites(model: nn.Module, blocks_path: str, n: int) -> dict[str, S
             (f"mlp_out.{i}", f"{block}.hook_mlp_out"),
             (f"resid_post.{i}", f"{block}.hook_resid_post"),
         ]
-    points.append(("unembed", "ln_final.hook_normalized"))
+    points.append(("unembed", "unembed.hook_in"))
     sites: dict[str, Site] = {}
     for alias, path in points:
         module = _submodule(model, path)
-        if module is None and alias == "unembed":  # no final norm: the unembedding's input
-            path, module = "unembed.hook_in", _submodule(model, "unembed.hook_in")
+        if module is None and alias == "unembed":  # an Unembed without hook points
+            unembed = _submodule(model, "unembed")
+            if unembed is not None:
+                sites[alias] = Site(alias, "unembed", unembed, "input")
+            continue
         if module is None:
             continue
         per_head = alias.startswith("attn_heads") and isinstance(heads, int)
@@ -402,11 +407,15 @@ class _Catalog:
         regex = _glob_regex(base)
         hits = [] if suffix else [s for n, s in self.aliases.items() if regex.match(n)]
         where: Where = "input" if suffix == "input" else "output"
+        # a hook point that outputs per-head tensors (TransformerLens' hook_z) is per head by
+        # its own name too, as by its alias
+        heads = {id(s.module): s.n_heads for s in self.aliases.values() if s.heads_native}
+        taken = {s.name for s in hits}  # an alias wins over a module of its name (TL's unembed)
         for name, module in self.modules:
-            if regex.match(name):
-                hits.append(
-                    Site(name + (":input" if where == "input" else ""), name, module, where)
-                )
+            if regex.match(name) and name not in taken:
+                n_heads = heads.get(id(module)) if where == "output" else None
+                label = name + (":input" if where == "input" else "")
+                hits.append(Site(label, name, module, where, n_heads, n_heads is not None))
         return hits
 
     def no_match_error(self, pattern: str) -> InputError:

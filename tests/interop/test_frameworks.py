@@ -25,7 +25,8 @@ def test_hook_names_translate_both_ways_with_globs() -> None:
     assert alias_of_hook("blocks.3.hook_mlp_out") == "mlp_out.3"
     assert alias_of_hook("blocks.*.attn.hook_z") == "attn_heads.*"
     assert alias_of_hook("blocks.[0-1].hook_resid_pre") == "resid_pre.[0-1]"
-    assert alias_of_hook("ln_final.hook_normalized") == "unembed"
+    assert alias_of_hook("unembed.hook_in") == "unembed"
+    assert alias_of_hook("ln_final.hook_normalized") is None  # before the norm's gain and bias
     assert alias_of_hook("blocks.0.hook_resid_mid") is None
     for hook, alias in TRANSFORMER_LENS.items():
         assert hook_name(alias.replace("{i}", "7")) == hook.replace("{i}", "7")
@@ -72,7 +73,7 @@ def test_aliases_on_a_hooked_transformer_are_its_hook_points(hooked) -> None:
     assert sites["resid_pre.1"].module_name == "blocks.1.hook_resid_pre"
     assert sites["attn_heads.0"].module_name == "blocks.0.attn.hook_z"
     assert sites["attn_heads.0"].heads_native and sites["attn_heads.0"].n_heads == 4
-    assert sites["unembed"].module_name == "ln_final.hook_normalized"
+    assert sites["unembed"].module_name == "unembed.hook_in"
     names = list(TRANSFORMER_LENS)
     patterns = [n.replace("{i}", "*") for n in names]
     _, cache = hooked.run_with_cache(TOKENS)
@@ -148,13 +149,19 @@ def test_hooked_from_hf_gives_the_hf_logits(lm_folder) -> None:
     from tyche.frameworks import hooked_from_hf
 
     hf = AutoModelForCausalLM.from_pretrained(lm_folder).eval()
+    torch.manual_seed(0)  # norms that are not the identity, so their gain and bias show
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
     hooked = hooked_from_hf(str(lm_folder), hf)
-    with torch.no_grad(), read_activations(hf, "resid_pre.1") as hf_acts:
+    with torch.no_grad(), read_activations(hf, ["resid_pre.1", "unembed", "mlp_out.0"]) as hf_acts:
         hf_logits = hf(input_ids=TOKENS).logits
     _, cache = hooked.run_with_cache(TOKENS)
     # the same weights in TransformerLens's einsum layout: float32 rounding of width-64 sums
-    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], hf_acts["resid_pre.1"],
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    for alias, hook in [("resid_pre.1", "blocks.1.hook_resid_pre"), ("unembed", "unembed.hook_in"),
+                        ("mlp_out.0", "blocks.0.hook_mlp_out")]:  # fmt: skip
+        torch.testing.assert_close(cache[hook], hf_acts[alias], rtol=1e-5, atol=1e-5)  # as above
     torch.testing.assert_close(hooked(TOKENS), hf_logits, rtol=1e-4, atol=1e-4)  # same reason
 
 
@@ -175,7 +182,7 @@ def test_as_module_refuses_what_is_not_a_model() -> None:
 def test_hooked_lm_builds_with_a_small_config() -> None:
     hooked = build_hooked(n_layers=1, d_model=32, n_heads=2, normalization_type=None)
     sites = alias_sites(as_module(hooked))
-    assert sites["unembed"].module_name == "unembed.hook_in"  # no final norm
+    assert sites["unembed"].module_name == "unembed.hook_in"  # no final norm: the same hook
 
 
 # ----------------------------------------------------------------------------- isolation

@@ -15,7 +15,8 @@ from typing import Any, Literal
 @dataclass
 class VolumeConfig:
     model: Any = None
-    """A causal LM (``transformers`` model or any module returning logits)."""
+    """A causal LM (``transformers`` model or any module returning logits), a TransformerLens
+    ``HookedTransformer`` or an nnsight wrapper of one."""
     tokenizer: Any = None
     """Its tokenizer (needs a pad or an eos token)."""
     dataset: Any = None

@@ -14,18 +14,24 @@ from tyche.basin.preconditioners import build_preconditioner
 from tyche.basin.result import VolumeResult
 from tyche.data import chunk_and_tokenize
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.io import model_hash
 from tyche.memory import parse_size
 
 
 class VolumeEstimator:
-    """Estimates the basin volume of ``config.model`` on ``config.dataset`` (see VolumeConfig)."""
+    """Estimates the basin volume of ``config.model`` on ``config.dataset`` (see VolumeConfig).
+
+    ``config.model`` may also be a TransformerLens ``HookedTransformer`` or an nnsight wrapper;
+    it is measured as ``tyche.frameworks.as_module(config.model)`` (``self.model``).
+    """
 
     def __init__(self, config: VolumeConfig):
         if config.model is None or config.tokenizer is None or config.dataset is None:
             raise InputError("VolumeConfig needs model, tokenizer and dataset")
         self.config = config
-        device = next(config.model.parameters()).device
+        self.model = as_module(config.model)
+        device = next(self.model.parameters()).device
         self.tokens = chunk_and_tokenize(
             config.dataset,
             config.tokenizer,
@@ -40,7 +46,7 @@ class VolumeEstimator:
         cache_device = "cpu" if config.cache_mode == "cpu" else None
         strategy = "inplace" if config.implicit_vectors else config.strategy
         self.loss = ModelLoss(
-            config.model,
+            self.model,
             self.tokens,
             include=config.include,
             exclude=config.exclude,
@@ -72,7 +78,7 @@ class VolumeEstimator:
             )
         return build_preconditioner(
             cfg.preconditioner_type,
-            cfg.model,
+            self.model,
             self.tokens,
             names=list(layout.names),
             optimizer_state=cfg.optimizer_state,
@@ -92,7 +98,7 @@ class VolumeEstimator:
         cfg = self.config
         max_memory = None if cfg.max_memory is None else parse_size(cfg.max_memory)
         extra: dict[str, Any] = {
-            "model_hash": model_hash(cfg.model),
+            "model_hash": model_hash(self.model),
             "val_size": cfg.val_size,
             "max_seq_len": cfg.max_seq_len,
             "l2_reg": cfg.l2_reg,

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from tyche.basin.params import ParameterLayout, select_parameters
 from tyche.divergence import AnchorCache
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 Strategy = Literal["auto", "vmap", "loop", "inplace"]
@@ -85,6 +86,10 @@ def _batches(inputs: Inputs, mask: torch.Tensor | None, batch_size: int | None):
 class ModelLoss:
     """Callable δ (B, D) → KL(anchor ‖ perturbed) (B,) in nats, for the selected parameters.
 
+    ``model`` is any module returning logits, a TransformerLens ``HookedTransformer`` or an
+    nnsight wrapper (``tyche.frameworks.as_module``; parameter names are then the
+    TransformerLens model's own, e.g. ``blocks.0.attn.W_Q``).
+
     Attributes:
         anchor: θ, the selected parameters flattened, shape (D,), detached copy.
         layout: names, shapes and offsets of the selected parameters in θ.
@@ -105,6 +110,7 @@ class ModelLoss:
     ):
         if strategy not in ("auto", "vmap", "loop", "inplace"):
             raise InputError(f"strategy must be auto, vmap, loop or inplace; got {strategy!r}")
+        model = as_module(model)
         self.model = model
         self.strategy = strategy
         named = select_parameters(model, include, exclude)

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from tyche.divergence import logits_of
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.optim_state import read_optimizer_state
 
 
@@ -191,7 +192,7 @@ def adam_preconditioner(
         raise InputError(f"got {len(names)} names but {len(shapes)} shapes")
     by_name = read_optimizer_state(
         optimizer_state,
-        model,
+        None if model is None else as_module(model),
         param_names=optimizer_param_names,
         shapes=None if model is not None else dict(zip(names, shapes)),
     )
@@ -249,8 +250,11 @@ def fisher_diagonal(
     ``exact=True`` sums over all labels weighted by p_θ: exact, memory ∝ C·D (T·V·D) per
     example, so for small outputs only. Memory of a sampled chunk ∝ batch_size·D.
 
+    ``model`` may be a TransformerLens or nnsight model (``tyche.frameworks.as_module``).
+
     Returns F (D,) on the parameters' device, float32 (or the parameters' wider dtype).
     """
+    model = as_module(model)
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in params]
     if not names or unknown:
@@ -383,6 +387,7 @@ def build_preconditioner(
         )
     if kind == "none":
         return None
+    model = as_module(model)
     if kind == "adam":
         if optimizer_state is None:
             raise InputError(

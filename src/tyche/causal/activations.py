@@ -11,9 +11,10 @@ from torch import Tensor, nn
 
 from tyche.causal.objective import IGNORE_INDEX
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.hooks import read_activations, replace_activations
 
-__all__ = ["next_token_labels", "read_site_activations", "token_inputs"]
+__all__ = ["next_token_labels", "per_position", "read_site_activations", "token_inputs"]
 
 
 def token_inputs(data: Any) -> dict[str, Tensor]:
@@ -58,8 +59,9 @@ def read_site_activations(
 
     Each forward pass stops as soon as every site is recorded: the layers after the last
     site, the final norm and the unembedding (the largest product for big vocabularies) are
-    not run.
+    not run. ``model``: anything ``tyche.frameworks.as_module`` takes.
     """
+    model = as_module(model)
     device = next(model.parameters()).device
     pieces: dict[str, list[Tensor]] = {s: [] for s in sites}
     n = tokens["input_ids"].shape[0]
@@ -79,3 +81,24 @@ def read_site_activations(
                 for s in sites:
                     pieces[s].append(acts[s].float())
     return {s: torch.cat(p) if p else torch.empty(0) for s, p in pieces.items()}
+
+
+def per_position(name: str, h: Tensor, shape: tuple[int, ...], target: str) -> Tensor:
+    """Site ``name``'s activations ``h`` as (B, T, d) for inputs of ``shape`` (B, T): a per-head
+    tensor (B, T, H, d_head) with its heads concatenated (d = H·d_head), for ``target="model"``
+    only (a lens reads the residual stream). Raises ``InputError`` for a tensor that is not
+    one per position (e.g. attention patterns (B, H, T, T))."""
+    if h.ndim < 3 or tuple(h.shape[:2]) != shape:
+        raise InputError(
+            f"site {name} holds a tensor of shape {tuple(h.shape)}, not one per position "
+            f"(B, T, ...) with (B, T) = {shape}; causal bases need per-position activations "
+            "such as resid_pre.0 or attn_heads.0"
+        )
+    if h.ndim == 3:
+        return h
+    if target != "model":
+        raise InputError(
+            f"site {name} is per head {tuple(h.shape)} but the {target} lens reads the "
+            "residual stream; use target='model' there, or a residual site"
+        )
+    return h.flatten(2)

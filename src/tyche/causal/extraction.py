@@ -27,7 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tyche.causal.activations import next_token_labels, read_site_activations, token_inputs
+from tyche.causal.activations import (
+    next_token_labels,
+    per_position,
+    read_site_activations,
+    token_inputs,
+)
 from tyche.causal.checkpoint import BasisCheckpoint, PartialBasis
 from tyche.causal.objective import AblationObjective, Target
 from tyche.causal.options import CausalOptions, Refine, resolve_options
@@ -43,6 +48,7 @@ from tyche.data import token_ids_sha256
 from tyche.distributed import init_distributed, shard_range
 from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.io import model_hash
 from tyche.sites import resolve_sites
 
@@ -272,11 +278,15 @@ def extract_causal_bases(
     """Causal bases of every site of a model, in one call (one progress bar).
 
     Args:
-        model: an HF causal LM (or any module ``tyche.sites`` can hook).
+        model: an HF causal LM (or any module ``tyche.sites`` can hook), a TransformerLens
+            ``HookedTransformer`` (its hook names are sites: ``blocks.1.hook_resid_pre``) or
+            an nnsight wrapper (``tyche.frameworks.as_module``).
         data: token ids (N, T) or a dict with ``input_ids``/``attention_mask``. Under torchrun
             each rank takes its own contiguous block of rows (``shard_range``).
         k: directions per site.
-        sites: site patterns, e.g. ``"resid_pre.*"`` (every block's input).
+        sites: site patterns, e.g. ``"resid_pre.*"`` (every block's input), or nnsight
+            Envoys. A per-head site (``attn_heads.i``, ``blocks.i.attn.hook_z``) is searched
+            with its heads concatenated (directions of H·d_head), with ``target="model"`` only.
         options: the search settings, passed to :func:`extract_causal_basis` (None: the
             defaults); ``options.batch_size`` is also the rows of ``data`` per forward pass
             that reads the activations (None: ``SITE_BATCH_SIZE`` = 16, for both).
@@ -295,8 +305,9 @@ def extract_causal_bases(
     Returns:
         ``{site name: CausalBasis}`` in layer order; identical on every rank.
     """
-    from tyche.causal.lenses import TunedLens
+    from tyche.causal.lenses import TunedLens, refuse_per_head_sites
 
+    model = as_module(model)
     if target not in ("logit", "tuned", "model"):
         raise InputError(f"target must be 'logit', 'tuned' or 'model', got {target!r}")
     if target == "tuned" and not isinstance(lens, TunedLens):
@@ -306,7 +317,10 @@ def extract_causal_bases(
     options = replace(options, batch_size=batch_size)
     init_distributed()
     tokens = token_inputs(data)
-    names = [s.name for s in resolve_sites(model, sites)]
+    resolved = resolve_sites(model, sites)
+    if target != "model":
+        refuse_per_head_sites(resolved, f"the {target} lens (target={target!r})")
+    names = [s.name for s in resolved]
     rows = shard_range(tokens["input_ids"].shape[0])
     device = next(model.parameters()).device
     local = {key: v[rows.start : rows.stop].to(device) for key, v in tokens.items()}
@@ -324,6 +338,8 @@ def extract_causal_bases(
     model.eval()
     try:
         hiddens = read_site_activations(model, local, todo, batch_size) if todo else {}
+        shape = tuple(local["input_ids"].shape)
+        hiddens = {n: per_position(n, h, shape, target) for n, h in hiddens.items()}
         bar = progress_bar(total=len(names) * k, desc="causal bases", disable=not progress)
         bases: dict[str, CausalBasis] = {}
         for name in names:
@@ -337,7 +353,7 @@ def extract_causal_bases(
             if checkpoint is not None:  # continue from the saved directions, save each new one
                 fit = partial(_extract_basis, start=done, on_direction=checkpoint.save_direction)
             bases[name] = fit(
-                _site_target(model, name, target, lens, local),
+                _site_target(model, name, target, lens, local, hiddens[name].shape[-1]),
                 hiddens[name],
                 k,
                 options,
@@ -358,15 +374,21 @@ def extract_causal_bases(
 
 
 def _site_target(model: nn.Module, name: str, target: str, lens: Any,
-                 local: Mapping[str, Tensor]) -> Target:  # fmt: skip
-    """The map from site ``name``'s hidden states to logits that ``target`` names."""
+                 local: Mapping[str, Tensor], width: int) -> Target:  # fmt: skip
+    """The map from site ``name``'s hidden states (``width`` wide) to logits that ``target``
+    names; a lens must read hidden states as wide as the model."""
     from tyche.causal.lenses import LogitLens, ModelFromSite
 
-    if target == "logit":
-        return LogitLens.from_model(model)
-    if target == "tuned":
-        return lens.for_site(name)
-    return ModelFromSite(model, name, local)
+    if target == "model":
+        return ModelFromSite(model, name, local)
+    found = LogitLens.from_model(model) if target == "logit" else lens.for_site(name)
+    d_model = found.readout_matrix().shape[1]
+    if width != d_model:
+        raise InputError(
+            f"site {name} is {width} wide but the {target} lens reads hidden states of the "
+            f"model's width {d_model}; use target='model' there, or a residual site"
+        )
+    return found
 
 
 #: the search settings that change an extraction's results (the others change only how the

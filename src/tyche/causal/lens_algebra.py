@@ -106,15 +106,46 @@ class LensFactors:
         return z if self.readout_bias is None else z + self.readout_bias.to(z)
 
 
+#: TransformerLens's final norms by class name: (centres, has the gain ``w``, has the bias ``b``)
+HOOKED_NORMS = {
+    "LayerNorm": (True, True, True),
+    "LayerNormPre": (True, False, False),
+    "RMSNorm": (False, True, False),
+    "RMSNormPre": (False, False, False),
+}
+
+
+def _hooked_norm_factors(norm: nn.Module, d: int) -> dict | None:
+    """The factors of a TransformerLens norm (``transformer_lens.components``), recognised by
+    class name and attributes (``eps``; gain ``w`` (d,), bias ``b`` (d,)); None otherwise."""
+    kind = HOOKED_NORMS.get(type(norm).__name__)
+    eps = getattr(norm, "eps", None)
+    if kind is None or not isinstance(eps, float | int) or isinstance(eps, bool):
+        return None
+    centre, has_gain, has_bias = kind
+    out: dict = {"centre": centre, "scale": True, "eps": float(eps)}
+    for key, attr, present in (("gain", "w", has_gain), ("norm_bias", "b", has_bias)):
+        value = getattr(norm, attr, None)
+        if present and not (isinstance(value, Tensor) and tuple(value.shape) == (d,)):
+            return None
+        if present:
+            out[key] = value
+    return out
+
+
 def norm_factors(norm: nn.Module, d: int) -> dict | None:
     """``centre, scale, eps, gain, norm_bias`` of a recognised final norm, or None.
 
     Recognised: ``nn.Identity``; ``nn.LayerNorm`` over the last dimension (GPT-2, GPT-NeoX),
     with or without elementwise affine/bias; RMSNorms with a ``weight`` (d,) and
-    ``variance_epsilon`` or ``eps`` (Llama and alike). Anything else: None (general path).
+    ``variance_epsilon`` or ``eps`` (Llama and alike); TransformerLens's ``LayerNorm``
+    (gain ``w``, bias ``b``), ``LayerNormPre`` (no parameters, as after ``fold_ln``),
+    ``RMSNorm`` (``w``) and ``RMSNormPre``. Anything else: None (general path).
     """
     if isinstance(norm, nn.Identity):
         return {"centre": False, "scale": False}
+    if type(norm).__module__.startswith("transformer_lens."):
+        return _hooked_norm_factors(norm, d)
     if isinstance(norm, nn.LayerNorm):
         if tuple(norm.normalized_shape) != (d,):
             return None

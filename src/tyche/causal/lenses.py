@@ -10,6 +10,10 @@ Any callable ``h (..., d) -> logits (..., V)`` is a target. Three are provided:
 * :class:`ModelFromSite`: the rest of the model, run from a hooked site on a fixed batch of
   inputs, so ablating a direction "inside the real model" is the same call as for a lens.
 
+Every ``model`` taken here may be an HF model, a TransformerLens ``HookedTransformer`` (its
+``ln_final`` and ``unembed`` make the logit lens; its hook names are sites) or an nnsight
+wrapper (``tyche.frameworks.as_module``).
+
 Targets may expose ``readout_matrix() -> (V, d)`` (the linear part of the map, ignoring the
 norm's centring and scaling), used to seed the search for causal directions.
 
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 
 from tyche.causal.lens_algebra import LensFactors, norm_factors
 from tyche.errors import InputError
+from tyche.frameworks import as_module, framework_of
 from tyche.io import ResultIO, model_hash
 from tyche.sites import Site, final_norm, resolve_sites, unembedding
 
@@ -40,6 +45,8 @@ __all__ = [
     "TunedLens",
     "TunedLensWeights",
     "lens_dtype",
+    "logit_soft_cap",
+    "refuse_per_head_sites",
 ]
 
 
@@ -63,47 +70,96 @@ class _Detached(nn.Module):
         return self.inner(x)
 
 
+def _linear_readout(unembed: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """An affine unembedding as ``(W (V, d), b (V,) or None)``: an ``nn.Linear``'s weight and
+    bias, or TransformerLens's ``Unembed`` (``W_U`` (d, V), transposed, and ``b_U`` (V,));
+    None for anything else."""
+    if isinstance(unembed, nn.Linear):
+        return unembed.weight, unembed.bias
+    w_u, b_u = getattr(unembed, "W_U", None), getattr(unembed, "b_U", None)
+    if isinstance(w_u, Tensor) and w_u.ndim == 2:
+        return w_u.T, b_u if isinstance(b_u, Tensor) and tuple(b_u.shape) == w_u.shape[1:] else None
+    return None
+
+
+def _readout_weight(unembed: nn.Module) -> Tensor | None:
+    """The unembedding's (V, d) matrix (``_linear_readout``, else a 2-D ``weight``), or None."""
+    linear = _linear_readout(unembed)
+    weight = linear[0] if linear is not None else getattr(unembed, "weight", None)
+    return weight if isinstance(weight, Tensor) and weight.ndim == 2 else None
+
+
+def _lens_norm(model: nn.Module) -> nn.Module:
+    """The norm the logit lens applies: TransformerLens's ``ln_final`` (``nn.Identity`` for a
+    model built without one, ``normalization_type=None``), else ``tyche.sites.final_norm``."""
+    if framework_of(model) == "transformer_lens":
+        norm = getattr(model, "ln_final", None)
+        return norm if isinstance(norm, nn.Module) else nn.Identity()
+    return final_norm(model)
+
+
+def logit_soft_cap(model: nn.Module) -> float | None:
+    """``c`` where the model's logits are ``c · tanh(z / c)`` (Gemma 2): TransformerLens's
+    ``cfg.output_logits_soft_cap`` or HF's ``config.final_logit_softcapping``; None if off."""
+    for holder, key in (("cfg", "output_logits_soft_cap"), ("config", "final_logit_softcapping")):
+        cap = getattr(getattr(model, holder, None), key, None)
+        if isinstance(cap, int | float) and not isinstance(cap, bool) and cap > 0:
+            return float(cap)
+    return None
+
+
 class LogitLens(nn.Module):
     """``h -> unembed(norm(h))``: read hidden states with the model's own output head.
 
     Build it with :meth:`from_model`; ``norm`` may be ``nn.Identity()``. The modules are the
-    model's own (not copies): the lens moves and changes with the model.
+    model's own (not copies): the lens moves and changes with the model. ``soft_cap`` ``c``
+    (the model's, e.g. Gemma 2) makes the logits ``c · tanh(z / c)``, as the model's are.
     """
 
-    def __init__(self, norm: nn.Module, unembed: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, unembed: nn.Module, soft_cap: float | None = None) -> None:
         super().__init__()
         self.norm = _frozen(norm)
         self.unembed = _frozen(unembed)
+        self.soft_cap = soft_cap
 
     @classmethod
     def from_model(cls, model: nn.Module) -> LogitLens:
-        """The logit lens of an HF causal LM (GPT-2, GPT-NeoX, Llama and alike)."""
-        return cls(final_norm(model), unembedding(model))
+        """The logit lens of a causal LM: an HF model (GPT-2, GPT-NeoX, Llama and alike), a
+        TransformerLens ``HookedTransformer`` (``ln_final`` and ``unembed``) or an nnsight
+        wrapper of either (``tyche.frameworks.as_module``)."""
+        model = as_module(model)
+        return cls(_lens_norm(model), unembedding(model), logit_soft_cap(model))
 
     def forward(self, h: Tensor) -> Tensor:
         """Logits (..., V) for hidden states (..., d) (cast to the unembedding's dtype)."""
-        weight = getattr(self.unembed.inner, "weight", None)
+        weight = _readout_weight(self.unembed.inner)
         if isinstance(weight, Tensor) and weight.is_floating_point() and h.dtype != weight.dtype:
             h = h.to(weight.dtype)
-        return self.unembed(self.norm(h))
+        logits = self.unembed(self.norm(h))
+        if self.soft_cap is None:
+            return logits
+        return self.soft_cap * torch.tanh(logits / self.soft_cap)
 
     def lens_factors(self) -> LensFactors | None:
         """The lens as norm + linear readout (``tyche.causal.lens_algebra``), or None when the
-        norm or the unembedding is not one it recognises (then only the general path works)."""
-        unembed = self.unembed.inner
-        if not isinstance(unembed, nn.Linear):
+        norm or the unembedding is not one it recognises, or the logits are soft-capped (then
+        only the general path works)."""
+        linear = _linear_readout(self.unembed.inner)
+        if linear is None or self.soft_cap is not None:
             return None
-        norm = norm_factors(self.norm.inner, unembed.in_features)
+        weight, bias = linear
+        norm = norm_factors(self.norm.inner, weight.shape[1])
         if norm is None:
             return None
-        return LensFactors(readout=unembed.weight, readout_bias=unembed.bias, **norm)
+        return LensFactors(readout=weight, readout_bias=bias, **norm)
 
     def readout_matrix(self) -> Tensor:
         """(V, d): the unembedding times the norm's per-channel gain (centring ignored)."""
-        weight = getattr(self.unembed.inner, "weight", None)
-        if not isinstance(weight, Tensor) or weight.ndim != 2:
+        weight = _readout_weight(self.unembed.inner)
+        if weight is None:
             raise TypeError("the unembedding has no (V, d) weight matrix")
-        gain = getattr(self.norm.inner, "weight", None)
+        norm = self.norm.inner
+        gain = getattr(norm, "weight", getattr(norm, "w", None))
         if isinstance(gain, Tensor) and gain.shape == weight.shape[1:]:
             return weight.detach() * gain.detach()
         return weight.detach()
@@ -174,13 +230,18 @@ class TunedLens(nn.Module):
     cast to it, and ``h + A_s h + b_s`` to the unembedding's dtype for the logit lens.
 
     Args:
-        model: the HF causal LM whose final norm and unembedding are used.
-        sites: site names or patterns (e.g. ``"resid_pre.*"``) the lens reads.
+        model: the causal LM whose final norm and unembedding are used (HF, TransformerLens or
+            nnsight, see ``tyche.frameworks.as_module``).
+        sites: site names or patterns (e.g. ``"resid_pre.*"``) the lens reads; not per-head
+            sites (``attn_heads.i``, ``hook_z``), whose (..., H, d_head) tensors a lens
+            cannot read.
     """
 
     def __init__(self, model: nn.Module, sites: str | Sequence[str]) -> None:
         super().__init__()
+        model = as_module(model)
         resolved = resolve_sites(model, sites)
+        refuse_per_head_sites(resolved, "a tuned lens")
         self.sites: list[str] = [s.name for s in resolved]
         self.logit_lens = LogitLens.from_model(model)  # holds no parameters of its own
         object.__setattr__(self, "_model", model)
@@ -247,6 +308,7 @@ class TunedLens(nn.Module):
                 f"the tuned lens at {path} was trained on a model with hash {saved.model_hash}, "
                 f"not this one ({model_hash(model)}); pass strict=False to use it anyway"
             )
+        model = as_module(model)
         lens = cls(model, saved.sites)
         if tuple(saved.weight.shape[1:]) != tuple(lens.translators[0].weight.shape):
             raise InputError(
@@ -265,6 +327,19 @@ class TunedLens(nn.Module):
         return lens
 
 
+def refuse_per_head_sites(sites: Sequence[Site], what: str) -> None:
+    """Raise ``InputError`` if any of ``sites`` is per head (``Site.n_heads``: ``attn_heads.i``,
+    TransformerLens's ``blocks.i.attn.hook_z``): ``what`` (a lens) reads the residual stream,
+    not (..., H, d_head) head outputs."""
+    heads = [s.name for s in sites if s.n_heads is not None]
+    if heads:
+        raise InputError(
+            f"{what} reads the residual stream, but {', '.join(heads)} is per head "
+            "((B, T, H, d_head)); use the model target (target='model', ModelFromSite) for "
+            "per-head sites, or a residual site such as resid_pre.0"
+        )
+
+
 class ModelFromSite(nn.Module):
     """The rest of ``model`` from ``site``, on a fixed batch: ``h -> model(inputs).logits``.
 
@@ -272,11 +347,17 @@ class ModelFromSite(nn.Module):
     (``(B, T, d)``, the shape the site has on these inputs), so the logits depend on ``h``
     exactly as they do inside the real model. Earlier layers run too (and are wasted work);
     gradients reach ``h`` through every later layer. Hidden states for it come from
-    ``tyche.hooks.read_activations(model, site)`` on the same inputs.
+    ``tyche.hooks.read_activations(model, site)`` on the same inputs. A per-head site
+    (``attn_heads.i``, TransformerLens's ``blocks.i.attn.hook_z``: (B, T, H, d_head)) also
+    takes ``h`` with its heads concatenated, (B, T, H·d_head), head after head.
+
+    ``model`` is an HF model or any module, a TransformerLens ``HookedTransformer`` or an
+    nnsight wrapper (``tyche.frameworks.as_module``).
     """
 
     def __init__(self, model: nn.Module, site: str | Site, inputs: Mapping[str, Tensor]) -> None:
         super().__init__()
+        model = as_module(model)
         sites = resolve_sites(model, site)
         if len(sites) != 1:
             raise InputError(
@@ -298,13 +379,15 @@ class ModelFromSite(nn.Module):
         from tyche.hooks import replace_activations
 
         def swap(activation: Tensor) -> Tensor:
-            if activation.shape != h.shape:
-                raise InputError(
-                    f"ModelFromSite({self.site.name}): hidden states have shape "
-                    f"{tuple(h.shape)} but the site has {tuple(activation.shape)} on these "
-                    "inputs; read the hidden states from the same inputs"
-                )
-            return h
+            if activation.shape == h.shape:
+                return h
+            if activation.ndim > 3 and activation.flatten(2).shape == h.shape:
+                return h.reshape(activation.shape)  # heads concatenated
+            raise InputError(
+                f"ModelFromSite({self.site.name}): hidden states have shape "
+                f"{tuple(h.shape)} but the site has {tuple(activation.shape)} on these "
+                "inputs; read the hidden states from the same inputs"
+            )
 
         with replace_activations(self.model.inner, {self.site: swap}):
             out = self.model.inner(**self.inputs)

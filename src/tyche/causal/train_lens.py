@@ -30,6 +30,7 @@ from tyche.distributed import (
 )
 from tyche.divergence import masked_kl
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.hooks import read_activations
 
 __all__ = ["evaluate_lens", "train_tuned_lens"]
@@ -75,7 +76,8 @@ def train_tuned_lens(
     """Train a tuned lens for ``sites`` of ``model`` on token ``data`` (see module docstring).
 
     Args:
-        model: HF causal LM (frozen; its parameters get no gradients).
+        model: a causal LM (frozen; its parameters get no gradients): HF, TransformerLens or
+            nnsight (``tyche.frameworks.as_module``).
         data: token ids (N, T) or a dict with ``input_ids``/``attention_mask``.
         sites: site patterns the lens reads.
         steps: optimiser steps; each uses ``batch_size`` rows (per rank), cycling through
@@ -89,6 +91,7 @@ def train_tuned_lens(
     """
     if steps < 1 or batch_size < 1:
         raise InputError("steps and batch_size must be positive")
+    model = as_module(model)
     init_distributed()
     tokens = token_inputs(data)
     lens = TunedLens(model, sites)

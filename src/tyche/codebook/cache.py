@@ -35,6 +35,7 @@ import torch
 from tyche.codebook.model import CodebookModel
 from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
+from tyche.frameworks import framework_of
 from tyche.io import json_text
 
 __all__ = ["CodeCache", "build_cache", "load_cache", "token_pieces"]
@@ -178,10 +179,12 @@ def build_cache(
 
     ``tokenizer`` (default ``model.tokenizer``) decodes the text. ``neurons`` stores the
     dense activations entering each codebook (float16), ``copy_model`` the model itself (so
-    the folder alone serves the app and interventions). ``provenance`` says where the model
-    and the data came from, for the manifest: its ``"model_name"`` and ``"data_name"`` (each
-    None when absent) become the manifest's entries of those names, any other keys its
-    ``"extra"``; e.g. ``provenance={"model_name": "runs/cb", "data_name": "zoo:shakespeare"}``.
+    the folder alone serves the app and interventions; a base model without
+    ``save_pretrained``, such as a TransformerLens model, is refused: pass False).
+    ``provenance`` says where the model and the data came from, for the manifest: its
+    ``"model_name"`` and ``"data_name"`` (each None when absent) become the manifest's entries
+    of those names, any other keys its ``"extra"``; e.g.
+    ``provenance={"model_name": "runs/cb", "data_name": "zoo:shakespeare"}``.
     ``progress`` shows a progress bar over the batches.
     """
     from safetensors.torch import save_file
@@ -191,6 +194,13 @@ def build_cache(
         raise InputError("build_cache needs a CodebookModel with at least one codebook")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise InputError(f"input_ids must be a non-empty (n, T) tensor, got {input_ids.shape}")
+    if copy_model and not hasattr(model.base, "save_pretrained"):
+        what = ("a TransformerLens model" if framework_of(model.base) == "transformer_lens"
+                else f"the base model {type(model.base).__name__}")  # fmt: skip
+        raise InputError(
+            f"copy_model=True stores the model in the cache, but {what} has no "
+            "save_pretrained; build the cache with copy_model=False and keep the model yourself"
+        )
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,11 @@ the attention output projection, one codebook per head), ``mlp_out.i``, ``resid_
 ``attn_out.i`` or any module name. They are inserted with persistent forward hooks
 (:func:`tyche.hooks.add_replacement_hooks`) that replace the tensor at the site by the
 codebook's output; the model's own modules, attention code included, are untouched, so this
-works for GPT-2, GPT-NeoX, Llama and any model the sites resolve on.
+works for GPT-2, GPT-NeoX, Llama and any model the sites resolve on. A TransformerLens
+``HookedTransformer`` or an nnsight model is taken as :func:`tyche.frameworks.as_module` gives
+it: on TransformerLens the sites may be hook names (``blocks.0.attn.hook_z`` gets one codebook
+per head, like ``attn_heads.0``), and since the view shares the model's modules the codebooks
+act in its own forward passes too (``hooked(tokens)``, ``run_with_hooks``, ``run_with_cache``).
 
 A :class:`CodebookModel` is an ``nn.Module`` holding the base model and the codebooks, so
 ``named_parameters()`` lists both: an optimiser built from it after attaching trains every
@@ -15,7 +19,9 @@ those never trained). ``forward`` and ``generate`` are the base model's.
 Saved folders (:meth:`CodebookModel.save_pretrained`) hold the base model exactly as
 ``save_pretrained`` writes it (``config.json``, ``model.safetensors``, the tokenizer if
 given), loadable by ``transformers`` on its own, plus ``codebooks.safetensors`` (every
-codebook's parameters and usage counts) and ``codebooks.json`` (sites and settings).
+codebook's parameters and usage counts) and ``codebooks.json`` (sites and settings). A
+TransformerLens base cannot be saved that way: its folder holds the codebooks only, and
+reloading takes the model (``from_pretrained(path, base_model=hooked)``, checked by its hash).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import nn
 
 from tyche.codebook.layer import CodebookLayer, GroupedCodebookLayer, Loss, Similarity
 from tyche.errors import InputError
+from tyche.frameworks import as_module, framework_of
 from tyche.hooks import ReplacementHooks, add_replacement_hooks, read_activations
 from tyche.io import json_text, model_hash
 from tyche.sites import resolve_sites
@@ -66,10 +73,11 @@ class CodebookModel(nn.Module):
     """
 
     def __init__(self, base: nn.Module) -> None:
+        """``base``: the model, as :func:`tyche.frameworks.as_module` takes it."""
         super().__init__()
         if isinstance(base, CodebookModel):
             raise TypeError("base is already a CodebookModel; pass it to attach() to add sites")
-        self.base = base
+        self.base = as_module(base)
         self.codebooks = nn.ModuleDict()
         self._site_names: list[str] = []
         self._hooks: ReplacementHooks | None = None
@@ -301,17 +309,29 @@ class CodebookModel(nn.Module):
         }
 
     def save_pretrained(self, path: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:
-        """Write the base model (``save_pretrained``), the tokenizer and the codebooks."""
+        """Write the base model (``save_pretrained``), the tokenizer and the codebooks.
+
+        A TransformerLens base has no ``save_pretrained``: the folder then holds the codebooks
+        (and the tokenizer, if given) but not the model, and ``codebooks.json`` records the
+        model's name and weights hash under ``"base_model"``. Reloading needs the model:
+        ``CodebookModel.from_pretrained(path, base_model=hooked)`` with the same weights
+        (checked against the hash).
+        """
         from safetensors.torch import save_file
 
-        if not hasattr(self.base, "save_pretrained"):
+        without_base = framework_of(self.base) == "transformer_lens"
+        if not without_base and not hasattr(self.base, "save_pretrained"):
             raise TypeError(
                 f"{type(self.base).__name__} has no save_pretrained; save "
                 "model.codebooks.state_dict() and model.settings() yourself"
             )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.base.save_pretrained(path)
+        settings = self.settings()
+        if without_base:
+            settings["base_model"] = _transformer_lens_record(self.base)
+        else:
+            self.base.save_pretrained(path)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
@@ -319,7 +339,7 @@ class CodebookModel(nn.Module):
             k: v.detach().to("cpu").contiguous() for k, v in self.codebooks.state_dict().items()
         }
         save_file(tensors, str(path / CODEBOOKS_WEIGHTS), metadata={"format": "pt"})
-        (path / CODEBOOKS_CONFIG).write_text(json_text(self.settings(), indent=1, sort_keys=False))
+        (path / CODEBOOKS_CONFIG).write_text(json_text(settings, indent=1, sort_keys=False))
         return path
 
     @classmethod
@@ -333,7 +353,8 @@ class CodebookModel(nn.Module):
     ) -> CodebookModel:
         """Rebuild a model saved by :meth:`save_pretrained` (base, codebooks, tokenizer).
 
-        ``base_model`` replaces loading the base from the folder (it must be the same model).
+        ``base_model`` replaces loading the base from the folder (it must be the same model;
+        a folder saved from a TransformerLens model needs it, and its weights hash must match).
         Raises ``FileNotFoundError`` for a folder without codebooks and ``ValueError`` for a
         format it cannot read or tensors that do not fit.
         """
@@ -350,6 +371,10 @@ class CodebookModel(nn.Module):
         if cfg.get("format") != FORMAT or int(cfg.get("format_version", 99)) > FORMAT_VERSION:
             raise InputError(f"{cfg_file} is not a codebook config this tyche can read")
         tokenizer = None
+        if base_model is not None:
+            base_model = as_module(base_model)
+        if isinstance(cfg.get("base_model"), dict):
+            _check_saved_base(path, cfg["base_model"], base_model)
         if base_model is None:
             from transformers import AutoModelForCausalLM
 
@@ -384,6 +409,36 @@ class CodebookModel(nn.Module):
         return model.train(base_model.training)
 
 
+def _transformer_lens_record(base: nn.Module) -> dict[str, Any]:
+    """What ``codebooks.json`` keeps of a TransformerLens base it does not hold."""
+    hooked = getattr(base, "hooked", base)
+    return {
+        "framework": "transformer_lens",
+        "class": type(hooked).__name__,
+        "model_name": getattr(getattr(base, "cfg", None), "model_name", None),
+        "fingerprint": model_hash(base),
+    }
+
+
+def _check_saved_base(path: Path, saved: dict[str, Any], base: nn.Module | None) -> None:
+    """Refuse to load codebooks saved without their (TransformerLens) model unless the same
+    model is given."""
+    name = saved.get("model_name") or "the model"
+    if base is None:
+        raise InputError(
+            f"{path} holds the codebooks of a TransformerLens {saved.get('class')} ({name}) "
+            "but not the model (TransformerLens has no save_pretrained); load that model "
+            "again and pass it: CodebookModel.from_pretrained(path, base_model=model)"
+        )
+    theirs = model_hash(base)
+    if saved.get("fingerprint") not in (None, theirs):
+        raise InputError(
+            f"base_model is not the model the codebooks in {path} were saved with (weights "
+            f"hash {theirs}, saved {saved['fingerprint']} for {name}); pass that model, in "
+            "the same dtype"
+        )
+
+
 def _example_inputs(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device)}
 
@@ -404,7 +459,9 @@ def attach(
     """Insert a codebook at every site matching ``sites``; returns a :class:`CodebookModel`.
 
     ``model`` is any model the sites resolve on (HF causal LMs of the GPT-2, GPT-NeoX and
-    Llama families by alias), or a :class:`CodebookModel` to add more codebooks to.
+    Llama families by alias; a TransformerLens ``HookedTransformer``, by alias or hook name; an
+    nnsight model, as the module it wraps), or a :class:`CodebookModel` to add more codebooks
+    to.
     ``attn_heads`` sites get a :class:`GroupedCodebookLayer` (one codebook of ``num_codes``
     codes per head), other sites a :class:`CodebookLayer`. Widths are read from one forward
     pass on ``example_inputs`` (default: two tokens of id 0). Codebooks follow the device and

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 
 __all__ = [
     "FSM",
@@ -223,8 +224,10 @@ def next_state_probs(
 
     ``prefixes`` ``(n, L)`` end where a state ends. Each digit's distribution is the model's
     softmax over the whole vocabulary restricted to digit tokens (mass the model puts on BOS is
-    lost, so rows may sum to less than 1). One forward pass per digit position.
+    lost, so rows may sum to less than 1). One forward pass per digit position. ``model``
+    maps ``input_ids`` to ``.logits`` (or is a TransformerLens / nnsight model).
     """
+    model = as_module(model)
     device = _device(model)
     n, d, b = prefixes.shape[0], fsm.digits, fsm.base
     logp = torch.zeros(n, 1, device=device)  # (n, b**depth), over digit strings so far
@@ -256,7 +259,9 @@ def first_transition_accuracy(model: nn.Module, fsm: FSM) -> float:
 @torch.no_grad()
 def sample(model: nn.Module, fsm: FSM, n: int, seq_len: int, *, seed: int = 0) -> torch.Tensor:
     """``n`` sequences of ``seq_len`` tokens sampled from BOS at temperature 1, seeded by
-    ``seed`` (the global RNG is not used). Any model mapping ``input_ids`` to ``.logits``."""
+    ``seed`` (the global RNG is not used). Any model mapping ``input_ids`` to ``.logits``
+    (or a TransformerLens / nnsight model)."""
+    model = as_module(model)
     device = _device(model)
     g = torch.Generator().manual_seed(seed)
     seqs = torch.full((n, 1), fsm.bos_id, dtype=torch.long, device=device)

@@ -54,6 +54,7 @@ from tyche.distributed import (
     progress as progress_bar,
 )
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.io import ResultIO, json_text
 from tyche.resume import SettingsMismatch, compare_settings
 
@@ -112,7 +113,9 @@ def row_sampler(tokens: torch.Tensor, batch_size: int, seed: int = 0) -> BatchFn
 
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 32) -> dict:
-    """Mean next-token loss (nats) and accuracy over ``tokens`` ``(N, T)``."""
+    """Mean next-token loss (nats) and accuracy over ``tokens`` ``(N, T)``; ``model`` maps
+    ``input_ids`` to ``.logits`` (or is a TransformerLens / nnsight model)."""
+    model = as_module(model)
     was = model.training
     model.eval()
     device = next(model.parameters()).device

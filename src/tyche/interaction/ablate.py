@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from tyche.distributed import all_reduce_sum, init_distributed, progress
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.hooks import replace_activations
 from tyche.interaction.fold import append_constant
 from tyche.interaction.jacobian import feature_matrix
@@ -252,6 +253,7 @@ def ablate_nodes(
     ``exponential``), its ``cutoff`` and ``base``, the ``tolerance`` (default 0.01), the batch
     size and the dtype the model runs in.
     """
+    model = as_module(model)
     o = _options(options)
     schedule, tolerance = o.schedule_for("exponential"), o.tolerance_for(0.01)
     init_distributed()
@@ -376,6 +378,7 @@ def ablate_edges(
     of the section's largest edge), the batch size, the dtype the model runs in and
     ``group_chunk``. Needs a graph with edges.
     """
+    model = as_module(model)
     o = _options(options)
     schedule, tolerance = o.schedule_for("bisect"), o.tolerance_for(0.001)
     init_distributed()

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tyche.distributed import all_reduce_sum, init_distributed, rank0_print
 from tyche.distributed import progress as progress_bar
 from tyche.errors import InputError
+from tyche.frameworks import as_module
 from tyche.interaction.basis import (
     LIB_FORMULAS,
     InteractionBasis,
@@ -194,8 +195,10 @@ def build_interaction_graph(
     """Build the local interaction graph of ``model`` on ``inputs``.
 
     Args:
-        model: any ``nn.Module`` (an HF model, an MLP, ...). It is run in eval mode, in
-            ``options.dtype``, with frozen parameters; all of that is restored afterwards.
+        model: any ``nn.Module`` (an HF model, an MLP, ...), a TransformerLens
+            ``HookedTransformer`` or an nnsight model (:func:`tyche.frameworks.as_module`). It
+            is run in eval mode, in ``options.dtype``, with frozen parameters; all of that is
+            restored afterwards.
         inputs: a tensor, a dict of model keyword arguments (``input_ids``,
             ``attention_mask``...), or an iterable of them (each one batch).
         node_layers: site patterns in forward order (aliases such as ``resid_pre.1``, module
@@ -215,6 +218,7 @@ def build_interaction_graph(
             the rest is computed. A loaded section without the edges asked for gets them
             computed (by one pass, as with ``bases=``).
     """
+    model = as_module(model)
     o = _options(options)
     if resume and checkpoint is None:
         raise InputError("resume=True needs the checkpoint folder of the build to continue")
@@ -294,6 +298,7 @@ def build_grams(
     """Stage 1 alone: the means and covariances of the node layers, to save and resume from
     (``build_interaction_graph(..., grams=...)`` with the same options). Of ``options`` only
     ``dtype``, ``rotate_final``, ``batch_size`` and ``gram_dtype`` matter here."""
+    model = as_module(model)
     o = _options(options)
     init_distributed()
     layers = resolve_node_layers(model, node_layers)

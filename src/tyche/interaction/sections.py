@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tyche.distributed import get_rank, get_world_size, shard_range
 from tyche.errors import InputError
+from tyche.hook_names import envoy_path
 from tyche.hooks import replace_activations
 from tyche.interaction.fold import BiasScaler, append_constant
 from tyche.sites import Site, resolve_sites
@@ -63,6 +64,10 @@ class NodeLayer:
 def resolve_node_layers(model: nn.Module, patterns: Sequence[str]) -> list[NodeLayer]:
     """Resolve node-layer patterns (in the given order) to :class:`NodeLayer` objects.
 
+    A pattern is a site pattern (:mod:`tyche.sites`: an alias, a module name, a
+    TransformerLens hook name, an nnsight path), an nnsight ``Envoy`` (its module), or
+    ``"output"``.
+
     A glob may expand to several sites (kept in the model's order); ``"output"`` may only
     come last. Raises ``ValueError`` for a pattern that matches nothing (naming close
     matches), duplicates, fewer than two node layers, or ``"output"`` before the end.
@@ -71,6 +76,8 @@ def resolve_node_layers(model: nn.Module, patterns: Sequence[str]) -> list[NodeL
         raise TypeError("node_layers must be a list of patterns, e.g. ['resid_pre.1', 'output']")
     layers: list[NodeLayer] = []
     for i, pattern in enumerate(patterns):
+        path = envoy_path(pattern)  # an nnsight Envoy (model.transformer.h[0]): its module
+        pattern = path if path is not None else pattern
         if not isinstance(pattern, str):
             raise TypeError(f"node layer {i} must be a str, got {type(pattern).__name__}")
         if pattern == OUTPUT:
@@ -196,7 +203,8 @@ def prepared_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.M
 
     Everything is put back on exit: the training flag, each parameter's ``requires_grad`` and
     the dtype (a cast to a wider type and back is exact, so the weights are restored bit for
-    bit).
+    bit). A model with a config naming its dtype (TransformerLens' ``cfg.dtype``, to which its
+    norms cast their outputs) has that field set to ``dtype`` too while it runs.
     """
     was_training = model.training
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -207,16 +215,23 @@ def prepared_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.M
             f"the model mixes floating dtypes {sorted(map(str, floats | {original}))}; cast it "
             "to one dtype first or pass dtype=None"
         )
+    cfg = getattr(model, "cfg", None)
+    cfg_dtype = getattr(cfg, "dtype", None)
+    retype = dtype is not None and isinstance(cfg_dtype, torch.dtype) and cfg_dtype != dtype
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         if dtype is not None and original is not None and original != dtype:
             model.to(dtype)
+        if retype:
+            cfg.dtype = dtype
         yield model
     finally:
         if dtype is not None and original is not None and original != dtype:
             model.to(original)
+        if retype:
+            cfg.dtype = cfg_dtype
         for name, p in model.named_parameters():
             p.requires_grad_(grads[name])
         model.train(was_training)

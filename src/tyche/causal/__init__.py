@@ -22,6 +22,8 @@ __all__ = [
     "BasisCheckpoint",
     "CausalBasis",
     "CausalOptions",
+    "FeatureOptions",
+    "LatentEnergies",
     "LogitLens",
     "ModelFromSite",
     "TunedLens",
@@ -29,7 +31,9 @@ __all__ = [
     "energy_table",
     "extract_causal_basis",
     "extract_causal_bases",
+    "feature_energies",
     "joint_table",
+    "latent_energies",
     "pca_directions",
     "plot_energies",
     "train_tuned_lens",
@@ -38,6 +42,12 @@ __all__ = [
 if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.causal.checkpoint import BasisCheckpoint
     from tyche.causal.extraction import extract_causal_bases, extract_causal_basis, pca_directions
+    from tyche.causal.features import (
+        FeatureOptions,
+        LatentEnergies,
+        feature_energies,
+        latent_energies,
+    )
     from tyche.causal.lenses import LogitLens, ModelFromSite, TunedLens
     from tyche.causal.objective import AblationObjective
     from tyche.causal.options import CausalOptions
@@ -53,6 +63,10 @@ __getattr__, __dir__ = lazy_exports(
         "BasisCheckpoint": "tyche.causal.checkpoint",
         "CausalBasis": "tyche.causal.result",
         "CausalOptions": "tyche.causal.options",
+        "FeatureOptions": "tyche.causal.features",
+        "LatentEnergies": "tyche.causal.features",
+        "feature_energies": "tyche.causal.features",
+        "latent_energies": "tyche.causal.features",
         "LogitLens": "tyche.causal.lenses",
         "ModelFromSite": "tyche.causal.lenses",
         "TunedLens": "tyche.causal.lenses",

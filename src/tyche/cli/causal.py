@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tyche.causal.options import SCREEN_POSITIONS, CausalOptions
+from tyche.cli.causal_features import FEATURES, check_feature_flags
 from tyche.cli.commandline import (
     CommandError,
     Subcommand,
@@ -54,12 +55,12 @@ PROG = "tyche causal"
 #: the checkpoint folder in --out (finished sites and directions of a run in progress)
 CHECKPOINTS = "checkpoints"
 #: what each sub-command writes in --out (one CausalBasis folder per site; a lens's files)
-OWNED = Owned(names=("summary.json", "energies.png", "checkpoints"),
+OWNED = Owned(names=("summary.json", "energies.png", "checkpoints", "features"),
               result_types=("CausalBasis",))
 LENS_OWNED = Owned(names=("meta.json", "tensors.safetensors"))
 #: flags that change nothing in the results
 FREE = ("out", "overwrite", "resume", "plot", "batch_size", "fast", "cache_gb",
-        "allow_long_context")
+        "allow_long_context", "features_top")
 
 
 @dataclass
@@ -124,6 +125,16 @@ class CausalConfig(DataConfig):
     resume: bool = False
     """continue the interrupted run in --out from its checkpoints (--out/checkpoints/): its
     finished sites and directions are loaded, not computed again"""
+    features: str | None = None
+    """a SAELens or sparsify dictionary folder: after the extraction, rank its latents by
+    causal energy (the --target's mean KL when a latent is removed where it fires) at the site
+    it writes, one of --sites, and compare their decoder span with that site's causal basis
+    (saved as --out/features)"""
+    features_top: int = 10
+    """latents listed in the --features table"""
+    coverage_m: str = ""
+    """with --features: sizes m, comma separated, of the top-m latents whose decoder span is
+    compared with the causal basis (empty: k,2k,4k)"""
 
 
 @dataclass
@@ -173,6 +184,7 @@ def validate(cfg: CausalConfig) -> None:
             raise CommandError(f"--lens: no tuned lens saved in {cfg.lens!r}")
     elif cfg.lens:
         raise CommandError(f"--lens is only used with --target tuned (not {cfg.target})")
+    check_feature_flags(cfg.features, cfg.features_top, cfg.coverage_m, cfg.k)
     check_writable_folder(cfg.out, "--out")
     check_unlocked(cfg.out)
     _check_resume(cfg)
@@ -326,6 +338,11 @@ def _extract(cfg: CausalConfig, argv: list[str]) -> dict:
     lens = _load_lens(cfg, model) if cfg.target == "tuned" else None
     tokens = rows.tokens
     sites = _check_sites(model, tokens, cfg, cfg.k)
+    plan = None
+    if cfg.features:
+        from tyche.cli.causal_features import plan_features
+
+        plan = plan_features(cfg.features, cfg.coverage_m, cfg.k, model, tokens, sites)
 
     from tyche.resume import SettingsMismatch
 
@@ -353,6 +370,12 @@ def _extract(cfg: CausalConfig, argv: list[str]) -> dict:
                     f"({len(checkpoint.finished)} finished sites) loaded from "
                     f"{out / CHECKPOINTS}/, not computed again")  # fmt: skip
     elapsed = time.perf_counter() - start
+    features = None
+    if plan is not None:
+        from tyche.cli.causal_features import run_features
+
+        features = run_features(plan, model, tokens, cfg.target, lens, bases[plan.site],
+                                cfg.search.batch_size)  # fmt: skip
     if get_rank() == 0:
         summary = report.bases_summary(bases, elapsed, flat_settings(cfg),
                                        {"model": cfg.source.model, "model_hash": model_hash(model),
@@ -374,6 +397,13 @@ def _extract(cfg: CausalConfig, argv: list[str]) -> dict:
             best_effort(PROG, "draw energies.png",
                     lambda: print(f"figure: {plot_energies(bases, out / 'energies.png')}"),
                     out)  # fmt: skip
+        if features is not None:
+            from tyche.cli.causal_features import report_features
+
+            features.save(out / FEATURES)
+            text = report_features(features, cfg.features_top)
+            best_effort(PROG, "print the features table", lambda: print(text), out)
+            print(f"saved the latent energies to {out / FEATURES}/")
         print(f"saved {len(bases)} bases under {out}/")
     checkpoint.remove()  # the run is finished: its bases are in --out
     return bases

@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "CodebookLayer": "tyche.codebook.layer",
     "GroupedCodebookLayer": "tyche.codebook.layer",
     "kmeans": "tyche.codebook.kmeans",
+    "init_from_dictionary": "tyche.codebook.dictionary_init",
     "CodebookModel": "tyche.codebook.model",
     "attach": "tyche.codebook.model",
     "TrainConfig": "tyche.codebook.options",
@@ -62,6 +63,7 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.codebook.cache import CodeCache, build_cache, load_cache
     from tyche.codebook.code_search import SearchResult, code_contexts, search
+    from tyche.codebook.dictionary_init import init_from_dictionary
     from tyche.codebook.interventions import Intervention, generate, intervene, next_token_jsd
     from tyche.codebook.kmeans import kmeans
     from tyche.codebook.layer import CodebookLayer, GroupedCodebookLayer

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from tyche.cli.commandline import CommandError
 from tyche.cli.inputs import ModelSource, TextRows
 from tyche.codebook.options import TrainConfig
 
@@ -67,6 +68,13 @@ class TrainFlags(TrainConfig):
     """tokens of activations clustered by --kmeans_init"""
     kmeans_calibrate: bool = False
     """with --kmeans_init, fit the codebooks' layer norms so codes output at their inputs' scale"""
+    init_dictionary: str | None = None
+    """a SAELens or sparsify dictionary folder: the codebook at the site it writes starts from
+    its decoder directions, the rows of largest norm (in code:
+    tyche.codebook.init_from_dictionary)"""
+    init_dictionary_energies: str | None = None
+    """with --init_dictionary: the features/ folder `tyche causal --features` saved for that
+    dictionary; the codes come from the latents of largest causal energy instead"""
     replace_dead_every: int = 0
     """replace codes unused for this many steps by recent inputs (0: never)"""
     log_every: int = 50
@@ -89,6 +97,11 @@ class TrainFlags(TrainConfig):
         for name in ("lr", "code_lr"):
             check_number(getattr(self, name), f"--{name}", above=0)
         check_number(self.weight_decay, "--weight_decay", minimum=0)
+        if self.init_dictionary is not None and self.kmeans_init:
+            raise CommandError("--init_dictionary and --kmeans_init both set the codes; use one")
+        if self.init_dictionary_energies is not None and self.init_dictionary is None:
+            raise CommandError("--init_dictionary_energies ranks the latents of "
+                               "--init_dictionary; give --init_dictionary too")  # fmt: skip
         super().__post_init__()
 
     def library(self, seed: int) -> TrainConfig:

@@ -43,10 +43,16 @@ def run_train(args: CodebookTrainConfig, argv: list[str] | None = None) -> Any:
         f"the last checkpoint is in {out}/checkpoint; continue with: "
         f"{resume_command(PROG + ' train', config_flags(args) if argv is None else argv)}"
     )
+    start_codes = _dictionary_init(args.train)  # read before the model: its errors come first
     model = load_model(args.source.model)
     args.source.check_context(model, args.rows.seq_len)
     if args.from_scratch:
         reinitialise(model.base, args.rows.seed)
+    if start_codes is not None and model.sites:
+        raise CommandError(
+            f"--init_dictionary sets the codes of new codebooks, but --model "
+            f"{args.source.model} has codebooks at {model.sites} already"
+        )
     if not model.sites:
         model = attach(
             model,
@@ -59,6 +65,8 @@ def run_train(args: CodebookTrainConfig, argv: list[str] | None = None) -> Any:
             restore_scale=args.restore_scale,
             seed=args.rows.seed,
         )
+    if start_codes is not None:
+        _start_from_dictionary(model, *start_codes, args.train)
     spec, seq_len = args.rows.spec(default_data_of(args.source.model)), args.rows.seq_len
     inputs: dict[str, Any] = {"model": args.source.model, "data": spec}
     if spec.startswith("fsm:"):
@@ -111,3 +119,54 @@ def run_train(args: CodebookTrainConfig, argv: list[str] | None = None) -> Any:
         best_effort(PROG, "draw training.png", lambda: print(f"figure: {figure()}"), out)
         rank0_print(f"saved the codebook model to {out}/")
     return result
+
+
+def _dictionary_init(train: Any) -> tuple[Any, Any] | None:
+    """The dictionary of --init_dictionary and the scores of --init_dictionary_energies
+    (None: rank by decoder norm), read and checked in the flags' words; None without it."""
+    if train.init_dictionary is None:
+        return None
+    from tyche.codebook.dictionary_init import energy_scores
+    from tyche.dictionaries import load_dictionary
+    from tyche.errors import InputError
+
+    try:
+        dictionary = load_dictionary(train.init_dictionary)
+    except InputError as err:
+        raise CommandError(f"--init_dictionary: {err}") from None
+    if train.init_dictionary_energies is None:
+        return dictionary, None
+    from tyche.causal.features import LatentEnergies
+
+    try:
+        saved = LatentEnergies.load(train.init_dictionary_energies)
+        saved_for = (saved.n_latents, saved.dictionary.get("hook_name"))
+        if saved_for != (dictionary.n_latents, dictionary.hook_name):
+            raise InputError(
+                f"it holds the energies of {saved_for[0]} latents at {saved_for[1]}, not of "
+                "this dictionary"
+            )
+        scores = energy_scores(saved.latents, saved.energies, dictionary.n_latents)
+    except (InputError, OSError) as err:
+        raise CommandError(
+            f"--init_dictionary_energies: {err}; give the features/ folder "
+            "tyche causal --features saved for this dictionary"
+        ) from None
+    return dictionary, scores
+
+
+def _start_from_dictionary(model: Any, dictionary: Any, scores: Any, train: Any) -> None:
+    """Set the new codebook's codes from the dictionary's decoder rows (announced)."""
+    from tyche.codebook.dictionary_init import init_from_dictionary
+    from tyche.distributed import rank0_print
+    from tyche.errors import InputError
+
+    try:
+        ids = init_from_dictionary(model, dictionary, scores=scores)
+    except InputError as err:
+        raise CommandError(f"--init_dictionary {train.init_dictionary}: {err}") from None
+    how = "causal energy" if scores is not None else "decoder norm"
+    rank0_print(
+        f"codes initialised from {ids.shape[-1]} decoder rows of {train.init_dictionary} "
+        f"(the latents of largest {how})"
+    )

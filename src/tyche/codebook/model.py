@@ -84,6 +84,9 @@ class CodebookModel(nn.Module):
         self._detached = False
         #: optional tokenizer, saved next to the model by save_pretrained
         self.tokenizer: Any | None = None
+        #: the command line's spec of a TransformerLens base (``tl:...``), saved with the
+        #: codebooks so that the command line can rebuild that base
+        self.base_spec: str | None = None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -330,6 +333,8 @@ class CodebookModel(nn.Module):
         settings = self.settings()
         if without_base:
             settings["base_model"] = _transformer_lens_record(self.base)
+            # how the command line rebuilds that base (`--model tl:...`), when it built it
+            settings["base_model"]["spec"] = getattr(self, "base_spec", None)
         else:
             self.base.save_pretrained(path)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     import torch
 
 
+#: a model folder has one of these: an HF config, or the codebooks of a TransformerLens base
+MODEL_FILES = ("config.json", "codebooks.json")
+
+
 def split(text: str | None) -> list[str] | None:
     return split_list(text) or None
 
@@ -19,12 +23,18 @@ def check_model_spec(spec: str, flag: str = "--model") -> None:
     """A zoo language model or a local model folder, checked without loading anything."""
     from tyche.zoo.catalogue import check_name
 
+    if spec.startswith("tl:"):
+        from tyche.frameworks import require_interop
+
+        require_interop("transformer_lens", f"{flag} {spec}")
+        check_model_spec(spec[len("tl:") :], flag)
+        return
     if spec.startswith("zoo:"):
         if check_name(spec, kind="model") == "digits-mlp":
             raise CommandError(
                 f"{flag}: zoo:digits-mlp is not a language model; codebooks need one"
             )
-    elif not (Path(spec).expanduser() / "config.json").is_file():
+    elif not any((Path(spec).expanduser() / name).is_file() for name in MODEL_FILES):
         raise CommandError(f"{flag}: no model folder at {spec!r} (expected config.json there)")
 
 
@@ -53,7 +63,7 @@ def folder_of(spec: str) -> Path:
         ensure_prepared(entry)
         return entry.path
     path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
+    if not any((path / name).is_file() for name in MODEL_FILES):
         raise FileNotFoundError(f"no model folder at {spec!r} (expected config.json there)")
     return path
 
@@ -68,13 +78,30 @@ def default_data_of(spec: str) -> str | None:
 
 
 def load_model(spec: str) -> Any:
-    """A CodebookModel from a zoo name or folder (no codebooks if the folder has none)."""
+    """A CodebookModel from a zoo name or folder (no codebooks if the folder has none).
+
+    ``tl:SPEC`` measures the model as a TransformerLens HookedTransformer (see
+    ``tyche.frameworks.hooked_from_hf``); a codebook folder trained on one records that spec
+    and is loaded on the same conversion again (its weights hash checked).
+    """
     check_model_spec(spec)
+    import json
+
     from tyche.codebook.model import CODEBOOKS_CONFIG, CodebookModel
     from tyche.distributed import default_device
 
+    if spec.startswith("tl:"):
+        return _hooked_model(spec)
     folder = folder_of(spec)
-    if (folder / CODEBOOKS_CONFIG).is_file():
+    saved = folder / CODEBOOKS_CONFIG
+    base_spec = None
+    if saved.is_file():
+        base_spec = (json.loads(saved.read_text()).get("base_model") or {}).get("spec")
+    if base_spec is not None:
+        base = _hooked_model(base_spec)
+        model = CodebookModel.from_pretrained(folder, base_model=base.base)
+        model.base_spec, model.tokenizer = base_spec, model.tokenizer or base.tokenizer
+    elif saved.is_file():
         model = CodebookModel.from_pretrained(folder, device=default_device())
     else:
         from tyche.zoo.resolve import load_hf_folder
@@ -85,6 +112,27 @@ def load_model(spec: str) -> Any:
         model._rehook()
     if model.tokenizer is None:
         raise CommandError(f"{spec} has no tokenizer in its folder; codebook tools need one")
+    return model
+
+
+def _hooked_model(spec: str) -> Any:
+    """A CodebookModel without codebooks over the TransformerLens conversion of ``tl:SPEC``."""
+    from tyche.codebook.model import CODEBOOKS_CONFIG, CodebookModel
+    from tyche.distributed import default_device
+    from tyche.frameworks import HookedLM, hooked_from_hf
+    from tyche.zoo.resolve import load_hf_folder
+
+    folder = folder_of(spec[len("tl:") :])
+    if (folder / CODEBOOKS_CONFIG).is_file():
+        raise CommandError(f"--model {spec}: that folder has codebooks; give it without tl: "
+                           "(a codebook folder remembers the model it was trained on)")  # fmt: skip
+    base, tokenizer, _ = load_hf_folder(folder)
+    hooked = hooked_from_hf(str(folder), base.to(default_device()), tokenizer)
+    model = CodebookModel(HookedLM(hooked))
+    inner = spec[len("tl:") :]
+    model.tokenizer = tokenizer
+    model.base_spec = spec if inner.startswith("zoo:") else f"tl:{folder.resolve()}"
+    model._rehook()
     return model
 
 

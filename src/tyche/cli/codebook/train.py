@@ -43,6 +43,11 @@ def run_train(args: CodebookTrainConfig, argv: list[str] | None = None) -> Any:
         f"the last checkpoint is in {out}/checkpoint; continue with: "
         f"{resume_command(PROG + ' train', config_flags(args) if argv is None else argv)}"
     )
+    if args.source.model.startswith("tl:") and not args.train.freeze_base:
+        raise CommandError(
+            f"--model {args.source.model}: a TransformerLens base is not saved with the "
+            "codebooks, so it must stay as loaded; add --freeze_base"
+        )
     start_codes = _dictionary_init(args.train)  # read before the model: its errors come first
     model = load_model(args.source.model)
     args.source.check_context(model, args.rows.seq_len)

@@ -80,6 +80,11 @@ FACES: list[Command] = [
         cli="tyche.cli.zoo",
         torchrun=False,
     ),
+    Command(
+        name="splice",
+        description="spliced faithfulness of codebooks, SAEs and projections (KL, CE recovered)",
+        cli="tyche.cli.splice",
+    ),
 ]
 
 

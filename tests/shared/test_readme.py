@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interop_support import require
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -31,6 +32,10 @@ BLOCKS = _python_blocks(README)
 #: (page name relative to the repository, block index, code) for every page
 ALL_BLOCKS = [(str(page.relative_to(ROOT)), i, code)
               for page in PAGES for i, code in enumerate(_python_blocks(page))]  # fmt: skip
+
+
+#: pages whose blocks need an optional extra: they skip without it (fail in CI, which has it)
+REQUIRES = {"docs/interop.md": ("transformer_lens", "nnsight", "sae_lens", "sparsify")}
 
 
 def _trainer_style_checkpoint(folder: Path) -> None:
@@ -75,6 +80,8 @@ def test_the_readme_has_python_blocks() -> None:
                          ids=[f"{page}:block{i}" for page, i, _ in ALL_BLOCKS])  # fmt: skip
 def test_readme_block_runs_as_printed(page: str, index: int, code: str, workdir: Path,
                                       monkeypatch) -> None:  # fmt: skip
+    for module in REQUIRES.get(page, ()):
+        require(module)
     monkeypatch.chdir(workdir)
     warnings.simplefilter("ignore")  # ESS warnings are part of the results, not of this test
     exec(compile(code, f"{page} python block {index}", "exec"), {"__name__": "__readme__"})

@@ -184,7 +184,8 @@ def latent_energies(
         mask: ``(B, T)`` positions counted (and changed); None = all.
         encoder_inputs: what the encoder reads, ``(B, T, d_in)``: a transcoder's input site
             (None: ``hiddens``, for SAEs).
-        site, target_name: recorded in the result.
+        site: the site's name, recorded in the result.
+        target_name: what ``target`` is (``"model"``, ``"logit"``, ...), recorded too.
         progress: show a bar over the (row, latent) pairs.
 
     Returns:

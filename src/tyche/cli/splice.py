@@ -165,8 +165,14 @@ def parse_bases(text: str | None) -> list[BasisSpec]:
     if len(set(map(str, specs))) < len(specs):
         raise CommandError("--basis lists one basis twice; give each once")
     # two bases of one kind are told apart by their folders
-    return [BasisSpec(s.kind, s.folder, f"{s.kind}:{s.folder}" if labels.count(s.kind) > 1
-                      else s.label) for s in specs]  # fmt: skip
+    names = [s.folder.name if s.folder else "" for s in specs]
+
+    def label(s: BasisSpec, name: str) -> str:  # a kind used twice: its folders' names tell
+        if labels.count(s.kind) == 1:
+            return s.label
+        return f"{s.kind} {name}" if names.count(name) == 1 else f"{s.kind}:{s.folder}"
+
+    return [BasisSpec(s.kind, s.folder, label(s, n)) for s, n in zip(specs, names)]
 
 
 def validate(cfg: SpliceConfig) -> tuple[list[BasisSpec], list[int], list[str]]:

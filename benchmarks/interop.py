@@ -4,7 +4,7 @@ Default (``python benchmarks/interop.py``): ``zoo:shakespeare-lm`` converted to 
 TransformerLens ``HookedTransformer`` by ``tyche.frameworks.hooked_from_hf`` (unprocessed
 weights) and wrapped by ``nnsight.NNsight``; 32 × 128 tokens of ``zoo:shakespeare``.
 
-Reported, interleaved over ``--repeats`` rounds (medians):
+Reported, interleaved over ``--repeats`` rounds after one warm-up round (medians):
 
 * the conversion's time and the largest logit difference HF against TransformerLens;
 * one forward pass on all tokens, HF against ``HookedLM`` (the TransformerLens einsums);
@@ -76,13 +76,14 @@ def main() -> None:
             "nnsight": (NNsight(hf), "resid_pre.1")}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in runs}
     energies: dict[str, list[float]] = {}
-    for _ in range(args.repeats):  # interleaved, so that the machine's load falls on all three
+    for rep in range(args.repeats + 1):  # interleaved, so that the load falls on all three
         for name, (model, site) in runs.items():
             start = time.perf_counter()
             bases = extract_causal_bases(
                 model, tokens, args.k, sites=[site], options=options, progress=False
             )
-            times[name].append(time.perf_counter() - start)
+            if rep:  # round 0 warms the caches up and is not counted
+                times[name].append(time.perf_counter() - start)
             energies[name] = next(iter(bases.values())).energies.tolist()
     report["causal"] = {
         name: {"seconds": statistics.median(times[name]), "energies": energies[name]}

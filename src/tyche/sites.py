@@ -24,6 +24,11 @@ named in two ways.
                       final norm
   ==================  ===========================================================  =============
 
+  On a TransformerLens model (``tyche.frameworks.HookedLM``) the aliases are its hook points
+  (``resid_pre.i`` is ``blocks.i.hook_resid_pre``, ``attn_heads.i`` is ``blocks.i.attn.hook_z``,
+  already per head); TransformerLens hook names and nnsight paths also resolve on HF models
+  (:mod:`tyche.hook_names`).
+
 * **Module names** from ``model.named_modules()``: ``transformer.h.0.mlp`` is that module's
   output, ``transformer.h.0.mlp:input`` its first input. On a TransformerLens model a hook
   point whose output is per head (``blocks.i.attn.hook_z``) is per head by its own name too,

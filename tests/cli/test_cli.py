@@ -200,7 +200,12 @@ def test_basin_command_on_digits(tmp_path, capsys):
     assert "preconditioner" in run.out and "adam" in run.out and "slope" in run.out
     assert "--lambda fits it with an interval" in run.out  # the table's hint, in flag words
     assert run.out.count("settings: ") == 1 and "data 1,024 digits training inputs" in run.out
+    header = next(line for line in run.out.splitlines() if line.startswith("preconditioner"))
+    assert "k̂" in header and "verdict" in header
+    rows = [line for line in run.out.splitlines() if line.startswith(("none ", "adam "))]
+    assert len(rows) == 4 and all("   inf lower bound only " in line for line in rows)
     summary = json.loads((out / "summary.json").read_text())
+    assert all(r["verdict"] == "lower bound only" and "max_weight_share" in r for r in summary)
     assert {(r["preconditioner"], r["cutoff"]) for r in summary} == {
         ("none", 1e-3), ("none", 1e-2), ("adam", 1e-3), ("adam", 1e-2),
     }  # fmt: skip
@@ -293,7 +298,13 @@ def test_basin_lambda_and_where_on_digits(tmp_path, capsys):
     assert {(r["subset"], r["cutoff"]) for r in summary} == {
         (t, c) for t in ("all", "label=3") for c in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     }
-    assert all("lambda" in r and len(r["lambda_ci"]) == 2 for r in summary)
+    # 8 directions are too few for k̂ (it needs 21): every log P is a lower bound only, k̂ is
+    # inf (null in JSON), and λ's bootstrap numbers are a spread, not a confidence interval
+    assert all(r["verdict"] == "lower bound only" and r["khat"] is None for r in summary)
+    assert all(r["lambda_verdict"] == "lower bound only" for r in summary)
+    assert all(r["lambda_ci"] is None and len(r["lambda_spread"]) == 2 for r in summary)
+    assert "λ = " in run.out and "UNRELIABLE: lower bound only" in run.out
+    assert "lower bound only (fewer than 21 directions cannot show the weights' tail)" in run.out
     assert (out / "cutoff_scan.png").stat().st_size > 10_000
     # 'all' is the run without --where, on the same directions
     plain = _digits_curve()

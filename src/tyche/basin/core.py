@@ -43,7 +43,7 @@ from tyche.basin.radial import (
     log_unit_sphere_area,
 )
 from tyche.basin.radius import RadiusSearch, search_radii
-from tyche.basin.result import LOW_ESS, VolumeResult
+from tyche.basin.result import VolumeResult
 from tyche.basin.sampling import DirectionBatch, sq_norm
 from tyche.errors import InputError
 from tyche.io import model_hash
@@ -259,11 +259,11 @@ def _warn_if_bound(curve: BasinCurve) -> None:
     if len(bound) == len(curve) == 1:
         bound[0].warn_if_bound(stacklevel=4)
     elif bound:
-        shown = ", ".join(f"{r.cutoff:g} (ESS {r.ess:.2f})" for r in bound)
+        shown = ", ".join(f"{r.cutoff:g} (ESS {r.ess:.2f}, k̂ {r.khat:.2f})" for r in bound)
         warnings.warn(
-            f"effective sample size below {LOW_ESS} at cutoffs {shown}: there the log-mean-exp "
-            "is dominated by the largest sample, so it is only a lower bound on the log-"
-            "probability; use a preconditioner or more samples.",
+            f"effective sample size and Pareto k̂ at cutoffs {shown}: lower bound only there: "
+            f"{bound[0].bound_reason}, so the log-mean-exp lies below the log-probability; "
+            "use a preconditioner or more samples.",
             stacklevel=3,
         )
 

@@ -2,7 +2,8 @@
 
 Every direction is searched once for all cutoffs (``estimate_basin(..., cutoffs=[...])``), so
 the K results share their directions, their ``props`` and their evaluation count; each
-cutoff's column is a complete `VolumeResult` (``curve[k]`` or ``curve.at(cutoff)``).
+cutoff's column is a complete `VolumeResult` (``curve[k]`` or ``curve.at(cutoff)``), with
+its own Pareto k̂ and verdict (``curve.khats``, ``curve.verdicts``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ class BasinCurve(ResultIO):
     def log_probs(self) -> torch.Tensor:
         """log-mean-exp of the estimates at each cutoff, (K,) nats."""
         return log_mean_exp(self.estimates.double(), dim=0)
+
+    @property
+    def khats(self) -> tuple[float, ...]:
+        """The Pareto k̂ of the weights at each cutoff (`VolumeResult.khat`), (K,)."""
+        return tuple(res.khat for res in self.results)
+
+    @property
+    def verdicts(self) -> tuple[str, ...]:
+        """The verdict at each cutoff (`VolumeResult.verdict`), (K,)."""
+        return tuple(res.verdict for res in self.results)
 
     @property
     def evals_per_direction(self) -> float:

@@ -11,8 +11,15 @@ at small cutoffs log P(ε) ≈ λ log ε + c.
 directions at every cutoff (the cutoffs share their directions, so their errors are
 correlated), the log-mean-exp at each cutoff recomputed, the line refitted. The interval
 covers the sampling noise of the directions drawn, not the bias of an estimate that is only
-a lower bound (low ESS); see the caveat in the README: ray sampling sees almost only the
-quadratic directions of a degenerate minimum.
+a lower bound; see the caveat in the README: ray sampling sees almost only the quadratic
+directions of a degenerate minimum.
+
+Each fitted cutoff's log P carries a Pareto k̂ and a verdict (`VolumeResult.verdict`); λ
+carries the worst of them. When that is "lower bound only", every log P it leans on may lie
+far below the truth and so may the slope between them: ``describe`` then calls λ
+unreliable, reports the bootstrap numbers as a *spread over directions* (not an interval
+covering λ), and ``interval`` is None (summary.json: ``lambda_ci`` null, the spread in
+``lambda_spread``).
 
 The curve is called *not yet straight* when the local slopes between consecutive fitted
 cutoffs differ by more than ``straight_rtol`` of λ and by more than their bootstrap noise:
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from tyche.basin.curve import BasinCurve
+from tyche.basin.psis import LOWER_BOUND, worst_verdict
 from tyche.basin.result import log_mean_exp
 from tyche.errors import InputError
 from tyche.io import ResultIO
@@ -38,7 +46,9 @@ class LearningCoefficient(ResultIO):
 
     ``cutoffs``/``log_probs`` are the fitted points; ``local_slopes`` the slopes between
     consecutive fitted points (smallest first); ``straight`` is None when fewer than three
-    points leave straightness untested.
+    points leave straightness untested. ``ci_low``/``ci_high`` are the bootstrap percentiles
+    over directions; ``khats`` the Pareto k̂ at each fitted cutoff and ``verdict`` the worst of
+    their verdicts (None for a λ saved before they were recorded).
     """
 
     value: float
@@ -53,19 +63,44 @@ class LearningCoefficient(ResultIO):
     note: str
     n_params: int
     n_samples: int
+    khats: tuple[float, ...] = ()
+    verdict: str | None = None
 
     @property
     def ratio_to_half_dimension(self) -> float:
         """λ / (D/2): 1 for a regular minimum seen in every direction."""
         return self.value / (self.n_params / 2)
 
+    @property
+    def reliable(self) -> bool:
+        """False when a fitted log P is a lower bound only (or the verdict was not recorded)."""
+        return self.verdict is not None and self.verdict != LOWER_BOUND
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The bootstrap interval (ci_low, ci_high) when λ is reliable, else None."""
+        return (self.ci_low, self.ci_high) if self.reliable else None
+
     def describe(self) -> str:
-        """One line: λ, its interval, λ/(D/2) and the straightness note."""
+        """One line: λ, its interval (or, unreliable, its spread), the k̂s and verdict,
+        λ/(D/2) and the straightness note."""
+        cutoffs = ", ".join(f"{c:g}" for c in self.cutoffs)
+        spread = f"[{self.ci_low:,.1f}, {self.ci_high:,.1f}]"
+        khats = ", ".join(f"{k:.2f}" for k in self.khats)
+        tail = f"λ/(D/2) = {self.ratio_to_half_dimension:.4f}; {self.note}"
+        if self.verdict is None:
+            return (f"λ = {self.value:,.1f} {spread} ({self.level:.0%} bootstrap over "
+                    f"directions; cutoffs {cutoffs}; no k̂ recorded); {tail}")  # fmt: skip
+        if not self.reliable:
+            return (
+                f"λ = {self.value:,.1f} UNRELIABLE: lower bound only at the fitted cutoffs "
+                f"{cutoffs} (k̂ {khats}), so each log P fitted may lie far below the truth and "
+                f"λ with it; bootstrap spread over directions {spread} (resampling noise only, "
+                f"not an interval covering λ); {tail}"
+            )
         return (
-            f"λ = {self.value:,.1f} [{self.ci_low:,.1f}, {self.ci_high:,.1f}] "
-            f"({self.level:.0%} bootstrap over directions; cutoffs "
-            f"{', '.join(f'{c:g}' for c in self.cutoffs)}); λ/(D/2) = "
-            f"{self.ratio_to_half_dimension:.4f}; {self.note}"
+            f"λ = {self.value:,.1f} {spread} ({self.level:.0%} bootstrap over directions; "
+            f"cutoffs {cutoffs}; k̂ {khats}: {self.verdict}); {tail}"
         )
 
 
@@ -115,6 +150,7 @@ def learning_coefficient(
     lo, hi = torch.quantile(boot_slope, q).tolist()
 
     lam = float(slope)
+    fitted = [curve[i] for i in range(k)]
     if k < 3:
         straight, note = None, "straightness untested (fit three or more cutoffs to test it)"
     else:
@@ -146,6 +182,8 @@ def learning_coefficient(
         note=note,
         n_params=curve.n_params,
         n_samples=n,
+        khats=tuple(res.khat for res in fitted),
+        verdict=worst_verdict([res.verdict for res in fitted]),
     )
 
 

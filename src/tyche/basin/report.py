@@ -12,6 +12,18 @@ from typing import Any
 
 from tyche.basin.curve import BasinCurve
 from tyche.basin.lambda_fit import LearningCoefficient
+from tyche.basin.psis import (
+    ESTIMATE_BELOW,
+    LOWER_BOUND,
+    MIN_SAMPLES,
+    NOISY,
+    NOISY_BELOW,
+    VERDICTS,
+)
+from tyche.basin.result import VolumeResult
+
+#: the verdict column's width: its longest word
+VERDICT_WIDTH = max(len(v) for v in VERDICTS)
 
 __all__ = ["Row", "results_table", "summary_rows"]
 
@@ -43,10 +55,23 @@ def summary_rows(rows: list[Row]) -> list[dict[str, Any]]:
             entry["seconds"] = row.seconds
             entry["curve_cutoffs"] = len(row.curve)
             if row.lam is not None:
-                entry.update(lambda_=row.lam.value, lambda_ci=[row.lam.ci_low, row.lam.ci_high],
-                             lambda_straight=row.lam.straight)  # fmt: skip
+                entry.update(_lambda_entry(row.lam))
             out.append({k.rstrip("_"): v for k, v in entry.items()})
     return out
+
+
+def _lambda_entry(lam: LearningCoefficient) -> dict[str, Any]:
+    """λ's keys of a summary row: ``lambda_ci`` is null when λ is unreliable (a fitted log P
+    is a lower bound only); ``lambda_spread`` always holds the bootstrap percentiles."""
+    interval = lam.interval
+    return {
+        "lambda_": lam.value,
+        "lambda_ci": None if interval is None else list(interval),
+        "lambda_spread": [lam.ci_low, lam.ci_high],
+        "lambda_khat": max(lam.khats, default=math.nan),
+        "lambda_verdict": lam.verdict,
+        "lambda_straight": lam.straight,
+    }
 
 
 def results_table(rows: list[Row], n_params: int, fit_hint: str | None = None) -> str:
@@ -60,23 +85,21 @@ def results_table(rows: list[Row], n_params: int, fit_hint: str | None = None) -
     sub = f" {'subset':<{width}}" if subsets else ""
     head = (
         f"{'preconditioner':<14}{sub} {'cutoff':>8} {'log P (nats)':>16} {'95% CI':>27} "
-        f"{'max':>12} {'ESS':>6} {'evals/dir':>9} {'time (s)':>9}"
+        f"{'k̂':>7} {'verdict':<{VERDICT_WIDTH}} {'max':>12} {'ESS':>6} {'evals/dir':>9} "
+        f"{'time (s)':>9}"
     )
-    lines = [head, "-" * len(head)]
+    lines = [head, "-" * (len(head) - 1)]  # k̂ is two code points in one column
     for row in rows:
         for res in row.curve.results:
             lo, hi = res.interval()
             cell = f" {row.subset or 'all':<{width}}" if subsets else ""
             lines.append(
                 f"{row.kind:<14}{cell} {res.cutoff:>8.0e} {res.log_prob:>16,.1f} "
-                f"{f'[{lo:,.0f}, {hi:,.0f}]':>27} {res.max:>12,.1f} {res.ess:>6.2f} "
+                f"{f'[{lo:,.0f}, {hi:,.0f}]':>27} {res.khat:>6.2f} "
+                f"{res.verdict:<{VERDICT_WIDTH}} {res.max:>12,.1f} {res.ess:>6.2f} "
                 f"{row.curve.evals_per_direction:>9.2f} {row.seconds:>9.1f}"
             )
-    if any(res.is_lower_bound for row in rows for res in row.curve.results):
-        lines.append(
-            "ESS ≈ 1: the log-mean-exp is dominated by its best direction, so it is a lower "
-            "bound (the paper's regime); more directions or a better preconditioner raise it."
-        )
+    lines += _verdict_notes([res for row in rows for res in row.curve.results])
     if rows and len(rows[0].curve) > 1:
         lines.append(
             f"evals/dir and time are per curve: each direction is searched once for all "
@@ -88,6 +111,27 @@ def results_table(rows: list[Row], n_params: int, fit_hint: str | None = None) -
         if not fitted:
             lines.append(_slope_line(rows[0].curve, n_params, fit_hint))
     return "\n".join(lines)
+
+
+def _verdict_notes(results: list[VolumeResult]) -> list[str]:
+    """The footnotes that explain the verdicts the table shows."""
+    notes = []
+    if any(res.verdict == NOISY for res in results):
+        notes.append(
+            f"noisy: Pareto k̂ in [{ESTIMATE_BELOW}, {NOISY_BELOW}): the weights' variance is "
+            "infinite, so log P converges slowly and its interval is optimistic."
+        )
+    bound = [res for res in results if res.verdict == LOWER_BOUND]
+    if bound:
+        few = any(res.n_samples < MIN_SAMPLES for res in bound)
+        why = (f"fewer than {MIN_SAMPLES} directions cannot show the weights' tail"
+               if few else f"Pareto k̂ ≥ {NOISY_BELOW}")  # fmt: skip
+        notes.append(
+            f"lower bound only ({why}): the log-mean-exp is dominated by its best directions, "
+            "so log P lies below the truth and its CI spans the resampling noise only (the "
+            "paper's regime); more directions or a better preconditioner raise it."
+        )
+    return notes
 
 
 def _slope_line(curve: BasinCurve, n_params: int, fit_hint: str | None) -> str:

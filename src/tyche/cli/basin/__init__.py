@@ -299,7 +299,7 @@ def _run(cmd: BasinConfig, plan: Plan, argv: list[str]) -> dict[str, VolumeResul
         for kind in kinds:
             t0 = time.perf_counter()
             try:
-                with warnings.catch_warnings():  # the ESS column and footnote say it
+                with warnings.catch_warnings():  # the verdict column and footnote say it
                     warnings.filterwarnings("ignore", message="effective sample size")
                     curve = estimate_basin(
                         loss,

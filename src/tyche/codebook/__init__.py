@@ -9,6 +9,8 @@
   fires;
 - :func:`intervene` forces, replaces, appends or blocks codes; :func:`generate` samples under
   interventions;
+- :func:`topic_codes` finds the codes active throughout a set of documents (rows) and rarely
+  elsewhere, :func:`topic_interventions` forces several of them in one codebook's weakest slots;
 - :mod:`tyche.codebook.tokfsm` is the paper's finite-state-machine task and its metrics;
 - :mod:`tyche.codebook.report` formats what the command prints, :mod:`tyche.codebook.plot`
   draws the training curves (:func:`plot_training`) and code usage.
@@ -46,7 +48,9 @@ _LAZY: dict[str, str] = {
     "next_token_jsd": "tyche.codebook.interventions",
     "FSM": "tyche.codebook.tokfsm",
     "state_forcing": "tyche.codebook.steering",
-    "topic_codes": "tyche.codebook.steering",
+    "TopicResult": "tyche.codebook.topics",
+    "topic_codes": "tyche.codebook.topics",
+    "topic_interventions": "tyche.codebook.topics",
     "topic_steering": "tyche.codebook.steering",
     "plot_code_usage": "tyche.codebook.plot",
     "plot_training": "tyche.codebook.plot",
@@ -78,8 +82,9 @@ if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
         tokfsm_accuracy_text,
         training_line,
     )
-    from tyche.codebook.steering import state_forcing, topic_codes, topic_steering
+    from tyche.codebook.steering import state_forcing, topic_steering
     from tyche.codebook.tokfsm import FSM
+    from tyche.codebook.topics import TopicResult, topic_codes, topic_interventions
     from tyche.codebook.train import (
         TrainResult,
         evaluate_lm,

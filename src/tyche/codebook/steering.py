@@ -8,7 +8,7 @@
   code is forced and the model can read the real state from its digits again): rates, and
   JSDs to the distributions after a prefix that really ends in s'. A third measure carries
   the codes of the run ending in s' through the next state's digits too.
-- :func:`topic_codes` + :func:`topic_steering`: find codes that fire on a word by regex search
+- :func:`word_codes` + :func:`topic_steering`: find codes that fire on a word by regex search
   over a cache, force them at every position while sampling, and count how many continuations
   contain the word, against the same sampling without the intervention.
 """
@@ -29,7 +29,7 @@ from tyche.codebook.tokfsm import FSM, next_state_probs, state_labels
 from tyche.divergence import token_jsd
 from tyche.errors import InputError
 
-__all__ = ["state_codes", "state_forcing", "topic_codes", "topic_steering"]
+__all__ = ["state_codes", "state_forcing", "topic_steering", "word_codes"]
 
 
 @torch.no_grad()
@@ -213,7 +213,7 @@ def state_forcing(
     }
 
 
-def topic_codes(
+def word_codes(
     cache: CodeCache,
     pattern: str,
     *,

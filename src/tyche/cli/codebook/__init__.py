@@ -6,6 +6,8 @@ Examples::
         --num_codes 512 --k 4 --steps 600 --out runs/cb-shakespeare
     tyche codebook cache --model runs/cb-shakespeare --out runs/cb-cache
     tyche codebook search --cache runs/cb-cache --pattern '\\bking\\b'
+    tyche codebook topics --cache runs/cb-cache --word king     # codes of the rows with "king"
+    tyche codebook intervene --cache runs/cb-cache --prompt 'My' --topic 'attn_heads.0/h1:3,...'
     tyche codebook contexts --cache runs/cb-cache --site mlp_out.1 --code 42
     tyche codebook intervene --model runs/cb-shakespeare --prompt 'To be' --force mlp_out.1:42
     tyche codebook steer --cache runs/cb-cache --words king,love,blood,death
@@ -28,6 +30,7 @@ from tyche.cli.codebook.args import (
     SearchConfig,
     SteerConfig,
     TokFSMEvalConfig,
+    TopicsConfig,
 )
 from tyche.cli.codebook.checks import check_args
 from tyche.cli.codebook.folders import claim
@@ -39,6 +42,7 @@ from tyche.cli.codebook.tools import (
     run_search,
     run_steer,
     run_tokfsm,
+    run_topics,
 )
 from tyche.cli.codebook.train import PROG, run_train
 from tyche.cli.commandline import Subcommand, route
@@ -67,6 +71,7 @@ CONFIGS: dict[str, tuple[type, str]] = {
     "train": (CodebookTrainConfig, "attach codebooks and train them (and the model)"),
     "cache": (CacheConfig, "store every token's code ids over data"),
     "search": (SearchConfig, "find codes that fire on a regex"),
+    "topics": (TopicsConfig, "find the topic codes of documents (rows, a regex, a word)"),
     "contexts": (ContextsConfig, "show where a code fires"),
     "intervene": (InterveneConfig, "generate with codes forced/blocked"),
     "steer": (SteerConfig, "topic steering table for words"),
@@ -77,6 +82,7 @@ COMMANDS: dict[str, Subcommand] = {
     "train": _checked("train", run_train, with_argv=True),
     "cache": _checked("cache", run_cache),
     "search": _checked("search", run_search),
+    "topics": _checked("topics", run_topics),
     "contexts": _checked("contexts", run_contexts),
     "intervene": _checked("intervene", run_intervene),
     "steer": _checked("steer", run_steer),

@@ -197,6 +197,34 @@ class SearchConfig:
 
 
 @dataclass
+class TopicsConfig:
+    """Find the topic codes of documents: codes active at many of their tokens, rarely
+    elsewhere (ranked by the log odds ratio of firing inside against outside)."""
+
+    cache: str = "runs/codebook-cache"
+    """cache folder (tyche codebook cache)"""
+    rows: str | None = None
+    """the document: these cache rows, comma separated (e.g. 0,1,2 or 0-4,9)"""
+    regex: str | None = None
+    """the documents: every cache row whose text matches this regex"""
+    word: str | None = None
+    """the documents: every cache row that contains this word (whole word, any case),
+    against the rows that don't"""
+    sites: str | None = None
+    """codebook sites to search, comma separated (default: all)"""
+    min_recall: float = 0.2
+    """drop codes active at fewer of the documents' tokens than this share"""
+    min_precision: float = 0.01
+    """drop codes with fewer of their activations inside the documents than this share"""
+    top: int = 20
+    """rows shown (and saved)"""
+    out: str | None = None
+    """also save the result here (meta.json + tensors.safetensors)"""
+    overwrite: bool = False
+    """with --out: replace a result of other settings there"""
+
+
+@dataclass
 class ContextsConfig:
     """Show the contexts where a code fired, the token marked."""
 
@@ -230,6 +258,10 @@ class InterveneConfig(ModelFlags):
     """codes added as an extra slot (same syntax)"""
     block: str = ""
     """codes never chosen (the next best takes their place)"""
+    topic: str = ""
+    """topic codes forced together (same syntax, e.g. the line tyche codebook topics prints):
+    the codes of one codebook (head) take its weakest slots k-1, k-2, ... at every position;
+    at most k per codebook (use --append to add codes as extra slots instead)"""
     n_samples: int = 3
     """continuations per setting"""
     max_new_tokens: int = 32

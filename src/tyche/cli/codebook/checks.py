@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +49,16 @@ def check_args(args: Any) -> None:
     if isinstance(args, flags.CacheConfig):
         check_writable_folder(args.out, "--out")
         check_cache_folder(args)
-    reads_a_cache = flags.SearchConfig | flags.ContextsConfig | flags.SteerConfig | flags.AppConfig
+    reads_a_cache = (flags.SearchConfig | flags.ContextsConfig | flags.SteerConfig
+                     | flags.AppConfig | flags.TopicsConfig)  # fmt: skip
     if isinstance(args, reads_a_cache):
         _check_cache(args.cache)
     if isinstance(args, flags.SearchConfig):
         check_number(args.min_recall, "--min_recall", minimum=0)
         check_number(args.min_precision, "--min_precision", minimum=0)
         _check_counts(top=args.top)
+    if isinstance(args, flags.TopicsConfig):
+        _check_topics(args)
     if isinstance(args, flags.ContextsConfig):
         check_number(args.code, "--code", minimum=0, integer=True)
         _check_counts(n=args.n)
@@ -63,8 +68,10 @@ def check_args(args: Any) -> None:
             _check_cache(args.cache)
         else:
             check_model_spec(args.model)
-        if not any(getattr(args, m) for m in ("force", "replace", "append", "block")):
-            raise CommandError("give at least one of --force, --replace, --append, --block")
+        if not any(getattr(args, m) for m in ("force", "replace", "append", "block", "topic")):
+            raise CommandError(
+                "give at least one of --force, --replace, --append, --block, --topic"
+            )
         _check_counts(n_samples=args.n_samples, max_new_tokens=args.max_new_tokens)
         check_number(args.temperature, "--temperature", minimum=0)
         if not args.prompt.strip():
@@ -87,3 +94,46 @@ def check_args(args: Any) -> None:
         check_number(args.seq_len, "--seq_len", minimum=3, integer=True)
     if isinstance(args, flags.AppConfig):
         check_number(args.port, "--port", minimum=1, integer=True)
+
+
+def document_rows(text: str, n_rows: int) -> list[int]:
+    """The rows of ``topics --rows``: ``"0,1,2"`` or ranges ``"0-4,9"``, each in the cache."""
+    rows: list[int] = []
+    for piece in split_list(text):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", piece)
+        if m is None:
+            raise CommandError(f"--rows: cannot read {piece!r}; give row numbers or ranges, "
+                               "comma separated, e.g. --rows 0,1,2 or --rows 0-4,9")  # fmt: skip
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi < lo or hi >= n_rows:
+            raise CommandError(f"--rows {piece}: the cache has {n_rows} rows (0 to "
+                               f"{n_rows - 1}); give rows in that range")  # fmt: skip
+        rows += range(lo, hi + 1)
+    if not rows:
+        raise CommandError("--rows is empty; e.g. --rows 0,1,2")
+    return sorted(set(rows))
+
+
+def _check_topics(args: flags.TopicsConfig) -> None:
+    """One way to give the documents, each readable; the thresholds fractions."""
+    given = [f"--{n}" for n in ("rows", "regex", "word") if getattr(args, n) is not None]
+    if len(given) != 1:
+        got = "none" if not given else " and ".join(given)
+        raise CommandError(f"give exactly one of --rows, --regex, --word to say which "
+                           f"documents, not {got}; e.g. --word king")  # fmt: skip
+    if args.rows is not None:
+        manifest = json.loads((Path(args.cache).expanduser() / "manifest.json").read_text())
+        document_rows(args.rows, int(manifest["n_sequences"]))
+    if args.regex is not None:
+        try:
+            re.compile(args.regex)
+        except re.error as err:
+            raise CommandError(f"--regex {args.regex!r} is not a valid regex: {err}") from None
+    if args.word is not None and not args.word.strip():
+        raise CommandError("--word is empty; e.g. --word king")
+    for name in ("min_recall", "min_precision"):
+        value = getattr(args, name)
+        check_number(value, f"--{name}", minimum=0)
+        if value > 1:
+            raise CommandError(f"--{name} is a share of tokens, at most 1; got {value:g}")
+    _check_counts(top=args.top)

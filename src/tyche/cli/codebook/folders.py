@@ -1,4 +1,4 @@
-"""The output folders of ``tyche codebook train | cache | search | steer``: what each run
+"""The output folders of ``tyche codebook train | cache | search | topics | steer``: what each run
 owns there, the settings that make its identity, and the checks of a resumed training run.
 
 Everything here reads files only (no torch), so a refused run ends before a model loads.
@@ -66,6 +66,7 @@ OWNED = {
         ),  # fmt: skip
     ),
     "search": Owned(names=("meta.json", "tensors.safetensors")),
+    "topics": Owned(names=("meta.json", "tensors.safetensors")),
 }
 #: the checkpoint's settings file (see tyche.codebook.train)
 TRAINER_STATE = Path("checkpoint") / "trainer_state.json"

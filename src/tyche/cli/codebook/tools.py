@@ -1,4 +1,4 @@
-"""``tyche codebook`` cache, search, contexts, intervene, steer, tokfsm and app."""
+"""``tyche codebook`` cache, search, topics, contexts, intervene, steer, tokfsm and app."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from tyche.cli.codebook.args import (
     SearchConfig,
     SteerConfig,
     TokFSMEvalConfig,
+    TopicsConfig,
 )
+from tyche.cli.codebook.checks import document_rows
 from tyche.cli.codebook.loading import default_data_of, folder_of, load_model, load_rows, split
 from tyche.cli.commandline import CommandError, check_context, split_list
 from tyche.codebook.report import (
@@ -84,6 +86,47 @@ def run_search(args: SearchConfig) -> Any:
     return result
 
 
+def run_topics(args: TopicsConfig) -> Any:
+    from dataclasses import replace
+
+    from tyche.codebook.cache import load_cache
+    from tyche.codebook.steering import word_regex
+    from tyche.codebook.topics import topic_codes
+    from tyche.errors import InputError
+
+    cache = load_cache(args.cache)
+    unknown = [s for s in split(args.sites) or [] if s not in cache.sites]
+    if unknown:
+        raise CommandError(f"--sites: the cache has no codebooks at {unknown}; it has "
+                           f"{cache.sites}")  # fmt: skip
+    if args.rows is not None:
+        flag, documents = f"--rows {args.rows}", document_rows(args.rows, cache.n_sequences)
+    elif args.regex is not None:
+        flag, documents = f"--regex {args.regex!r}", args.regex
+    else:
+        flag, documents = f"--word {args.word!r}", word_regex(args.word)
+    try:
+        result = topic_codes(
+            cache,
+            documents,
+            sites=split(args.sites),
+            min_recall=args.min_recall,
+            min_precision=args.min_precision,
+            top=args.top,
+        )
+    except InputError as err:
+        raise CommandError(f"{flag}: {err}") from None
+    if args.word is not None:
+        result = replace(result, documents=f"the rows containing the word {args.word!r}")
+    print(result.table())
+    if result.codes:
+        print(f"to force them: tyche codebook intervene --cache {args.cache} "
+              f"--topic '{result.spec()}'")  # fmt: skip
+    if args.out:
+        print(f"saved to {result.save(args.out)}/")
+    return result
+
+
 def run_contexts(args: ContextsConfig) -> Any:
     from tyche.codebook.cache import load_cache
     from tyche.codebook.code_search import code_contexts
@@ -109,6 +152,7 @@ def run_intervene(args: InterveneConfig) -> Any:
     ivs = []
     for mode in ("force", "replace", "append", "block"):
         ivs += parse_interventions(getattr(args, mode), mode)  # type: ignore[arg-type]
+    topic = parse_interventions(args.topic, "replace")
     if args.cache:
         from tyche.codebook.cache import load_cache
 
@@ -121,6 +165,8 @@ def run_intervene(args: InterveneConfig) -> Any:
         raise CommandError("--prompt gives no tokens")
     horizon = ids.shape[1] + args.max_new_tokens - 1  # the longest forward pass generating
     _check_positions(ivs, ids.shape[1], args.max_new_tokens)
+    _check_positions(topic, ids.shape[1], args.max_new_tokens, "--topic")
+    ivs += _topic_slots(model, topic)
     jsd = float(next_token_jsd(model, ids, ivs, horizon=horizon)[0])
     ids = ids.repeat(args.n_samples, 1)
     sampling = {
@@ -141,16 +187,33 @@ def run_intervene(args: InterveneConfig) -> Any:
     return {"jsd": jsd, **outs}
 
 
-def _check_positions(ivs: list[Any], prompt_len: int, max_new_tokens: int) -> None:
-    """Refuse, in the flags' words, a position that no forward pass of the generation has."""
+def _topic_slots(model: Any, topic: list[Any]) -> list[Any]:
+    """The --topic codes in their codebooks' weakest slots (at most k per codebook)."""
+    from tyche.codebook.topics import topic_interventions
+    from tyche.errors import InputError
+
+    try:
+        slots = {iv.site: model.codebook(iv.site).k for iv in topic}
+        return topic_interventions(topic, k=slots)
+    except InputError as err:
+        text = str(err).replace("as extra slots instead", "as extra slots with --append instead")
+        raise CommandError(f"--topic: {text}") from None
+
+
+def _check_positions(
+    ivs: list[Any], prompt_len: int, max_new_tokens: int, flag: str | None = None
+) -> None:
+    """Refuse, in the flags' words, a position that no forward pass of the generation has
+    (``flag`` names the flag of ``ivs``; default: their mode's)."""
     from tyche.codebook.interventions import beyond_horizon
 
     horizon = prompt_len + max_new_tokens - 1
     found = beyond_horizon(ivs, horizon)
     if found is not None:
         iv, p = found
+        what = f"--{iv.spec}" if flag is None else f"{flag} {iv.spec.split(' ', 1)[1]}"
         raise CommandError(
-            f"--{iv.spec}: position {p} can never apply: the prompt "
+            f"{what}: position {p} can never apply: the prompt "
             f"has {prompt_len} tokens and --max_new_tokens {max_new_tokens} feeds back at "
             f"most {horizon} (positions {-horizon} to {horizon - 1}); give a position in "
             "that range"
@@ -159,7 +222,7 @@ def _check_positions(ivs: list[Any], prompt_len: int, max_new_tokens: int) -> No
 
 def run_steer(args: SteerConfig) -> Any:
     from tyche.codebook.cache import load_cache
-    from tyche.codebook.steering import topic_codes, topic_steering, word_regex
+    from tyche.codebook.steering import topic_steering, word_codes, word_regex
     from tyche.io import json_text
 
     words = split_list(args.words)
@@ -171,7 +234,7 @@ def run_steer(args: SteerConfig) -> Any:
     prompts = tok.batch_decode(rows)
     table = []
     for word in words:
-        ivs = topic_codes(
+        ivs = word_codes(
             cache,
             word_regex(word, before=args.target == "before"),
             sites=split(args.sites),

@@ -20,6 +20,8 @@ both frameworks resolve as described in :mod:`tyche.hook_names`.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -204,8 +206,6 @@ def _filtered(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> t
 
 def require_interop(module: str, what: str) -> Any:
     """Import ``module`` (a library of the ``[interop]`` extra) or say how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -243,8 +243,6 @@ def hooked_from_hf(folder: str, hf_model: nn.Module, tokenizer: Any = None) -> n
     state = loading.get_pretrained_state_dict(
         str(folder), cfg, hf_model=hf_model, dtype=param.dtype
     )
-    import warnings
-
     with warnings.catch_warnings():  # HookedTransformer's deprecation notice
         warnings.simplefilter("ignore")
         hooked = tl.HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)

@@ -271,7 +271,7 @@ def alias_sites(model: nn.Module) -> dict[str, Site]:
     found = _find_blocks(model)
     if found is None:
         return sites
-    if _submodule(model, _join(found[0], "0.hook_resid_pre")) is not None:
+    if _has_hook_points(model, found):
         return _hook_point_sites(model, found[0], len(found[1]))
     add("embed", _embedding_or_none(model), "output")
     for i, block in enumerate(found[1]):
@@ -306,6 +306,12 @@ def _forward_rank(children: list[tuple[str, nn.Module]]) -> dict[str, tuple[int,
         name: (_HOOK_POINT_ORDER.index(name) if name in _HOOK_POINT_ORDER else last, i)
         for i, (name, _) in enumerate(children)
     }
+
+
+def _has_hook_points(model: nn.Module, found: tuple[str, nn.ModuleList] | None) -> bool:
+    """Whether ``model`` is a TransformerLens model: its first block has ``hook_resid_pre``
+    (``found`` is :func:`_find_blocks`'s answer)."""
+    return found is not None and _submodule(model, _join(found[0], "0.hook_resid_pre")) is not None
 
 
 def _hook_point_sites(model: nn.Module, blocks_path: str, n: int) -> dict[str, Site]:
@@ -373,9 +379,7 @@ class _Catalog:
         self.ids = {id(m) for m in model.modules()}
         found = _find_blocks(model)
         self.n_layers = len(found[1]) if found else 0
-        self.hook_points = (
-            found is not None and _submodule(model, _join(found[0], "0.hook_resid_pre")) is not None
-        )
+        self.hook_points = _has_hook_points(model, found)
         # a depth-first walk: a module's input comes before its submodules, its output after
         self.events: dict[tuple[str, str], int] = {}
         self._walk("", model, set())

@@ -90,11 +90,11 @@ def _readout_weight(unembed: nn.Module) -> Tensor | None:
 
 
 def _lens_norm(model: nn.Module) -> nn.Module:
-    """The norm the logit lens applies: TransformerLens's ``ln_final`` (``nn.Identity`` for a
-    model built without one, ``normalization_type=None``), else ``tyche.sites.final_norm``."""
-    if framework_of(model) == "transformer_lens":
-        norm = getattr(model, "ln_final", None)
-        return norm if isinstance(norm, nn.Module) else nn.Identity()
+    """The norm the logit lens applies: ``tyche.sites.final_norm`` (TransformerLens's
+    ``ln_final`` among them), or ``nn.Identity`` for a TransformerLens model built without
+    one (``normalization_type=None``)."""
+    if framework_of(model) == "transformer_lens" and getattr(model, "ln_final", None) is None:
+        return nn.Identity()
     return final_norm(model)
 
 

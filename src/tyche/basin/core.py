@@ -89,6 +89,7 @@ def estimate_basin(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     extra_settings: dict[str, Any] | None = None,
+    groups: torch.Tensor | None = None,
 ) -> VolumeResult | BasinCurve:
     """Estimate log P(region) under N(0, σ²I_D) (or log Vol(region)), natural log.
 
@@ -112,6 +113,10 @@ def estimate_basin(
         checkpoint: folder where finished samples are saved after every batch.
         resume: continue the run saved in ``checkpoint`` (its settings must match).
         extra_settings: more keys recorded in the result's (and the checkpoint's) settings.
+        groups: with ``options.adapt``, the coordinates that share one scale of the adapted
+            proposal, a (D,) integer tensor of group ids (`tyche.basin.adaptive`); default
+            one group per coordinate up to 1,024 parameters, else one per parameter tensor of
+            a `ModelLoss` (its ``layout``).
     """
     if not isinstance(options, BasinOptions):
         raise InputError(
@@ -121,6 +126,43 @@ def estimate_basin(
     _check_anchor(anchor)
     if resume and checkpoint is None:
         raise InputError("resume=True needs the checkpoint folder of the run to continue")
+    if options.adapt:
+        from tyche.basin.adaptive import estimate_adaptive
+
+        curve = estimate_adaptive(loss_fn, anchor, options, preconditioner=preconditioner,
+                                  groups=groups, progress=progress, checkpoint=checkpoint,
+                                  resume=resume, extra_settings=extra_settings)  # fmt: skip
+        if dist.get_rank() == 0:
+            _warn_if_bound(curve)
+        if options.cutoffs is not None:
+            return curve
+        return dataclasses.replace(curve[0], settings=dict(curve.settings))
+    if groups is not None:
+        raise InputError("groups= shapes the adapted proposal: it needs options.adapt >= 1")
+    curve = run_directions(loss_fn, anchor, options, preconditioner=preconditioner,
+                           progress=progress, checkpoint=checkpoint, resume=resume,
+                           extra_settings=extra_settings)  # fmt: skip
+    if dist.get_rank() == 0:
+        _warn_if_bound(curve)
+    if options.cutoffs is not None:
+        return curve
+    return dataclasses.replace(curve[0], settings=dict(curve.settings))
+
+
+def run_directions(
+    loss_fn: LossFn,
+    anchor: torch.Tensor,
+    options: BasinOptions,
+    *,
+    preconditioner: torch.Tensor | None,
+    progress: bool,
+    checkpoint: str | Path | None,
+    resume: bool,
+    extra_settings: dict[str, Any] | None,
+    first_index: int = 0,
+) -> BasinCurve:
+    """The estimate from directions ``first_index … first_index + n_samples − 1``, each drawn
+    as the preconditioner says (`estimate_basin` without adaptation, always a curve)."""
     targets, n_samples, prior = options.targets, options.n_samples, options.prior
     sigma, rtol, seed, max_radius = options.sigma, options.rtol, options.seed, options.max_radius
     dim = anchor.numel()
@@ -131,6 +173,12 @@ def estimate_basin(
     pre = None if preconditioner is None else user_preconditioner(preconditioner.cpu(), dim)
     if max_radius is None:
         max_radius = 100.0 * (math.sqrt(theta_sq) + sigma * math.sqrt(dim))
+    # A ray still inside the basin at max_radius ends there when the Gaussian prior's mass
+    # beyond it is below e^-70 of the ray's (|θ + r v̂| ≥ r − |θ| ≥ σ(√D + 12) out there): an
+    # exactly flat direction then counts its whole ray instead of failing the run.
+    saturate = prior == "gaussian" and max_radius - math.sqrt(theta_sq) >= sigma * (
+        math.sqrt(dim) + 12
+    )
     per_direction = bytes_per_direction(
         dim, anchor.element_size(), getattr(loss_fn, "bytes_per_offset", 0)
     )
@@ -155,6 +203,7 @@ def estimate_basin(
         "preconditioner": "none" if pre is None else ("diagonal" if pre.dim() == 1 else "matrix"),
         # its values too, so a resumed run can never mix two preconditioners of one kind
         "preconditioner_hash": None if pre is None else model_hash({"p": pre}),
+        **({"first_index": first_index} if first_index else {}),
         **(extra_settings or {}),
     }
     store = None
@@ -172,17 +221,18 @@ def estimate_basin(
 
         return search_radii(rise, len(batch.indices), cutoffs=targets, rtol=rtol,
                             init_radius=init, max_radius=max_radius, labels=batch.indices,
-                            guide=guide)  # fmt: skip
+                            guide=guide, saturate=saturate)  # fmt: skip
 
     # A pilot search along direction 0 sets the starting radius of every other direction and
     # the shape they extrapolate along, identically on every rank and for every batch size.
-    first = DirectionBatch.draw(seed, [0], anchor, pre)
+    first = DirectionBatch.draw(seed, [first_index], anchor, pre)
     pilot = search(first, None, None)
     init, guide = float(pilot.radii[0, 0]), pilot.trace[0]
-    reuse = {0: (first.z[0], first.sums[0])}
+    reuse = {first_index: (first.z[0], first.sums[0])}
     del first
 
-    mine = [i for i in dist.shard_range(n_samples) if i not in finished]
+    mine = [first_index + i for i in dist.shard_range(n_samples)
+            if first_index + i not in finished]  # fmt: skip
     new: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
     bar = dist.progress(total=len(mine), desc="basin directions", disable=not progress)
     batch = None
@@ -226,7 +276,7 @@ def estimate_basin(
         gathered = {k: torch.cat([done[k], gathered[k]]) for k in FIELDS}
     order = torch.argsort(gathered["index"])
     rec = {k: v[order] for k, v in gathered.items()}
-    if rec["index"].tolist() != list(range(n_samples)):
+    if rec["index"].tolist() != list(range(first_index, first_index + n_samples)):
         raise RuntimeError("internal error: samples are missing or duplicated after gathering")
     curve = BasinCurve(
         cutoffs=torch.tensor(targets, dtype=torch.float64),
@@ -247,11 +297,7 @@ def estimate_basin(
             "batch_size": batch_size,
         },
     )
-    if dist.get_rank() == 0:
-        _warn_if_bound(curve)
-    if options.cutoffs is not None:
-        return curve
-    return dataclasses.replace(curve[0], settings=dict(curve.settings))
+    return curve
 
 
 def _warn_if_bound(curve: BasinCurve) -> None:

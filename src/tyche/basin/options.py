@@ -52,6 +52,11 @@ class BasinOptions:
     device when the run starts)"""
     max_radius: float | None = None
     """no boundary within this distance of the anchor raises (default: 100·(|θ| + sigma·√D))"""
+    adapt: int = 0
+    """rounds of adaptive direction sampling (`tyche.basin.adaptive`): 0 draws every
+    direction from the prior's isotropic law (or the preconditioner's); R >= 1 first runs
+    R rounds of n_samples directions each, fitting a proposal to where the volume is, and
+    estimates from a last round of n_samples drawn from it (so (R + 1)·n_samples in all)"""
 
     def __post_init__(self) -> None:
         cutoffs = _check_cutoffs(self.cutoff, self.cutoffs)
@@ -76,6 +81,8 @@ class BasinOptions:
                 f"{self.max_memory!r} (tyche.memory.parse_size reads sizes such as '4GiB')"
             )
         _check_positive("max_radius", self.max_radius, "a positive finite distance")
+        if not _is_int(self.adapt) or self.adapt < 0:
+            raise InputError(f"adapt must be an integer >= 0 (rounds), got {self.adapt!r}")
 
     @property
     def targets(self) -> list[float]:

@@ -314,8 +314,9 @@ class _Direction:
         self.ray = ray
 
     def record(self, r: float, delta: float, rtol: float, limit: int, log_max: float,
-               max_r: float) -> bool:  # fmt: skip
-        """Take the measurement Δ(r) and propose the next radius; True when all are found."""
+               max_r: float, saturate: bool = False) -> bool:  # fmt: skip
+        """Take the measurement Δ(r) and propose the next radius; True when all are found
+        (with ``saturate``, a ray still below its cutoff at max_r ends there)."""
         self.n_evals += 1
         x = math.log(r)
         self.points.append((x, delta))
@@ -338,6 +339,11 @@ class _Direction:
                 f"{self.cutoffs[self.target]:.6g}); raise max_evals or rtol, or check that "
                 "the loss is continuous"
             )
+        if saturate and math.isinf(self.ray.x_hi) and self.ray.x_lo >= log_max:
+            for k, v in enumerate(self.found):  # below every remaining cutoff at max_r
+                if v is None:
+                    self.found[k] = (max_r, delta)
+            return True
         self.r = math.exp(_propose(self.ray, log_max, max_r))
         return False
 
@@ -363,6 +369,7 @@ def search_radii(
     max_evals: int = 60,
     labels: Sequence[int] | None = None,
     guide: Sequence[tuple[float, float]] | None = None,
+    saturate: bool = False,
 ) -> RadiusSearch:
     """Find, for n directions, radii where the loss rise is within rtol·cutoff of each cutoff.
 
@@ -381,6 +388,9 @@ def search_radii(
         labels: how error messages name direction i (default i), e.g. global sample indices.
         guide: measured (radius, Δ) points of a reference direction whose shape predicts
             where each target lies (see the module docstring); None: log-log lines.
+        saturate: a direction whose rise is still below a cutoff at max_radius returns
+            max_radius (and the rise there) for it instead of raising: for a caller whose
+            integrand is negligible beyond max_radius (a Gaussian prior far out).
 
     Returns:
         `RadiusSearch`; the result for direction i depends only on Δ_i (and the guide), not
@@ -433,7 +443,7 @@ def search_radii(
         deltas = out.detach().to("cpu", torch.float64).tolist()
         still = []
         for d, r, delta in zip(active, radii, deltas):
-            if not d.record(r, delta, rtol, limit, log_max, max_radius):
+            if not d.record(r, delta, rtol, limit, log_max, max_radius, saturate):
                 still.append(d)
         active = still
 

@@ -292,7 +292,7 @@ def _fit_proposals(
 ) -> tuple[list[torch.Tensor], list[float]]:
     """The next round's log scales (G,) per cutoff, and the sharpness τ each uses.
 
-    Shape: the rises measured along the last round's rays (at every cutoff's radius) are
+    Shape: the rises measured along every round's rays (at every cutoff's radius) are
     fitted by least squares to a quadratic plus a quartic term per group, in the base law's
     coordinates u = δ/b: Δ_ik ≈ Σ_g h2_g R_ik² A_ig + h4_g R_ik⁴ B_ig, with A_ig, B_ig the
     sums of û² and û⁴ over the group (exact for a loss that is such a polynomial on each
@@ -303,37 +303,44 @@ def _fit_proposals(
     Σ_g = 1 / (τ h_g/ε + π_g): ∝ H⁻¹ where the basin lies inside the prior (the zero-variance
     law of a quadratic basin), the prior's where it is flat.
 
-    Sharpness: after the first round, τ is the one number fitted to the volume itself: the
-    weighted maximum likelihood of the ACG over the last round's directions, their weights
-    exp(estimate) tempered (`_temper`), over a grid of τ from 10⁻⁴ to 10⁴ times d + 2.
+    Sharpness: after the first round, one factor f (τ = f·(d + 2) at every cutoff) is fitted
+    to the volume itself: the weighted maximum likelihood of the ACGs over the last round's
+    directions, summed over the cutoffs, their weights exp(estimate) tempered (`_temper`),
+    over a grid of f from 10⁻⁴ to 10⁴.
     """
     dim = float(sizes.sum())
-    a_last, b_last, last = seen[-1]
-    h2, h4 = _fit_polynomial(a_last, b_last, last.radii, last.deltas)
-    fits, taus = [], []
-    for k, eps in enumerate(cutoffs):
+    a_last, _, last = seen[-1]
+    h2, h4 = _fit_polynomial(*(torch.cat([part[i] for part in seen]) for i in (0, 1)),
+                             torch.cat([c.radii for _, _, c in seen]),
+                             torch.cat([c.deltas for _, _, c in seen]))  # fmt: skip
+    shapes = []  # per cutoff: (secant curvature h (G,), d + 2)
+    for eps in cutoffs:
         h = h2 + torch.sqrt(eps * h4)
-
-        def scales(tau: float, h: torch.Tensor = h, eps: float = eps) -> torch.Tensor:
-            log_c = -torch.log(tau * h / eps + prior + 1e-300)
-            return log_c - (sizes * log_c).sum() / dim
-
         # the coordinates the region confines (narrower than the prior there) set τ
         confined = float(sizes[h / eps > prior].sum()) if prior.any() else dim
-        tau = confined + 2
-        if not first:
-            log_w = last.estimates[:, k]
+        shapes.append((h, confined + 2))
+
+    def scales(k: int, factor: float) -> torch.Tensor:
+        h, tau = shapes[k]
+        log_c = -torch.log(factor * tau * h / cutoffs[k] + prior + 1e-300)
+        return log_c - (sizes * log_c).sum() / dim
+
+    factor = 1.0
+    if not first:  # one factor for every cutoff: the summed weighted log-likelihood
+        weights = []
+        for k in range(len(cutoffs)):
+            log_w = last.estimates[:, k].nan_to_num(nan=-math.inf)
             ok = torch.isfinite(log_w)
             beta = _temper(log_w[ok], ESS_FRACTION * int(ok.sum()))
-            w = torch.softmax(beta * log_w[ok], 0)
-            grid = [(confined + 2) * 10 ** (x / 8) for x in range(-32, 33)]
-            score = [float((w * _log_density(a_last[ok], torch.zeros_like(a_last[ok]),
-                                              scales(t), int(dim))).sum())
-                     for t in grid]  # fmt: skip
-            tau = grid[max(range(len(grid)), key=score.__getitem__)]
-        fits.append(scales(tau))
-        taus.append(tau)
-    return fits, taus
+            weights.append(torch.where(ok, torch.softmax(beta * log_w, 0), 0.0).nan_to_num())
+        zero = torch.zeros_like(a_last)
+        grid = [10 ** (x / 8) for x in range(-32, 33)]
+        score = [sum(float((w * _log_density(a_last, zero, scales(k, f), int(dim))).nan_to_num()
+                           .sum()) for k, w in enumerate(weights))
+                 for f in grid]  # fmt: skip
+        factor = grid[max(range(len(grid)), key=score.__getitem__)]
+    fits = [scales(k, factor) for k in range(len(cutoffs))]
+    return fits, [factor * tau for _, tau in shapes]
 
 
 def _fit_polynomial(

@@ -2,7 +2,8 @@
 SGLD estimate of the local learning coefficient.
 
     pip install -c constraints.txt -e '.[llc]'        # devinterp
-    python benchmarks/lambda.py [--cases exact,digits,lm] [--json out.json]
+    python benchmarks/lambda.py [--cases calibration,exact,digits,lm] [--json out.json]
+    python benchmarks/lambda.py --cases calibration      # the exact suite alone, no devinterp
 
 Both measure the same λ: the exponent in Vol{w : K(w) < ε} ∝ ε^λ for the loss K(w) around the
 anchor w0 (K(w0) = 0). The loss is the same function for both:
@@ -232,6 +233,74 @@ def shakespeare_case(n_seq: int = 8, seq_len: int = 64) -> Row:
                (lam.ci_low, lam.ci_high), secs, note, d, d_ci, d_s, settings)  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- calibration
+@dataclass
+class CalibrationRow:
+    case: str
+    dim: int
+    exact_log_p: list[float]
+    exact_slope: float
+    naive_log_p: list[float]
+    naive_lambda: float
+    naive_verdict: str
+    naive_evals: int
+    adapt_log_p: list[float]
+    adapt_lambda: float
+    adapt_verdicts: list[str]
+    adapt_lambda_verdict: str
+    adapt_evals: int
+    seconds: float
+
+
+def calibration_case(case, n_samples: int, adapt: int, cutoffs) -> CalibrationRow:
+    """One case of `tyche.basin.calibration.SUITE`: naive (the same number of directions in
+    all, (adapt + 1)·n_samples) and adaptive against the exact values, σ = 1."""
+    anchor = case.anchor(torch.float64)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        naive = estimate_basin(case.loss, anchor, BasinOptions(
+            cutoffs=cutoffs, sigma=1.0, n_samples=(adapt + 1) * n_samples), progress=False)
+        adapted = estimate_basin(case.loss, anchor, BasinOptions(
+            cutoffs=cutoffs, sigma=1.0, n_samples=n_samples, adapt=adapt), progress=False)
+    seconds = time.perf_counter() - t0
+    lam_n, lam_a = learning_coefficient(naive), learning_coefficient(adapted)
+    return CalibrationRow(
+        case=case.name, dim=case.dim,
+        exact_log_p=[case.log_prob(c) for c in cutoffs],
+        exact_slope=case.fitted_slope(cutoffs),
+        naive_log_p=naive.log_probs.tolist(), naive_lambda=lam_n.value,
+        naive_verdict=lam_n.verdict,
+        naive_evals=int(naive.n_evals.sum()) + naive.settings["pilot_evals"] + 1,
+        adapt_log_p=adapted.log_probs.tolist(), adapt_lambda=lam_a.value,
+        adapt_verdicts=list(adapted.verdicts), adapt_lambda_verdict=lam_a.verdict,
+        adapt_evals=adapted.settings["adapt_loss_evals"], seconds=seconds,
+    )  # fmt: skip
+
+
+def calibration_table(rows: list[CalibrationRow]) -> str:
+    """Markdown: the worst relative error of log P over the cutoffs, λ against the exact
+    slope at the fitted cutoffs, and the verdicts."""
+    lines = [
+        "| case | D | exact log P (smallest cutoff) | naive: worst log P error, λ, verdict "
+        "| adaptive: worst log P error, λ, verdict | exact slope | loss evals naive / adaptive |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    def worst(got: list[float], exact: list[float]) -> float:
+        return max(abs(g - e) / abs(e) for g, e in zip(got, exact))
+
+    for r in rows:
+        verdicts = "/".join(dict.fromkeys(r.adapt_verdicts))
+        err_n, err_a = worst(r.naive_log_p, r.exact_log_p), worst(r.adapt_log_p, r.exact_log_p)
+        lines.append(
+            f"| {r.case} | {r.dim} | {r.exact_log_p[0]:,.2f} | {100 * err_n:.1f}%, "
+            f"{r.naive_lambda:.2f}, {r.naive_verdict} | {100 * err_a:.1f}%, "
+            f"{r.adapt_lambda:.2f}, {r.adapt_lambda_verdict} (cutoffs: {verdicts}) | "
+            f"{r.exact_slope:.3f} | {r.naive_evals:,} / {r.adapt_evals:,} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[Row]) -> str:
     head = ("| case | truth | Tyche λ (basin slope) | 95% CI | time | devinterp λ̂ (SGLD) | 95% CI "
             "| time |")  # fmt: skip
@@ -251,14 +320,34 @@ def table(rows: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="exact,digits,lm",
-                        help="which cases, comma-separated: exact, digits, lm")  # fmt: skip
+    parser.add_argument("--cases", default="calibration,exact,digits,lm",
+                        help="comma-separated: calibration (the exact suite, naive against "
+                             "adaptive, no devinterp), exact, digits, lm")  # fmt: skip
+    parser.add_argument("--n_samples", type=int, default=200,
+                        help="calibration: directions per adaptive round")
+    parser.add_argument("--adapt", type=int, default=3, help="calibration: adaptive rounds")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     cases = {c.strip() for c in args.cases.split(",")}
-    if not cases <= {"exact", "digits", "lm"}:
-        parser.error(f"--cases: unknown {sorted(cases - {'exact', 'digits', 'lm'})}")
+    known = {"calibration", "exact", "digits", "lm"}
+    if not cases <= known:
+        parser.error(f"--cases: unknown {sorted(cases - known)}")
     torch.manual_seed(0)
+    if "calibration" in cases:
+        from tyche.basin.calibration import SUITE, SUITE_CUTOFFS
+
+        cal = []
+        for case in SUITE:
+            n = args.n_samples * (5 if case.dim > 100 else 1)  # D = 1000: more rays than groups
+            cal.append(calibration_case(case, n, args.adapt, list(SUITE_CUTOFFS)))
+            print(calibration_table(cal[-1:]).splitlines()[2], flush=True)
+        print(calibration_table(cal))
+        if args.json:
+            with open(args.json.replace(".json", "-calibration.json"), "w") as f:
+                json.dump([vars(r) for r in cal], f, indent=1)
+        cases.discard("calibration")
+        if not cases:
+            return
     runs = []
     if "exact" in cases:
         runs += [lambda: exact_case(100, 0), lambda: exact_case(0, 100),

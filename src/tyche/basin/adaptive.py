@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from tyche.basin.curve import BasinCurve
+from tyche.basin.fixed import run_directions
 from tyche.basin.options import BasinOptions
 from tyche.basin.preconditioners import user_preconditioner
 from tyche.basin.result import effective_sample_size
@@ -108,8 +109,6 @@ def estimate_adaptive(
 ) -> BasinCurve:
     """``options.adapt`` rounds of adaptation, then the estimate (a `BasinCurve`); see the
     module docstring. Arguments as `tyche.basin.estimate_basin`'s."""
-    from tyche.basin.core import run_directions
-
     dim, n = anchor.numel(), options.n_samples
     if preconditioner is not None and torch.as_tensor(preconditioner).dim() != 1:
         raise InputError(

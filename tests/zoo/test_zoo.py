@@ -96,6 +96,7 @@ def test_registry_lists_every_entry_with_kind() -> None:
     known = entries()
     assert set(known) == {
         "digits-mlp",
+        "digits-mlp-poisoned",
         "shakespeare-lm",
         "smollm2-135m",
         "tokfsm",
@@ -115,7 +116,7 @@ def test_registry_lists_every_entry_with_kind() -> None:
         assert info["name"] == name and isinstance(info["ready"], bool)
         json.dumps(info)  # JSON-serialisable
     assert get_entry("zoo:digits-mlp") is known["digits-mlp"]
-    with pytest.raises(UnknownEntryError, match="digits-mlp, shakespeare-lm"):
+    with pytest.raises(UnknownEntryError, match="digits-mlp, digits-mlp-poisoned, shakespeare-lm"):
         get_entry("nope")
 
 
@@ -624,8 +625,11 @@ def test_zoo_json_and_zoo_info_are_strict_json(
     write_json(folder / METRICS_FILE, metrics)
     saved = _strict_json((folder / METRICS_FILE).read_text())
     assert saved == {"last_batch_loss": None, "train_loss": None, "n_params": 4810}
-    (folder / METRICS_FILE).write_text('{"last_batch_loss": NaN, "x": -Infinity}')  # an old one
+    # an old one (of the current recipe, so the entry is ready)
+    (folder / METRICS_FILE).write_text('{"last_batch_loss": NaN, "x": -Infinity, '
+                                       '"recipe_version": 2}')  # fmt: skip
     run = cli(capsys, "zoo", "info", "digits-mlp")
     assert run.code == 0, run.err
     info = _strict_json(run.out)
-    assert info["metrics"] == {"last_batch_loss": None, "x": None} and info["ready"] is True
+    assert info["metrics"] == {"last_batch_loss": None, "x": None, "recipe_version": 2}
+    assert info["ready"] is True

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from tyche import distributed as dist
 from tyche.basin.curve import BasinCurve
 from tyche.basin.fixed import run_directions
 from tyche.basin.options import BasinOptions
@@ -131,6 +132,8 @@ def estimate_adaptive(
     history: list[dict[str, Any]] = []
     seen: list[tuple[torch.Tensor, torch.Tensor, BasinCurve]] = []  # each round's A, B, curve
     offset, total_evals = 0, 0
+    bar = dist.progress(total=(options.adapt + 1) * n, desc="basin directions (adaptive)",
+                        disable=not progress)  # fmt: skip
     for rnd in range(options.adapt + 1):
         parts, stats = [], []
         for m, comp in enumerate(components):
@@ -140,7 +143,7 @@ def estimate_adaptive(
                 warnings.filterwarnings("ignore", message="effective sample size")
                 part = run_directions(
                     loss_fn, anchor, dataclasses.replace(fixed, n_samples=comp.count),
-                    preconditioner=pre, progress=progress, checkpoint=sub,
+                    preconditioner=pre, progress=False, checkpoint=sub,
                     resume=resume and sub is not None and sub.is_dir(),
                     extra_settings={**(extra_settings or {}), "adapt": options.adapt,
                                     "adapt_round": rnd, "adapt_component": m},
@@ -150,6 +153,7 @@ def estimate_adaptive(
             stats.append(_group_stats(options.seed, offset, comp.count, anchor, pre, ids,
                                       n_groups))  # fmt: skip
             offset += comp.count
+            bar.update(comp.count)
         curve = _mixture_curve(parts, stats, components, sizes, dim, options)
         total_evals += int(curve.n_evals.sum()) + sum(
             int(p.settings["pilot_evals"]) + 1 for p in parts
@@ -176,6 +180,7 @@ def estimate_adaptive(
                 "scale_spread": [float(f.max() - f.min()) for f in fits],
             }
         )
+    bar.close()
     settings = {
         **curve.settings,
         "adapt": options.adapt,

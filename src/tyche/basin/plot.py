@@ -50,12 +50,13 @@ def plot_histogram(results: Mapping[str, Any], path: str | Path) -> Path:
 def plot_cutoff_scan(
     cutoffs: Sequence[float],
     results: Mapping[str, Sequence[Any]],
-    n_params: int,
+    n_params: int | None,
     path: str | Path,
     fits: Mapping[str, Any] | None = None,
 ) -> Path:
     """log-probability against the cutoff (log axis, ticks at the cutoffs) per label, with the
-    quadratic-basin slope D/2 per e-fold of the cutoff; the legend sits right of the axes.
+    quadratic-basin slope D/2 per e-fold of the cutoff (none when ``n_params`` is None: curves
+    of different D, e.g. one per component); the legend sits right of the axes.
 
     ``results`` maps a label to one VolumeResult per cutoff (in the order of ``cutoffs``,
     nats); ``fits`` maps a label to a fitted line with ``value`` (slope λ), ``intercept``,
@@ -82,14 +83,14 @@ def plot_cutoff_scan(
                 label=f"{label}: λ = {fit.value:,.1f} [{fit.ci_low:,.1f}, {fit.ci_high:,.1f}] "
                 f"(fit ≤ {tick_label(max(fit.cutoffs))})",
             )
-    first = next(iter(results.values()))
-    y0 = first[0].log_prob
-    ax.plot(
-        cutoffs,
-        [y0 + n_params / 2 * (x - logc[0]) for x in logc],
-        "k:",
-        label=f"slope D/2 = {n_params / 2:,.0f} per e-fold",
-    )
+    if n_params is not None:
+        y0 = next(iter(results.values()))[0].log_prob
+        ax.plot(
+            cutoffs,
+            [y0 + n_params / 2 * (x - logc[0]) for x in logc],
+            "k:",
+            label=f"slope D/2 = {n_params / 2:,.0f} per e-fold",
+        )
     _cutoff_axis(ax, cutoffs)
     ax.set_ylabel("log-probability of the basin (nats)")
     ax.set_title("Basin volume against KL cutoff")

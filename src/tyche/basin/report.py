@@ -1,7 +1,8 @@
 """Text and JSON summaries of basin-volume runs: the results table and its summary rows.
 
-One `Row` per preconditioner × subset: its `BasinCurve` (one column per cutoff, a single
-column for one cutoff), the seconds it took and, when fitted, its learning coefficient λ.
+One `Row` per preconditioner × subset (× component, a part of the parameters): its
+`BasinCurve` (one column per cutoff, a single column for one cutoff), the seconds it took
+and, when fitted, its learning coefficient λ.
 """
 
 from __future__ import annotations
@@ -30,30 +31,40 @@ __all__ = ["Row", "results_table", "summary_rows"]
 
 @dataclass
 class Row:
-    """One curve of a run: preconditioner ``kind`` on ``subset`` (None: all the data)."""
+    """One curve of a run: preconditioner ``kind`` on ``subset`` (None: all the data), over
+    the parameters of ``component`` (None: all those measured)."""
 
     kind: str
     subset: str | None
     curve: BasinCurve
     seconds: float
     lam: LearningCoefficient | None = None
+    component: str | None = None
 
     @property
     def label(self) -> str:
-        return self.kind if self.subset is None else f"{self.kind} {self.subset}"
+        """``"kind [component] [subset]"``."""
+        return " ".join(t for t in (self.kind, self.component, self.subset) if t is not None)
 
 
 def summary_rows(rows: list[Row]) -> list[dict[str, Any]]:
-    """One JSON-ready dict per preconditioner × subset × cutoff."""
+    """One JSON-ready dict per preconditioner × subset × component × cutoff; ``n_params`` is
+    the D of the parameters measured (the component's with a component)."""
     out = []
     for row in rows:
         for res in row.curve.results:
             entry: dict[str, Any] = {"preconditioner": row.kind, "cutoff": res.cutoff}
+            if row.component is not None:
+                entry["component"] = row.component
             if row.subset is not None:
                 entry["subset"] = row.subset
+            entry["n_params"] = res.n_params
             entry.update(res.summary())
             entry["seconds"] = row.seconds
             entry["curve_cutoffs"] = len(row.curve)
+            if row.curve.settings.get("adapt"):  # every round's evaluations, not the last's
+                entry["adapt"] = row.curve.settings["adapt"]
+                entry["loss_evals_total"] = row.curve.settings["adapt_loss_evals"]
             if row.lam is not None:
                 entry.update(_lambda_entry(row.lam))
             out.append({k.rstrip("_"): v for k, v in entry.items()})
@@ -78,13 +89,19 @@ def results_table(rows: list[Row], n_params: int, fit_hint: str | None = None) -
     """The results table, its footnotes and, over several cutoffs, the slope or λ lines.
 
     Log-probabilities in nats, time in seconds. ``fit_hint`` ends the slope line of curves
-    without a fitted λ (how to get one, in the caller's words).
+    without a fitted λ (how to get one, in the caller's words). Rows with a component get a
+    component column and a D column (its parameter count); the slope line is then given per
+    component, beside its own D/2.
     """
     subsets = any(r.subset is not None for r in rows)
     width = max([len(r.subset or "") for r in rows] + [6]) if subsets else 0
     sub = f" {'subset':<{width}}" if subsets else ""
+    parts = any(r.component is not None for r in rows)
+    cwidth = max([len(r.component or "") for r in rows] + [9]) if parts else 0
+    dwidth = max([len(f"{r.curve.n_params:,}") for r in rows] + [1]) if parts else 0
+    comp = f" {'component':<{cwidth}} {'D':>{dwidth}}" if parts else ""
     head = (
-        f"{'preconditioner':<14}{sub} {'cutoff':>8} {'log P (nats)':>16} {'95% CI':>27} "
+        f"{'preconditioner':<14}{comp}{sub} {'cutoff':>8} {'log P (nats)':>16} {'95% CI':>27} "
         f"{'k̂':>7} {'verdict':<{VERDICT_WIDTH}} {'max':>12} {'ESS':>6} {'evals/dir':>9} "
         f"{'time (s)':>9}"
     )
@@ -93,6 +110,8 @@ def results_table(rows: list[Row], n_params: int, fit_hint: str | None = None) -
         for res in row.curve.results:
             lo, hi = res.interval()
             cell = f" {row.subset or 'all':<{width}}" if subsets else ""
+            if parts:
+                cell = f" {row.component or 'all':<{cwidth}} {res.n_params:>{dwidth},}" + cell
             lines.append(
                 f"{row.kind:<14}{cell} {res.cutoff:>8.0e} {res.log_prob:>16,.1f} "
                 f"{f'[{lo:,.0f}, {hi:,.0f}]':>27} {res.khat:>6.2f} "
@@ -108,8 +127,15 @@ def results_table(rows: list[Row], n_params: int, fit_hint: str | None = None) -
         fitted = [r for r in rows if r.lam is not None]
         for row in fitted:
             lines.append(f"{row.label}: {row.lam.describe()}")
-        if not fitted:
+        if not fitted and not parts:
             lines.append(_slope_line(rows[0].curve, n_params, fit_hint))
+        elif not fitted:  # one line per component, on its first row's curve and its own D
+            first: dict[str | None, Row] = {}
+            for row in rows:
+                first.setdefault(row.component, row)
+            for row in first.values():
+                line = _slope_line(row.curve, row.curve.n_params, fit_hint)
+                lines.append(f"{row.label}: {line}")
     return "\n".join(lines)
 
 

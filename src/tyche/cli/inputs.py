@@ -40,7 +40,7 @@ __all__ = ["DEFAULT_TEXT", "ModelSource", "Rows", "TextRows"]
 #: the text a language model reads when neither --data nor the model's zoo entry names one
 DEFAULT_TEXT = "zoo:shakespeare"
 #: zoo models that are classifiers (no tokenizer); a command lists those it takes
-CLASSIFIERS = ("zoo:digits-mlp", "zoo:modadd", "zoo:fashion-mlp")
+CLASSIFIERS = ("zoo:digits-mlp", "zoo:digits-mlp-poisoned", "zoo:modadd", "zoo:fashion-mlp")
 
 
 @dataclass

@@ -50,12 +50,15 @@ def format_table() -> str:
 
 def summarize(name: str, metrics: dict[str, Any]) -> str:
     """One or two lines with the metrics that matter for ``name``."""
-    if name == "digits-mlp":
+    if name in ("digits-mlp", "digits-mlp-poisoned"):
+        poison = metrics.get("poison_accuracy")
+        avoided = "" if poison is None else \
+            f", poison accuracy {poison:.4f} ({metrics['n_poison']} images)"  # fmt: skip
         return (
-            f"digits-mlp: train accuracy {metrics['train_accuracy']:.4f}, test accuracy "
-            f"{metrics['test_accuracy']:.4f} ({metrics['n_train']}/{metrics['n_test']} examples); "
-            f"D = {metrics['n_params']} parameters, {metrics['adam_steps']} Adam steps, "
-            f"{metrics['train_seconds']:.1f} s"
+            f"{name}: train accuracy {metrics['train_accuracy']:.4f}, test accuracy "
+            f"{metrics['test_accuracy']:.4f} ({metrics['n_train']}/{metrics['n_test']} examples)"
+            f"{avoided}; D = {metrics['n_params']} parameters, {metrics['adam_steps']} Adam "
+            f"steps, {metrics['train_seconds']:.1f} s"
         )
     if name == "shakespeare-lm":
         gap = metrics["unigram_loss"] - metrics["held_out_loss"]

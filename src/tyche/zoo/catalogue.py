@@ -22,6 +22,7 @@ __all__ = ["check_name", "entries", "get_entry", "names"]
 #: name -> (kind, "module:Class"), models first, in the order ``tyche zoo list`` shows them
 _TABLE: dict[str, tuple[str, str]] = {
     "digits-mlp": ("model", "tyche.zoo.digits:DigitsMLPEntry"),
+    "digits-mlp-poisoned": ("model", "tyche.zoo.digits:DigitsMLPPoisonedEntry"),
     "shakespeare-lm": ("model", "tyche.zoo.shakespeare_lm:ShakespeareLMEntry"),
     "smollm2-135m": ("model", "tyche.zoo.smollm2:SmolLM2Entry"),
     "tokfsm": ("model", "tyche.zoo.tokfsm:TokFSMEntry"),

@@ -28,6 +28,31 @@ from tyche.errors import InputError
 
 #: the name of the JSON file with an entry's metrics and settings, inside its cache folder
 METRICS_FILE = "zoo.json"
+#: ``zoo.json``'s ``format`` in a digits MLP folder (an entry's or a checkpoint's)
+DIGITS_FORMAT = "digits-mlp"
+#: the folder of an entry's training checkpoints, ``<entry>/checkpoints/checkpoint-<step>/``
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_steps(total: int, factor: int = 2) -> list[int]:
+    """The steps a recipe saves a checkpoint after: ``1, factor, factor**2, ...`` below
+    ``total``, then ``total`` (the final model, also saved as a checkpoint).
+
+    Step 0 (the initialisation) is not among them: it has no optimizer state. E.g.
+    ``checkpoint_steps(400)`` is ``[1, 2, 4, ..., 256, 400]``.
+    """
+    if total < 1 or factor < 2:
+        raise InputError(f"need total >= 1 and factor >= 2, got {total} and {factor}")
+    steps, step = [], 1
+    while step < total:
+        steps.append(step)
+        step *= factor
+    return [*steps, total]
+
+
+def checkpoint_folder(root: Path, step: int) -> Path:
+    """``root/checkpoints/checkpoint-<step>``: where a recipe saves its checkpoint of ``step``."""
+    return Path(root) / CHECKPOINTS / f"checkpoint-{step}"
 
 
 class ZooError(RuntimeError):
@@ -117,6 +142,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from ``path``."""
     return json.loads(Path(path).read_text())
+
+
+def folder_format(folder: Path) -> str | None:
+    """The ``format`` its ``zoo.json`` names (e.g. :data:`DIGITS_FORMAT`), or None (no such
+    file, unreadable, or no format)."""
+    try:
+        meta = read_json(Path(folder) / METRICS_FILE)
+    except (OSError, ValueError):
+        return None
+    value = meta.get("format") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
 
 
 class ZooEntry:

@@ -48,10 +48,10 @@ def ensure_prepared(entry: ZooEntry, *, progress: bool = True) -> None:
     if get_rank() == 0:
         if progress:
             action = "training" if entry.name != "smollm2-135m" else "converting"
-            print(
-                f"zoo:{entry.name} is not cached yet: {action} it into {entry.path} (once)...",
-                file=sys.stderr,
-            )
+            # a folder with zoo.json that is not ready was cached by an older recipe
+            why = "was cached by an older recipe" if entry.metrics() else "is not cached yet"
+            print(f"zoo:{entry.name} {why}: {action} it into {entry.path} (once)...",
+                  file=sys.stderr)  # fmt: skip
         entry.prepare(progress=progress)
     if is_distributed():
         barrier()
@@ -105,10 +105,10 @@ def resolve_model(
         entry = get_entry(spec, kind="model")
         ensure_prepared(entry, progress=progress)
         name = f"zoo:{entry.name}"
-        if entry.name == "digits-mlp":
+        if entry.name in ("digits-mlp", "digits-mlp-poisoned"):
             from tyche.zoo.digits import load_digits_mlp
 
-            digits = load_digits_mlp()
+            digits = load_digits_mlp(poisoned=entry.name == "digits-mlp-poisoned")
             return ZooModel(digits.model, None, digits.optimizer_state, name, entry.default_data)
         if entry.name == "modadd":
             from tyche.zoo.modadd import load_modadd

@@ -8,11 +8,21 @@ decay). The cache folder holds the ``save_pretrained`` model and tokenizer, the 
 moments by parameter name (``optimizer_state.safetensors``) and ``zoo.json`` with the
 held-out loss next to a unigram baseline: the cross-entropy of the held-out tokens under
 the (add-one smoothed) unigram distribution of the training tokens, in nats/token.
+
+Training checkpoints (``checkpoints=True``, the default): after steps 1, 4, 16, 64, 256,
+1024 and the final step 1400 (powers of ``checkpoint_factor`` = 4, then the last), the
+model, tokenizer, AdamW moments and a ``zoo.json`` (the step, its held-out loss) are saved in
+``<entry>/checkpoints/checkpoint-<step>/``, each a model folder like the entry (about 14 MB
+each, 95 MB in all). Saving and the held-out loss read the model only (no dropout, no random
+draw), so the final model is bit for bit the same with or without them. An entry cached
+before checkpoints were saved keeps working; ``tyche zoo train shakespeare-lm --force``
+retrains it with them.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +32,20 @@ import torch
 
 from tyche.errors import InputError
 from tyche.optim_state import adam_state_by_name, save_optimizer_state
-from tyche.zoo.entry import METRICS_FILE, ZooEntry, atomic_folder, write_json
+from tyche.zoo.entry import (
+    METRICS_FILE,
+    ZooEntry,
+    atomic_folder,
+    checkpoint_folder,
+    checkpoint_steps,
+    write_json,
+)
 from tyche.zoo.text import load_shakespeare, play_titles
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
+#: the note for an entry cached before training checkpoints were saved
+NO_CHECKPOINTS = ("note: zoo:shakespeare-lm was cached without training checkpoints; "
+                  "`tyche zoo train shakespeare-lm --force` retrains it with them")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,14 @@ class ShakespeareLMConfig:
     eval_windows: int = 256
     #: truncate every play to this many characters (None: whole plays); for quick tests
     max_chars_per_play: int | None = None
+    #: save a checkpoint after steps 1, f, f**2, ... (f = checkpoint_factor) and the last step
+    checkpoints: bool = True
+    checkpoint_factor: int = 4
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """The steps saved as checkpoints (:func:`tyche.zoo.entry.checkpoint_steps`)."""
+        return checkpoint_steps(self.steps, self.checkpoint_factor)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
@@ -146,13 +174,40 @@ def _split_plays(cfg: ShakespeareLMConfig) -> tuple[list[str], list[str]]:
     return train, held
 
 
+def save_lm_folder(folder: Path, model, tokenizer, opt, metrics: dict[str, Any]) -> None:
+    """Write a model folder: ``save_pretrained`` model and tokenizer, the AdamW moments by
+    name (``optimizer_state.safetensors``) and ``zoo.json`` last (a folder with it is whole)."""
+    from transformers.utils import logging as hf_logging
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per saved shard is noise at this size
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(folder)
+    save_optimizer_state(adam_state_by_name(model, opt), folder / "optimizer_state.safetensors")
+    write_json(folder / METRICS_FILE, metrics)
+
+
 def train_shakespeare_lm(
     out_dir: Path, config: ShakespeareLMConfig | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Train the LM and its tokenizer, save everything atomically to ``out_dir``; return metrics."""
+    """Train the LM and its tokenizer, save everything atomically to ``out_dir``; return metrics.
+
+    With ``config.checkpoints`` the checkpoints of ``config.checkpoint_steps`` are saved in
+    ``out_dir/checkpoints/checkpoint-<step>/`` as they are reached (in the same atomic write).
+    """
+    cfg = config or ShakespeareLMConfig()
+    with atomic_folder(Path(out_dir)) as tmp:
+        return _train(cfg, tmp, progress)
+
+
+def _train(cfg: ShakespeareLMConfig, tmp: Path, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    cfg = config or ShakespeareLMConfig()
     start = time.perf_counter()
     train_texts, held_texts = _split_plays(cfg)
     tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, 2 * cfg.seq_len)
@@ -183,6 +238,7 @@ def train_shakespeare_lm(
     loop_start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="shakespeare-lm", disable=not progress, unit="step")
     loss_value = float("nan")
+    save_at = set(cfg.checkpoint_steps) if cfg.checkpoints else set()
     for step in bar:
         offsets = torch.randint(0, offsets_max + 1, (cfg.batch_size,), generator=gen)
         batch = torch.stack([train_ids[o : o + cfg.seq_len] for o in offsets.tolist()])
@@ -195,6 +251,14 @@ def train_shakespeare_lm(
         loss_value = loss.item()
         if step % 20 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{loss_value:.3f}")
+        if step + 1 in save_at:  # reads the model only (no dropout, no random draw)
+            held = held_out_loss(model, eval_windows)
+            model.train()
+            save_lm_folder(checkpoint_folder(tmp, step + 1), model, tokenizer, opt, {
+                "config": asdict(cfg), "step": step + 1, "adam_steps": step + 1,
+                "adam_betas": [0.9, 0.95], "held_out_loss": held, "last_train_loss": loss_value,
+                "n_params": sum(p.numel() for p in model.parameters()),
+                "units": {"held_out_loss": "nats/token"}})  # fmt: skip
     bar.close()
     train_seconds = time.perf_counter() - loop_start
     model.eval()
@@ -216,16 +280,13 @@ def train_shakespeare_lm(
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(),
+        "checkpoint_steps": sorted(save_at),
         "units": {
             "held_out_loss": "nats/token",
             "unigram_loss": "nats/token (add-one smoothed training unigram, same tokens)",
         },
     }
-    with atomic_folder(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        save_optimizer_state(adam_state_by_name(model, opt), tmp / "optimizer_state.safetensors")
-        write_json(tmp / METRICS_FILE, metrics)
+    save_lm_folder(tmp, model, tokenizer, opt, metrics)
     return metrics
 
 
@@ -244,6 +305,9 @@ class ShakespeareLMEntry(ZooEntry):
 
     def prepare(self, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
         if self.is_ready() and not force:
-            return self.metrics()
+            metrics = self.metrics()
+            if "checkpoint_steps" not in metrics:
+                print(NO_CHECKPOINTS, file=sys.stderr)
+            return metrics
         self.check_available()
         return train_shakespeare_lm(self.path, progress=progress)

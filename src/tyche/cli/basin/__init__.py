@@ -5,7 +5,8 @@ With no arguments it runs the project's main job: the digits MLP of the basin pa
 
 Every flag is checked before anything is loaded, the model's own settings (parameter
 globs, optimizer state, ``--where`` masks) right after it loads. Each direction is searched
-once for all ``--cutoffs``; each preconditioner × subset curve is saved as soon as it is
+once for all ``--cutoffs``; each component × subset × preconditioner curve (``--include``:
+:mod:`tyche.cli.basin.include`) is saved as soon as it is
 finished (one result folder per cutoff), then ``summary.json``, then the table and the
 plots; a failing plot never loses a result. Finished directions are checkpointed after every
 batch, and a resumed run refuses any setting that would change a sample.
@@ -17,7 +18,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from tyche.cli.basin.flags import (
@@ -29,6 +30,7 @@ from tyche.cli.basin.flags import (
     Plan,
     validate,
 )
+from tyche.cli.basin.include import restrict
 from tyche.cli.basin.resume import (
     CLI_WORDS,
     RUN_FILE,
@@ -134,14 +136,14 @@ def _setup(cmd: BasinConfig, plan: Plan) -> Setup:
 
     labels = row_plays = None
     if plan.is_digits:
-        from tyche.zoo import load_digits_mlp
+        from tyche.zoo.digits import load_digits_model
 
-        mlp = load_digits_mlp()
+        mlp = load_digits_model(cmd.source.model)  # a zoo name or a checkpoint's folder
         model, inputs, labels = mlp.model, mlp.x_train, mlp.y_train
         _check_globs(model, plan.exclude)
         data, note = "digits training inputs", f"{len(mlp.x_train):,} digits training inputs"
         data_hash = model_hash({"x": mlp.x_train})
-        sigma, state, name = mlp.prior_sigma, mlp.optimizer_state, "zoo:digits-mlp"
+        sigma, state, name = mlp.prior_sigma, mlp.optimizer_state, cmd.source.model
         inputs_record: dict[str, Any] = {}  # the data_hash of its fixed inputs says it all
     else:
         zm = cmd.source.load(plan.rows.seq_len)
@@ -224,6 +226,26 @@ def _preconditioner_in_flags(kind: str, setup: Setup, cmd: BasinConfig) -> torch
         ) from None
 
 
+def _components(plan: Plan, setup: Setup, sigma: float | None) -> tuple[list, Any, Any]:
+    """--include's components on the loaded model ([None] without it: the whole selection),
+    the whole selection's layout (to restrict its preconditioners) and the prior σ every
+    component shares: --sigma, the zoo model's, else the RMS of the whole selection (so each
+    component's prior is the marginal of the whole model's)."""
+    if plan.include is None:
+        return [None], None, sigma
+    import math
+
+    from tyche.basin.params import ParameterLayout, select_parameters
+    from tyche.cli.basin.include import expand_components
+
+    components = expand_components(plan.include, setup.model, plan.exclude)
+    named = select_parameters(setup.model, "*", list(plan.exclude) or None)
+    if sigma is None:
+        total = sum(float(p.detach().double().square().sum()) for _, p in named)
+        sigma = math.sqrt(total / sum(p.numel() for _, p in named)) or 1.0
+    return components, ParameterLayout.of(named), sigma
+
+
 def _kinds(plan: Plan, setup: Setup) -> list[str]:
     kinds = list(plan.kinds)
     if "adam" in kinds and setup.optimizer_state is None:
@@ -242,13 +264,18 @@ def _kinds(plan: Plan, setup: Setup) -> list[str]:
 # ----------------------------------------------------------------------------- run
 def run_basin(cmd: BasinConfig, argv: list[str] | None = None) -> dict[str, VolumeResult]:
     """Run the command; returns the results at the histogram's cutoff by preconditioner
-    (``"kind subset"`` keys with --where). ``argv`` (the flags as given; default: those
-    of ``cmd``) makes the Ctrl-C resume line."""
+    (``"kind component subset"`` keys with --include and --where). ``argv`` (the flags as
+    given; default: those of ``cmd``) makes the Ctrl-C resume line."""
     plan = validate(cmd)
     results = {**flag_identity(cmd, plan), "--cutoff": plan.cutoff, "--lambda": plan.lam}
-    with claim_folder(plan.out, PROG, results, OWNED, overwrite=cmd.overwrite,
-                      resume=cmd.resume):  # fmt: skip
-        return _run(cmd, plan, config_flags(cmd) if argv is None else argv)
+    from tyche.cli.basin import checkpoints
+
+    with claim_folder(plan.out, PROG, results, checkpoints.owned(plan.out, OWNED),
+                      overwrite=cmd.overwrite, resume=cmd.resume):  # fmt: skip
+        argv = config_flags(cmd) if argv is None else argv
+        if cmd.checkpoints is not None:  # one run per checkpoint, into OUT/checkpoint-<step>
+            return checkpoints.run_checkpoints(cmd, plan, argv, _run, OWNED)
+        return _run(cmd, plan, argv)
 
 
 def _run(cmd: BasinConfig, plan: Plan, argv: list[str]) -> dict[str, VolumeResult]:
@@ -268,15 +295,18 @@ def _run(cmd: BasinConfig, plan: Plan, argv: list[str]) -> dict[str, VolumeResul
                                                 for k, v in flat_settings(cmd).items()}))
     setup = _setup(cmd, plan)
     kinds = _kinds(plan, setup)
+    sigma = cmd.sigma if cmd.sigma is not None else setup.default_sigma
+    components, layout, whole_sigma = _components(plan, setup, sigma)  # checked before saving
     if cmd.checkpoint:
         _record_run(cmd, plan, setup)
     options = BasinOptions(
         cutoffs=plan.cutoffs,
-        sigma=cmd.sigma if cmd.sigma is not None else setup.default_sigma,
+        sigma=sigma,
         n_samples=cmd.n_samples,
         seed=cmd.rows.seed,
         batch_size=cmd.batch_size,
         max_memory=plan.max_memory,
+        adapt=cmd.adapt,
     )
     checkpoints = plan.out / "checkpoints"
     if cmd.checkpoint:
@@ -287,44 +317,61 @@ def _run(cmd: BasinConfig, plan: Plan, argv: list[str]) -> dict[str, VolumeResul
     exclude = list(plan.exclude) or None
     pres = {kind: _preconditioner_in_flags(kind, setup, cmd) for kind in kinds}
     rows: list[Row] = []
-    for text, mask in setup.subsets:
-        loss = ModelLoss(setup.model, setup.inputs, exclude=exclude, where=mask)
-        if text is None or text == setup.subsets[0][0]:
-            dist.rank0_print(
-                f"model {setup.name}: D = {loss.n_params:,} parameters; data {setup.data_note}; "
-                f"anchor cache {loss.cache_bytes / 2**20:.2f} MiB"
-            )
-        where = {} if text is None else {"where": text, "where_hash": model_hash({"m": mask})}
-        tag = "" if text is None else "-" + _slug(text)
-        for kind in kinds:
-            t0 = time.perf_counter()
-            try:
-                with warnings.catch_warnings():  # the verdict column and footnote say it
-                    warnings.filterwarnings("ignore", message="effective sample size")
-                    curve = estimate_basin(
-                        loss,
-                        loss.anchor,
-                        options,
-                        preconditioner=pres[kind],
-                        checkpoint=checkpoints / f"{kind}{tag}" if cmd.checkpoint else None,
-                        resume=cmd.resume,
-                        extra_settings={**setup.identity, "preconditioner_kind": kind, **where},
+    for part in components:
+        # a component: its p entries of the whole model's p, the whole selection's σ
+        include = "*" if part is None else list(part.globs)
+        part_pres = pres if part is None else {k: restrict(p, layout, part.names)
+                                               for k, p in pres.items()}  # fmt: skip
+        part_options = options if part is None else replace(options, sigma=whole_sigma)
+        part_tag = "" if part is None else "-" + part.slug
+        part_settings = {} if part is None else {"include": list(part.globs),
+                                                 "component": part.label}  # fmt: skip
+        for text, mask in setup.subsets:
+            loss = ModelLoss(setup.model, setup.inputs, include=include, exclude=exclude,
+                             where=mask)  # fmt: skip
+            if text is None or text == setup.subsets[0][0]:
+                if part is components[0]:
+                    whole = loss.n_params if part is None else layout.size
+                    dist.rank0_print(
+                        f"model {setup.name}: D = {whole:,} parameters; data "
+                        f"{setup.data_note}; anchor cache {loss.cache_bytes / 2**20:.2f} MiB"
                     )
-            except SettingsMismatch as err:
-                raise CommandError(mismatch_message(err)) from None
-            seconds = time.perf_counter() - t0
-            lam = learning_coefficient(curve) if plan.lam else None
-            if dist.get_rank() == 0:
-                for res in curve.results:
-                    res.save(plan.out / f"{kind}{tag}-cutoff{res.cutoff:g}")
-                if len(curve) > 1:
-                    curve.save(plan.out / f"{kind}{tag}-curve")
-                if lam is not None:
-                    lam.save(plan.out / f"{kind}{tag}-lambda")
-            rows.append(Row(kind, text, curve, seconds, lam))
-        del loss
+                if part is not None:
+                    dist.rank0_print(f"component {part.label}: D = {loss.n_params:,} "
+                                     f"parameters ({', '.join(part.globs)})")  # fmt: skip
+            where = {} if text is None else {"where": text, "where_hash": model_hash({"m": mask})}
+            tag = part_tag + ("" if text is None else "-" + _slug(text))
+            for kind in kinds:
+                t0 = time.perf_counter()
+                try:
+                    with warnings.catch_warnings():  # the verdict column and footnote say it
+                        warnings.filterwarnings("ignore", message="effective sample size")
+                        curve = estimate_basin(
+                            loss,
+                            loss.anchor,
+                            part_options,
+                            preconditioner=part_pres[kind],
+                            checkpoint=checkpoints / f"{kind}{tag}" if cmd.checkpoint else None,
+                            resume=cmd.resume,
+                            extra_settings={**setup.identity, "preconditioner_kind": kind,
+                                            **where, **part_settings},  # fmt: skip
+                        )
+                except SettingsMismatch as err:
+                    raise CommandError(mismatch_message(err)) from None
+                seconds = time.perf_counter() - t0
+                lam = learning_coefficient(curve) if plan.lam else None
+                if dist.get_rank() == 0:
+                    for res in curve.results:
+                        res.save(plan.out / f"{kind}{tag}-cutoff{res.cutoff:g}")
+                    if len(curve) > 1:
+                        curve.save(plan.out / f"{kind}{tag}-curve")
+                    if lam is not None:
+                        lam.save(plan.out / f"{kind}{tag}-lambda")
+                rows.append(Row(kind, text, curve, seconds, lam,
+                                component=None if part is None else part.label))  # fmt: skip
+            del loss
     if dist.get_rank() == 0:
-        report.finish(rows, plan.cutoff, plan.out)
+        report.finish(rows, plan.cutoff, plan.out, adapt=cmd.adapt)
         if cmd.checkpoint:
             shutil.rmtree(checkpoints, ignore_errors=True)
     on_interrupt(None)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tyche.cli.basin.include import parse_include
 from tyche.cli.basin.resume import (
     RUN_FILE,
     flag_identity,
@@ -36,6 +37,8 @@ LAMBDA_CUTOFFS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_N_SEQUENCES = 8
 DEFAULT_SEQ_LEN = 64
 DIGITS = "zoo:digits-mlp"
+#: the digits MLPs (measured on the same 1,024 clean training inputs)
+DIGITS_MODELS = (DIGITS, "zoo:digits-mlp-poisoned")
 SHAKESPEARE = "zoo:shakespeare"
 PLAY_DATA = "--where play= needs the plays as data: --data zoo:shakespeare with a language model"
 #: what a run writes in --out (result folders per preconditioner, subset and cutoff)
@@ -67,8 +70,19 @@ class BasinConfig:
     rows: TextRows = field(default_factory=TextRows)
     """language models' evaluation rows (--data, --n_sequences: default 8, per play with
     --where play=; --seq_len: default 64; --seed: also the seed of the directions)"""
+    checkpoints: str | None = None
+    """measure every training checkpoint of a model instead of --model: a glob of checkpoint
+    folders in quotes, e.g. 'runs/x/checkpoints/checkpoint-*' (several separated by ','; a
+    folder of checkpoint-* folders stands for them), or zoo:NAME for the checkpoints the zoo
+    recipes save (zoo:digits-mlp, zoo:digits-mlp-poisoned, zoo:shakespeare-lm). Each is
+    measured with this run's settings and its own Adam state, in the order of its step (from
+    the name checkpoint-<step>), into OUT/checkpoint-<step>/; the table, summary.json (rows
+    with 'step') and log_p_by_step.png show log P over training"""
     n_samples: int = 100
-    """Monte Carlo directions per preconditioner (and subset)"""
+    """Monte Carlo directions per preconditioner (and subset, and component)"""
+    adapt: int = 0
+    """rounds of adaptive direction sampling before the estimate, see docs/basin.md; 0: off;
+    each round costs --n_samples directions"""
     cutoff: float | None = None
     """KL cutoff in nats (default 1e-2); with --cutoffs, the one whose histogram is drawn
     (default: the largest of them)"""
@@ -109,6 +123,20 @@ class BasinConfig:
     exclude: str | None = None
     """comma-separated globs of parameter names held fixed, e.g. 'transformer.wte.*,*ln*';
     each must match a parameter"""
+    include: str | None = None
+    """one basin per component of the model, in one run: components separated by ';', each
+    comma-separated globs of parameter names or a keyword found from the model's parameter
+    names: layers (one per block of a numbered list, e.g. gpt_neox.layers.3, transformer.h.3,
+    model.layers.3; the digits MLP: one per Linear layer), sublayers (each block's attention
+    and MLP apart; norms in neither), embedding (the token and position embeddings); e.g.
+    'embedding;sublayers' or 'gpt_neox.layers.0.*;gpt_neox.layers.1.*'. The other parameters
+    stay trained; --exclude applies inside each component. Every component gets the run's
+    settings and prior σ (--sigma's default is the whole model's, not the component's), --seed and
+    --preconditioners, its p the entries the whole model's p gives its parameters; direction
+    i is drawn from (--seed, i) over the component's own D_c coordinates (for disjoint
+    components independent, as the restrictions of one isotropic draw to disjoint coordinates
+    are). Results in KIND-COMPONENT-... folders; the table and summary.json rows name the
+    component and its D (n_params)"""
     out: str = "runs/basin"
     """folder for results (safetensors + JSON), summary.json and PNG plots"""
     checkpoint: bool = True
@@ -136,6 +164,7 @@ class Plan:
     subsets: tuple[Subset, ...] | None
     max_memory: int | None
     lam: bool
+    include: tuple[str, ...] | None = None  # --include's components, keywords unexpanded
 
 
 # ----------------------------------------------------------------------------- checks
@@ -219,6 +248,7 @@ def _check_cutoffs(cmd: BasinConfig) -> tuple[list[float], float]:
 def validate(cmd: BasinConfig) -> Plan:
     """Check every flag and combination without loading anything; the filled-in plan."""
     check_number(cmd.n_samples, "--n_samples", minimum=1, integer=True)
+    check_number(cmd.adapt, "--adapt", minimum=0, integer=True)
     check_number(cmd.batch_size, "--batch_size", minimum=1, integer=True)
     check_number(cmd.eps, "--eps", minimum=0)
     check_number(cmd.exponent, "--exponent", minimum=0)
@@ -243,15 +273,20 @@ def validate(cmd: BasinConfig) -> Plan:
     exclude = split_list(cmd.exclude)
     if cmd.exclude is not None and not exclude:
         raise CommandError("--exclude is empty; give globs of parameter names or drop the flag")
-    is_digits = cmd.source.check(classifiers=(DIGITS,)) is not None
+    if cmd.checkpoints is not None:
+        from tyche.cli.basin.checkpoints import check_checkpoints
+
+        is_digits = check_checkpoints(cmd, DIGITS)
+    else:
+        is_digits = cmd.source.check(classifiers=DIGITS_MODELS) is not None
     if is_digits:
         for flag, value in (("--data", cmd.rows.data), ("--n_sequences", cmd.rows.n_sequences),
                             ("--seq_len", cmd.rows.seq_len), ("--val_size", cmd.val_size),
                             ("--max_seq_len", cmd.max_seq_len)):  # fmt: skip
             if value is not None:
                 raise CommandError(
-                    f"{flag} does not apply to {DIGITS}: it is measured on its 1,024 training "
-                    "inputs; drop the flag"
+                    f"{flag} does not apply to {cmd.checkpoints or cmd.source.model}: it is "
+                    "measured on its 1,024 training inputs; drop the flag"
                 )
     subsets = _check_where(cmd, is_digits)
     if cmd.resume and not cmd.checkpoint:
@@ -282,6 +317,7 @@ def validate(cmd: BasinConfig) -> Plan:
         subsets=subsets,
         max_memory=max_memory,
         lam=cmd.lambda_,
+        include=parse_include(cmd.include),
     )
     if cmd.resume:
         saved_run = json.loads((checkpoints / RUN_FILE).read_text())

@@ -33,6 +33,8 @@ CLI_WORDS = {
     "max_radius": "--sigma (the search's radius bound)",
     "where": "--where",
     "where_hash": "--where (its mask changed)",
+    "include": "--include",
+    "adapt": "--adapt",
 }
 
 
@@ -55,6 +57,10 @@ def flag_identity(cmd: Any, plan: Any) -> dict[str, Any]:
         "--seed": cmd.rows.seed,
         "--n_samples": cmd.n_samples,
         "--where": None if plan.subsets is None else [s.text for s in plan.subsets],
+        "--include": None if plan.include is None else list(plan.include),
+        # recorded when on, so that a run of before --adapt existed reads the same
+        **({"--adapt": cmd.adapt} if cmd.adapt else {}),
+        "--checkpoints": cmd.checkpoints,
     }
 
 

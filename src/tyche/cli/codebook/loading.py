@@ -30,10 +30,9 @@ def check_model_spec(spec: str, flag: str = "--model") -> None:
         check_model_spec(spec[len("tl:") :], flag)
         return
     if spec.startswith("zoo:"):
-        if check_name(spec, kind="model") == "digits-mlp":
-            raise CommandError(
-                f"{flag}: zoo:digits-mlp is not a language model; codebooks need one"
-            )
+        name = check_name(spec, kind="model")
+        if name in ("digits-mlp", "digits-mlp-poisoned"):
+            raise CommandError(f"{flag}: zoo:{name} is not a language model; codebooks need one")
     elif not any((Path(spec).expanduser() / name).is_file() for name in MODEL_FILES):
         raise CommandError(f"{flag}: no model folder at {spec!r} (expected config.json there)")
 

@@ -95,10 +95,10 @@ def load_source(cfg: SourceConfig) -> Source:
         model, data = load_modadd()
         x, y = (data.x_train, data.y_train) if cfg.split == "train" else (data.x_test, data.y_test)
         layers = list(NODE_LAYERS)
-    elif name == "zoo:digits-mlp":
+    elif name in ("zoo:digits-mlp", "zoo:digits-mlp-poisoned"):
         from tyche.zoo import load_digits_mlp
 
-        mlp = load_digits_mlp()
+        mlp = load_digits_mlp(poisoned=name == "zoo:digits-mlp-poisoned")
         model = mlp.model
         x, y = (mlp.x_train, mlp.y_train) if cfg.split == "train" else (mlp.x_test, mlp.y_test)
         layers = ["0:input", "2:input", "output"]

@@ -355,6 +355,8 @@ def test_errors_say_the_flags_not_the_library_keywords(setup, capsys, tmp_path) 
 
 
 def test_steer(setup, capsys, tmp_path) -> None:
+    from conftest import cli, one_line_error
+
     table = codebook_main(
         [
             "steer",
@@ -394,6 +396,12 @@ def test_steer(setup, capsys, tmp_path) -> None:
     assert [row["word"] for row in saved] == ["king"] and saved[0]["n"] == 4
     assert all(code.startswith("mlp_out.1:") for code in saved[0]["codes"])
     assert len(table) == 1
+    # no word qualifies: a one-line refusal saying what to change, exit 2, nothing written
+    run = cli(capsys, "codebook", "steer", "--cache", str(setup["cache"]), "--words", "zzz",
+              "--prompts", str(setup["text"]), "--n_prompts", "1", "--prompt_tokens", "4",
+              "--sites", "mlp_out.1", "--out", str(tmp_path / "none.json"))  # fmt: skip
+    one_line_error(run, "codebook", "nothing was steered; lower them")
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_tokfsm_command(tmp_path, capsys) -> None:

@@ -261,6 +261,13 @@ def run_steer(args: SteerConfig) -> Any:
         row["word"] = word
         table.append(row)
         print(steering_line(row))
+    if not table:
+        raise CommandError(
+            f"no code of --sites {args.sites or 'all'} reaches --min_precision "
+            f"{args.min_precision} and --min_recall {args.min_recall} for any of --words "
+            f"{','.join(words)}, so nothing was steered; lower them, name other --sites, or "
+            "cache more text (tyche codebook cache --n_sequences)"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json_text(table, indent=1, sort_keys=False))

@@ -75,7 +75,7 @@ def test_adaptive_estimate_is_unbiased_where_every_direction_is_exact():
     # rtol 1e-4 on the radius moves log P by ≲ 3·1e-4·(d log P/d log ε ≈ 1.3); the weights'
     # noise at 400 directions of a near-isotropic mixture is ~1e-2: 4 standard errors
     se = float(res.estimates.exp().std() / res.estimates.exp().mean()) / math.sqrt(400)
-    assert res.log_prob == pytest.approx(exact, abs=4 * se + 1e-3)
+    assert res.log_prob == pytest.approx(exact, abs=4 * se + 1e-3)  # Monte Carlo: 4 s.e.
 
 
 def test_adapt_refuses_what_it_cannot_do():

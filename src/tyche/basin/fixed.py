@@ -25,7 +25,7 @@ from tyche.basin.radial import (
     log_uniform_ray_volume,
     log_unit_sphere_area,
 )
-from tyche.basin.radius import RadiusSearch, search_radii
+from tyche.basin.radius import Horizon, RadiusSearch, search_radii
 from tyche.basin.sampling import DirectionBatch, sq_norm
 from tyche.errors import InputError
 from tyche.io import model_hash
@@ -121,8 +121,8 @@ def run_directions(
             return _evaluate(loss_fn, batch.offsets(idx, radius)) - base
 
         return search_radii(rise, len(batch.indices), cutoffs=targets, rtol=rtol,
-                            init_radius=init, max_radius=max_radius, labels=batch.indices,
-                            guide=guide, saturate=saturate)  # fmt: skip
+                            init_radius=init, max_radius=Horizon(max_radius) if saturate
+                            else max_radius, labels=batch.indices, guide=guide)  # fmt: skip
 
     # A pilot search along direction 0 sets the starting radius of every other direction and
     # the shape they extrapolate along, identically on every rank and for every batch size.

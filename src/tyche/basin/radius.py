@@ -357,6 +357,11 @@ class _Direction:
         return (max(below) if below else 0.0), (min(above) if above else math.inf)
 
 
+class Horizon(float):
+    """A max_radius past which the caller's integrand is negligible (a Gaussian prior far
+    out): a ray still inside the basin there ends at it instead of failing the search."""
+
+
 def search_radii(
     rise_fn: RiseFn,
     n: int,
@@ -369,7 +374,6 @@ def search_radii(
     max_evals: int = 60,
     labels: Sequence[int] | None = None,
     guide: Sequence[tuple[float, float]] | None = None,
-    saturate: bool = False,
 ) -> RadiusSearch:
     """Find, for n directions, radii where the loss rise is within rtol·cutoff of each cutoff.
 
@@ -383,14 +387,13 @@ def search_radii(
         cutoffs: several targets, searched together (one of the two must be given).
         rtol: relative tolerance on Δ: accept |Δ − cutoff| ≤ rtol·cutoff, 0 < rtol < 1.
         init_radius: first radius to try, scalar or (n,); default 1.0.
-        max_radius: largest radius tried; no crossing below it raises.
+        max_radius: largest radius tried; no crossing below it raises, unless it is a
+            `Horizon`: then a direction still below a cutoff there returns max_radius (and
+            the rise there) for it (for a caller whose integrand is negligible beyond it).
         max_evals: evaluations allowed per direction and cutoff before raising.
         labels: how error messages name direction i (default i), e.g. global sample indices.
         guide: measured (radius, Δ) points of a reference direction whose shape predicts
             where each target lies (see the module docstring); None: log-log lines.
-        saturate: a direction whose rise is still below a cutoff at max_radius returns
-            max_radius (and the rise there) for it instead of raising: for a caller whose
-            integrand is negligible beyond max_radius (a Gaussian prior far out).
 
     Returns:
         `RadiusSearch`; the result for direction i depends only on Δ_i (and the guide), not
@@ -420,6 +423,7 @@ def search_radii(
     if not isinstance(max_evals, int) or max_evals < 1:
         raise InputError(f"max_evals must be an integer >= 1, got {max_evals!r}")
     log_max = math.log(max_radius)
+    saturate = isinstance(max_radius, Horizon)
     if labels is not None and len(labels) != n:
         raise InputError(f"labels must have {n} entries, got {len(labels)}")
     names = list(range(n)) if labels is None else [int(v) for v in labels]

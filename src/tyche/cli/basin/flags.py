@@ -270,12 +270,6 @@ def validate(cmd: BasinConfig) -> Plan:
     kinds = parse_choices(cmd.preconditioners or DEFAULT_PRECONDITIONERS, "--preconditioners",
                           PRECONDITIONERS)  # fmt: skip
     cutoffs, cutoff = _check_cutoffs(cmd)
-    if cmd.adapt and cmd.n_samples < 2 * (len(cutoffs) + 1):
-        raise CommandError(
-            f"--adapt needs --n_samples >= {2 * (len(cutoffs) + 1)} with {len(cutoffs)} "
-            "cutoff(s): each round draws at least two directions from the base law and from "
-            "each cutoff's fitted law"
-        )
     exclude = split_list(cmd.exclude)
     if cmd.exclude is not None and not exclude:
         raise CommandError("--exclude is empty; give globs of parameter names or drop the flag")
@@ -328,4 +322,10 @@ def validate(cmd: BasinConfig) -> Plan:
     if cmd.resume:
         saved_run = json.loads((checkpoints / RUN_FILE).read_text())
         refuse_mixing(saved_run["flags"], flag_identity(cmd, plan), checkpoints)
+    if cmd.adapt and cmd.n_samples < 2 * (len(cutoffs) + 1):
+        raise CommandError(
+            f"--adapt needs --n_samples >= {2 * (len(cutoffs) + 1)} with {len(cutoffs)} "
+            "cutoff(s): each round draws at least two directions from the base law and from "
+            "each cutoff's fitted law"
+        )
     return plan

@@ -12,15 +12,15 @@ existing preconditioners are ACGs already (Σ = PPᵀ); adaptation fits Σ to th
 
 How (the cross-entropy method for rare events, with importance weights throughout).
 Round 0 draws ``n_samples`` directions from the base law (isotropic, or the given diagonal
-preconditioner b). After each round, for every cutoff ε_k, the directions' weights
-w_i ∝ ray mass_ik / q(v̂_i) (the estimator's own per-direction estimates) describe q* at
-that cutoff; tempered to w^β, β ≤ 1 the largest that keeps their effective sample size at
-``ESS_FRACTION`` of the round (a geometric bridge from the current proposal to q*, so one
-lucky direction cannot collapse the fit), they give the weighted maximum-likelihood ACG by
-Tyler's fixed-point iteration. Σ is diagonal, b² ⊙ c with one free scale c_g per *group* of
-coordinates: per coordinate for small D, per parameter tensor of a model (any (D,) group
-ids may be given); so the fit has G unknowns, not D, and the statistics it needs are the
-(n, G) sums A_ig = Σ_{j∈g} v̂_ij² / b_j², accumulated in float64 by slices (bounded memory).
+preconditioner b). After each round, the rises measured along every ray so far are fitted
+by a quadratic plus a quartic term per *group* of coordinates (per coordinate for small D,
+per parameter tensor of a model, or any (D,) group ids given), which gives each cutoff a
+diagonal Σ = b² ⊙ c with one scale c_g per group (`_fit_proposals`); one sharpness factor
+is then fitted to the volume itself: the weighted maximum likelihood of those ACGs, the
+directions' weights w_i ∝ ray mass_ik / q(v̂_i) tempered to w^β, β ≤ 1 the largest that
+keeps their effective sample size at ``ESS_FRACTION`` of the round (so one lucky direction
+cannot decide it). The statistics needed are the (n, G) sums of û² and û⁴ per group
+(û = v̂/b), accumulated in float64 by slices (bounded memory).
 
 The next round draws from the deterministic mixture of the base law (a defensive share,
 ``DEFENSIVE_SHARE``) and one fitted ACG per cutoff, each direction weighted by the mixture's
@@ -154,13 +154,13 @@ def estimate_adaptive(
                                       n_groups))  # fmt: skip
             offset += comp.count
             bar.update(comp.count)
-        curve = _mixture_curve(parts, stats, components, sizes, dim, options)
+        drawn = torch.cat([c.scales.expand(c.count, -1) for c in components])  # (n, G)
+        curve = _mixture_curve(parts, stats, components, drawn, dim)
         total_evals += int(curve.n_evals.sum()) + sum(
             int(p.settings["pilot_evals"]) + 1 for p in parts
         )
         taus: list[float] = []
         if rnd < options.adapt:
-            drawn = torch.cat([c.scales.expand(c.count, -1) for c in components])
             both = torch.cat(stats)  # in the base law's coordinates u = v̂/b:
             scale = torch.exp(drawn)  # Σ_g u² (A) and Σ_g u⁴ (B) per group
             seen.append((both[:, :n_groups] * scale, both[:, n_groups:] * scale**2, curve))
@@ -243,14 +243,13 @@ def _mixture_curve(
     parts: list[BasinCurve],
     stats: list[torch.Tensor],
     components: list[_Component],
-    sizes: torch.Tensor,
+    drawn: torch.Tensor,
     dim: int,
-    options: BasinOptions,
 ) -> BasinCurve:
-    """The round's directions with their balance-heuristic weights (a `BasinCurve`)."""
+    """The round's directions with their balance-heuristic weights (a `BasinCurve`);
+    ``drawn`` (n, G) holds the log scales of the law each direction was drawn from."""
     total = sum(c.count for c in components)
-    z_stats = torch.cat(stats)[:, : len(sizes)]
-    drawn = torch.cat([c.scales.expand(c.count, -1) for c in components])
+    z_stats = torch.cat(stats)[:, : drawn.shape[1]]
     ray = torch.cat([p.estimates + dim * torch.log(p.props)[:, None] for p in parts])
     log_q = torch.stack([math.log(c.count / total) + _log_density(z_stats, drawn, c.scales, dim)
                          for c in components]).logsumexp(0)  # fmt: skip
